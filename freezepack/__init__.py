@@ -1,0 +1,11 @@
+"""freezepack: store and ship FreezeNets as seed + initializer + coded mask + trained values.
+
+The package imports with its core dependencies only (torch, numpy); heavier parts load on first use.
+"""
+from .errors import DataError, FleetError, FormatError, FreezepackError, IntegrityError, SpecError
+from .rng import SPEC_VERSION
+
+__version__ = "0.1.0"
+
+__all__ = ["FreezepackError", "SpecError", "FormatError", "IntegrityError", "DataError", "FleetError",
+           "SPEC_VERSION", "__version__"]
