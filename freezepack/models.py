@@ -1,0 +1,90 @@
+"""The paper's three architectures, as ordinary ``nn.Module``s with stable ``state_dict`` names.
+
+The names matter: a frozen tensor's generator stream is derived from its name, so renaming a layer changes its
+weights. Weights are (re)initialised by freezepack (``freezenet.init_weights``), not here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+
+class LeNet300100(nn.Module):
+    """LeNet-300-100: fully connected 784-300-100-10 (266,610 parameters)."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 28 * 28):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc1(x.flatten(1)))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class LeNet5Caffe(nn.Module):
+    """LeNet-5-Caffe: conv 20@5x5, max-pool, conv 50@5x5, max-pool, fc 500, fc 10 (431,080 parameters)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc3 = nn.Linear(50 * 4 * 4, 500)
+        self.fc4 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(self.conv1(x), 2)
+        x = torch.max_pool2d(self.conv2(x), 2)
+        x = torch.relu(self.fc3(x.flatten(1)))
+        return self.fc4(x)
+
+
+VGG16_D_CONV = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16D(nn.Module):
+    """VGG16-D for 32x32 images as in SNIP: 13 conv3x3+BN+ReLU, fc 512+BN, fc 512+BN, classifier.
+
+    Dropout is replaced by BatchNorm (paper, sect. 4.2): 15,255,626 parameters for 10 classes.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in VGG16_D_CONV:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+            nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5Caffe, "vgg16": VGG16D}
+INPUT_SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "vgg16": (3, 32, 32)}
+
+
+def make_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A fresh model by short name: ``lenet300``, ``lenet5`` or ``vgg16``."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise SpecError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
+    return cls(num_classes=num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
