@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import rng
+from . import native, rng
 from .errors import SpecError
 
 DISTRIBUTIONS = ("normal", "uniform", "sign", "constant")
@@ -183,12 +183,17 @@ def generate_np(spec: InitSpec, shape, seed: int, name: str) -> np.ndarray:
     return out.astype(np.float32).reshape(shape)
 
 
-def _convert(spec: InitSpec, words: torch.Tensor) -> torch.Tensor:
+def _convert_into(spec: InitSpec, words: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst = a + b*x (or a*s): the multiply writes straight into ``dst``, then the add runs in place. Two
+    separate eager kernels, so nothing is fused into an FMA; no extra full-size temporaries."""
     if spec.dist == "normal":
-        return (rng.normal_torch(words) * spec.b) + spec.a  # mul, then add: never fused in eager mode
-    if spec.dist == "uniform":
-        return (rng.uniform_torch(words) * spec.b) + spec.a
-    return rng.sign_torch(words) * spec.a
+        torch.mul(rng.normal_torch(words), spec.b, out=dst)
+    elif spec.dist == "uniform":
+        torch.mul(rng.uniform_torch(words), spec.b, out=dst)
+    else:
+        torch.mul(rng.sign_torch(words), spec.a, out=dst)
+        return
+    dst.add_(spec.a)
 
 
 def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: torch.Tensor | None = None,
@@ -207,7 +212,11 @@ def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: t
         raise SpecError("chunk must be positive")
     flat = out.view(-1)
     stream = rng.stream_id(name)
+    if n and out.device.type == "cpu" and not out.requires_grad and native.available():
+        # Compiled kernel (freezepack/_philox.c): same bits as the numpy reference, written straight into out.
+        native.fill(flat, spec.dist, spec.a, spec.b, seed, stream)
+        return out
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
-        flat[start:start + count] = _convert(spec, rng.words_torch(seed, stream, start, count, device=out.device))
+        _convert_into(spec, rng.words_torch(seed, stream, start, count, device=out.device), flat[start:start + count])
     return out
