@@ -1,0 +1,136 @@
+"""Split a safetensors-layout file into content-addressed pieces, so an update ships only what changed.
+
+A .fpk file is a valid safetensors file: 8-byte little-endian header length, a JSON header, then each tensor's
+bytes at its ``data_offsets``. We cut the file at exactly those boundaries (the header is one piece, each tensor
+one piece, split further above ``MAX_PIECE`` so a resumed download never repeats much). A piece is named by the
+SHA-256 of its bytes. A release lists its pieces in file order inside the *signed* TUF target, so a device that
+already holds the previous file rebuilds the new one from the pieces it has and fetches only the rest:
+
+* fine-tuning (same seed, generator, masks; new trained values): only the values tensors + the new header move;
+* a mask change: only the tensors whose bytes changed move.
+
+This works on the generic safetensors layout, so it does not depend on the .fpk header's details, and it works
+the same for dense safetensors files (where fine-tuning changes every byte and the delta is the whole file).
+The assembled file is always checked against the full-file hash in the signed target, so a wrong piece can never
+produce a silently wrong model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+from ..errors import FormatError
+
+MAX_PIECE = 4 << 20            # resume granularity and largest blob a device holds in memory
+MAX_HEADER = 100 << 20         # the safetensors reader's own limit
+HEADER_LABEL = "__header__"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``length`` bytes at ``offset`` of a file, with SHA-256 ``sha256`` (hex); ``label`` says what they hold."""
+
+    offset: int
+    length: int
+    sha256: str
+    label: str
+
+    def to_json(self) -> list:
+        return [self.sha256, self.length, self.label]
+
+
+def _ranges(path: str, size: int, head: bytes) -> list[tuple[int, int, str]]:
+    """(offset, length, label) covering the whole file, cut at the safetensors header and tensor boundaries."""
+    if size < 8 or len(head) < 8:
+        raise FormatError("not a safetensors file: shorter than its 8-byte header length", path=path)
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER or 8 + n > size:
+        raise FormatError(f"not a safetensors file: header length {n} does not fit in {size} bytes", path=path)
+    try:
+        header = json.loads(head[8:8 + n])
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"not a safetensors file: header is not JSON ({e})", path=path) from None
+    if not isinstance(header, dict):
+        raise FormatError("not a safetensors file: header is not a JSON object", path=path)
+    base = 8 + n
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offs = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+                or not 0 <= offs[0] <= offs[1] or base + offs[1] > size):
+            raise FormatError(f"bad data_offsets {offs!r}", path=path, tensor=name)
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    out = [(0, base, HEADER_LABEL)]
+    pos = 0
+    for start, end, name in spans:
+        if start < pos:
+            raise FormatError(f"data_offsets overlap the previous tensor at byte {start}", path=path, tensor=name)
+        if start > pos:
+            out.append((base + pos, start - pos, "__gap__"))
+        for s in range(start, end, MAX_PIECE):
+            out.append((base + s, min(MAX_PIECE, end - s), name))
+        pos = end
+    if base + pos < size:
+        out.append((base + pos, size - base - pos, "__tail__"))
+    return out
+
+
+def file_pieces(path: str | os.PathLike) -> list[Piece]:
+    """The file's pieces in order, each hashed. Raises ``FormatError`` when it is not a safetensors layout."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            if n <= MAX_HEADER:
+                head += f.read(n)
+        pieces = []
+        for off, length, label in _ranges(path, size, head):
+            f.seek(off)
+            data = f.read(length)
+            pieces.append(Piece(off, length, hashlib.sha256(data).hexdigest(), label))
+    return pieces
+
+
+def layout_from_json(obj, *, path: str = "") -> list[tuple[str, int, str]]:
+    """Validate a signed layout (list of [sha256, length, label]) before trusting its numbers."""
+    if not isinstance(obj, list) or not obj:
+        raise FormatError("release layout is not a non-empty list", path=path)
+    out = []
+    for item in obj:
+        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str) or len(item[0]) != 64
+                or not isinstance(item[1], int) or not 0 <= item[1] <= (1 << 40) or not isinstance(item[2], str)):
+            raise FormatError(f"bad layout entry {item!r}", path=path)
+        try:
+            int(item[0], 16)
+        except ValueError:
+            raise FormatError(f"bad piece digest {item[0]!r}", path=path) from None
+        out.append((item[0].lower(), item[1], item[2]))
+    return out
+
+
+@dataclass
+class DeltaPlan:
+    """Which pieces of a new release a device must fetch, given the pieces it already holds."""
+
+    need: dict[str, int]          # sha256 -> length, each once
+    have: dict[str, int]          # sha256 -> length, reused locally
+    full_bytes: int               # the whole new file
+
+    @property
+    def fetch_bytes(self) -> int:
+        return sum(self.need.values())
+
+
+def plan(layout: list[tuple[str, int, str]], available: set[str]) -> DeltaPlan:
+    need, have = {}, {}
+    for sha, length, _ in layout:
+        (have if sha in available else need)[sha] = length
+    return DeltaPlan(need=need, have=have, full_bytes=sum(length for _, length, _ in layout))

@@ -1,0 +1,159 @@
+"""OCI registry back end (CNCF Distribution, Harbor, ECR, GHCR, ...) through oras-py.
+
+One registry repository holds one fleet repository:
+
+* every model piece is a blob (``sha256:<hex>``); the registry de-duplicates them across releases, so pushing a
+  fine-tuned release uploads only the changed tensors;
+* each release is an OCI artifact: a manifest tagged ``<model>-r<release>`` whose config blob is the release
+  layout (media type ``CONFIG_MEDIA_TYPE``) and whose layers are the pieces in file order (``PIECE_MEDIA_TYPE``,
+  the header piece ``HEADER_MEDIA_TYPE``). It keeps the blobs referenced (registry garbage collection) and lets
+  ``oras pull`` fetch a release by hand;
+* each TUF metadata file is a one-layer artifact tagged with its file name (``timestamp.json``, ``3.targets.json``).
+
+The registry is never trusted: TUF checks the metadata, and every blob is checked against its digest here, because
+oras-py does not verify what it pulls.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+from ..errors import FleetError
+from .repo import Store, check_digest, check_meta_name
+
+ARTIFACT_TYPE = "application/vnd.freezepack.model.v1"
+CONFIG_MEDIA_TYPE = "application/vnd.freezepack.model.config.v1+json"
+PIECE_MEDIA_TYPE = "application/vnd.freezepack.model.piece.v1"
+HEADER_MEDIA_TYPE = "application/vnd.freezepack.model.header.v1"
+TUF_CONFIG_MEDIA_TYPE = "application/vnd.freezepack.tuf.config.v1+json"
+TUF_MEDIA_TYPE = "application/vnd.freezepack.tuf.metadata.v1+json"
+_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+class OciStore(Store):
+    """``oci://registry[:port]/namespace/repo`` (https) or ``oci+http://...`` (plain HTTP, e.g. loopback)."""
+
+    def __init__(self, url: str):
+        try:
+            import oras.provider
+        except ImportError:
+            raise FleetError("OCI repositories need the 'fleet' extra (pip install 'freezepack[fleet]')",
+                             path=url) from None
+        scheme, _, rest = url.partition("://")
+        insecure = scheme == "oci+http"
+        host, _, repo = rest.strip("/").partition("/")
+        if not host or not repo:
+            raise FleetError("expected oci://host[:port]/repository", path=url)
+        self.location = url
+        self.host, self.repo = host, repo
+        self.registry = oras.provider.Registry(hostname=host, insecure=insecure)
+        self._prefix = "http" if insecure else "https"
+        self._container = self.registry.get_container(f"{host}/{repo}")
+
+    # -- low level -------------------------------------------------------------------------------------------
+    def _request(self, method: str, url: str, **kw):
+        import requests
+
+        try:
+            return self.registry.do_request(url, method, **kw)
+        except (requests.exceptions.RequestException, ValueError) as e:
+            raise FleetError(f"registry request failed: {e}", path=self.location) from None
+
+    def _manifest(self, tag: str):
+        url = f"{self._prefix}://{self._container.manifest_url(tag)}"
+        r = self._request("GET", url, headers={"Accept": _MANIFEST_TYPE}, stream=False)
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise FleetError(f"registry answered HTTP {r.status_code} for manifest {tag!r}", path=self.location)
+        try:
+            return json.loads(r.content[:1 << 20])
+        except ValueError:
+            raise FleetError(f"manifest {tag!r} is not JSON", path=self.location) from None
+
+    def _upload(self, data: bytes, media_type: str) -> dict:
+        sha = hashlib.sha256(data).hexdigest()
+        layer = {"mediaType": media_type, "digest": f"sha256:{sha}", "size": len(data)}
+        fd, tmp = tempfile.mkstemp(prefix="fpk-oci-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            r = self.registry.upload_blob(tmp, self._container, layer)  # skips blobs the registry has
+        finally:
+            os.unlink(tmp)
+        if r.status_code not in (200, 201, 202):
+            raise FleetError(f"blob upload refused: HTTP {r.status_code} {r.text[:200]}", path=self.location)
+        return layer
+
+    def _put_manifest(self, tag: str, config: dict, layers: list, annotations: dict, artifact_type: str):
+        manifest = {"schemaVersion": 2, "mediaType": _MANIFEST_TYPE, "artifactType": artifact_type,
+                    "config": config, "layers": layers, "annotations": annotations}
+        url = f"{self._prefix}://{self._container.manifest_url(tag)}"
+        r = self._request("PUT", url, headers={"Content-Type": _MANIFEST_TYPE},
+                          data=json.dumps(manifest).encode())
+        if r.status_code not in (200, 201):
+            raise FleetError(f"manifest {tag!r} refused: HTTP {r.status_code} {r.text[:300]}", path=self.location)
+
+    # -- Store interface ---------------------------------------------------------------------------------------
+    def get_metadata(self, name, max_length):
+        manifest = self._manifest(check_meta_name(name))
+        if manifest is None:
+            return None
+        try:
+            (layer,) = manifest["layers"]
+            sha = layer["digest"].removeprefix("sha256:")
+            size = int(layer["size"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise FleetError(f"metadata artifact {name!r} is malformed", path=self.location) from None
+        if size > max_length:
+            raise FleetError(f"metadata {name!r} is larger than {max_length} bytes", path=self.location)
+        return self.get_blob(check_digest(sha), size)
+
+    def put_metadata(self, name, data):
+        config = self._upload(b"{}", TUF_CONFIG_MEDIA_TYPE)
+        layer = self._upload(data, TUF_MEDIA_TYPE)
+        layer["annotations"] = {"org.opencontainers.image.title": name}
+        self._put_manifest(check_meta_name(name), config, [layer], {}, TUF_MEDIA_TYPE)
+
+    def has_blob(self, sha256):
+        r = self._request("HEAD", f"{self._prefix}://{self._container.get_blob_url('sha256:' + check_digest(sha256))}")
+        return r.status_code == 200
+
+    def put_blob(self, data, *, media_type=PIECE_MEDIA_TYPE):
+        return self._upload(data, media_type or PIECE_MEDIA_TYPE)["digest"].removeprefix("sha256:")
+
+    def _get_blob(self, sha256, max_length):
+        url = f"{self._prefix}://{self._container.get_blob_url('sha256:' + sha256)}"
+        r = self._request("GET", url, stream=True)
+        try:
+            if r.status_code == 404:
+                raise FleetError(f"registry has no blob sha256:{sha256}", path=self.location)
+            if r.status_code != 200:
+                raise FleetError(f"registry answered HTTP {r.status_code} for blob sha256:{sha256}",
+                                 path=self.location)
+            buf = bytearray()
+            for chunk in r.iter_content(1 << 16):
+                buf += chunk
+                if len(buf) > max_length:
+                    raise FleetError(f"registry sent more than {max_length} bytes for sha256:{sha256}",
+                                     path=self.location)
+            return bytes(buf)
+        finally:
+            r.close()
+
+    def publish_release(self, name, release, layout, config):
+        cfg = self._upload(json.dumps(config, sort_keys=True).encode(), CONFIG_MEDIA_TYPE)
+        layers = []
+        for sha, length, label in layout:
+            media = HEADER_MEDIA_TYPE if label == "__header__" else PIECE_MEDIA_TYPE
+            layers.append({"mediaType": media, "digest": f"sha256:{sha}", "size": length,
+                           "annotations": {"org.freezepack.tensor": label}})
+        self._put_manifest(f"{name}-r{release}", cfg, layers,
+                           {"org.opencontainers.image.title": f"{name}.fpk",
+                            "org.freezepack.release": str(release)}, ARTIFACT_TYPE)
+
+    def close(self):
+        self.registry.session.close()
+
