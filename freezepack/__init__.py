@@ -9,3 +9,15 @@ __version__ = "0.1.0"
 
 __all__ = ["FreezepackError", "SpecError", "FormatError", "IntegrityError", "DataError", "FleetError",
            "SPEC_VERSION", "__version__"]
+
+# The file API (freezepack.api) loads on first use, so `import freezepack` stays light.
+_API = ("save", "load", "load_into", "open", "verify", "inspect", "convert")
+__all__ += list(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'freezepack' has no attribute {name!r}")

@@ -1,0 +1,449 @@
+"""save / load / load_into / open / verify / inspect / convert: the .fpk files as a user sees them.
+
+Composes the layers below: ``init`` regenerates frozen values straight on the target device, ``maskcode`` turns
+masks into bytes and back, ``container`` owns the file layout and checks every untrusted number.
+"""
+from __future__ import annotations
+
+import builtins
+import hashlib
+import math
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from . import __version__, container, maskcode
+from .container import Entry, FpkReader, Header, Limits, DEFAULT_LIMITS
+from .errors import FormatError, FreezepackError, IntegrityError, SpecError
+from .init import InitSpec, generate, make_init
+from .record import FreezeRecord, FrozenTensor
+from .rng import SPEC_VERSION, check_seed
+
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a CPU tensor in C order, without a copy when already contiguous."""
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dense little-endian C-order bytes (what the header's per-tensor ``sha256`` holds)."""
+    return hashlib.sha256(tensor_bytes(t.cpu())).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------------------------
+
+def _record_of(obj) -> tuple[FreezeRecord, list[str]]:
+    if isinstance(obj, FreezeRecord):
+        return obj, list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
+    if isinstance(obj, torch.nn.Module):
+        from .freezenet import freeze_record  # the method module; imported only when a module is given
+
+        rec = freeze_record(obj)
+        order = [k for k in obj.state_dict() if k in rec.frozen or k in rec.whole]
+        return rec, order + [k for k in list(rec.frozen) + list(rec.whole) if k not in order]
+    raise SpecError(f"save() takes a FreezeRecord or an nn.Module, got {type(obj).__name__}")
+
+
+def _check_metadata(metadata) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in metadata.items()):
+        raise SpecError("metadata must be a dict of str -> str")
+    return dict(metadata)
+
+
+def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict) -> Entry:
+    if not isinstance(ft.init, InitSpec):
+        raise SpecError("init must be an InitSpec (freezepack.init.make_init)", tensor=name)
+    scale = float(ft.frozen_scale)
+    if not math.isfinite(scale) or float(np.float32(scale)) != scale:
+        raise SpecError(f"frozen_scale {ft.frozen_scale!r} is not a finite float32 number", tensor=name)
+    mask = ft.mask.detach().cpu()
+    if mask.dtype != torch.bool:
+        raise SpecError(f"mask must be a bool tensor, got {mask.dtype}", tensor=name)
+    values = ft.values.detach().cpu().reshape(-1)
+    k = int(mask.sum())
+    if values.dtype != torch.float32 or values.numel() != k:
+        raise SpecError(f"values must be {k} float32 numbers (one per True in the mask), got {values.numel()} "
+                        f"{values.dtype}", tensor=name)
+    coded = maskcode.encode(mask.numpy())
+    dense = ft.dense(seed, name, device="cpu")
+    e = Entry(name, "frozen", tuple(mask.shape), "F32", digest(dense), init=ft.init, frozen_scale=scale,
+              trainable=k, coder=coded.coder, coder_params=dict(coded.params))
+    if coded.payload.size:
+        e.mask = name + container.MASK_SUFFIX
+        blobs[e.mask] = ("U32", (int(coded.payload.size),), coded.payload.astype("<u4").tobytes())
+    if k:
+        e.values = name + container.VALUES_SUFFIX
+        blobs[e.values] = ("F32", (k,), bytes(tensor_bytes(values)))
+    return e
+
+
+def _whole_entry(name: str, t: torch.Tensor, blobs: dict) -> Entry:
+    if not isinstance(t, torch.Tensor):
+        raise SpecError(f"whole tensors must be torch tensors, got {type(t).__name__}", tensor=name)
+    t = t.detach().cpu()
+    if t.dtype not in DTYPE_NAMES:
+        raise SpecError(f"dtype {t.dtype} cannot be stored", tensor=name)
+    data = bytes(tensor_bytes(t))
+    blobs[name] = (DTYPE_NAMES[t.dtype], tuple(t.shape), data)
+    return Entry(name, "whole", tuple(t.shape), DTYPE_NAMES[t.dtype], hashlib.sha256(data).hexdigest(), data=name)
+
+
+def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None) -> list:
+    """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes)."""
+    seed = check_seed(record.seed)
+    if record.spec_version != SPEC_VERSION:
+        raise SpecError(f"record uses generator {record.spec_version!r}; this writer knows {SPEC_VERSION!r}")
+    order = order if order is not None else list(record.frozen) + [k for k in record.whole if k not in record.frozen]
+    both = set(record.frozen) & set(record.whole)
+    if both:
+        raise SpecError(f"tensors both frozen and whole: {', '.join(sorted(both))}")
+    blobs: dict = {}
+    entries = []
+    for name in order:
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise SpecError(f"invalid tensor name {name!r}")
+        if name in record.frozen:
+            entries.append(_frozen_entry(name, record.frozen[name], seed, blobs))
+        else:
+            entries.append(_whole_entry(name, record.whole[name], blobs))
+    keys = [e.data for e in entries if e.data] + [k for e in entries for k in (e.mask, e.values) if k]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise SpecError(f"stored tensor names collide: {', '.join(dup)} (a whole tensor named like another "
+                        f"tensor's '{container.VALUES_SUFFIX}'/'{container.MASK_SUFFIX}' part)")
+    header = Header(seed=seed, entries=entries, metadata=_check_metadata(metadata),
+                    producer=f"freezepack {__version__}")
+    return container.encode_file(header, blobs)
+
+
+def save(path, record_or_module, metadata: dict[str, str] | None = None) -> None:
+    """Write a FreezeNet to ``path`` (.fpk) atomically.
+
+    ``record_or_module`` is a :class:`freezepack.record.FreezeRecord` or an ``nn.Module`` trained by freezepack's
+    method (its record comes from ``freezepack.freezenet.freeze_record``). ``metadata``: a small str -> str map.
+    """
+    record, order = _record_of(record_or_module)
+    container.atomic_write(path, encode_record(record, order, metadata))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------------------------
+
+@contextmanager
+def _timed(timings: dict | None, key: str):
+    if timings is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest."""
+    path = r.path
+    if e.kind == "whole":
+        with _timed(timings, "read"):
+            dtype = TORCH_DTYPES[e.dtype]
+            if e.numel == 0:
+                t = torch.empty(e.shape, dtype=dtype)
+            else:
+                t = torch.frombuffer(r.read_bytes(e.data, e.name), dtype=dtype).reshape(e.shape)
+        with _timed(timings, "copy"):
+            if out is not None:
+                return out.copy_(t)
+            return t.to(device) if device is not None else t
+    with _timed(timings, "read"):
+        mask_words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
+        values = r.read_bytes(e.values, e.name) if e.values else None
+    with _timed(timings, "generate"):
+        t = generate(e.init, e.shape, r.header.seed, e.name, device=device if out is None else None, out=out)
+        if e.frozen_scale != 1.0:
+            t.mul_(e.frozen_scale)  # one correctly rounded float32 multiply (FreezeNet-WD)
+    if e.trainable:
+        with _timed(timings, "decode"):
+            flat = maskcode.decode(e.coder, e.numel, e.trainable, e.coder_params, mask_words, where=path,
+                                   tensor=e.name)
+            idx = torch.from_numpy(np.flatnonzero(flat))
+            vals = torch.frombuffer(values, dtype=torch.float32)
+        with _timed(timings, "scatter"):
+            t.view(-1).index_copy_(0, idx.to(t.device), vals.to(t.device))
+    elif e.coder != "const":  # decode anyway: a stream that lies about its counts must not load silently
+        maskcode.decode(e.coder, e.numel, e.trainable, e.coder_params, mask_words, where=path, tensor=e.name)
+    if check:
+        with _timed(timings, "digest"):
+            if digest(t) != e.sha256:
+                raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this device "
+                                     f"({t.device}) or the file was written from a different generator", path=path,
+                                     tensor=e.name)
+    return t
+
+
+def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
+         timings: dict | None = None) -> dict[str, torch.Tensor]:
+    """Dense state_dict of a .fpk file; frozen parts are regenerated straight on ``device``.
+
+    Stored bytes are always checked against their digests. With ``verify`` (default) every reconstructed tensor is
+    checked too (a device->host copy per tensor on GPUs). ``timings``: pass a dict to get seconds per phase.
+    """
+    with FpkReader(path, limits) as r:
+        return {e.name: _materialize(r, e, device, verify, timings) for e in r.header.entries}
+
+
+def load_into(module: torch.nn.Module, path, *, strict: bool = True, verify: bool = True,
+              limits: Limits = DEFAULT_LIMITS):
+    """Fill ``module``'s parameters and buffers from a .fpk in place, regenerating into their own storage.
+
+    Returns torch's ``(missing_keys, unexpected_keys)`` named tuple; with ``strict`` either is an error.
+    """
+    targets = module.state_dict(keep_vars=True)
+    with FpkReader(path, limits) as r:
+        names = [e.name for e in r.header.entries]
+        missing = [k for k in targets if k not in set(names)]
+        unexpected = [k for k in names if k not in targets]
+        if strict and (missing or unexpected):
+            raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}",
+                              path=r.path)
+        with torch.no_grad():
+            for e in r.header.entries:
+                if e.name not in targets:
+                    continue
+                dst = targets[e.name]
+                if tuple(dst.shape) != e.shape:
+                    raise FormatError(f"shape {list(e.shape)} does not fit the module's {list(dst.shape)}",
+                                      path=r.path, tensor=e.name)
+                direct = e.kind == "frozen" and dst.dtype == torch.float32 and dst.is_contiguous()
+                if direct:
+                    _materialize(r, e, dst.device, verify, out=dst.data)
+                else:
+                    dst.data.copy_(_materialize(r, e, dst.device, verify))
+    return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+class FpkFile:
+    """Lazy per-tensor access, like ``safetensors.safe_open``: ``with freezepack.open(p) as f: f.get_tensor(k)``."""
+
+    def __init__(self, path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS):
+        self._r = FpkReader(path, limits)
+        self._device = device
+        self._verify = verify
+        self._entries = {e.name: e for e in self._r.header.entries}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._r.header.metadata)
+
+    @property
+    def seed(self) -> int:
+        return self._r.header.seed
+
+    def entry(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise KeyError(name)
+        return self._entries[name]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return _materialize(self._r, self.entry(name), self._device, self._verify)
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS) -> FpkFile:  # noqa: A001
+    """Open a .fpk lazily: the header is read and validated now, each tensor when asked for."""
+    return FpkFile(path, device, verify=verify, limits=limits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verify / inspect
+# ---------------------------------------------------------------------------------------------------------------
+
+def verify(path, device=None, *, limits: Limits = DEFAULT_LIMITS, progress=None) -> dict:
+    """Regenerate every tensor and check every digest. Returns a report; ``report["ok"]`` is the verdict.
+
+    A header that cannot be trusted raises (FormatError/IntegrityError/SpecError); a tensor that fails is listed
+    with its reason, so one bad tensor does not hide the state of the others.
+    """
+    results = []
+    with FpkReader(path, limits) as r:
+        for e in r.header.entries:
+            try:
+                _materialize(r, e, device, True)
+                results.append({"name": e.name, "ok": True})
+            except FreezepackError as err:
+                results.append({"name": e.name, "ok": False, "error": err.reason})
+            if progress is not None:
+                progress(e)
+    bad = [x for x in results if not x["ok"]]
+    return {"path": os.fspath(path), "ok": not bad, "tensors": results, "checked": len(results), "failed": len(bad),
+            "device": str(torch.device(device)) if device is not None else "cpu"}
+
+
+def inspect(path, *, limits: Limits = DEFAULT_LIMITS) -> dict:
+    """Header facts without regenerating anything: per-tensor q, coder, sizes, and the compression factor."""
+    with FpkReader(path, limits) as r:
+        h = r.header
+        rows = []
+        dense_bytes = frozen_elems = frozen_total = 0
+        for e in h.entries:
+            nbytes = e.numel * container.DTYPE_SIZES[e.dtype]
+            dense_bytes += nbytes
+            row = {"name": e.name, "kind": e.kind, "shape": list(e.shape), "dtype": e.dtype, "numel": e.numel,
+                   "dense_bytes": nbytes}
+            if e.kind == "frozen":
+                frozen_total += e.numel
+                frozen_elems += e.numel - e.trainable
+                mb = h.stored[e.mask].nbytes if e.mask else 0
+                vb = h.stored[e.values].nbytes if e.values else 0
+                row.update(init=e.init.name, dist=e.init.dist, frozen_scale=e.frozen_scale, trainable=e.trainable,
+                           q=(1 - e.trainable / e.numel) if e.numel else 1.0, coder=e.coder, mask_bytes=mb,
+                           mask_entropy_bytes=round(maskcode.entropy_bytes(e.numel, e.trainable), 1),
+                           values_bytes=vb, stored_bytes=mb + vb)
+            else:
+                row.update(stored_bytes=h.stored[e.data].nbytes)
+            rows.append(row)
+        return {"path": r.path, "file_bytes": r.file_size, "format_version": h.version, "producer": h.producer,
+                "generator": h.generator, "seed": h.seed, "metadata": dict(h.metadata), "tensors": rows,
+                "dense_bytes": dense_bytes, "compression_factor": dense_bytes / r.file_size,
+                "q": frozen_elems / frozen_total if frozen_total else 0.0,
+                "header_bytes": r.data_start}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_dense_checkpoint(path) -> dict[str, torch.Tensor]:
+    """A dense state_dict from .safetensors, .fpk, or .pt/.pth (``torch.load(weights_only=True)`` only)."""
+    path = os.fspath(path)
+    container._check_regular_file(path)
+    with builtins.open(path, "rb") as f:
+        head = f.read(16)
+    if path.endswith((".pt", ".pth", ".bin")) or head[:2] == b"PK":
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad archive; never unpickle anything unsafe
+            raise FormatError(f"not a loadable weights-only torch checkpoint: {str(e).splitlines()[0][:200]}",
+                              path=path) from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in obj.items()):
+            raise FormatError("checkpoint is not a dict of name -> tensor", path=path)
+        return obj
+    try:
+        return load(path)
+    except FormatError as e:
+        if "plain safetensors" not in e.reason:
+            raise
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FormatError(f"not a readable safetensors file: {str(e)[:200]}", path=path) from None
+
+
+def _init_for(name: str, shape, default, inits: dict | None):
+    choice = (inits or {}).get(name, default)
+    if choice is None:
+        return None
+    if isinstance(choice, InitSpec):
+        return choice
+    if isinstance(choice, (tuple, list)):
+        return make_init(choice[0], shape, **dict(choice[1]))
+    if len(shape) < 2 and choice in ("xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform",
+                                     "pm_sigma"):
+        return None  # fan-based initializers need >= 2 dimensions; such tensors can still be 'pruned'
+    return make_init(choice, shape)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.view(torch.int32) == b.view(torch.int32)
+
+
+def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_normal", inits=None,
+                   progress=None) -> tuple[FreezeRecord, list[dict]]:
+    """Find, per float32 tensor, the entries that equal the regenerated initial values (frozen) or zero (pruned).
+
+    Each tensor keeps the explanation that stores it smallest; one that matches nothing is stored whole.
+    ``init``: initializer name used for every tensor; ``inits``: per-name override (a name, (name, params) or an
+    InitSpec; ``None`` = store whole).
+    """
+    seed = check_seed(seed)
+    rec = FreezeRecord(seed=seed)
+    report = []
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        row = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole", "trainable": t.numel()}
+        best = None
+        if t.dtype == torch.float32 and t.numel() > 0:
+            candidates = []
+            spec = _init_for(name, tuple(t.shape), init, inits)
+            if spec is not None:
+                candidates.append(("frozen", spec))
+            candidates.append(("pruned", make_init("zeros", tuple(t.shape))))
+            for label, spec in candidates:
+                regen = generate(spec, tuple(t.shape), seed, name)
+                same = _same_bits(t, regen)
+                k = int(t.numel() - same.sum())
+                if best is None or k < best[2]:
+                    best = (label, spec, k, ~same)
+        if best is not None and best[2] < t.numel():
+            label, spec, k, mask = best
+            n = t.numel()
+            cost = 4 * k + maskcode.entropy_bytes(n, k) * 1.01 + 16
+            if cost < 4 * n:
+                rec.frozen[name] = FrozenTensor(spec, mask, t[mask].clone())
+                row.update(stored_as=label, trainable=k, init=spec.name, q=1 - k / n)
+        if name not in rec.frozen:
+            rec.whole[name] = t
+        report.append(row)
+        if progress is not None:
+            progress(row)
+    return rec, report
+
+
+def convert(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None, progress=None) -> dict:
+    """Dense checkpoint (``.safetensors``, ``.pt``/``.pth``) + seed + initializer(s) -> the smallest exact .fpk.
+
+    The written file is re-read and verified before this returns. Returns a report of what was found.
+    """
+    sd = read_dense_checkpoint(src)
+    rec, rows = convert_record(sd, seed, init, inits, progress)
+    save(dst, rec, metadata)
+    back = load(dst)  # prove the file reproduces the checkpoint bit for bit before reporting success
+    for name, t in sd.items():
+        if bytes(tensor_bytes(back[name])) != bytes(tensor_bytes(t.detach().cpu())):
+            raise IntegrityError("converted file does not reproduce the checkpoint", path=dst, tensor=name)
+    dense = sum(v.numel() * v.element_size() for v in sd.values())
+    size = os.path.getsize(dst)
+    return {"source": os.fspath(src), "output": os.fspath(dst), "seed": int(seed), "tensors": rows,
+            "dense_bytes": dense, "file_bytes": size, "compression_factor": dense / size if size else 0.0}
