@@ -237,3 +237,15 @@ int fp_words(uint32_t *out, uint64_t start, uint64_t count, uint64_t seed, uint6
     words_range(&k, out, start, count);
     return 0;
 }
+
+/* The conversion alone, on given words (tests reach every octave of the normal table this way). */
+int fp_convert(const uint32_t *w, float *out, uint64_t count, int dist, float a, float b, int use_scale, float scale,
+               const float *A, const float *D) {
+    if (dist < DIST_NORMAL || dist > DIST_SIGN) return -1;
+    if (dist == DIST_NORMAL && (A == NULL || D == NULL)) return -1;
+    for (uint64_t done = 0; done < count; done += WORDS) {
+        uint64_t take = count - done < WORDS ? count - done : WORDS;
+        convert(w + done, out + done, (int)take, dist, a, b, use_scale, scale, A, D);
+    }
+    return 0;
+}

@@ -121,6 +121,8 @@ def _bind(path: str):
     lib.fp_fill.argtypes = [ptr, u64, u64, u64, u64, i32, f32, f32, i32, f32, ptr, ptr, i32]
     lib.fp_words.restype = i32
     lib.fp_words.argtypes = [ptr, u64, u64, u64, u64]
+    lib.fp_convert.restype = i32
+    lib.fp_convert.argtypes = [ptr, ptr, u64, i32, f32, f32, i32, f32, ptr, ptr]
     return lib
 
 
@@ -168,15 +170,20 @@ def _load():
     return _lib
 
 
+def _require():
+    lib = _load()
+    if lib is None or disabled():
+        raise RuntimeError(f"native kernel unavailable: {unavailable_reason()}")
+    return lib
+
+
 def fill(out: torch.Tensor, dist: str, a: float, b: float, seed: int, stream: int, *, start: int = 0,
          scale: float | None = None, threads: int | None = None) -> None:
     """Write elements ``[start, start + out.numel())`` of ``stream`` into ``out`` (CPU, float32, contiguous):
     ``a + b*z`` (normal), ``a + b*u`` (uniform) or ``a*s`` (sign), then ``* scale`` when given — each a separate
     float32 operation, exactly as ``freezepack.init.generate_np``. ``threads`` defaults to torch's CPU threads;
     the result never depends on it. Raises RuntimeError when the kernel is unavailable."""
-    lib = _load()
-    if lib is None or disabled():
-        raise RuntimeError(f"native kernel unavailable: {unavailable_reason()}")
+    lib = _require()
     if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError("out must be a contiguous float32 CPU tensor")
     if dist not in DISTS:
@@ -198,12 +205,26 @@ def fill(out: torch.Tensor, dist: str, a: float, b: float, seed: int, stream: in
 
 def words(seed: int, stream: int, start: int, count: int) -> np.ndarray:
     """uint32 words of elements ``[start, start+count)`` from the compiled kernel (equals ``rng.words_np``)."""
-    lib = _load()
-    if lib is None or disabled():
-        raise RuntimeError(f"native kernel unavailable: {unavailable_reason()}")
+    lib = _require()
     rng.check_seed(seed)
     if not 0 <= stream < 2**64 or not 0 <= start or start + count > 2**64:
         raise ValueError("stream or start out of range")
     out = np.empty(int(count), np.uint32)
     lib.fp_words(out.ctypes.data, int(start), int(count), seed, stream)
+    return out
+
+
+def convert(words_u32: np.ndarray, dist: str, a: float, b: float, *, scale: float | None = None) -> np.ndarray:
+    """The compiled conversion alone on given uint32 words (for tests: reaches every octave of the table)."""
+    lib = _require()
+    if dist not in DISTS:
+        raise ValueError(f"dist must be one of {', '.join(DISTS)}, got {dist!r}")
+    w = np.ascontiguousarray(words_u32, dtype=np.uint32)
+    out = np.empty(w.shape, np.float32)
+    tab_a, tab_d = rng.normal_table_np()
+    rc = lib.fp_convert(w.ctypes.data, out.ctypes.data, w.size, DISTS[dist], float(a), float(b),
+                        0 if scale is None else 1, 1.0 if scale is None else float(scale),
+                        tab_a.ctypes.data, tab_d.ctypes.data)
+    if rc != 0:
+        raise RuntimeError(f"native kernel rejected its arguments (rc={rc})")
     return out
