@@ -287,19 +287,21 @@ def open(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
 def verify(path, device=None, *, limits: Limits = DEFAULT_LIMITS, progress=None) -> dict:
     """Regenerate every tensor and check every digest. Returns a report; ``report["ok"]`` is the verdict.
 
+    ``progress(done, total)`` is called after each tensor.
+
     A header that cannot be trusted raises (FormatError/IntegrityError/SpecError); a tensor that fails is listed
     with its reason, so one bad tensor does not hide the state of the others.
     """
     results = []
     with FpkReader(path, limits) as r:
-        for e in r.header.entries:
+        for i, e in enumerate(r.header.entries):
             try:
                 _materialize(r, e, device, True)
                 results.append({"name": e.name, "ok": True})
             except FreezepackError as err:
                 results.append({"name": e.name, "ok": False, "error": err.reason})
             if progress is not None:
-                progress(e)
+                progress(i + 1, len(r.header.entries))
     bad = [x for x in results if not x["ok"]]
     return {"path": os.fspath(path), "ok": not bad, "tensors": results, "checked": len(results), "failed": len(bad),
             "device": str(torch.device(device)) if device is not None else "cpu"}
@@ -400,7 +402,7 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
     seed = check_seed(seed)
     rec = FreezeRecord(seed=seed)
     report = []
-    for name, t in state_dict.items():
+    for i, (name, t) in enumerate(state_dict.items()):
         t = t.detach().cpu().contiguous()
         row = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole", "trainable": t.numel()}
         best = None
@@ -427,7 +429,7 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
             rec.whole[name] = t
         report.append(row)
         if progress is not None:
-            progress(row)
+            progress(i + 1, len(state_dict))
     return rec, report
 
 

@@ -20,3 +20,7 @@ def cli():
 
 def main() -> None:  # console-script entry point
     cli()
+
+from .files import COMMANDS as _file_commands  # noqa: E402  (inspect, verify, unpack, convert)
+for _c in _file_commands:
+    cli.add_command(_c)

@@ -1,0 +1,236 @@
+"""``freezepack inspect | verify | unpack | convert``: thin shells over freezepack.api for .fpk files.
+
+Every refusal is one line on stderr (``error: <file>: <tensor>: <reason>``) and a non-zero exit status:
+1 = the file is bad or does not verify, 2 = wrong usage (click's convention).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from ..errors import FreezepackError
+
+
+def _one_line_errors(fn):
+    """Turn a FreezepackError (or an unreadable path) into one line and exit status 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FreezepackError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except OSError as e:
+            click.echo(f"error: {e.filename or ''}: {e.strerror or e}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _Bar:
+    """A click progress bar on stderr, created on the first ``(done, total)`` report; silent when not shown."""
+
+    def __init__(self, label: str, show: bool | None):
+        self.label, self.bar = label, None
+        self.show = sys.stderr.isatty() if show is None else show
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.show:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON (for scripts).")
+@_one_line_errors
+def inspect_cmd(path, as_json):
+    """Show what a .fpk file holds, without regenerating anything.
+
+    \b
+    Per tensor: kind (frozen = regenerated from seed + initializer, whole = stored as is), shape, initializer,
+    freezing rate q (share of entries frozen), the mask coder and its size next to the mask's entropy, and the
+    stored bytes. The last line compares the file with the dense float model.
+
+    \b
+    Example:  freezepack inspect lenet.fpk
+              freezepack inspect --json lenet.fpk | jq .compression_factor
+    """
+    from .. import api
+
+    info = api.inspect(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=1, sort_keys=True))
+        return
+    click.echo(f"{info['path']}: freezepack format v{info['format_version']}, {info['producer']}, "
+               f"generator {info['generator']}, seed {info['seed']}")
+    for k, v in sorted(info["metadata"].items()):
+        click.echo(f"  metadata {k} = {v}")
+    w = max([len(t["name"]) for t in info["tensors"]] + [6])
+    click.echo(f"  {'tensor':<{w}}  {'kind':<6} {'shape':<18} {'init':<16} {'q':>8} {'coder':<14} "
+               f"{'mask':>9} {'entropy':>9} {'stored':>10}")
+    for t in info["tensors"]:
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        if t["kind"] == "frozen":
+            click.echo(f"  {t['name']:<{w}}  {'frozen':<6} {shape:<18} {t['init']:<16} {t['q']:>8.4f} "
+                       f"{t['coder']:<14} {t['mask_bytes']:>9} {t['mask_entropy_bytes']:>9.0f} "
+                       f"{_human(t['stored_bytes']):>10}")
+        else:
+            click.echo(f"  {t['name']:<{w}}  {'whole':<6} {shape:<18} {t['dtype']:<16} {'':>8} {'':<14} {'':>9} "
+                       f"{'':>9} {_human(t['stored_bytes']):>10}")
+    click.echo(f"file {_human(info['file_bytes'])} (header {_human(info['header_bytes'])}), dense "
+               f"{_human(info['dense_bytes'])}: {info['compression_factor']:.1f}x smaller; frozen share q = "
+               f"{info['q']:.4f}")
+
+
+@click.command("verify")
+@click.argument("path", type=click.Path())
+@click.option("--device", default=None, help="Regenerate on this torch device (e.g. cuda) instead of the CPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@_one_line_errors
+def verify_cmd(path, device, as_json, progress):
+    """Regenerate every tensor and check it against the digests in the file.
+
+    \b
+    Exit status 0 only when every stored byte and every reconstructed tensor matches bit for bit; 1 when
+    anything is corrupted, truncated, or not regenerated exactly on this device.
+
+    \b
+    Example:  freezepack verify model.fpk && echo intact
+              freezepack verify --device cuda model.fpk
+    """
+    from .. import api
+
+    bar = _Bar("verifying", progress)
+    try:
+        report = api.verify(path, device, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=1, sort_keys=True))
+    else:
+        for t in report["tensors"]:
+            if not t["ok"]:
+                click.echo(f"error: {path}: tensor {t['name']!r}: {t['error']}", err=True)
+        if report["ok"]:
+            click.echo(f"{path}: OK, {report['checked']} tensors bit-exact on {report['device']}")
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@click.command("unpack")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--device", default=None, help="Regenerate on this torch device (the output is written from the CPU).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@_one_line_errors
+def unpack_cmd(src, dst, device, progress):
+    """Expand a .fpk into a dense .safetensors file that any safetensors reader loads.
+
+    \b
+    Every tensor is regenerated and checked against its digest first; the output is written atomically and
+    carries the .fpk's user metadata.
+
+    \b
+    Example:  freezepack unpack model.fpk model.safetensors
+    """
+    from safetensors.torch import save
+
+    from .. import api, container
+
+    bar = _Bar("unpacking", progress)
+    with api.open(src, device) as f:
+        tensors = {}
+        try:
+            for i, name in enumerate(f.keys()):
+                tensors[name] = f.get_tensor(name).cpu().contiguous()
+                bar(i + 1, len(f.keys()))
+        finally:
+            bar.close()
+        meta = f.metadata()
+    container.atomic_write(dst, [save(tensors, metadata=meta or None)])
+    click.echo(f"{dst}: {len(tensors)} tensors written")
+
+
+def _parse_inits(pairs):
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"{p!r} is not NAME=INIT", param_hint="--init-for")
+        name, init = p.split("=", 1)
+        out[name] = None if init in ("whole", "none") else init
+    return out
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--seed", type=int, required=True, help="The seed the model was initialized with.")
+@click.option("--init", "init", default="xavier_normal", show_default=True,
+              help="Initializer every tensor started from (xavier_normal, kaiming_uniform, pm_sigma, ...).")
+@click.option("--init-for", "init_for", multiple=True, metavar="NAME=INIT",
+              help="Per-tensor initializer; INIT 'whole' stores that tensor as is. Repeatable.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata to store. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@_one_line_errors
+def convert_cmd(src, dst, seed, init, init_for, meta, as_json, progress):
+    """Pack a dense checkpoint into the smallest exact .fpk.
+
+    \b
+    SRC is a .safetensors file, or a .pt/.pth state_dict (read with torch.load(weights_only=True): never
+    unpickled). For each float32 tensor, entries that still equal the regenerated initial values are frozen,
+    entries that are exactly zero can be stored as pruned (the zeros initializer), and the rest are kept as
+    trained values; a tensor that matches nothing is stored whole. The output is re-read and compared with the
+    input bit for bit before the command succeeds.
+
+    \b
+    Example:  freezepack convert trained.safetensors model.fpk --seed 1234 --init xavier_normal
+    """
+    from .. import api
+    from ..container import _check_regular_file
+
+    metadata = {}
+    for m in meta:
+        if "=" not in m:
+            raise click.BadParameter(f"{m!r} is not KEY=VALUE", param_hint="--meta")
+        k, v = m.split("=", 1)
+        metadata[k] = v
+    inits = _parse_inits(init_for)
+    _check_regular_file(src)
+    bar = _Bar("converting", progress)
+    try:
+        report = api.convert(src, dst, seed, init, inits, metadata, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=1, sort_keys=True))
+        return
+    for t in report["tensors"]:
+        extra = f" q={t['q']:.4f} ({t['init']})" if t["stored_as"] != "whole" else ""
+        click.echo(f"  {t['name']}: {t['stored_as']}, {t['trainable']} of {t['numel']} stored{extra}")
+    click.echo(f"{dst}: {_human(report['file_bytes'])} from {_human(report['dense_bytes'])} dense "
+               f"({report['compression_factor']:.1f}x smaller), verified bit-exact")
+
+
+COMMANDS = (inspect_cmd, verify_cmd, unpack_cmd, convert_cmd)
