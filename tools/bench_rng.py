@@ -1,0 +1,137 @@
+"""Benchmark: regenerate a 15M-element xavier_normal tensor (VGG16-D size) with freezepack, against torch.randn.
+
+One run measures, on each device, in the same process:
+  native   freezepack.init.generate through the compiled kernel (CPU only; freezepack/_philox.c)
+  eager    freezepack.init.generate through the torch path (FREEZEPACK_NO_NATIVE=1; what CUDA uses)
+  randn    torch.randn of the same size: what a user would otherwise call (not reproducible across platforms)
+  fill     out.fill_(1.0): a pure memory write of the same size, the bandwidth floor (CUDA only)
+and reports the median time of each, elements/s, and ratios to torch.randn (goal on CPU: native <= 1.5x randn,
+stretch <= 1.0x). It also checks that native and eager gave the same bits.
+
+    .venv/bin/python tools/bench_rng.py              # CPU, and CUDA when present
+    .venv/bin/python tools/bench_rng.py --json       # machine-readable
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from freezepack import init, native
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeat: int) -> dict:
+    fn()  # warm-up: first-use costs (kernel build/load, tables, allocator) are not what we measure
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeat}
+
+
+def bench_device(device: str, shape, repeat: int, eager_repeat: int) -> dict:
+    n = int(np.prod(shape))
+    spec = init.make_init("xavier_normal", shape)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    res: dict = {"device": device, "numel": n, "shape": list(shape), "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        res["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        res["cpu"] = platform.processor() or platform.machine()
+    results = {}
+    results["randn"] = timed(lambda: torch.randn(shape, device=device), device, repeat)
+
+    native_out = None
+    if device == "cpu":
+        if native.available():
+            results["native"] = timed(lambda: init.generate(spec, shape, 1, "features.weight", out=out), device, repeat)
+            native_out = out.clone()
+            old = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                results["native_1thread"] = timed(
+                    lambda: init.generate(spec, shape, 1, "features.weight", out=out), device, repeat)
+            finally:
+                torch.set_num_threads(old)
+        else:
+            res["native_unavailable"] = native.unavailable_reason()
+    else:
+        results["fill"] = timed(lambda: out.fill_(1.0), device, repeat)
+
+    saved = os.environ.get("FREEZEPACK_NO_NATIVE")
+    os.environ["FREEZEPACK_NO_NATIVE"] = "1"
+    try:
+        results["eager"] = timed(lambda: init.generate(spec, shape, 1, "features.weight", out=out), device,
+                                 eager_repeat)
+    finally:
+        if saved is None:
+            del os.environ["FREEZEPACK_NO_NATIVE"]
+        else:
+            os.environ["FREEZEPACK_NO_NATIVE"] = saved
+    if native_out is not None:
+        res["native_equals_eager_bitwise"] = bool(torch.equal(native_out.view(torch.int32), out.view(torch.int32)))
+
+    randn_s = results["randn"]["median_s"]
+    for r in results.values():
+        r["elements_per_s"] = n / r["median_s"]
+        r["ratio_to_randn"] = r["median_s"] / randn_s
+    if "fill" in results:  # fraction of the write bandwidth a plain fill reaches
+        for key in ("eager",):
+            results[key]["write_bandwidth_fraction_of_fill"] = results["fill"]["median_s"] / results[key]["median_s"]
+            results[key]["write_GB_per_s"] = 4 * n / results[key]["median_s"] / 1e9
+    res["results"] = results
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--numel", type=int, default=15_000_000, help="elements (a 2-D shape rows x 4000 is used)")
+    p.add_argument("--repeat", type=int, default=7, help="timed runs of the fast methods (median reported)")
+    p.add_argument("--eager-repeat", type=int, default=3, help="timed runs of the torch eager path")
+    p.add_argument("--device", action="append", help="cpu / cuda (repeatable); default cpu, and cuda if present")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    cols = 4000
+    shape = (max(1, args.numel // cols), cols) if args.numel >= cols else (1, args.numel)
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    report = {"torch": torch.__version__, "python": sys.version.split()[0],
+              "devices": [bench_device(d, shape, args.repeat, args.eager_repeat) for d in devices]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for d in report["devices"]:
+        head = d.get("device_name") or d.get("cpu")
+        print(f"{d['device']} ({head}), {d['numel']:,} elements xavier_normal {tuple(d['shape'])}, "
+              f"torch threads {d['torch_threads']}, torch {report['torch']}")
+        print(f"  {'method':<16}{'median ms':>11}{'M elem/s':>11}{'x randn':>9}")
+        for name, r in d["results"].items():
+            print(f"  {name:<16}{r['median_s'] * 1e3:>11.1f}{r['elements_per_s'] / 1e6:>11.1f}"
+                  f"{r['ratio_to_randn']:>9.2f}")
+        if "native_equals_eager_bitwise" in d:
+            print(f"  native == eager bitwise: {d['native_equals_eager_bitwise']}")
+        if "native_unavailable" in d:
+            print(f"  native kernel unavailable: {d['native_unavailable']}")
+        if "write_GB_per_s" in d["results"].get("eager", {}):
+            e = d["results"]["eager"]
+            print(f"  eager writes {e['write_GB_per_s']:.1f} GB/s = {e['write_bandwidth_fraction_of_fill']:.0%} "
+                  f"of a plain fill_")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
