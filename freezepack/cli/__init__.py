@@ -21,6 +21,9 @@ def cli():
 def main() -> None:  # console-script entry point
     cli()
 
+from .fleet import fleet as _fleet  # noqa: E402
+cli.add_command(_fleet)
+
 from .files import COMMANDS as _file_commands  # noqa: E402  (inspect, verify, unpack, convert)
 for _c in _file_commands:
     cli.add_command(_c)

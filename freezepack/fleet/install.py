@@ -111,7 +111,8 @@ class Device:
     # -- install ----------------------------------------------------------------------------------------------
     def install(self, source: str | Store, name: str, *, root_file=None, allow_downgrade: bool = False,
                 download_only: bool = False, progress=None) -> InstallReport:
-        """Refresh trust, fetch what is missing and (unless ``download_only``) install atomically."""
+        """Refresh trust, fetch what is missing and (unless ``download_only``) install atomically.
+        ``progress(done_bytes, total_bytes)`` is called as pieces arrive."""
         name = check_model_name(name)
         store = open_store(source) if not isinstance(source, Store) else source
         os.makedirs(self.meta, exist_ok=True)
@@ -125,6 +126,7 @@ class Device:
         if current["sha256"] == info["sha256"]:
             if current["release"] != info["release"]:
                 self._record(name, info, previous=None)
+            base["previous_release"] = current["previous_release"]
             return InstallReport(status="up-to-date", fetched_bytes=0, reused_bytes=info["length"],
                                  pieces_fetched=0, **base)
         if (current["release"] is not None and info["release"] < current["release"] and not allow_downgrade):
@@ -144,7 +146,7 @@ class Device:
             sources[sha] = (os.path.join(stage, sha), 0, length)
             fetched += length
             if progress:
-                progress(length)
+                progress(fetched, todo.fetch_bytes)
         _failpoint("after-download")
         base["metadata_bytes"] = counter.metadata_bytes
         report = dict(fetched_bytes=fetched, reused_bytes=todo.full_bytes - sum(todo.need.values()),
@@ -278,11 +280,14 @@ def verify_model_file(path: str, fmt: str | None) -> None:
             api = None
         if api is not None and hasattr(api, "verify"):
             try:
-                api.verify(path)
+                report = api.verify(path)
             except FreezepackError:
                 raise
             except Exception as e:   # never a deep traceback for a file that fails to verify
                 raise IntegrityError(f"model does not verify ({type(e).__name__}: {e})", path=path) from None
+            if not report.get("ok"):
+                bad = [f"{t['name']}: {t.get('error')}" for t in report.get("tensors", []) if not t.get("ok")]
+                raise IntegrityError("model does not verify: " + "; ".join(bad[:5]), path=path)
             return
     file_pieces(path)   # header and every tensor's byte range must be valid
 
@@ -295,4 +300,4 @@ def detect_format(path: str) -> str:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n)) if n < (100 << 20) else {}
     meta = header.get("__metadata__") or {}
-    return "fpk" if any("freezepack" in str(k).lower() or k.startswith("fpk") for k in meta) else "safetensors"
+    return "fpk" if isinstance(meta, dict) and "freezepack" in meta else "safetensors"

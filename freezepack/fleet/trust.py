@@ -210,7 +210,8 @@ class Publisher:
 
     def publish(self, model_path: str | os.PathLike, name: str, *, release: int | None = None,
                 expiry: dict | None = None, progress=None) -> dict:
-        """Upload the file's pieces (only those the store lacks) and sign it as the model's newest release."""
+        """Upload the file's pieces (only those the store lacks) and sign it as the model's newest release.
+        ``progress(done_bytes, total_bytes)`` is called as pieces are stored."""
         import hashlib
 
         from .delta import file_pieces
@@ -229,7 +230,8 @@ class Publisher:
             raise FleetError(f"release {release} is not newer than the published release {prev['release']} "
                              f"(devices refuse rollbacks)", path=model_path)
         full = hashlib.sha256()
-        uploaded = 0
+        uploaded = done = 0
+        size = pieces[-1].offset + pieces[-1].length
         with open(model_path, "rb") as f:
             for p in pieces:
                 f.seek(p.offset)
@@ -238,9 +240,9 @@ class Publisher:
                 if not self.store.has_blob(p.sha256):
                     self.store.put_blob(data)
                     uploaded += len(data)
+                done += len(data)
                 if progress:
-                    progress(len(data))
-        size = pieces[-1].offset + pieces[-1].length
+                    progress(done, size)
         layout = [p.to_json() for p in pieces]
         custom = {"freezepack": {"release": int(release), "format": fmt, "layout": layout,
                                  "published": _now().isoformat().replace("+00:00", "Z")}}

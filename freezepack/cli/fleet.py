@@ -1,0 +1,304 @@
+"""``freezepack fleet ...``: publish signed model releases and install them on devices (docs/FLEET.md)."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from datetime import timedelta
+
+import click
+
+from ..errors import FreezepackError
+
+_ROLES = ("root", "targets", "snapshot", "timestamp")
+
+
+def _friendly(fn):
+    """Bad input and refused updates end as one clear line, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except FreezepackError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
+    return wrapper
+
+
+def _out(as_json: bool, obj, text: str) -> None:
+    click.echo(json.dumps(obj, indent=1, sort_keys=True, default=str) if as_json else text)
+
+
+@contextlib.contextmanager
+def _bar(label: str, quiet: bool):
+    """A byte progress bar fed by ``progress(done, total)`` callbacks (hidden with --json/--quiet)."""
+    if quiet:
+        yield None
+        return
+    state = {"bar": None, "done": 0}
+
+    def progress(done, total):
+        if state["bar"] is None:
+            state["bar"] = click.progressbar(length=max(total, 1), label=label, file=sys.stderr,
+                                             show_pos=True)
+            state["bar"].__enter__()
+        state["bar"].update(done - state["done"])
+        state["done"] = done
+
+    try:
+        yield progress
+    finally:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+
+
+def _parse_pairs(pairs, kind):
+    out = {}
+    for p in pairs:
+        role, _, val = p.partition("=")
+        if role not in _ROLES or not val:
+            raise click.BadParameter(f"{p!r}: expected ROLE=VALUE with ROLE one of {', '.join(_ROLES)}")
+        try:
+            out[role] = kind(val)
+        except ValueError:
+            raise click.BadParameter(f"{p!r}: {val!r} is not a number") from None
+    return out
+
+
+def _expiry(pairs):
+    return {r: timedelta(days=d) for r, d in _parse_pairs(pairs, float).items()}
+
+
+repo_arg = click.argument("repo", metavar="REPO")
+keys_opt = click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False),
+                        help="Directory of private keys (created by 'fleet init').")
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print a JSON result for scripts.")
+expires_opt = click.option("--expires", "expires", multiple=True, metavar="ROLE=DAYS",
+                           help="Validity of a role's new metadata, e.g. timestamp=1 (defaults: root 365, "
+                                "targets 90, snapshot 7, timestamp 1). Repeatable.")
+device_opt = click.option("--dir", "device_dir", required=True, type=click.Path(file_okay=False),
+                          help="The device's model directory (holds NAME.fpk, NAME.prev.fpk and .fleet/).")
+
+
+@click.group()
+def fleet():
+    """Ship models to a fleet: signed releases, small delta updates, atomic installs.
+
+    \b
+    REPO is a directory (the default; serve it with any static HTTP server), an http(s):// URL of such a
+    directory (read-only: devices install from it), or an OCI registry repository:
+    oci://registry/namespace/name (oci+http:// for a plain-HTTP registry).
+    \b
+    Publisher:  fleet init REPO --keys K --root-out root.json
+                fleet publish REPO model.fpk --name detector --keys K
+                fleet timestamp REPO --keys K          (cron, before timestamp metadata expires)
+                fleet keys rotate|revoke|list ...
+    Device:     fleet install REPO detector --dir /var/lib/models --root root.json
+                fleet status detector --dir /var/lib/models
+    Trust is The Update Framework: see docs/FLEET.md for keys, rotation and revocation.
+    """
+
+
+@fleet.command()
+@repo_arg
+@keys_opt
+@click.option("--root-out", type=click.Path(dir_okay=False), required=True,
+              help="Write the trusted root file here; copy it to every device (--root).")
+@click.option("--threshold", multiple=True, metavar="ROLE=N",
+              help="Signatures required for a role (default 1 each); N keys are created. Repeatable.")
+@expires_opt
+@json_opt
+@_friendly
+def init(repo, keys_dir, root_out, threshold, expires, as_json):
+    """Create a fleet repository in REPO with fresh Ed25519 keys in --keys."""
+    from ..fleet import Publisher, open_store
+    from ..fleet.repo import atomic_write
+
+    pub = Publisher(open_store(repo), keys_dir)
+    root = pub.init(thresholds=_parse_pairs(threshold, int), expiry=_expiry(expires))
+    atomic_write(root_out, root)
+    info = pub.describe()
+    _out(as_json, info, f"created fleet repository {info['location']}\n"
+                        f"keys in {os.path.abspath(keys_dir)} (move the root-* keys offline)\n"
+                        f"trusted root written to {root_out}: install it on every device with --root")
+
+
+@fleet.command()
+@repo_arg
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", required=True, help="Model name on the fleet (a-z 0-9 . _ -).")
+@keys_opt
+@click.option("--release", type=int, default=None, help="Release number (default: latest + 1).")
+@expires_opt
+@json_opt
+@_friendly
+def publish(repo, model, name, keys_dir, release, expires, as_json):
+    """Sign MODEL (.fpk or any safetensors file) as the newest release of --name and upload what is new."""
+    from ..fleet import Publisher, open_store
+
+    pub = Publisher(open_store(repo), keys_dir).load()
+    with _bar(f"publishing {name}", as_json) as progress:
+        info = pub.publish(model, name, release=release, expiry=_expiry(expires), progress=progress)
+    _out(as_json, info, f"published {name} release {info['release']} ({info['length']} bytes, "
+                        f"{info['uploaded_bytes']} new) sha256:{info['sha256']}")
+
+
+@fleet.command()
+@repo_arg
+@keys_opt
+@click.option("--snapshot", is_flag=True, help="Re-sign snapshot metadata too (its expiry is longer).")
+@expires_opt
+@json_opt
+@_friendly
+def timestamp(repo, keys_dir, snapshot, expires, as_json):
+    """Re-sign the online timestamp metadata with a fresh expiry (run it from cron).
+
+    Devices refuse metadata past its expiry (freeze attack protection), so a repository whose timestamp is not
+    refreshed stops updating devices.
+    """
+    from ..fleet import Publisher, open_store
+
+    pub = Publisher(open_store(repo), keys_dir).load()
+    v = pub.refresh_timestamp(expiry=_expiry(expires), snapshot=snapshot)
+    _out(as_json, {"timestamp_version": v,
+                   "expires": pub.timestamp.signed.expires.isoformat()},
+         f"timestamp version {v}, valid until {pub.timestamp.signed.expires.isoformat()}")
+
+
+@fleet.group()
+def keys():
+    """List, rotate and revoke the repository's signing keys (a new root version, chained by signatures)."""
+
+
+@keys.command("list")
+@repo_arg
+@json_opt
+@_friendly
+def keys_list(repo, as_json):
+    """Show each role's key ids, threshold and expiry, and the published models."""
+    from ..fleet import Publisher, open_store
+
+    info = Publisher(open_store(repo), ".").load().describe()
+    lines = [f"{info['location']}  root version {info['root_version']}"]
+    for role, r in info["roles"].items():
+        lines.append(f"  {role:9s} threshold {r['threshold']}  expires {r['expires']}  keys "
+                     + ", ".join(k[:16] for k in r["keyids"]))
+    for name, m in info["models"].items():
+        lines.append(f"  model {name}: release {m['release']}, {m['length']} bytes, sha256:{m['sha256'][:16]}")
+    for m in info["models"].values():
+        m.pop("layout", None)
+    _out(as_json, info, "\n".join(lines))
+
+
+@keys.command("rotate")
+@repo_arg
+@keys_opt
+@click.option("--role", type=click.Choice(_ROLES), required=True)
+@click.option("--revoke", multiple=True, metavar="KEYID",
+              help="Key id (or unique prefix) to remove from the role. Default: all of its current keys.")
+@expires_opt
+@json_opt
+@_friendly
+def keys_rotate(repo, keys_dir, role, revoke, expires, as_json):
+    """Replace a role's key(s) with a new one. Rotating root needs the old and the new root keys in --keys."""
+    from ..fleet import Publisher, open_store
+
+    pub = Publisher(open_store(repo), keys_dir).load()
+    revoke = list(revoke) or list(pub.root.signed.roles[role].keyids)
+    info = pub.rotate(role, revoke=revoke, add=max(1, len(revoke)), expiry=_expiry(expires))
+    _out(as_json, info, f"root version {info['root_version']}: {role} key(s) "
+                        f"{', '.join(k[:16] for k in info['added'])} added, "
+                        f"{', '.join(k[:16] for k in info['revoked'])} revoked")
+
+
+@keys.command("revoke")
+@repo_arg
+@click.argument("keyid")
+@keys_opt
+@click.option("--role", type=click.Choice(_ROLES), required=True)
+@click.option("--replace/--no-replace", default=True, show_default=True,
+              help="Add a fresh key in its place (needed when the role would fall below its threshold).")
+@json_opt
+@_friendly
+def keys_revoke(repo, keyid, keys_dir, role, replace, as_json):
+    """Remove a (compromised) key from a role; devices reject its signatures from the next root on."""
+    from ..fleet import Publisher, open_store
+
+    pub = Publisher(open_store(repo), keys_dir).load()
+    info = pub.rotate(role, revoke=[keyid], add=1 if replace else 0)
+    _out(as_json, info, f"root version {info['root_version']}: revoked {keyid} from {role}")
+
+
+def _install_text(r) -> str:
+    if r.status == "up-to-date":
+        return f"{r.name} release {r.release} is already installed ({r.path})"
+    verb = "installed" if r.status == "installed" else "downloaded (not installed)"
+    pct = 100.0 * r.fetched_bytes / max(r.full_bytes, 1)
+    return (f"{verb} {r.name} release {r.release} -> {r.path}\n"
+            f"transferred {r.fetched_bytes} of {r.full_bytes} bytes ({pct:.1f}% of the full file; "
+            f"{r.reused_bytes} reused locally) + {r.metadata_bytes} bytes of signed metadata")
+
+
+def _device_command(download_only):
+    @click.argument("repo", metavar="REPO")
+    @click.argument("name")
+    @device_opt
+    @click.option("--root", "root_file", type=click.Path(exists=True, dir_okay=False),
+                  help="Trusted root file from the operator; needed on first use, then kept in --dir.")
+    @click.option("--allow-downgrade", is_flag=True,
+                  help="Accept a signed release older than the installed one.")
+    @json_opt
+    @_friendly
+    def cmd(repo, name, device_dir, root_file, allow_downgrade, as_json):
+        from ..fleet import Device
+
+        with _bar(f"fetching {name}", as_json) as progress:
+            r = Device(device_dir).install(repo, name, root_file=root_file, allow_downgrade=allow_downgrade,
+                                           download_only=download_only, progress=progress)
+        _out(as_json, r.to_json(), _install_text(r))
+    return cmd
+
+
+install = fleet.command("install", help="""Verify and install the newest signed release of NAME from REPO.
+
+    Checks the TUF metadata (signatures, thresholds, versions, expiry), fetches only the pieces the device does
+    not hold (a fine-tuned release moves just its trained values), rebuilds the file, checks its signed SHA-256
+    and the model itself, and replaces the installed file atomically, keeping the previous one
+    (NAME.prev.fpk). An interrupted install resumes where it stopped.""")(_device_command(False))
+pull = fleet.command("pull", help="""Verify and download the newest release of NAME into the device's staging area
+    without installing it (a later 'install' then transfers nothing).""")(_device_command(True))
+
+
+@fleet.command()
+@click.argument("name")
+@device_opt
+@json_opt
+@_friendly
+def status(name, device_dir, as_json):
+    """Show the installed release of NAME (from the file's own hash) and the kept previous one."""
+    from ..fleet import Device
+
+    st = Device(device_dir).status(name)
+    if not st["installed"]:
+        text = f"{name}: not installed in {device_dir}"
+    else:
+        text = (f"{name}: release {st['release'] if st['release'] is not None else 'unknown'} "
+                f"sha256:{st['sha256'][:16]} at {st['path']}; previous kept: "
+                f"{st['previous_release'] if st['previous_release'] is not None else 'none'}")
+    _out(as_json, st, text)
+
+
+@fleet.command()
+@click.argument("name")
+@device_opt
+@json_opt
+@_friendly
+def rollback(name, device_dir, as_json):
+    """Swap the installed release of NAME with the kept previous one."""
+    from ..fleet import Device
+
+    r = Device(device_dir).rollback(name)
+    _out(as_json, r, f"{name}: release {r['release']} is installed again (was {r['was']})")
