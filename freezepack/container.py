@@ -280,7 +280,8 @@ def _digest(v, what, path, tensor=None) -> str:
 
 
 def _float32(v, what, path, tensor=None) -> float:
-    if type(v) not in (int, float) or not math.isfinite(v) or float(np.float32(v)) != v:
+    if type(v) not in (int, float) or not math.isfinite(v) or abs(v) > 3.4028234663852886e38 \
+            or float(np.float32(v)) != v:
         raise FormatError(f"{what} must be a finite float32 number, got {_short(v)}", path=path, tensor=tensor)
     return float(v)
 

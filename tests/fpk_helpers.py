@@ -1,0 +1,80 @@
+"""Shared builders for the .fpk tests: small FreezeRecords and a header rewriter for 'lying file' tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import torch
+
+from freezepack import container
+from freezepack.init import make_init
+from freezepack.record import FreezeRecord, FrozenTensor
+
+
+def random_mask(shape, q: float, gen: torch.Generator) -> torch.Tensor:
+    """A mask with exactly round((1-q) * n) trainable entries (True) at random places."""
+    n = 1
+    for s in shape:
+        n *= s
+    k = int(round((1 - q) * n))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=gen)[:k]] = True
+    return mask.reshape(shape)
+
+
+def record_for(shapes: dict, q: float, seed: int = 7, init: str = "xavier_normal", frozen_scale: float = 1.0,
+               gen_seed: int = 0) -> FreezeRecord:
+    """Weights (>= 2-D) frozen at rate q with random masks and trained values; 1-D tensors stored whole."""
+    g = torch.Generator().manual_seed(gen_seed)
+    rec = FreezeRecord(seed=seed)
+    for name, shape in shapes.items():
+        if len(shape) >= 2:
+            m = random_mask(shape, q, g)
+            rec.frozen[name] = FrozenTensor(make_init(init, shape), m, torch.randn(int(m.sum()), generator=g),
+                                            frozen_scale)
+        else:
+            rec.whole[name] = torch.randn(shape, generator=g)
+    return rec
+
+
+def small_record(seed: int = 11) -> FreezeRecord:
+    """Every coder and several dtypes in a file of a few KB: the corruption sweep's subject."""
+    g = torch.Generator().manual_seed(seed)
+    rec = FreezeRecord(seed=seed)
+    m = random_mask((12, 20), 0.8, g)                         # ans-bernoulli
+    rec.frozen["conv.weight"] = FrozenTensor(make_init("kaiming_uniform", (12, 20)), m,
+                                             torch.randn(int(m.sum()), generator=g))
+    m = torch.zeros(30, 10, dtype=torch.bool)
+    m[3, 4] = m[17, 9] = True                                # positions
+    rec.frozen["fc.weight"] = FrozenTensor(make_init("pm_sigma", (30, 10)), m, torch.randn(2, generator=g), 0.5)
+    rec.frozen["fc2.weight"] = FrozenTensor(make_init("xavier_normal", (8, 8)), torch.zeros(8, 8, dtype=torch.bool),
+                                            torch.zeros(0))  # const, nothing trained
+    rec.whole["fc.bias"] = torch.randn(10, generator=g)
+    rec.whole["bn.num_batches_tracked"] = torch.tensor(5)
+    rec.whole["half"] = torch.randn(3, generator=g).to(torch.bfloat16)
+    return rec
+
+
+def split_file(data: bytes):
+    """(outer header dict, inner header dict, tensor data bytes) of an .fpk."""
+    n = struct.unpack("<Q", data[:8])[0]
+    outer = json.loads(data[8:8 + n])
+    inner = json.loads(outer["__metadata__"][container.HEADER_KEY])
+    return outer, inner, data[8 + n:]
+
+
+def rewrite(data: bytes, edit_inner=None, edit_outer=None) -> bytes:
+    """Re-encode a file after editing its headers, with *valid* digests and canonical form: a file that lies
+    consistently, so only the semantic checks can catch it."""
+    outer, inner, body = split_file(data)
+    if edit_inner:
+        edit_inner(inner)
+    text = container.canonical_json(inner)
+    outer["__metadata__"] = {container.HEADER_KEY: text,
+                             container.HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    if edit_outer:
+        edit_outer(outer)
+    head = container.canonical_json(outer).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+    return struct.pack("<Q", len(head)) + head + body
