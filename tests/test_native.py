@@ -313,3 +313,14 @@ def test_cache_writable_by_others_is_refused(fresh_native):
     os.chmod(d, 0o777)
     assert not native.available()
     assert "writable by other users" in native.unavailable_reason()
+
+
+@needs_cc
+def test_damaged_cached_library_is_rebuilt(fresh_native):
+    from importlib import resources
+    source = resources.files("freezepack").joinpath("_philox.c").read_bytes()
+    path = native._build(source, native._compiler())  # built into the fresh cache, never loaded yet
+    with open(path, "wb") as f:
+        f.write(b"\x7fELF truncated")
+    assert native.available(), native.unavailable_reason()
+    assert os.path.getsize(path) > 1000
