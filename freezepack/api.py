@@ -49,10 +49,10 @@ def _record_of(obj) -> tuple[FreezeRecord, list[str]]:
     if isinstance(obj, FreezeRecord):
         return obj, list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
     if isinstance(obj, torch.nn.Module):
-        from .freezenet import freeze_record  # the method module; imported only when a module is given
+        from .freezenet import dense_state_dict, freeze_record  # the method; imported only for a module
 
         rec = freeze_record(obj)
-        order = [k for k in obj.state_dict() if k in rec.frozen or k in rec.whole]
+        order = [k for k in dense_state_dict(obj) if k in rec.frozen or k in rec.whole]
         return rec, order + [k for k in list(rec.frozen) + list(rec.whole) if k not in order]
     raise SpecError(f"save() takes a FreezeRecord or an nn.Module, got {type(obj).__name__}")
 
