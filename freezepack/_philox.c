@@ -13,9 +13,16 @@
  * Each element depends only on (seed, stream, index), so the split across threads cannot change a bit.
  * Loaded with ctypes by freezepack/native.py; compiled on first use.
  */
+#include <float.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <pthread.h>
+
+/* float expressions must be evaluated in float (not x87 extended precision, which rounds twice): otherwise refuse
+ * to build, and freezepack uses the torch path. */
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "float arithmetic is not evaluated in float32 (FLT_EVAL_METHOD != 0)"
+#endif
 
 #define FP_ABI_VERSION 1
 
