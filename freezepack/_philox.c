@@ -207,6 +207,7 @@ int fp_fill(float *out, uint64_t start, uint64_t count, uint64_t seed, uint64_t 
     if (out == NULL) return -1;
     fp_key k;
     key_init(&k, seed, stream);
+    if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     uint64_t most = count / MIN_PER_THREAD;
     if ((uint64_t)nthreads > most) nthreads = (int)most;

@@ -172,7 +172,7 @@ def test_thread_count_never_changes_a_bit():
     n = 3 * 2**18 + 13  # enough for several threads (each takes at least 2**16 elements)
     stream = rng.stream_id("threads")
     outs = []
-    for threads in (1, 2, 3, 5, 12, 1000):
+    for threads in (1, 2, 3, 5, 12, 1000, 0, -1):
         out = torch.empty(n)
         native.fill(out, "normal", 0.0, 0.5, 21, stream, start=3, threads=threads)
         outs.append(bits(out))
