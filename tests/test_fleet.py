@@ -395,3 +395,17 @@ def test_cli_errors_are_one_clear_line(tmp_path, models):
     assert r.exit_code == 2 and "ROLE=VALUE" in r.output
     r = run(cli, ["fleet", "status", "Bad Name", "--dir", str(tmp_path)])
     assert r.exit_code == 1 and "model name" in r.output
+
+
+def test_concurrent_install_on_one_device_is_refused(fleet, models):
+    import fcntl
+
+    fleet.publish(models["v2"])
+    fd = os.open(os.path.join(fleet.device.meta, "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(FleetError, match="another install is running"):
+            fleet.install()
+    finally:
+        os.close(fd)
+    assert fleet.install().release == 2

@@ -148,7 +148,7 @@ class Registry:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(0.5)        # it drains connections for seconds; its storage is a temp dir
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

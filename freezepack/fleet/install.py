@@ -15,6 +15,7 @@ torn one; a rerun reuses every piece already downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -116,8 +117,30 @@ class Device:
         name = check_model_name(name)
         store = open_store(source) if not isinstance(source, Store) else source
         os.makedirs(self.meta, exist_ok=True)
+        with self._lock():
+            return self._install(store, name, root_file, allow_downgrade, download_only, progress)
+
+    @contextlib.contextmanager
+    def _lock(self):
+        """One install at a time per device directory (cron and a person may both start one); the kernel
+        drops the lock when its holder dies, so a killed install never blocks the next."""
+        import fcntl
+
+        fd = os.open(os.path.join(self.meta, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FleetError("another install is running on this device directory", path=self.dir) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _install(self, store, name, root_file, allow_downgrade, download_only, progress) -> InstallReport:
         counter = Counter()
         info = trusted_release(store, self.tuf_dir, name, root_file=root_file, counter=counter)
+        for junk in glob.glob(os.path.join(self.dir, f".{name}.fpk.part-*")):
+            os.unlink(junk)      # a temp file of a killed run: never used, its pieces are in staging
         current = self.status(name)
         path = self.model_path(name)
         base = dict(name=name, release=info["release"], sha256=info["sha256"],
@@ -132,8 +155,6 @@ class Device:
         if (current["release"] is not None and info["release"] < current["release"] and not allow_downgrade):
             raise FleetError(f"refused: the repository's release {info['release']} of {name!r} is older than the "
                              f"installed release {current['release']} (rollback)", path=store.location)
-        for junk in glob.glob(os.path.join(self.dir, f".{name}.fpk.part-*")):
-            os.unlink(junk)      # a torn temp file of a killed run: never used, the pieces are in staging
 
         sources = self._local_pieces(name)
         stage = self.staging(name)
@@ -163,13 +184,15 @@ class Device:
             st["models"].setdefault(name, {})["pending"] = _rec(info)
             self._write_state(st)
             _failpoint("after-pending")
-            if os.path.exists(path):
-                # keep the previous release; a hard link is atomic and copies nothing
+            prev = self.prev_path(name)
+            if os.path.exists(path) and not (os.path.exists(prev) and os.path.samefile(path, prev)):
+                # keep the previous release; a hard link is atomic and copies nothing. (rename() between two
+                # links of one file is a no-op that leaves the source, hence the samefile check.)
                 prev_tmp = os.path.join(self.dir, f".{name}.fpk.part-prev")
                 if os.path.exists(prev_tmp):
                     os.unlink(prev_tmp)
                 os.link(path, prev_tmp)
-                os.replace(prev_tmp, self.prev_path(name))
+                os.replace(prev_tmp, prev)
                 _failpoint("after-keep-previous")
             os.replace(tmp, path)
             tmp = None
@@ -244,6 +267,8 @@ class Device:
         path, prev = self.model_path(name), self.prev_path(name)
         if not os.path.exists(prev):
             raise FleetError(f"no previous release of {name!r} is kept on this device", path=prev)
+        if os.path.samefile(path, prev):
+            raise FleetError(f"the kept previous file of {name!r} is the installed release itself", path=prev)
         before = self.status(name)
         swap = os.path.join(self.dir, f".{name}.fpk.part-swap")
         os.link(path, swap)

@@ -56,8 +56,13 @@ class OciStore(Store):
     def _request(self, method: str, url: str, **kw):
         import requests
 
+        # oras-py retries a failed connection 5 times over ~2 minutes; a device should hear at once that the
+        # registry is down (it retries on its next update cycle), so call the undecorated request.
+        do_request = getattr(type(self.registry).do_request, "__wrapped__", None)
         try:
-            return self.registry.do_request(url, method, **kw)
+            if do_request is None:
+                return self.registry.do_request(url, method, **kw)
+            return do_request(self.registry, url, method, **kw)
         except (requests.exceptions.RequestException, ValueError) as e:
             raise FleetError(f"registry request failed: {e}", path=self.location) from None
 

@@ -397,7 +397,8 @@ def trusted_release(store: Store, metadata_dir: str, name: str, *, root_file=Non
         raise IntegrityError(f"refused: metadata does not match what its parent role signed ({e}): "
                              "tampered or mixed from different releases", path=where) from None
     except tx.DownloadError as e:
-        raise FleetError(f"cannot download metadata: {e}", path=where) from None
+        cause = e.__cause__ or e.__context__      # ngclient hides why: a FleetError of the store says it
+        raise FleetError(f"cannot download metadata: {getattr(cause, 'reason', None) or e}", path=where) from None
     except tx.RepositoryError as e:
         raise FleetError(f"refused: bad repository metadata ({type(e).__name__}: {e})", path=where) from None
     except ValueError as e:   # deserialization and schema errors of tampered files
