@@ -28,7 +28,7 @@ import numpy as np
 
 from . import maskcode
 from .errors import FormatError, FreezepackError, IntegrityError, SpecError
-from .init import InitSpec
+from .init import INITIALIZERS, InitSpec
 from .rng import SPEC_VERSION
 
 FORMAT_NAME = "freezepack"
@@ -365,7 +365,7 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
         raise FormatError("the safetensors tensors and the freezepack header's stored list differ", path=path)
     for k, s in stored.items():
         _obj(s, f"stored tensor {k!r}", path, {"dtype", "shape", "data_offsets", "sha256"})
-        if s["dtype"] not in DTYPE_SIZES:
+        if not isinstance(s["dtype"], str) or s["dtype"] not in DTYPE_SIZES:
             raise FormatError(f"stored tensor {k!r} has unknown dtype {_short(s['dtype'])}", path=path)
         shape = _shape(s["shape"], f"stored tensor {k!r} shape", path, limits)
         offs = s["data_offsets"]
@@ -398,6 +398,10 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
     total = 0
 
     def take(key, dtype, shape, what, name):
+        expected = name + {"data": "", "mask": MASK_SUFFIX, "values": VALUES_SUFFIX}[what]
+        if key != expected:  # one naming rule, so a stored tensor's key alone says whose part it is
+            raise FormatError(f"{what} tensor must be stored as {expected!r}, got {_short(key)}", path=path,
+                              tensor=name)
         if not isinstance(key, str) or key not in h.stored:
             raise FormatError(f"{what} refers to missing stored tensor {_short(key)}", path=path, tensor=name)
         if key in used:
@@ -413,6 +417,8 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
         if not isinstance(t, dict):
             raise FormatError("tensor entry is not an object", path=path)
         name = _str(t.get("name"), "tensor name", path)
+        if not name or name == "__metadata__":
+            raise FormatError(f"invalid tensor name {name!r}", path=path)
         if name in names:
             raise FormatError("tensor name appears twice", path=path, tensor=name)
         names.add(name)
@@ -426,7 +432,7 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
             raise FormatError(f"unknown tensor kind {_short(kind)}", path=path, tensor=name)
         shape = _shape(t["shape"], "shape", path, limits, tensor=name)
         dtype = t["dtype"]
-        if dtype not in DTYPE_SIZES or (kind == "frozen" and dtype != "F32"):
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES or (kind == "frozen" and dtype != "F32"):
             raise FormatError(f"dtype {_short(dtype)} is not allowed for a {kind} tensor", path=path, tensor=name)
         e = Entry(name, kind, shape, dtype, _digest(t["sha256"], "sha256", path, tensor=name))
         total += e.numel
@@ -439,6 +445,14 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
             if s.sha256 != e.sha256:
                 raise FormatError("whole tensor's dense digest differs from its stored digest", path=path, tensor=name)
         else:
+            ini = _obj(t["init"], "init", path, {"name", "dist", "a", "b", "params"}, tensor=name)
+            if ini["name"] not in INITIALIZERS if isinstance(ini["name"], str) else True:
+                raise SpecError(f"unknown initializer {_short(ini['name'])} (known: {', '.join(INITIALIZERS)})",
+                                path=path, tensor=name)
+            _float32(ini["a"], "init a", path, tensor=name)
+            _float32(ini["b"], "init b", path, tensor=name)
+            if not isinstance(ini["params"], dict):
+                raise FormatError("init params must be an object", path=path, tensor=name)
             try:
                 e.init = InitSpec.from_json(t["init"])
             except FreezepackError as err:
