@@ -61,12 +61,19 @@ def unavailable_reason() -> str | None:
 
 def cache_dir() -> str:
     """Per-user directory for compiled kernels: ``$FREEZEPACK_CACHE``, else ``$XDG_CACHE_HOME/freezepack``,
-    else ``~/.cache/freezepack``."""
+    else ``~/.cache/freezepack`` (each + ``/native``)."""
+    return _cache_dirs()[0]
+
+
+def _cache_dirs() -> list[str]:
     base = os.environ.get("FREEZEPACK_CACHE")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = os.path.join(xdg, "freezepack")
-    return os.path.join(base, "native")
+    if base:
+        return [os.path.join(base, "native")]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    # a read-only home (CI sandboxes, services) still gets the kernel: a per-user temp directory is the fallback
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return [os.path.join(xdg, "freezepack", "native"),
+            os.path.join(tempfile.gettempdir(), f"freezepack-{user}", "native")]
 
 
 def _compiler() -> str | None:
@@ -81,20 +88,37 @@ def _compiler() -> str | None:
 
 
 def _private_dir(path: str) -> None:
-    """Create ``path`` for this user only; refuse a directory others could write (we load code from it)."""
+    """Create ``path`` for this user only. We load code from it, so refuse a directory that another user could
+    write, or whose parent lets another user swap it (the parent must be ours or root's, and not writable by
+    others unless sticky, like /tmp)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
+    if not hasattr(os, "getuid"):
+        return
     st = os.stat(path)
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+    if st.st_uid != os.getuid():
         raise OSError(f"{path} is not owned by this user")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise OSError(f"{path} is writable by other users")
+    if not os.access(path, os.W_OK):
+        raise OSError(f"{path} is not writable")
+    parent = os.stat(os.path.dirname(os.path.abspath(path)))
+    if parent.st_uid not in (os.getuid(), 0) or (
+            parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not parent.st_mode & stat.S_ISVTX):
+        raise OSError(f"{os.path.dirname(path)} could be changed by other users")
 
 
 def _build(source: bytes, cc: str, *, rebuild: bool = False) -> str:
     tag = "\0".join([hashlib.sha256(source).hexdigest(), cc, *CFLAGS, platform.machine(), sys.platform])
     key = hashlib.sha256(tag.encode()).hexdigest()[:24]
-    directory = cache_dir()
-    _private_dir(directory)
+    errors = []
+    for directory in _cache_dirs():
+        try:
+            _private_dir(directory)
+            break
+        except OSError as e:
+            errors.append(f"{directory}: {e}")
+    else:
+        raise OSError("no usable cache directory for the compiled kernel (" + "; ".join(errors) + ")")
     target = os.path.join(directory, f"philox-{key}.so")
     if os.path.exists(target) and not rebuild:
         return target

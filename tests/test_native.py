@@ -324,3 +324,25 @@ def test_damaged_cached_library_is_rebuilt(fresh_native):
         f.write(b"\x7fELF truncated")
     assert native.available(), native.unavailable_reason()
     assert os.path.getsize(path) > 1000
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_cache_in_a_directory_others_can_change_is_refused(fresh_native, monkeypatch):
+    shared = fresh_native / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # not sticky: another user could rename our directory away and put theirs in its place
+    monkeypatch.setenv("FREEZEPACK_CACHE", str(shared))
+    assert not native.available()
+    assert "could be changed by other users" in native.unavailable_reason()
+
+
+@needs_cc
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_unusable_home_cache_falls_back_to_temp_dir(fresh_native, monkeypatch):
+    monkeypatch.delenv("FREEZEPACK_CACHE")
+    not_a_dir = fresh_native / "xdg"
+    not_a_dir.write_text("a file where the cache directory should be (fails even for root)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_dir))
+    monkeypatch.setattr(native.tempfile, "tempdir", str(fresh_native))
+    assert native.available(), native.unavailable_reason()
+    assert os.listdir(fresh_native / f"freezepack-{os.getuid()}" / "native")
