@@ -169,6 +169,14 @@ def _self_check(lib) -> None:
                          float(scale), tab_a.ctypes.data, tab_d.ctypes.data, 1)
         if rc != 0 or not np.array_equal((ref * scale).view(np.uint32), out.view(np.uint32)):
             raise OSError(f"compiled {dist} output differs from the numpy reference")
+    # the normal table's far tails are rare in a random sample: one word at each end of every octave, both signs
+    edges = [v for e in range(32) for v in ((1 << e) >> 1, max((1 << e) - 1, 0), ((3 << e) >> 2))]
+    w = np.array(edges + [v | 0x80000000 for v in edges], dtype=np.uint64).astype(np.uint32)
+    out = np.empty(w.size, np.float32)
+    rc = lib.fp_convert(w.ctypes.data, out.ctypes.data, w.size, DISTS["normal"], 0.0, 1.0, 0, 1.0,
+                        tab_a.ctypes.data, tab_d.ctypes.data)
+    if rc != 0 or not np.array_equal(rng.normal_np(w).view(np.uint32), out.view(np.uint32)):
+        raise OSError("compiled normal conversion differs from the numpy reference in the tails")
 
 
 def _load():
