@@ -1,10 +1,10 @@
-"""The compiled CPU kernel for the generator (``_philox.c``): same bits as the numpy reference, ~50x faster than
-torch eager on CPU.
+"""The compiled CPU kernel for the generator (``_philox.c``): the same bits as the numpy reference, an order of
+magnitude faster than the torch eager path and faster than ``torch.randn`` (tools/bench_rng.py).
 
 The C source ships with the package and is compiled on first use with the system C compiler into a per-user
 cache directory, keyed by the source hash, the compiler and its flags; it is loaded with ctypes. Before first use
-the loaded kernel is checked against the numpy reference on a few hundred elements of every distribution, so a
-compiler that miscompiles it can only cost speed, never bits.
+the loaded kernel is checked against the numpy reference (a few hundred elements of every distribution, and both
+ends of every octave of the normal table), so a compiler that miscompiles it costs speed, not bits.
 
 When there is no compiler, the build fails, the check fails, or ``FREEZEPACK_NO_NATIVE=1`` is set,
 :func:`available` is False and callers use the torch path (``freezepack.init.generate`` does so silently; the
