@@ -1,7 +1,8 @@
 """Benchmark: regenerate a 15M-element xavier_normal tensor (VGG16-D size) with freezepack, against torch.randn.
 
 One run measures, on each device, in the same process:
-  native   freezepack.init.generate through the compiled kernel (CPU only; freezepack/_philox.c)
+  native   freezepack.init.generate through the compiled kernel (CPU only; freezepack/_philox.c), with torch's
+           thread count and with one thread
   eager    freezepack.init.generate through the torch path (FREEZEPACK_NO_NATIVE=1; what CUDA uses)
   randn    torch.randn of the same size: what a user would otherwise call (not reproducible across platforms)
   fill     out.fill_(1.0): a pure memory write of the same size, the bandwidth floor (CUDA only)
@@ -32,16 +33,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeat: int) -> dict:
-    fn()  # warm-up: first-use costs (kernel build/load, tables, allocator) are not what we measure
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def timed(fns: dict, device: str, repeat: int) -> dict:
+    """Median and min time of each function. They run interleaved (one of each per round), so a machine whose
+    load changes during the run (shared CI runners) affects all of them alike and the ratios stay meaningful."""
+    for fn in fns.values():  # warm-up: first-use costs (kernel build/load, tables, allocator) are not measured
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeat}
+    _sync(device)
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "runs": repeat} for name, ts in times.items()}
+
+
+def _one_thread(fn):
+    def run():
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(old)
+    return run
 
 
 def bench_device(device: str, shape, repeat: int, eager_repeat: int) -> dict:
@@ -54,30 +70,26 @@ def bench_device(device: str, shape, repeat: int, eager_repeat: int) -> dict:
     else:
         res["cpu"] = platform.processor() or platform.machine()
     results = {}
-    results["randn"] = timed(lambda: torch.randn(shape, device=device), device, repeat)
-
-    native_out = None
+    fast = {"randn": lambda: torch.randn(shape, device=device)}
+    regen = lambda: init.generate(spec, shape, 1, "features.weight", out=out)  # noqa: E731
     if device == "cpu":
         if native.available():
-            results["native"] = timed(lambda: init.generate(spec, shape, 1, "features.weight", out=out), device, repeat)
-            native_out = out.clone()
-            old = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                results["native_1thread"] = timed(
-                    lambda: init.generate(spec, shape, 1, "features.weight", out=out), device, repeat)
-            finally:
-                torch.set_num_threads(old)
+            fast["native"] = regen
+            fast["native_1thread"] = _one_thread(regen)
         else:
             res["native_unavailable"] = native.unavailable_reason()
     else:
-        results["fill"] = timed(lambda: out.fill_(1.0), device, repeat)
+        fast["fill"] = lambda: out.fill_(1.0)
+    results.update(timed(fast, device, repeat))
+    native_out = None
+    if "native" in fast:
+        regen()
+        native_out = out.clone()
 
     saved = os.environ.get("FREEZEPACK_NO_NATIVE")
     os.environ["FREEZEPACK_NO_NATIVE"] = "1"
     try:
-        results["eager"] = timed(lambda: init.generate(spec, shape, 1, "features.weight", out=out), device,
-                                 eager_repeat)
+        results.update(timed({"eager": regen}, device, eager_repeat))
     finally:
         if saved is None:
             del os.environ["FREEZEPACK_NO_NATIVE"]
