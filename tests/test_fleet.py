@@ -376,6 +376,12 @@ def test_cli_round_trip(tmp_path, models):
     assert r.exit_code == 0 and "root version 2" in r.output
     r = run(cli, ["fleet", "timestamp", repo, "--keys", keys, "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["timestamp_version"] > 1
+    r = run(cli, ["fleet", "timestamp", repo, "--keys", keys, "--snapshot", "--targets"])
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["fleet", "keys", "renew", repo, "--keys", keys, "--expires", "root=30"])
+    assert r.exit_code == 0 and "root version 3" in r.output
+    r = run(cli, ["fleet", "keys", "revoke", repo, "nosuchkey", "--keys", keys, "--role", "snapshot"])
+    assert r.exit_code == 1 and "matches 0 keys" in r.output
     r = run(cli, ["fleet", "keys", "list", repo, "--json"])
     assert json.loads(r.output)["models"]["lenet"]["release"] == 2
     assert run(cli, ["fleet", "install", repo, "lenet", "--dir", dev]).exit_code == 0

@@ -149,11 +149,13 @@ def publish(repo, model, name, keys_dir, release, expires, as_json):
 @fleet.command()
 @repo_arg
 @keys_opt
-@click.option("--snapshot", is_flag=True, help="Re-sign snapshot metadata too (its expiry is longer).")
+@click.option("--snapshot", is_flag=True, help="Re-sign snapshot metadata too (default expiry 7 days).")
+@click.option("--targets", is_flag=True, help="Re-sign targets metadata too (default expiry 90 days; needs the "
+                                              "targets key): for a model not republished for months.")
 @expires_opt
 @json_opt
 @_friendly
-def timestamp(repo, keys_dir, snapshot, expires, as_json):
+def timestamp(repo, keys_dir, snapshot, targets, expires, as_json):
     """Re-sign the online timestamp metadata with a fresh expiry (run it from cron).
 
     Devices refuse metadata past its expiry (freeze attack protection), so a repository whose timestamp is not
@@ -162,7 +164,7 @@ def timestamp(repo, keys_dir, snapshot, expires, as_json):
     from ..fleet import Publisher, open_store
 
     pub = Publisher(open_store(repo), keys_dir).load()
-    v = pub.refresh_timestamp(expiry=_expiry(expires), snapshot=snapshot)
+    v = pub.refresh_timestamp(expiry=_expiry(expires), snapshot=snapshot, targets=targets)
     _out(as_json, {"timestamp_version": v,
                    "expires": pub.timestamp.signed.expires.isoformat()},
          f"timestamp version {v}, valid until {pub.timestamp.signed.expires.isoformat()}")
@@ -212,6 +214,22 @@ def keys_rotate(repo, keys_dir, role, revoke, expires, as_json):
     _out(as_json, info, f"root version {info['root_version']}: {role} key(s) "
                         f"{', '.join(k[:16] for k in info['added'])} added, "
                         f"{', '.join(k[:16] for k in info['revoked'])} revoked")
+
+
+@keys.command("renew")
+@repo_arg
+@keys_opt
+@expires_opt
+@json_opt
+@_friendly
+def keys_renew(repo, keys_dir, expires, as_json):
+    """Re-sign root with a fresh expiry and the same keys (a new root version; needs the root keys)."""
+    from ..fleet import Publisher, open_store
+
+    pub = Publisher(open_store(repo), keys_dir).load()
+    info = pub.rotate("root", revoke=[], add=0, expiry=_expiry(expires))
+    _out(as_json, info, f"root version {info['root_version']}, valid until "
+                        f"{pub.root.signed.expires.isoformat()}")
 
 
 @keys.command("revoke")

@@ -204,12 +204,15 @@ class HttpStore(Store):
             raise FleetError(f"repository has no blob sha256:{sha256}", path=url)
         return data
 
+    def _read_only(self):
+        return FleetError("an http:// repository is read-only: publish into its directory, then serve that",
+                          path=self.base)
+
     def put_metadata(self, name, data):
-        raise FleetError("an http:// repository is read-only: publish into its directory, then serve that",
-                         path=self.base)
+        raise self._read_only()
 
     def put_blob(self, data, *, media_type=""):
-        self.put_metadata("timestamp.json", data)
+        raise self._read_only()
 
     def close(self):
         self._http.clear()

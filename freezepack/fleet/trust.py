@@ -255,9 +255,11 @@ class Publisher:
         return {"name": name, "release": release, "sha256": full.hexdigest(), "length": size,
                 "format": fmt, "pieces": len(pieces), "uploaded_bytes": uploaded, "targets_version": self.targets.signed.version}
 
-    def refresh_timestamp(self, *, expiry: dict | None = None, snapshot: bool = False) -> int:
-        """Re-sign timestamp (and snapshot) with a fresh expiry: run it from cron with the online keys."""
-        self._commit(targets=False, snapshot=snapshot, expiry=expiry or {})
+    def refresh_timestamp(self, *, expiry: dict | None = None, snapshot: bool = False,
+                          targets: bool = False) -> int:
+        """Re-sign timestamp (and snapshot, targets) with a fresh expiry: run it from cron with the online
+        keys; ``targets`` needs the targets key (for a repository with no release for a long time)."""
+        self._commit(targets=targets, snapshot=snapshot, expiry=expiry or {})
         return self.timestamp.signed.version
 
     def rotate(self, role: str, *, revoke: list[str] | None = None, add: int = 1,
@@ -271,30 +273,31 @@ class Publisher:
             raise FleetError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
         old_root = copy.deepcopy(self.root.signed)
         r = self.root.signed
-        new_keys = [self.keys.create(role) for _ in range(add)]
-        for s in new_keys:
-            r.add_key(s.public_key, role)
+        revoked = []
         for kid in revoke or []:
             matches = [k for k in r.roles[role].keyids if k.startswith(kid)]
             if len(matches) != 1:
                 raise FleetError(f"key id {kid!r} matches {len(matches)} keys of role {role!r}")
-            r.revoke_key(matches[0], role)
-        if len(r.roles[role].keyids) < r.roles[role].threshold:
-            raise FleetError(f"role {role!r} would keep {len(r.roles[role].keyids)} keys, below its threshold "
-                             f"{r.roles[role].threshold}")
+            revoked.append(matches[0])
+        if len(r.roles[role].keyids) - len(set(revoked)) + add < r.roles[role].threshold:
+            raise FleetError(f"role {role!r} would keep fewer keys than its threshold {r.roles[role].threshold}")
+        new_keys = [self.keys.create(role) for _ in range(add)]
+        for s in new_keys:
+            r.add_key(s.public_key, role)
+        for kid in set(revoked):
+            r.revoke_key(kid, role)
         r.version += 1
         r.expires = _now() + (expiry or {}).get("root", DEFAULT_EXPIRY["root"])
         # signed by the old root's keys (devices trust them now) and the new root's (devices trust them next)
         self._sign(self.root, "root", extra_roots=[old_root])
         self.store.put_metadata(f"{r.version}.root.json", self._bytes(self.root))
-        for kid in revoke or []:
-            for full in old_root.roles[role].keyids:
-                if full.startswith(kid):
-                    self.keys.retire(full)
+        for kid in set(revoked):
+            if not any(kid in r.roles[other].keyids for other in ROLES):   # a key may serve several roles
+                self.keys.retire(kid)
         if role != "root":
             self._commit(targets=role == "targets", snapshot=role == "snapshot", expiry=expiry or {})
         return {"role": role, "root_version": r.version, "added": [s.public_key.keyid for s in new_keys],
-                "revoked": list(revoke or [])}
+                "revoked": sorted(set(revoked))}
 
     def describe(self) -> dict:
         r = self.root.signed
