@@ -179,15 +179,16 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
         if e.frozen_scale != 1.0:
             t.mul_(e.frozen_scale)  # one correctly rounded float32 multiply (FreezeNet-WD)
     if e.trainable:
-        with _timed(timings, "decode"):
-            flat = maskcode.decode(e.coder, e.numel, e.trainable, e.coder_params, mask_words, where=path,
-                                   tensor=e.name)
-            idx = torch.from_numpy(np.flatnonzero(flat))
-            vals = torch.frombuffer(values, dtype=torch.float32)
-        with _timed(timings, "scatter"):
-            t.view(-1).index_copy_(0, idx.to(t.device), vals.to(t.device))
-    elif e.coder != "const":  # decode anyway: a stream that lies about its counts must not load silently
-        maskcode.decode(e.coder, e.numel, e.trainable, e.coder_params, mask_words, where=path, tensor=e.name)
+        vals = torch.frombuffer(values, dtype=torch.float32)
+        if e.trainable == e.numel:  # nothing frozen: the values are the tensor
+            with _timed(timings, "scatter"):
+                t.view(-1).copy_(vals)
+        else:
+            with _timed(timings, "decode"):
+                idx = torch.from_numpy(maskcode.decode_indices(e.coder, e.numel, e.trainable, e.coder_params,
+                                                               mask_words, where=path, tensor=e.name))
+            with _timed(timings, "scatter"):
+                t.view(-1).index_copy_(0, idx.to(t.device), vals.to(t.device))
     if check:
         with _timed(timings, "digest"):
             if digest(t) != e.sha256:

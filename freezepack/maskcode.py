@@ -7,6 +7,10 @@ tries each that applies and keeps the smallest payload, so a file always costs a
 ``const``          every entry equal (``k == 0`` or ``k == n``): no payload at all.
 ``positions``      the sorted indices of the minority value, one little-endian uint32 each: wins when only a
                    handful of entries differ, where an ANS stream's fixed 4-8 byte tail would dominate.
+``ans-gaps``       the gaps between minority entries, Golomb-split ``gap = h * 2**b + r`` and ANS-coded: ``h`` with
+                   a geometric table of 256 integer weights (255 = escape to a 32-bit value), ``r`` uniform on b
+                   bits. Cost and decoding time scale with the number of minority entries, not with ``n``: the
+                   coder of choice for the sparse masks FreezeNets use (q = 0.99: ~1 % of the entries).
 ``ans-bernoulli``  constriction's stack ANS coder (32-bit words, 64-bit state, 24-bit probabilities) with an
                    i.i.d. Bernoulli(p = k / n) model quantized by ``from_floating_point_probabilities_fast``
                    (``perfect=False``). The quantized threshold ``cdf1`` is recomputed and cross-checked on load,
@@ -17,6 +21,7 @@ refuses it with a clear message instead of misreading it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -27,7 +32,10 @@ from .errors import FormatError
 PRECISION = 24                    # bits of the ANS probability quantization (constriction's default)
 ANS_WORD_BITS = 32
 ANS_STATE_BITS = 64
-CODERS = ("const", "positions", "ans-bernoulli")
+CODERS = ("const", "positions", "ans-gaps", "ans-bernoulli")
+GAP_SYMBOLS = 256                 # alphabet of the gap coder's high part; the last symbol is the escape
+GAP_MAX_BITS = 16                 # b: low bits of a gap coded uniformly
+ESCAPE = GAP_SYMBOLS - 1
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,18 @@ def encode(mask) -> CodedMask:
         value = 1 if k <= n - k else 0
         idx = np.flatnonzero(flat if value else ~flat).astype("<u4")
         candidates.append(CodedMask("positions", k, {"value": value}, idx))
+    if n <= 1 << 32:
+        candidates.extend(_encode_gaps(flat, n, k))
     candidates.append(_encode_ans(flat, n, k))
-    return min(candidates, key=lambda c: c.nbytes)
+    best = min(candidates, key=lambda c: c.nbytes)
+    # Decoding 'ans-gaps' costs time per minority entry, 'ans-bernoulli' per entry (~100x more at q = 0.99): take
+    # the gap code when it is within 1 % of the smallest and still inside the entropy bound.
+    gaps = [c for c in candidates if c.coder == "ans-gaps"]
+    if gaps:
+        g = min(gaps, key=lambda c: c.nbytes)
+        if g.nbytes <= 1.01 * best.nbytes and g.nbytes <= 1.01 * entropy_bytes(n, k) + 16:
+            return g
+    return best
 
 
 def _encode_ans(flat: np.ndarray, n: int, k: int) -> CodedMask:
@@ -101,6 +119,102 @@ def _encode_ans(flat: np.ndarray, n: int, k: int) -> CodedMask:
     return CodedMask("ans-bernoulli", k, {"cdf1": ans_threshold(n, k)}, words)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# ans-gaps: integer tables only, so any language reproduces them exactly (spec/FORMAT.md gives the same steps)
+# ---------------------------------------------------------------------------------------------------------------
+
+def geometric_table(phi: int) -> np.ndarray:
+    """Quantized probabilities (sum 2**24) of the gap coder's high part for the 32-bit fixed-point ratio ``phi``.
+
+    x[0] = 2**32, x[j] = (x[j-1] * phi) >> 32; the 2**24 - 256 free weight is split as floor(x[j] * T / S) with the
+    remainder given one by one to the first entries; each symbol then gets one more unit (constriction's leak),
+    which is exactly what constriction's fast quantization yields for these integer-valued float weights.
+    """
+    x = [1 << 32]
+    for _ in range(GAP_SYMBOLS - 1):
+        x.append((x[-1] * phi) >> 32)
+    total = (1 << PRECISION) - GAP_SYMBOLS
+    s = sum(x)
+    w = [xj * total // s for xj in x]
+    for j in range(total - sum(w)):
+        w[j] += 1
+    return np.array(w, dtype=np.int64) + 1
+
+
+def _fixed32(x: float) -> int:
+    return min(max(int(round(x * 2.0**32)), 1), (1 << 32) - 1)
+
+
+# Integer-valued float64 weights summing to 2**24 - N: constriction's quantization is then exactly weight + 1.
+@functools.lru_cache(maxsize=64)
+def _h_model(phi: int):
+    import constriction
+
+    return constriction.stream.model.Categorical((geometric_table(phi) - 1).astype(np.float64), perfect=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _uniform_model(bits: int):
+    """Uniform on [0, 2**bits): every symbol's quantized probability is 2**(24 - bits)."""
+    import constriction
+
+    return constriction.stream.model.Categorical(np.full(1 << bits, float((1 << (PRECISION - bits)) - 1)),
+                                                 perfect=False)
+
+
+def _encode_gaps(flat: np.ndarray, n: int, k: int) -> list[CodedMask]:
+    import constriction
+
+    value = 1 if k <= n - k else 0
+    pos = np.flatnonzero(flat if value else ~flat).astype(np.int64)
+    m = int(pos.size)
+    gaps = np.diff(pos, prepend=-1) - 1  # zeros before each minority entry
+    p = m / n
+    b0 = round(math.log2(math.log(2) / p)) if p < math.log(2) else 0
+    out = []
+    for b in sorted({min(max(b0 + d, 0), GAP_MAX_BITS) for d in (-1, 0, 1)}):
+        phi = _fixed32((1.0 - p) ** (1 << b))
+        h_model = _h_model(phi)
+        h = gaps >> b
+        esc = h[h >= ESCAPE] - ESCAPE
+        if esc.size and esc.max() >= 1 << 32:
+            continue
+        coder = constriction.stream.stack.AnsCoder()
+        if b:  # pushed first, decoded last (a stack): h, then escapes, then r
+            coder.encode_reverse((gaps & ((1 << b) - 1)).astype(np.int32), _uniform_model(b))
+        if esc.size:
+            coder.encode_reverse(np.stack([esc >> 16, esc & 0xFFFF], 1).reshape(-1).astype(np.int32),
+                                 _uniform_model(16))
+        coder.encode_reverse(np.minimum(h, ESCAPE).astype(np.int32), h_model)
+        words = np.asarray(coder.get_compressed(), dtype=np.uint32).astype("<u4")
+        out.append(CodedMask("ans-gaps", k, {"value": value, "b": b, "phi": phi}, words))
+    return out
+
+
+def _decode_gap_positions(n: int, ones: int, params: dict, words: np.ndarray, where, tensor) -> np.ndarray:
+    import constriction
+
+    value, b, phi = params["value"], params["b"], params["phi"]
+    m = ones if value else n - ones
+    if words.size and words[-1] == 0:  # (an empty stream is valid: symbols at quantile 0 can cost nothing)
+        raise FormatError("'ans-gaps' stream ends in a zero word", path=where, tensor=tensor)
+    coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
+    h = coder.decode(_h_model(phi), m).astype(np.int64)
+    n_esc = int(np.count_nonzero(h == ESCAPE))
+    if n_esc:
+        pairs = coder.decode(_uniform_model(16), 2 * n_esc).astype(np.int64).reshape(-1, 2)
+        h[h == ESCAPE] += (pairs[:, 0] << 16) | pairs[:, 1]
+    gaps = h << b
+    if b:
+        gaps |= coder.decode(_uniform_model(b), m).astype(np.int64)
+    if not coder.is_empty():
+        raise FormatError("'ans-gaps' stream has data left after the last entry", path=where, tensor=tensor)
+    pos = np.cumsum(gaps + 1) - 1
+    if m and pos[-1] >= n:
+        raise FormatError("'ans-gaps' positions run past the end of the tensor", path=where, tensor=tensor)
+    return pos
+
+
 def check_params(coder: str, n: int, ones: int, params: dict, payload_words: int, *, where=None, tensor=None) -> None:
     """Validate a coded mask's header fields against each other before any decoding work (all untrusted)."""
     if coder not in CODERS:
@@ -108,7 +222,8 @@ def check_params(coder: str, n: int, ones: int, params: dict, payload_words: int
                           f"{', '.join(CODERS)})", path=where, tensor=tensor)
     if not 0 <= ones <= n:
         raise FormatError(f"mask declares {ones} trainable entries out of {n}", path=where, tensor=tensor)
-    expect_keys = {"const": set(), "positions": {"value"}, "ans-bernoulli": {"cdf1"}}[coder]
+    expect_keys = {"const": set(), "positions": {"value"}, "ans-gaps": {"value", "b", "phi"},
+                   "ans-bernoulli": {"cdf1"}}[coder]
     if set(params) != expect_keys:
         raise FormatError(f"mask coder {coder!r} needs parameters {sorted(expect_keys)}, got {sorted(params)}",
                           path=where, tensor=tensor)
@@ -127,6 +242,18 @@ def check_params(coder: str, n: int, ones: int, params: dict, payload_words: int
         if payload_words != count:
             raise FormatError(f"'positions' mask lists {payload_words} positions, the header implies {count}",
                               path=where, tensor=tensor)
+    elif coder == "ans-gaps":
+        value, b, phi = params["value"], params["b"], params["phi"]
+        if value not in (0, 1) or not 0 <= b <= GAP_MAX_BITS or not 1 <= phi < 1 << 32:
+            raise FormatError(f"'ans-gaps' parameters out of range: value={value}, b={b}, phi={phi}", path=where,
+                              tensor=tensor)
+        if not 0 < ones < n or n > 1 << 32:
+            raise FormatError(f"'ans-gaps' mask with {ones} of {n} trainable entries", path=where, tensor=tensor)
+        m = ones if value else n - ones
+        # at most 24 bits for each of the <= 4 symbols per minority entry, plus two state words
+        if payload_words > 2 + (m * 4 * PRECISION + ANS_WORD_BITS - 1) // ANS_WORD_BITS:
+            raise FormatError(f"'ans-gaps' payload of {payload_words} words is impossible for {m} entries",
+                              path=where, tensor=tensor)
     else:
         if not 0 < ones < n:
             raise FormatError(f"'ans-bernoulli' mask with {ones} of {n} trainable entries", path=where, tensor=tensor)
@@ -139,22 +266,43 @@ def check_params(coder: str, n: int, ones: int, params: dict, payload_words: int
                               path=where, tensor=tensor)
 
 
+def decode_indices(coder: str, n: int, ones: int, params: dict, payload: np.ndarray, *, where=None,
+                   tensor=None) -> np.ndarray:
+    """Sorted int64 indices of the trainable entries: what a loader scatters values into (cheaper than a mask)."""
+    payload = np.asarray(payload)
+    check_params(coder, n, ones, params, int(payload.size), where=where, tensor=tensor)
+    if coder == "const":
+        return np.arange(n if ones == n else 0, dtype=np.int64)
+    if coder in ("positions", "ans-gaps"):
+        value = params["value"]
+        if coder == "positions":
+            idx = payload.astype(np.int64)
+            if idx.size and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0)):
+                raise FormatError("'positions' mask indices are not strictly increasing within the tensor",
+                                  path=where, tensor=tensor)
+        else:
+            idx = _decode_gap_positions(n, ones, params, payload, where, tensor)
+        if value:
+            return idx
+        flat = np.ones(n, dtype=np.bool_)
+        flat[idx] = False
+        return np.flatnonzero(flat)
+    return np.flatnonzero(_decode_bernoulli(n, ones, params, payload, where, tensor))
+
+
 def decode(coder: str, n: int, ones: int, params: dict, payload: np.ndarray, *, where=None,
            tensor=None) -> np.ndarray:
     """Decode to a flat boolean array of ``n`` entries; every inconsistency is a :class:`FormatError`."""
     payload = np.asarray(payload)
-    check_params(coder, n, ones, params, int(payload.size), where=where, tensor=tensor)
-    if coder == "const":
-        return np.full(n, ones == n and n > 0, dtype=np.bool_)
-    if coder == "positions":
-        value = params["value"]
-        idx = payload.astype(np.int64)
-        if idx.size and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0)):
-            raise FormatError("'positions' mask indices are not strictly increasing within the tensor",
-                              path=where, tensor=tensor)
-        out = np.full(n, not value, dtype=np.bool_)
-        out[idx] = bool(value)
-        return out
+    if coder == "ans-bernoulli":
+        check_params(coder, n, ones, params, int(payload.size), where=where, tensor=tensor)
+        return _decode_bernoulli(n, ones, params, payload, where, tensor)
+    out = np.zeros(n, dtype=np.bool_)
+    out[decode_indices(coder, n, ones, params, payload, where=where, tensor=tensor)] = True
+    return out
+
+
+def _decode_bernoulli(n, ones, params, payload, where, tensor) -> np.ndarray:
     import constriction
 
     words = payload.astype(np.uint32)

@@ -55,13 +55,82 @@ def test_dense_and_empty_masks_cost_nothing():
         assert c.coder == "const" and c.nbytes == 0 and c.params == {}
 
 
-def test_few_positions_use_positions_coder_either_polarity():
+def test_few_entries_cost_a_few_bytes_either_polarity():
     mask = np.zeros(1_000_000, bool)
     mask[[5, 77, 999_999]] = True
-    c = _roundtrip(mask)
-    assert c.coder == "positions" and c.params == {"value": 1} and c.nbytes == 12
-    c = _roundtrip(~mask)
-    assert c.coder == "positions" and c.params == {"value": 0} and c.nbytes == 12
+    for m in (mask, ~mask):
+        c = _roundtrip(m)
+        assert c.coder in ("positions", "ans-gaps") and c.nbytes <= 12
+
+
+def test_positions_coder_both_polarities():
+    idx = np.array([5, 77, 999], np.uint32)
+    got = maskcode.decode("positions", 1000, 3, {"value": 1}, idx)
+    assert np.flatnonzero(got).tolist() == [5, 77, 999]
+    got = maskcode.decode("positions", 1000, 997, {"value": 0}, idx)
+    assert np.flatnonzero(~got).tolist() == [5, 77, 999]
+
+
+def reference_gap_decode(words, n, ones, value, b, phi):
+    """spec/FORMAT.md's 'ans-gaps' decoder in plain integers, sharing only the ANS core with the one above."""
+    table = [int(w) for w in maskcode.geometric_table(phi)]
+    cdf = np.concatenate([[0], np.cumsum(table)]).tolist()
+    stack = [int(w) for w in words]
+    state = 0
+    if stack:
+        state = stack.pop()
+        while stack and state < 1 << 32:
+            state = (state << 32) | stack.pop()
+
+    def pop(weights_cdf):
+        nonlocal state
+        quantile = state & ((1 << 24) - 1)
+        s = next(i for i in range(len(weights_cdf) - 1) if weights_cdf[i + 1] > quantile)
+        state = (state >> 24) * (weights_cdf[s + 1] - weights_cdf[s]) + quantile - weights_cdf[s]
+        if state < 1 << 32 and stack:
+            state = (state << 32) | stack.pop()
+        return s
+
+    m = ones if value else n - ones
+    hs = [pop(cdf) for _ in range(m)]
+    u16 = [i << 8 for i in range((1 << 16) + 1)]
+    for i, h in enumerate(hs):
+        if h == 255:
+            hi, lo = pop(u16), pop(u16)
+            hs[i] = 255 + (hi << 16 | lo)
+    if b:
+        ub = [i << (24 - b) for i in range((1 << b) + 1)]
+        gaps = [(h << b) | pop(ub) for h in hs]
+    else:
+        gaps = [h << b for h in hs]
+    assert state == 0 and not stack
+    pos = np.cumsum(np.array(gaps) + 1) - 1
+    out = np.full(n, not value)
+    out[pos] = bool(value)
+    return out
+
+
+@pytest.mark.parametrize("p, n", [(0.01, 5000), (0.3, 800), (0.97, 3000), (0.0005, 60000)])
+def test_spec_reference_gap_decoder_matches(p, n):
+    rng = np.random.default_rng(int(p * 1e4))
+    mask = rng.random(n) < p
+    if p == 0.0005:
+        mask[:] = False
+        mask[:3000:10] = True
+        mask[59_000] = True  # one gap far beyond 255 * 2**b: exercises the escape
+    k = int(mask.sum())
+    for c in maskcode._encode_gaps(mask, n, k):
+        if p == 0.0005:
+            assert 56_000 >> c.params["b"] >= maskcode.ESCAPE
+        v, b, phi = c.params["value"], c.params["b"], c.params["phi"]
+        assert np.array_equal(reference_gap_decode(c.payload, n, k, v, b, phi), mask), c.params
+        assert np.array_equal(maskcode.decode(c.coder, n, k, c.params, c.payload), mask)
+
+
+def test_geometric_table_is_integer_and_normalized():
+    for phi in (1, 2**31, 2**32 - 1):
+        t = maskcode.geometric_table(phi)
+        assert t.sum() == 1 << 24 and t.min() >= 1 and np.all(np.diff(t) <= 0)
 
 
 def test_multidimensional_masks_read_in_c_order():

@@ -1,0 +1,114 @@
+"""Load benchmark, one run: VGG16-D (15.3 M parameters) frozen at q = 0.99, .fpk vs dense safetensors.
+
+Reports, in one process on one machine:
+  * file sizes: .fpk vs the dense float32 safetensors file (goal: >= 50x smaller);
+  * freezepack.load time split into generator time and everything else (read, mask decode, scatter, digests;
+    goal: everything else <= 20 % of the generator's time), with and without the dense-digest check;
+  * the ratio to safetensors.torch.load_file of the dense model (honestly: regenerating 15 M numbers costs more
+    than reading 61 MB from a warm page cache; the .fpk wins on bytes moved, not on a local warm read).
+
+    .venv/bin/python tools/bench_load.py [--repeat 5] [--device cuda] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import freezepack  # noqa: E402
+from freezepack import models  # noqa: E402
+from fpk_helpers import record_for  # noqa: E402
+
+
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn, repeat, device=None):
+    """Minimum wall time over ``repeat`` runs (and the result of the last run)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--q", type=float, default=0.99)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default=None, help="load onto this device (default: cpu)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    sd = models.make_model("vgg16").state_dict()
+    rec = record_for({k: tuple(v.shape) for k, v in sd.items() if v.dtype == torch.float32}, args.q,
+                     init="xavier_normal")
+    rec.whole.update({k: v for k, v in sd.items() if v.dtype != torch.float32})
+    dense = rec.state_dict()
+    res = {"model": "VGG16-D", "q": args.q, "parameters": sum(v.numel() for v in dense.values()),
+           "device": str(args.device or "cpu"), "torch_threads": torch.get_num_threads(),
+           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    with tempfile.TemporaryDirectory() as d:
+        fpk, st = os.path.join(d, "vgg.fpk"), os.path.join(d, "vgg.safetensors")
+        t0 = time.perf_counter()
+        freezepack.save(fpk, rec)
+        res["save_s"] = time.perf_counter() - t0
+        save_file(dense, st)
+        res["fpk_bytes"], res["safetensors_bytes"] = os.path.getsize(fpk), os.path.getsize(st)
+        res["size_ratio"] = res["safetensors_bytes"] / res["fpk_bytes"]
+
+        for verify in (True, False):
+            splits = []
+
+            def run():
+                t = {}
+                out = freezepack.load(fpk, args.device, verify=verify, timings=t)
+                splits.append(t)
+                return out
+
+            total, got = best_of(run, args.repeat, args.device)
+            gen = min(s["generate"] for s in splits)
+            key = "load_verified" if verify else "load_unverified"
+            res[key] = {"total_s": total, "generate_s": gen, "rest_s": total - gen,
+                        "rest_over_generate": (total - gen) / gen,
+                        "phases_s": {k: min(s.get(k, 0.0) for s in splits) for k in sorted(splits[0])}}
+        for k, v in dense.items():  # the benchmark only counts if the load is exact
+            assert torch.equal(got[k].cpu(), v), k
+        t_st, _ = best_of(lambda: load_file(st, device=str(args.device or "cpu")), args.repeat, args.device)
+        res["safetensors_load_s"] = t_st
+        res["fpk_over_safetensors_time"] = res["load_verified"]["total_s"] / t_st
+        res["fpk_unverified_over_safetensors_time"] = res["load_unverified"]["total_s"] / t_st
+
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return
+    print(f"{res['model']} at q={args.q}: {res['parameters']:,} parameters, device {res['device']}, "
+          f"{res['torch_threads']} torch threads{', ' + res['cuda'] if res['cuda'] else ''}")
+    print(f"  size   .fpk {res['fpk_bytes']:>12,} B   dense safetensors {res['safetensors_bytes']:>12,} B   "
+          f"-> {res['size_ratio']:.1f}x smaller (goal >= 50x)")
+    for key, label in (("load_verified", "load (digests checked)"), ("load_unverified", "load (verify=False)")):
+        r = res[key]
+        phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["phases_s"].items())
+        print(f"  {label:<23} {r['total_s'] * 1e3:7.0f} ms = generator {r['generate_s'] * 1e3:.0f} ms + rest "
+              f"{r['rest_s'] * 1e3:.0f} ms ({100 * r['rest_over_generate']:.0f} % of generator; goal <= 20 %)"
+              f"   [{phases}]")
+    print(f"  safetensors.torch.load_file (dense, warm cache) {res['safetensors_load_s'] * 1e3:.0f} ms -> .fpk load "
+          f"takes {res['fpk_over_safetensors_time']:.2f}x as long ({res['fpk_unverified_over_safetensors_time']:.2f}x "
+          f"unverified)")
+
+
+if __name__ == "__main__":
+    main()
