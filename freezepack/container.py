@@ -266,7 +266,10 @@ def _obj(v, what, path, required: set, optional: set = frozenset(), tensor=None)
 def _shape(v, what, path, limits: Limits, tensor=None) -> tuple[int, ...]:
     if not isinstance(v, list) or len(v) > limits.max_ndim:
         raise FormatError(f"{what} must be a list of at most {limits.max_ndim} dimensions", path=path, tensor=tensor)
-    shape = tuple(_int(d, what, path, 0, limits.max_tensor_elements, tensor) for d in v)
+    shape = tuple(_int(d, what, path, 0, 1 << 63, tensor) for d in v)
+    if any(d > limits.max_tensor_elements for d in shape):
+        raise FormatError(f"{what} {list(shape)} has a dimension over the limit of {limits.max_tensor_elements} "
+                          "elements", path=path, tensor=tensor)
     if math.prod(shape) > limits.max_tensor_elements:
         raise FormatError(f"{what} {list(shape)} has {math.prod(shape)} elements, over the limit of "
                           f"{limits.max_tensor_elements}", path=path, tensor=tensor)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import struct
 
+import numpy as np
 import torch
 
 from freezepack import container
@@ -42,9 +43,12 @@ def small_record(seed: int = 11) -> FreezeRecord:
     """Every coder and several dtypes in a file of a few KB: the corruption sweep's subject."""
     g = torch.Generator().manual_seed(seed)
     rec = FreezeRecord(seed=seed)
-    m = random_mask((12, 20), 0.8, g)                         # ans-bernoulli
-    rec.frozen["conv.weight"] = FrozenTensor(make_init("kaiming_uniform", (12, 20)), m,
+    m = torch.from_numpy(np.random.default_rng(0).random((40, 50)) < 0.2)  # a mask 'ans-bernoulli' codes best
+    rec.frozen["conv.weight"] = FrozenTensor(make_init("kaiming_uniform", (40, 50)), m,
                                              torch.randn(int(m.sum()), generator=g))
+    m = random_mask((12, 20), 0.9, g)                         # ans-gaps
+    rec.frozen["conv2.weight"] = FrozenTensor(make_init("xavier_uniform", (12, 20)), m,
+                                              torch.randn(int(m.sum()), generator=g))
     m = torch.zeros(30, 10, dtype=torch.bool)
     m[3, 4] = m[17, 9] = True                                # positions
     rec.frozen["fc.weight"] = FrozenTensor(make_init("pm_sigma", (30, 10)), m, torch.randn(2, generator=g), 0.5)

@@ -28,8 +28,8 @@ def run(*args):
 def test_inspect_table_and_json(fpk):
     r = run("inspect", fpk)
     assert r.exit_code == 0, r.output
-    assert "conv.weight" in r.output and "ans-bernoulli" in r.output and "positions" in r.output
-    assert "metadata task = cli" in r.output and "smaller" in r.output
+    assert "conv.weight" in r.output and "ans-bernoulli" in r.output and "ans-gaps" in r.output
+    assert "metadata task = cli" in r.output and "compression factor" in r.output
     r = run("inspect", "--json", fpk)
     info = json.loads(r.output)
     assert info["seed"] == 11 and {t["name"] for t in info["tensors"]} >= {"conv.weight", "fc.bias"}

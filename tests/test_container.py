@@ -30,8 +30,8 @@ def test_is_a_valid_safetensors_file(fpk):
     rec = small_record()
     with safe_open(str(fpk), framework="pt") as f:
         keys = set(f.keys())
-        assert keys == {"conv.weight#values", "conv.weight#mask", "fc.weight#values", "fc.weight#mask", "fc.bias",
-                        "bn.num_batches_tracked", "half"}
+        assert keys == {"conv.weight#values", "conv.weight#mask", "conv2.weight#values", "conv2.weight#mask",
+                        "fc.weight#values", "fc.weight#mask", "fc.bias", "bn.num_batches_tracked", "half"}
         assert f.get_tensor("conv.weight#values").dtype == torch.float32
         assert f.get_tensor("conv.weight#mask").dtype == torch.uint32
         assert torch.equal(f.get_tensor("fc.bias"), rec.whole["fc.bias"])
@@ -128,8 +128,8 @@ def _tensor(inner, name):
     (lambda h: _tensor(h, "conv.weight")["mask"].update(coder="ctx-v2"), FormatError, "unknown mask coder"),
     (lambda h: _tensor(h, "conv.weight").update(trainable=_tensor(h, "conv.weight")["trainable"] + 1),
      FormatError, "disagrees"),
-    (lambda h: _tensor(h, "conv.weight").update(shape=[12, 21]), FormatError, "disagrees"),
-    (lambda h: _tensor(h, "conv.weight").update(shape=[2**40, 2**20]), FormatError, "limit|integer in"),
+    (lambda h: _tensor(h, "conv.weight").update(shape=[40, 51]), FormatError, "disagrees"),
+    (lambda h: _tensor(h, "conv.weight").update(shape=[2**40, 2**20]), FormatError, "limit"),
     (lambda h: _tensor(h, "fc.bias").update(shape=[11]), FormatError, "expected"),
     (lambda h: _tensor(h, "fc.bias").update(kind="lazy"), FormatError, "unknown tensor kind"),
     (lambda h: _tensor(h, "fc.weight").update(frozen_scale=float("1e39")), FormatError, "float32"),

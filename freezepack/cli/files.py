@@ -98,7 +98,7 @@ def inspect_cmd(path, as_json):
             click.echo(f"  {t['name']:<{w}}  {'whole':<6} {shape:<18} {t['dtype']:<16} {'':>8} {'':<14} {'':>9} "
                        f"{'':>9} {_human(t['stored_bytes']):>10}")
     click.echo(f"file {_human(info['file_bytes'])} (header {_human(info['header_bytes'])}), dense "
-               f"{_human(info['dense_bytes'])}: {info['compression_factor']:.1f}x smaller; frozen share q = "
+               f"{_human(info['dense_bytes'])}: compression factor {info['compression_factor']:.1f}x; frozen share q = "
                f"{info['q']:.4f}")
 
 
