@@ -13,6 +13,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import rng
 from .errors import SpecError
@@ -21,10 +22,10 @@ PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{state_dict name: weight}`` of every Conv/Linear weight, in module order."""
+    """``{state_dict name: weight}`` of every Conv/Linear weight not already frozen, in module order."""
     out = {}
     for mname, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES):
+        if isinstance(module, PRUNABLE_TYPES) and not parametrize.is_parametrized(module, "weight"):
             out[f"{mname}.weight" if mname else "weight"] = module.weight
     return out
 
