@@ -108,7 +108,7 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train_data) / batch_size)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch) if cosine else None)
-    order_rng = torch.Generator().manual_seed(int(seed) + 1)
+    order_rng = torch.Generator().manual_seed((int(seed) + 1) % 2**64)
     x_all, y_all = train_data.images.to(device), train_data.labels.to(device)
     best_val, best_state, best_epoch, history = -1.0, None, 0, []
     bar = _Progress(progress, label)

@@ -27,3 +27,9 @@ cli.add_command(_fleet)
 from .files import COMMANDS as _file_commands  # noqa: E402  (inspect, verify, unpack, convert)
 for _c in _file_commands:
     cli.add_command(_c)
+
+from .table2 import table2 as _table2  # noqa: E402
+cli.add_command(_table2)
+
+from .train import train as _train  # noqa: E402
+cli.add_command(_train)
