@@ -374,7 +374,10 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
         offs = s["data_offsets"]
         if not isinstance(offs, list) or len(offs) != 2:
             raise FormatError(f"stored tensor {k!r} data_offsets must be [start, end]", path=path)
-        start, end = (_int(o, f"stored tensor {k!r} offset", path, 0, data_size) for o in offs)
+        start, end = (_int(o, f"stored tensor {k!r} offset", path, 0, 1 << 63) for o in offs)
+        if end > data_size:
+            raise FormatError(f"stored tensor {k!r} ends at data byte {end} but the file holds only {data_size}: "
+                              "truncated, or offsets out of range", path=path)
         if end - start != math.prod(shape) * DTYPE_SIZES[s["dtype"]]:
             raise FormatError(f"stored tensor {k!r}: offsets span {end - start} bytes but {s['dtype']} "
                               f"{list(shape)} needs {math.prod(shape) * DTYPE_SIZES[s['dtype']]}", path=path)

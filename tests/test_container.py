@@ -210,3 +210,52 @@ def test_every_error_names_the_file(fpk):
     with pytest.raises(FreezepackError) as e:
         freezepack.load(fpk)
     assert str(fpk) in str(e.value) and "conv.weight" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conformance vectors (spec/vectors/fpk, spec/FORMAT.md §11)
+# ---------------------------------------------------------------------------------------------------------------
+
+VECTORS = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "fpk")
+MANIFEST = json.load(open(os.path.join(VECTORS, "manifest.json")))
+
+
+@pytest.mark.parametrize("v", MANIFEST["valid"], ids=lambda v: v["file"])
+def test_valid_vectors_decode_to_their_dense_tensors(v):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from freezepack.api import tensor_bytes
+
+    path = os.path.join(VECTORS, v["file"])
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == v["sha256"]
+    want = load_file(os.path.join(VECTORS, v["dense"]))
+    got = freezepack.load(path)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and bytes(tensor_bytes(got[k])) == bytes(tensor_bytes(want[k])), k
+    coders = {t.get("coder") for t in freezepack.inspect(path)["tensors"] if t["kind"] == "frozen"}
+    assert coders == set(v["coders"])
+
+
+@pytest.mark.parametrize("v", MANIFEST["invalid"], ids=lambda v: v["file"])
+def test_invalid_vectors_are_rejected_for_their_reason(v):
+    import freezepack.errors as errors
+
+    with pytest.raises(getattr(errors, v["error"])) as e:
+        freezepack.load(os.path.join(VECTORS, v["file"]))
+    assert v["reason"] in e.value.reason
+
+
+def test_vector_tool_reproduces_the_committed_files():
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "make_format_vectors.py")
+    r = subprocess.run([sys.executable, tool, "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_coder_and_dtype_is_covered_by_the_vectors():
+    assert {c for v in MANIFEST["valid"] for c in v["coders"]} == set(container.maskcode.CODERS)

@@ -1,0 +1,239 @@
+"""Write (or --check) the .fpk conformance vectors in spec/vectors/fpk/ (spec/FORMAT.md §11).
+
+Valid vectors cover every mask coder, every initializer distribution, FreezeNet-WD's frozen_scale, every whole
+dtype, scalars and empty tensors, non-ASCII metadata and a seed above 2**63; each comes with the dense tensors it
+must decode to, as a plain .safetensors file. Invalid vectors are valid files with one defect each, and name the
+check that must reject them.
+
+    .venv/bin/python tools/make_format_vectors.py           # rewrite spec/vectors/fpk/
+    .venv/bin/python tools/make_format_vectors.py --check   # exit 1 unless the writer reproduces them byte for byte
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from freezepack import container, maskcode  # noqa: E402
+from freezepack.api import encode_record  # noqa: E402
+from freezepack.init import make_init  # noqa: E402
+from freezepack.record import FreezeRecord, FrozenTensor  # noqa: E402
+
+OUT = os.path.join(ROOT, "spec", "vectors", "fpk")
+
+
+@contextlib.contextmanager
+def force_coder(name: str):
+    """Make the writer use one coder (the vectors must show each, whatever the writer's size choice)."""
+    original = maskcode.encode
+
+    def encode(mask):
+        flat = np.ascontiguousarray(np.asarray(mask)).reshape(-1)
+        n, k = flat.size, int(flat.sum())
+        if name == "positions":
+            value = 1 if k <= n - k else 0
+            return maskcode.CodedMask("positions", k, {"value": value},
+                                      np.flatnonzero(flat if value else ~flat).astype("<u4"))
+        if name == "ans-gaps":
+            return min(maskcode._encode_gaps(flat, n, k), key=lambda c: c.nbytes)
+        if name == "ans-bernoulli":
+            return maskcode._encode_ans(flat, n, k)
+        return original(mask)
+
+    maskcode.encode = encode
+    try:
+        yield
+    finally:
+        maskcode.encode = original
+
+
+def _mask(shape, p, seed):
+    return torch.from_numpy(np.random.default_rng(seed).random(shape) < p)
+
+
+def _frozen(init, mask, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return FrozenTensor(init, mask, torch.randn(int(mask.sum()), generator=g), scale)
+
+
+def valid_vectors():
+    """name -> (record, metadata, forced coder or None, description)."""
+    v = {}
+    rec = FreezeRecord(seed=1)
+    shape = (40, 50)
+    rec.frozen["layer.weight"] = _frozen(make_init("xavier_normal", shape), _mask(shape, 0.2, 1), 1)
+    v["bernoulli"] = (rec, {}, "ans-bernoulli", "one xavier_normal tensor, mask coded 'ans-bernoulli'")
+
+    rec = FreezeRecord(seed=2)
+    shape = (16, 3, 3, 3)
+    rec.frozen["conv1.weight"] = _frozen(make_init("kaiming_uniform", shape), _mask(shape, 0.05, 2), 2)
+    rec.whole["conv1.bias"] = torch.linspace(-1, 1, 16)
+    v["gaps"] = (rec, {}, "ans-gaps", "kaiming_uniform conv weight at q~0.95 ('ans-gaps') and a whole bias")
+
+    rec = FreezeRecord(seed=3)
+    shape = (60, 50)
+    m = torch.zeros(shape, dtype=torch.bool)
+    m.view(-1)[:600:3] = True
+    m.view(-1)[2990] = True  # a gap of ~2400 > 255 * 2**b: an escape
+    rec.frozen["fc.weight"] = _frozen(make_init("normal", shape, mean=0.25, std=0.5), m, 3)
+    v["gaps_escape"] = (rec, {}, "ans-gaps", "'ans-gaps' with an escaped gap; normal(mean, std) initializer")
+
+    rec = FreezeRecord(seed=4)
+    shape = (30, 10)
+    m = torch.zeros(shape, dtype=torch.bool)
+    m[3, 4] = m[17, 9] = True
+    rec.frozen["fc.weight"] = _frozen(make_init("pm_sigma", shape), m, 4)
+    rec.frozen["fc2.weight"] = _frozen(make_init("uniform", shape, a=-0.5, b=0.25), ~m, 4)
+    v["positions"] = (rec, {}, "positions", "'positions' of ones (pm_sigma) and of zeros (uniform)")
+
+    rec = FreezeRecord(seed=5)
+    rec.frozen["all_frozen.weight"] = _frozen(make_init("xavier_uniform", (8, 6)), torch.zeros(8, 6, dtype=torch.bool), 5)
+    rec.frozen["all_trained.weight"] = _frozen(make_init("xavier_normal", (4, 5)), torch.ones(4, 5, dtype=torch.bool), 5)
+    rec.frozen["const.weight"] = _frozen(make_init("constant", (3, 3), val=0.75), _mask((3, 3), 0.3, 5), 5)
+    rec.frozen["pruned.weight"] = _frozen(make_init("zeros", (5, 5)), _mask((5, 5), 0.2, 6), 6)
+    v["const"] = (rec, {}, None, "'const' masks (q = 1 and q = 0), constant and zeros initializers")
+
+    rec = FreezeRecord(seed=6)
+    shape = (20, 20)
+    rec.frozen["wd.weight"] = _frozen(make_init("kaiming_normal", shape), _mask(shape, 0.1, 7), 7, scale=0.375)
+    rec.frozen["wd2.weight"] = _frozen(make_init("pm_sigma", shape), _mask(shape, 0.1, 8), 8,
+                                       scale=float(np.float32(0.8123)))
+    v["frozen_scale"] = (rec, {}, None, "FreezeNet-WD: frozen_scale 0.375 and 0.8123 (as f32)")
+
+    rec = FreezeRecord(seed=2**64 - 5)
+    shape = (6, 7)
+    rec.frozen["w"] = _frozen(make_init("xavier_normal", shape), _mask(shape, 0.3, 9), 9)
+    g = torch.Generator().manual_seed(9)
+    rec.whole.update({
+        "f64": torch.randn(3, generator=g, dtype=torch.float64), "f16": torch.randn(2, 2, generator=g).half(),
+        "bf16": torch.randn(5, generator=g).bfloat16(), "i64": torch.tensor([-1, 2**40]),
+        "i32": torch.tensor([[1, -2], [3, 4]], dtype=torch.int32), "i8": torch.tensor([-128, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4)})
+    meta = {"arch": "tiny", "note": "caf\u00e9 \u2713 \U0001f600", "\u00e9": "key with non-ASCII"}
+    v["whole_dtypes"] = (rec, meta, None, "every whole dtype, a scalar, an empty tensor, non-ASCII metadata, "
+                                          "seed 2**64 - 5")
+    return v
+
+
+def _split(data: bytes):
+    n = struct.unpack("<Q", data[:8])[0]
+    outer = json.loads(data[8:8 + n])
+    return outer, json.loads(outer["__metadata__"][container.HEADER_KEY]), data[8 + n:]
+
+
+def _resign(data: bytes, edit) -> bytes:
+    """Edit the freezepack header and re-sign it: a consistent file whose content lies."""
+    outer, inner, body = _split(data)
+    edit(inner)
+    text = container.canonical_json(inner)
+    outer["__metadata__"] = {container.HEADER_KEY: text,
+                             container.HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    head = container.canonical_json(outer).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+    return struct.pack("<Q", len(head)) + head + body
+
+
+def invalid_vectors(valid: dict[str, bytes]):
+    """name -> (bytes, error class, message substring, description)."""
+    base = valid["gaps"]
+    n = struct.unpack("<Q", base[:8])[0]
+    out = {}
+    b = bytearray(base)
+    b[-3] ^= 0x10
+    out["data_corrupted"] = (bytes(b), "IntegrityError", "corrupted", "one bit of the values tensor flipped")
+    b = bytearray(base)
+    i = base.index(b'"seed\\":\\"2\\"') + len(b'"seed\\":\\"')
+    b[i] = ord("3")
+    out["header_corrupted"] = (bytes(b), "IntegrityError", "header digest", "seed edited without re-signing")
+    text = base[8:8 + n].rstrip(b" ")
+    spaced = text.replace(b'"__metadata__":', b'"__metadata__": ', 1)
+    spaced += b" " * (-(8 + len(spaced)) % 8)
+    out["not_canonical"] = (struct.pack("<Q", len(spaced)) + spaced + base[8 + n:], "FormatError", "canonical",
+                            "same JSON with one extra space after a colon")
+    out["truncated"] = (base[:-4], "FormatError", "truncated", "last 4 bytes missing")
+    out["future_version"] = (_resign(base, lambda h: h.update(version=2)), "FormatError", "newer",
+                             "format version 2 (re-signed)")
+    out["unknown_coder"] = (_resign(base, lambda h: h["tensors"][0]["mask"].update(coder="ctx-model")),
+                            "FormatError", "unknown mask coder", "a coder this version does not know (re-signed)")
+    out["unknown_generator"] = (_resign(base, lambda h: h.update(generator="mt19937/v1")), "SpecError",
+                                "unknown generator", "a generator this version does not know (re-signed)")
+
+    def lie(h):
+        h["tensors"][0]["sha256"] = "0" * 64
+
+    out["dense_digest_mismatch"] = (_resign(base, lie), "IntegrityError", "bit-exact",
+                                    "dense digest that regeneration cannot match (re-signed)")
+    out["count_lie"] = (_resign(base, lambda h: h["tensors"][0].update(trainable=h["tensors"][0]["trainable"] + 1)),
+                        "FormatError", "expected", "trainable count disagrees with the values tensor (re-signed)")
+    out["plain_safetensors"] = (st_save({"w": torch.zeros(2, 2)}), "FormatError", "plain safetensors",
+                                "an ordinary safetensors file: refused, not misread")
+    return out
+
+
+def build() -> dict[str, bytes]:
+    files = {}
+    manifest = {"format": "freezepack", "version": container.FORMAT_VERSION, "valid": [], "invalid": []}
+    valid_bytes = {}
+    for name, (rec, meta, coder, desc) in valid_vectors().items():
+        with force_coder(coder) if coder else contextlib.nullcontext():
+            data = b"".join(encode_record(rec, metadata=meta))
+        valid_bytes[name] = data
+        dense = {k: v.contiguous() for k, v in rec.state_dict().items()}
+        dense_bytes = st_save(dense)
+        files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
+        _, inner, _ = _split(data)
+        manifest["valid"].append({
+            "file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(),
+            "dense": f"{name}.dense.safetensors", "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(),
+            "coders": sorted({t["mask"]["coder"] for t in inner["tensors"] if t["kind"] == "frozen"}),
+            "description": desc})
+    for name, (data, err, reason, desc) in invalid_vectors(valid_bytes).items():
+        fname = f"invalid_{name}.fpk"
+        files[fname] = data
+        manifest["invalid"].append({"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "error": err,
+                                    "reason": reason, "description": desc})
+    files["manifest.json"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args(argv)
+    files = build()
+    if args.check:
+        bad = [f for f, data in files.items()
+               if not os.path.exists(os.path.join(args.out, f)) or open(os.path.join(args.out, f), "rb").read() != data]
+        extra = sorted(set(os.listdir(args.out)) - set(files)) if os.path.isdir(args.out) else []
+        for f in bad:
+            print(f"differs: {f}")
+        for f in extra:
+            print(f"not produced by this tool: {f}")
+        print("ok" if not bad and not extra else "MISMATCH")
+        return 0 if not bad and not extra else 1
+    os.makedirs(args.out, exist_ok=True)
+    for f, data in files.items():
+        fd, tmp = tempfile.mkstemp(dir=args.out)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, os.path.join(args.out, f))
+    print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
