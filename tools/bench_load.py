@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -71,26 +72,37 @@ def main(argv=None):
         res["size_ratio"] = res["safetensors_bytes"] / res["fpk_bytes"]
 
         for verify in (True, False):
-            splits = []
-
-            def run():
+            runs = []
+            for _ in range(args.repeat):
                 t = {}
-                out = freezepack.load(fpk, args.device, verify=verify, timings=t)
-                splits.append(t)
-                return out
-
-            total, got = best_of(run, args.repeat, args.device)
-            gen = min(s["generate"] for s in splits)
+                _sync(args.device)
+                t0 = time.perf_counter()
+                got = freezepack.load(fpk, args.device, verify=verify, timings=t)
+                _sync(args.device)
+                runs.append((time.perf_counter() - t0, t))
+            total, t = min(runs, key=lambda r: r[0])  # the fastest run, with its own phase split
+            gen = t["generate"]
             key = "load_verified" if verify else "load_unverified"
             res[key] = {"total_s": total, "generate_s": gen, "rest_s": total - gen,
                         "rest_over_generate": (total - gen) / gen,
-                        "phases_s": {k: min(s.get(k, 0.0) for s in splits) for k in sorted(splits[0])}}
+                        "rest_over_generate_median": sorted((r[0] - r[1]["generate"]) / r[1]["generate"]
+                                                            for r in runs)[len(runs) // 2],
+                        "phases_s": {k: v for k, v in sorted(t.items())}}
         for k, v in dense.items():  # the benchmark only counts if the load is exact
             assert torch.equal(got[k].cpu(), v), k
-        t_st, _ = best_of(lambda: load_file(st, device=str(args.device or "cpu")), args.repeat, args.device)
-        res["safetensors_load_s"] = t_st
-        res["fpk_over_safetensors_time"] = res["load_verified"]["total_s"] / t_st
-        res["fpk_unverified_over_safetensors_time"] = res["load_unverified"]["total_s"] / t_st
+        dev = str(args.device or "cpu")
+        t_st, _ = best_of(lambda: load_file(st, device=dev), args.repeat, args.device)
+
+        def read_copy():  # what a loader without mmap does: read the bytes, build tensors from them
+            with open(st, "rb") as fh:
+                return st_load(fh.read())
+
+        t_rd, _ = best_of(read_copy, args.repeat)
+        res["safetensors_load_file_s"] = t_st
+        res["safetensors_read_and_copy_s"] = t_rd
+        res["fpk_over_load_file_time"] = res["load_verified"]["total_s"] / t_st
+        res["fpk_unverified_over_load_file_time"] = res["load_unverified"]["total_s"] / t_st
+        res["fpk_unverified_over_read_and_copy_time"] = res["load_unverified"]["total_s"] / t_rd
 
     if args.json:
         print(json.dumps(res, indent=1))
@@ -101,13 +113,16 @@ def main(argv=None):
           f"-> {res['size_ratio']:.1f}x smaller (goal >= 50x)")
     for key, label in (("load_verified", "load (digests checked)"), ("load_unverified", "load (verify=False)")):
         r = res[key]
-        phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["phases_s"].items())
-        print(f"  {label:<23} {r['total_s'] * 1e3:7.0f} ms = generator {r['generate_s'] * 1e3:.0f} ms + rest "
-              f"{r['rest_s'] * 1e3:.0f} ms ({100 * r['rest_over_generate']:.0f} % of generator; goal <= 20 %)"
-              f"   [{phases}]")
-    print(f"  safetensors.torch.load_file (dense, warm cache) {res['safetensors_load_s'] * 1e3:.0f} ms -> .fpk load "
-          f"takes {res['fpk_over_safetensors_time']:.2f}x as long ({res['fpk_unverified_over_safetensors_time']:.2f}x "
-          f"unverified)")
+        phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["phases_s"].items())
+        print(f"  {label:<23} {r['total_s'] * 1e3:6.0f} ms = generator {r['generate_s'] * 1e3:.0f} ms + rest "
+              f"{r['rest_s'] * 1e3:.0f} ms ({100 * r['rest_over_generate']:.0f} % of generator, median "
+              f"{100 * r['rest_over_generate_median']:.0f} %; goal <= 20 %)  [ms: {phases}]")
+    print(f"  safetensors.torch.load_file (dense, mmap, warm page cache) {res['safetensors_load_file_s'] * 1e3:.1f} ms;"
+          f" read + safetensors.torch.load {res['safetensors_read_and_copy_s'] * 1e3:.1f} ms")
+    print(f"  -> .fpk load takes {res['fpk_over_load_file_time']:.0f}x load_file's time "
+          f"({res['fpk_unverified_over_load_file_time']:.0f}x unverified; "
+          f"{res['fpk_unverified_over_read_and_copy_time']:.1f}x read+load): regeneration trades CPU time "
+          f"for {res['size_ratio']:.0f}x fewer bytes stored and moved")
 
 
 if __name__ == "__main__":
