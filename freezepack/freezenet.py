@@ -42,9 +42,21 @@ class FrozenParametrization(nn.Module):
         # FreezeNet-WD state of the scale's SGD recursion (scale, momentum buffer), kept in float64.
         self.register_buffer("decay_state", torch.tensor([1.0, 0.0], dtype=torch.float64, device=frozen.device))
 
+        self._unit_scale = True  # skip the multiply (one pass over the weight) until FreezeNet-WD scales
+
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        w = self.frozen * self.frozen_scale  # a fresh tensor, bitwise frozen when the scale is 1
+        if self._unit_scale:
+            return self.frozen.view(-1).index_put((self.index,), values).view(self.frozen.shape)
+        w = self.frozen * self.frozen_scale  # a fresh tensor, so the in-place scatter is safe
         return w.view(-1).index_put_((self.index,), values).view(self.frozen.shape)
+
+    def set_frozen_scale(self, scale: float) -> None:
+        self.frozen_scale.fill_(scale)
+        self._unit_scale = scale == 1.0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._unit_scale = float(self.frozen_scale) == 1.0
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Dense weight -> its trainable entries (used when the parametrization is installed or assigned)."""
@@ -167,7 +179,7 @@ def apply_frozen_decay(model: nn.Module, lr: float, weight_decay: float, momentu
         b = momentum * b + weight_decay * s
         s = s - lr * b
         p.decay_state.copy_(torch.tensor([s, b], dtype=torch.float64))
-        p.frozen_scale.fill_(float(np.float32(s)))
+        p.set_frozen_scale(float(np.float32(s)))
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

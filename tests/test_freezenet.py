@@ -142,6 +142,10 @@ def test_freezenet_wd_frozen_part_is_generator_times_one_scale():
         assert torch.equal(dense[name][~mask], expect[~mask]), name
     regen = rec.state_dict()
     assert all(torch.equal(regen[k], dense[k]) for k in dense)
+    # a checkpoint (early stopping restores one) carries the scale into a fresh frozen model
+    other = frozen_small()
+    other.load_state_dict(model.state_dict())
+    assert all(torch.equal(v, dense[k]) for k, v in dense_state_dict(other).items())
 
 
 def test_snip_pruning_and_reinit():
