@@ -115,6 +115,7 @@ def test_sigkill_at_every_install_step(crash_setup):
         assert got == (2 if point == "after-replace" else 1), point
         assert zygote.run()["status"] == 0                       # the rerun completes the update
         assert check_installed(f.device, releases) == 2
+        assert f.device.status("net")["previous_release"] == 1, point
         assert not [p for p in os.listdir(f.device.dir) if ".part-" in p]
 
 

@@ -14,6 +14,7 @@ the server counts the bytes it sends. Reported: bytes served (model + metadata),
 to "dense full".
 
     .venv/bin/python tools/bench_fleet.py                       # N=1000, LeNet-300-100, q=2% trained
+    .venv/bin/python tools/bench_fleet.py --devices 100 --link-mbps 10     # each device on a 10 Mbit/s link
     .venv/bin/python tools/bench_fleet.py --devices 100 --model lenet5 --json
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ from freezepack.init import make_init
 from freezepack.record import FreezeRecord, FrozenTensor
 
 SERVER = textwrap.dedent("""
-    import functools, http.server, json, sys, threading
+    import functools, http.server, json, sys, threading, time
+    rate = float(sys.argv[2]) * 1e6 / 8 if float(sys.argv[2]) > 0 else 0.0   # bytes/s per connection, 0: no limit
     counts = {"bytes": 0, "requests": 0}
     lock = threading.Lock()
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -54,9 +56,11 @@ SERVER = textwrap.dedent("""
             with lock: counts["requests"] += 1
             super().do_GET()
         def copyfile(self, src, dst):
-            while chunk := src.read(1 << 16):
+            while chunk := src.read(1 << 14):
                 dst.write(chunk)
                 with lock: counts["bytes"] += len(chunk)
+                if rate:
+                    time.sleep(len(chunk) / rate)   # a slow link (cellular, satellite) for this connection
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=sys.argv[1]))
     print(httpd.server_address[1], flush=True)
     httpd.serve_forever()
@@ -115,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--model", choices=sorted(MODELS), default="lenet300")
     ap.add_argument("--q", type=float, default=0.02, help="fraction of each weight tensor that is trained")
+    ap.add_argument("--link-mbps", type=float, default=0.0,
+                    help="limit each connection to this many Mbit/s (a device's link); default: loopback, no limit")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -134,7 +140,8 @@ def main(argv=None) -> int:
         for kind, (v1, _) in files.items():
             Publisher(open_store(repo), keys).load().publish(v1, f"{args.model}-{kind}")
 
-        server = subprocess.Popen([sys.executable, "-c", SERVER, repo], stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen([sys.executable, "-c", SERVER, repo, str(args.link_mbps)], stdout=subprocess.PIPE,
+                                  text=True)
         url = f"http://127.0.0.1:{int(server.stdout.readline())}"
 
         # pristine device states: "delta" holds v1 (installed through the fleet), "full" holds only the pinned root
@@ -161,14 +168,16 @@ def main(argv=None) -> int:
         for r in results.values():
             r["bytes_ratio_vs_dense_full"] = r["bytes_served"] / ref["bytes_served"]
             r["time_ratio_vs_dense_full"] = r["wall_s"] / ref["wall_s"]
-        out = {"model": args.model, "q": args.q, "devices": args.devices,
+        out = {"model": args.model, "q": args.q, "devices": args.devices, "link_mbps": args.link_mbps or None,
                "file_bytes": {"dense": os.path.getsize(files["dense"][1]), "fpk": os.path.getsize(files["fpk"][1])},
                "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
                "torch": torch.__version__, "results": results}
         if args.json:
             print(json.dumps(out, indent=1))
         else:
-            print(f"{args.model}, q={args.q:.0%} trained, {args.devices} devices v1 -> v2 (values-only), loopback HTTP; "
+            link = f"{args.link_mbps:g} Mbit/s per device link" if args.link_mbps else "no link limit"
+            print(f"{args.model}, q={args.q:.0%} trained, {args.devices} devices v1 -> v2 (values-only), loopback HTTP "
+                  f"({link}); "
                   f"v2 file: dense {out['file_bytes']['dense']:,} B, .fpk {out['file_bytes']['fpk']:,} B")
             print(f"{'':12s} {'bytes served':>14s} {'per device':>11s} {'vs dense full':>14s} "
                   f"{'device wall s':>14s} {'ms/device':>10s} {'vs dense full':>14s}")

@@ -147,8 +147,11 @@ class Device:
                     previous_release=current["release"], full_bytes=info["length"], path=path,
                     metadata_bytes=counter.metadata_bytes, pieces_total=len(info["layout"]))
         if current["sha256"] == info["sha256"]:
-            if current["release"] != info["release"]:
-                self._record(name, info, previous=None)
+            recorded = self._state()["models"].get(name, {}).get("current") or {}
+            if recorded.get("sha256") != info["sha256"]:     # a run killed after its switch: finish the record
+                prev = self.prev_path(name)
+                self._record(name, info, previous={"release": current["previous_release"],
+                                                   "sha256": _file_sha256(prev)} if os.path.exists(prev) else None)
             base["previous_release"] = current["previous_release"]
             return InstallReport(status="up-to-date", fetched_bytes=0, reused_bytes=info["length"],
                                  pieces_fetched=0, **base)

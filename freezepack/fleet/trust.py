@@ -120,13 +120,17 @@ class Publisher:
             raise FleetError("no fleet repository here (1.root.json missing): run 'freezepack fleet init' first",
                              path=self.store.location)
         self.root = root
+        incomplete = FleetError("repository metadata is incomplete (timestamp, snapshot or targets missing)",
+                                path=self.store.location)
         self.timestamp = self._read("timestamp.json")
-        sv = self.timestamp.signed.snapshot_meta.version
-        self.snapshot = self._read(f"{sv}.snapshot.json")
-        tv = self.snapshot.signed.meta["targets.json"].version
-        self.targets = self._read(f"{tv}.targets.json")
-        if self.snapshot is None or self.targets is None:
-            raise FleetError("repository metadata is incomplete", path=self.store.location)
+        if self.timestamp is None:
+            raise incomplete
+        self.snapshot = self._read(f"{self.timestamp.signed.snapshot_meta.version}.snapshot.json")
+        if self.snapshot is None or "targets.json" not in self.snapshot.signed.meta:
+            raise incomplete
+        self.targets = self._read(f"{self.snapshot.signed.meta['targets.json'].version}.targets.json")
+        if self.targets is None:
+            raise incomplete
         return self
 
     # -- signing ------------------------------------------------------------------------------------------------
