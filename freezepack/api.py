@@ -146,6 +146,19 @@ def save(path, record_or_module, metadata: dict[str, str] | None = None) -> None
 # load
 # ---------------------------------------------------------------------------------------------------------------
 
+def _check_device(device):
+    """A bad or absent device is the caller's input error: say so plainly instead of failing mid-load."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SpecError(f"{device!r} is not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
 @contextmanager
 def _timed(timings: dict | None, key: str):
     if timings is None:
@@ -205,6 +218,7 @@ def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
     Stored bytes are always checked against their digests. With ``verify`` (default) every reconstructed tensor is
     checked too (a device->host copy per tensor on GPUs). ``timings``: pass a dict to get seconds per phase.
     """
+    device = _check_device(device)
     with FpkReader(path, limits) as r:
         return {e.name: _materialize(r, e, device, verify, timings) for e in r.header.entries}
 
@@ -243,13 +257,22 @@ class FpkFile:
     """Lazy per-tensor access, like ``safetensors.safe_open``: ``with freezepack.open(p) as f: f.get_tensor(k)``."""
 
     def __init__(self, path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS):
+        self._device = _check_device(device)
         self._r = FpkReader(path, limits)
-        self._device = device
         self._verify = verify
         self._entries = {e.name: e for e in self._r.header.entries}
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._r.header.metadata)
@@ -294,6 +317,7 @@ def verify(path, device=None, *, limits: Limits = DEFAULT_LIMITS, progress=None)
     with its reason, so one bad tensor does not hide the state of the others.
     """
     results = []
+    device = _check_device(device)
     with FpkReader(path, limits) as r:
         for i, e in enumerate(r.header.entries):
             try:

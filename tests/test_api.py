@@ -74,6 +74,7 @@ def test_metadata_and_lazy_open(tmp_path):
         assert torch.equal(f.get_tensor("fc.weight"), rec.state_dict()["fc.weight"])
         with pytest.raises(KeyError):
             f.get_tensor("nope")
+        assert "fc.bias" in f and len(f) == len(list(f)) == 7
     with pytest.raises(SpecError, match="metadata"):
         freezepack.save(p, rec, metadata={"n": 1})
 

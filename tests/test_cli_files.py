@@ -91,3 +91,11 @@ def test_help_teaches():
     for command in ("inspect", "verify", "unpack", "convert"):
         r = run(command, "--help")
         assert r.exit_code == 0 and "Example:" in r.output
+
+
+def test_bad_device_is_one_line(fpk):
+    r = run("verify", "--device", "bogus", fpk)
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "not a torch device" in r.output
+    if not torch.cuda.is_available():
+        r = run("unpack", "--device", "cuda", fpk, fpk.with_suffix(".safetensors"))
+        assert r.exit_code == 1 and "CUDA is not available" in r.output
