@@ -209,6 +209,9 @@ def _decode_gap_positions(n: int, ones: int, params: dict, words: np.ndarray, wh
         gaps |= coder.decode(_uniform_model(b), m).astype(np.int64)
     if not coder.is_empty():
         raise FormatError("'ans-gaps' stream has data left after the last entry", path=where, tensor=tensor)
+    # Bound the sum before the exact cumsum, so a forged stream cannot overflow int64 into "valid" positions.
+    if m and (int(gaps.max()) >= n or float(np.sum(gaps, dtype=np.float64)) + m > n):
+        raise FormatError("'ans-gaps' positions run past the end of the tensor", path=where, tensor=tensor)
     pos = np.cumsum(gaps + 1) - 1
     if m and pos[-1] >= n:
         raise FormatError("'ans-gaps' positions run past the end of the tensor", path=where, tensor=tensor)

@@ -214,3 +214,23 @@ def test_rejects_bad_positions():
             maskcode.decode("positions", 10, 2, {"value": 1}, np.array(payload, np.uint32))
     with pytest.raises(FormatError, match="lists"):
         maskcode.decode("positions", 10, 2, {"value": 1}, np.array([1], np.uint32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["positions", "ans-gaps", "ans-bernoulli"]), st.integers(2, 5000), st.data())
+def test_forged_payloads_decode_validly_or_raise(coder, n, data):
+    """Arbitrary words and parameters: the result is a valid mask with exactly k ones, or a FormatError."""
+    k = data.draw(st.integers(1, n - 1))
+    words = np.array(data.draw(st.lists(st.integers(0, 2**32 - 1), max_size=40)), dtype=np.uint32)
+    if coder == "positions":
+        params = {"value": data.draw(st.integers(0, 1))}
+    elif coder == "ans-gaps":
+        params = {"value": data.draw(st.integers(0, 1)), "b": data.draw(st.integers(0, 16)),
+                  "phi": data.draw(st.integers(1, 2**32 - 1))}
+    else:
+        params = {"cdf1": maskcode.ans_threshold(n, k)}
+    try:
+        idx = maskcode.decode_indices(coder, n, k, params, words)
+    except FormatError:
+        return
+    assert idx.size == k and (k == 0 or (idx[0] >= 0 and idx[-1] < n)) and np.all(np.diff(idx) > 0)
