@@ -71,9 +71,21 @@ def test_positions_coder_both_polarities():
     assert np.flatnonzero(~got).tolist() == [5, 77, 999]
 
 
+def reference_gap_table(phi):
+    """spec/FORMAT.md §6.5's gap table, in Python integers."""
+    x = [1 << 32]
+    for _ in range(255):
+        x.append((x[-1] * phi) >> 32)
+    total, s = (1 << 24) - 256, sum(x)
+    w = [xj * total // s for xj in x]
+    for j in range(total - sum(w)):
+        w[j] += 1
+    return [wj + 1 for wj in w]
+
+
 def reference_gap_decode(words, n, ones, value, b, phi):
     """spec/FORMAT.md's 'ans-gaps' decoder in plain integers, sharing only the ANS core with the one above."""
-    table = [int(w) for w in maskcode.geometric_table(phi)]
+    table = reference_gap_table(phi)
     cdf = np.concatenate([[0], np.cumsum(table)]).tolist()
     stack = [int(w) for w in words]
     state = 0
@@ -128,8 +140,9 @@ def test_spec_reference_gap_decoder_matches(p, n):
 
 
 def test_geometric_table_is_integer_and_normalized():
-    for phi in (1, 2**31, 2**32 - 1):
+    for phi in (1, 2**31, 2**32 - 1, 3_000_000_001):
         t = maskcode.geometric_table(phi)
+        assert t.tolist() == reference_gap_table(phi)
         assert t.sum() == 1 << 24 and t.min() >= 1 and np.all(np.diff(t) <= 0)
 
 
