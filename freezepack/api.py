@@ -416,9 +416,24 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.view(torch.int32) == b.view(torch.int32)
 
 
+def _likely_scale(t: torch.Tensor, regen: torch.Tensor) -> float | None:
+    """FreezeNet-WD shrinks every frozen entry by one f32 factor: the most common ratio dense / initial is it."""
+    nz = regen != 0
+    if not bool(nz.any()):
+        return None
+    ratio = (t[nz] / regen[nz])
+    ratio = ratio[torch.isfinite(ratio)]
+    if ratio.numel() == 0:
+        return None
+    values, counts = torch.unique(ratio, return_counts=True)
+    s = float(values[int(counts.argmax())])
+    return s if s not in (0.0, 1.0) and int(counts.max()) * 2 > ratio.numel() // 10 else None
+
+
 def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_normal", inits=None,
                    progress=None) -> tuple[FreezeRecord, list[dict]]:
-    """Find, per float32 tensor, the entries that equal the regenerated initial values (frozen) or zero (pruned).
+    """Find, per float32 tensor, the entries that equal the regenerated initial values (frozen; also when all of
+    them were scaled by one factor, as FreezeNet-WD's weight decay does) or zero (pruned).
 
     Each tensor keeps the explanation that stores it smallest; one that matches nothing is stored whole.
     ``init``: initializer name used for every tensor; ``inits``: per-name override (a name, (name, params) or an
@@ -439,17 +454,26 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
             candidates.append(("pruned", make_init("zeros", tuple(t.shape))))
             for label, spec in candidates:
                 regen = generate(spec, tuple(t.shape), seed, name)
-                same = _same_bits(t, regen)
-                k = int(t.numel() - same.sum())
-                if best is None or k < best[2]:
-                    best = (label, spec, k, ~same)
+                scales = [1.0]
+                if label == "frozen":
+                    scales.append(_likely_scale(t, regen))
+                for scale in scales:
+                    if scale is None:
+                        continue
+                    cand = regen if scale == 1.0 else regen * scale  # one f32 multiply, as the loader does
+                    same = _same_bits(t, cand)
+                    k = int(t.numel() - same.sum())
+                    if best is None or k < best[2]:
+                        best = (label, spec, k, ~same, scale)
         if best is not None and best[2] < t.numel():
-            label, spec, k, mask = best
+            label, spec, k, mask, scale = best
             n = t.numel()
             cost = 4 * k + maskcode.entropy_bytes(n, k) * 1.01 + 16
             if cost < 4 * n:
-                rec.frozen[name] = FrozenTensor(spec, mask, t[mask].clone())
+                rec.frozen[name] = FrozenTensor(spec, mask, t[mask].clone(), scale)
                 row.update(stored_as=label, trainable=k, init=spec.name, q=1 - k / n)
+                if scale != 1.0:
+                    row["frozen_scale"] = scale
         if name not in rec.frozen:
             rec.whole[name] = t
         report.append(row)

@@ -184,6 +184,18 @@ def test_convert_finds_frozen_pruned_and_trained(tmp_path, ext):
     _assert_bitwise_equal(freezepack.load(tmp_path / "w.fpk"), sd)
 
 
+def test_convert_finds_freezenet_wd_scale(tmp_path):
+    rec = record_for({"a.weight": (60, 70), "b.weight": (30, 20)}, 0.97, seed=8, frozen_scale=0.375)
+    rec.frozen["b.weight"].frozen_scale = float(torch.tensor(0.0123, dtype=torch.float32))
+    sd = rec.state_dict()
+    save_file(sd, str(tmp_path / "wd.safetensors"))
+    report = freezepack.convert(tmp_path / "wd.safetensors", tmp_path / "wd.fpk", seed=8)
+    rows = {r["name"]: r for r in report["tensors"]}
+    assert rows["a.weight"]["frozen_scale"] == 0.375 and rows["a.weight"]["trainable"] == round(0.03 * 4200)
+    assert rows["b.weight"]["frozen_scale"] == rec.frozen["b.weight"].frozen_scale
+    _assert_bitwise_equal(freezepack.load(tmp_path / "wd.fpk"), sd)
+
+
 def test_convert_refuses_pickles_and_junk(tmp_path):
     class Evil:
         def __reduce__(self):

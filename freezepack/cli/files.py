@@ -228,6 +228,8 @@ def convert_cmd(src, dst, seed, init, init_for, meta, as_json, progress):
         return
     for t in report["tensors"]:
         extra = f" q={t['q']:.4f} ({t['init']})" if t["stored_as"] != "whole" else ""
+        if "frozen_scale" in t:
+            extra += f" x frozen_scale {t['frozen_scale']:.6g}"
         click.echo(f"  {t['name']}: {t['stored_as']}, {t['trainable']} of {t['numel']} stored{extra}")
     click.echo(f"{dst}: {_human(report['file_bytes'])} from {_human(report['dense_bytes'])} dense "
                f"({report['compression_factor']:.1f}x smaller), verified bit-exact")
