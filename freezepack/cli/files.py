@@ -198,10 +198,11 @@ def convert_cmd(src, dst, seed, init, init_for, meta, as_json, progress):
     """Pack a dense checkpoint into the smallest exact .fpk.
 
     \b
-    SRC is a .safetensors file, or a .pt/.pth state_dict (read with torch.load(weights_only=True): never
-    unpickled). For each float32 tensor, entries that still equal the regenerated initial values are frozen,
-    entries that are exactly zero can be stored as pruned (the zeros initializer), and the rest are kept as
-    trained values; a tensor that matches nothing is stored whole. The output is re-read and compared with the
+    SRC is a .safetensors file, or a .pt/.pth state_dict (read with torch.load(weights_only=True), so no
+    code in it can run). For each float32 tensor, entries that still equal the regenerated initial values (or
+    all of them times one factor, as FreezeNet-WD leaves them) are frozen, entries that are exactly zero can be
+    stored as pruned (the zeros initializer), and the rest are kept as trained values; a tensor that matches
+    nothing is stored whole. The output is re-read and compared with the
     input bit for bit before the command succeeds.
 
     \b
