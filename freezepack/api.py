@@ -187,10 +187,13 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
     with _timed(timings, "read"):
         mask_words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
         values = r.read_bytes(e.values, e.name) if e.values else None
-    with _timed(timings, "generate"):
-        t = generate(e.init, e.shape, r.header.seed, e.name, device=device if out is None else None, out=out)
-        if e.frozen_scale != 1.0:
-            t.mul_(e.frozen_scale)  # one correctly rounded float32 multiply (FreezeNet-WD)
+    if e.trainable == e.numel:  # nothing frozen: nothing to regenerate
+        t = out if out is not None else torch.empty(e.shape, dtype=torch.float32, device=device)
+    else:
+        with _timed(timings, "generate"):
+            t = generate(e.init, e.shape, r.header.seed, e.name, device=device if out is None else None, out=out)
+            if e.frozen_scale != 1.0:
+                t.mul_(e.frozen_scale)  # one correctly rounded float32 multiply (FreezeNet-WD)
     if e.trainable:
         vals = torch.frombuffer(values, dtype=torch.float32)
         if e.trainable == e.numel:  # nothing frozen: the values are the tensor

@@ -81,11 +81,11 @@ def main(argv=None):
                 _sync(args.device)
                 runs.append((time.perf_counter() - t0, t))
             total, t = min(runs, key=lambda r: r[0])  # the fastest run, with its own phase split
-            gen = t["generate"]
+            gen = max(t.get("generate", 0.0), 1e-9)  # q = 0 regenerates nothing
             key = "load_verified" if verify else "load_unverified"
             res[key] = {"total_s": total, "generate_s": gen, "rest_s": total - gen,
                         "rest_over_generate": (total - gen) / gen,
-                        "rest_over_generate_median": sorted((r[0] - r[1]["generate"]) / r[1]["generate"]
+                        "rest_over_generate_median": sorted((r[0] - r[1].get("generate", 0.0)) / max(r[1].get("generate", 0.0), 1e-9)
                                                             for r in runs)[len(runs) // 2],
                         "phases_s": {k: v for k, v in sorted(t.items())}}
         for k, v in dense.items():  # the benchmark only counts if the load is exact
