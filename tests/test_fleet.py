@@ -415,3 +415,48 @@ def test_concurrent_install_on_one_device_is_refused(fleet, models):
     finally:
         os.close(fd)
     assert fleet.install().release == 2
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_pieces_cover_the_file_and_split_large_tensors(tmp_path):
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from freezepack.fleet.delta import MAX_PIECE
+
+    path = str(tmp_path / "dense.safetensors")
+    save_file({"big": torch.arange(2_500_000, dtype=torch.float32), "small": torch.ones(3)}, path)
+    pieces = file_pieces(path)
+    data = open(path, "rb").read()
+    assert b"".join(data[p.offset:p.offset + p.length] for p in pieces) == data      # exact cover, in order
+    assert all(hashlib.sha256(data[p.offset:p.offset + p.length]).hexdigest() == p.sha256 for p in pieces)
+    assert pieces[0].label == "__header__" and pieces[0].length == 8 + struct.unpack("<Q", data[:8])[0]
+    big = [p for p in pieces if p.label == "big"]
+    assert len(big) == 3 and max(p.length for p in big) == MAX_PIECE
+
+
+@pytest.mark.parametrize("header, why", [
+    ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 800]}}, "bad data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 8]}}, "overlap"),
+    ({"t": {"dtype": "F32", "shape": [2], "data_offsets": "0-8"}}, "bad data_offsets"),
+    ([1, 2], "not a JSON object"),
+])
+def test_malformed_safetensors_layouts_are_refused(tmp_path, header, why):
+    import struct
+
+    text = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(8))
+    with pytest.raises(FormatError, match=why) as e:
+        file_pieces(path)
+    assert "bad.safetensors" in str(e.value)
+
+
+def test_truncated_header_is_refused(tmp_path):
+    path = tmp_path / "short.fpk"
+    path.write_bytes((10_000).to_bytes(8, "little") + b"{}")
+    with pytest.raises(FormatError, match="does not fit"):
+        file_pieces(path)
