@@ -223,7 +223,26 @@ def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
     """
     device = _check_device(device)
     with FpkReader(path, limits) as r:
-        return {e.name: _materialize(r, e, device, verify, timings) for e in r.header.entries}
+        if not verify:
+            return {e.name: _materialize(r, e, device, False, timings) for e in r.header.entries}
+        # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
+        from concurrent.futures import ThreadPoolExecutor
+
+        out, pending = {}, []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for e in r.header.entries:
+                out[e.name] = t = _materialize(r, e, device, False, timings)
+                if e.kind == "frozen":  # a whole tensor's bytes were already checked when read
+                    pending.append((e, pool.submit(digest, t)))
+            t0 = time.perf_counter()
+            for e, fut in pending:
+                if fut.result() != e.sha256:
+                    raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this "
+                                         f"device ({out[e.name].device}) or the file was written from a different "
+                                         "generator", path=r.path, tensor=e.name)
+            if timings is not None:
+                timings["digest_wait"] = timings.get("digest_wait", 0.0) + time.perf_counter() - t0
+        return out
 
 
 def load_into(module: torch.nn.Module, path, *, strict: bool = True, verify: bool = True,
