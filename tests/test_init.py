@@ -21,7 +21,7 @@ def bits(x) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", VECTORS["initializers"], ids=lambda c: f"{c['init']}{c['shape']}")
-def test_golden_initializer_vectors(case):
+def test_golden_initializer_vectors(case, path):
     shape = tuple(case["shape"])
     spec = init.make_init(case["init"], shape, **case["params"])
     assert spec.to_json() == case["spec"]  # the stored constants themselves are pinned
@@ -39,7 +39,7 @@ SHAPES = [(), (0,), (1,), (3,), (5, 7), (4, 0, 3), (33, 17), (20, 1, 5, 5), (3, 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", ["normal", "uniform", "pm_sigma", "constant"])
-def test_numpy_reference_equals_torch_any_shape(shape, name):
+def test_numpy_reference_equals_torch_any_shape(shape, name, path):
     params = {"val": 0.25} if name == "constant" else {}
     spec = init.make_init(name, shape if name == "pm_sigma" and len(shape) >= 2 else (), **params) \
         if name != "pm_sigma" or len(shape) >= 2 else init.InitSpec("pm_sigma", "sign", 0.125)
@@ -49,15 +49,23 @@ def test_numpy_reference_equals_torch_any_shape(shape, name):
     assert np.array_equal(bits(a), bits(b))
 
 
+@pytest.fixture(params=["native", "eager"])
+def path(request, monkeypatch):
+    """Run a test on both CPU paths: the compiled kernel (when it builds) and torch eager (what CUDA runs)."""
+    if request.param == "eager":
+        monkeypatch.setenv("FREEZEPACK_NO_NATIVE", "1")
+    return request.param
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 4, 1000, 4096, 1 << 20])
-def test_chunk_size_never_changes_a_bit(chunk):
+def test_chunk_size_never_changes_a_bit(chunk, path):
     spec = init.make_init("xavier_normal", (50, 20, 5, 5))
     ref = init.generate_np(spec, (50, 20, 5, 5), 3, "conv2.weight")
     got = init.generate(spec, (50, 20, 5, 5), 3, "conv2.weight", chunk=chunk)
     assert np.array_equal(bits(ref), bits(got))
 
 
-def test_thread_count_never_changes_a_bit():
+def test_thread_count_never_changes_a_bit(path):
     spec = init.make_init("kaiming_uniform", (500, 800))
     old = torch.get_num_threads()
     try:
@@ -70,7 +78,7 @@ def test_thread_count_never_changes_a_bit():
     assert np.array_equal(outs[0], outs[1])
 
 
-def test_more_than_2_pow_24_elements_tail_matches_reference():
+def test_more_than_2_pow_24_elements_tail_matches_reference(path):
     """Index arithmetic past float32's exact-integer range: the last elements of a 2**24+37 tensor."""
     n = 2**24 + 37
     spec = init.make_init("normal", std=0.5)
