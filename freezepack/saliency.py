@@ -77,7 +77,7 @@ def random_scores(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def trainable_count(num_weights: int, q: float) -> int:
+def weights_to_train(num_weights: int, q: float) -> int:
     """floor((1 - q) * |W|) computed on q's decimal value, so q=0.99 of 430,500 is exactly 4,305."""
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
         raise SpecError(f"freezing rate q must be a number in [0, 1], got {q!r}")
@@ -103,7 +103,7 @@ def global_mask(scores: dict[str, torch.Tensor], q: float, seed: int = 0,
     flat = [scores[n].detach().reshape(-1).to("cpu", torch.float64) for n in names]
     sizes = [f.numel() for f in flat]
     allscores = torch.nan_to_num(torch.cat(flat), nan=-math.inf)
-    k = trainable_count(allscores.numel(), q)
+    k = weights_to_train(allscores.numel(), q)
     keep = torch.zeros(allscores.numel(), dtype=torch.bool)
     if k > 0:
         order = torch.sort(allscores, descending=True, stable=True).indices

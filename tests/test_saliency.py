@@ -9,7 +9,7 @@ from torch import nn
 from freezepack import SpecError
 from freezepack.models import count_parameters, make_model
 from freezepack.saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores,
-                                 snip_scores, trainable_count)
+                                 snip_scores, weights_to_train)
 
 
 def tiny_mlp(dtype=torch.float64):
@@ -96,12 +96,12 @@ def test_threshold_keeps_exactly_the_top_scores():
 
 
 def test_trainable_count_uses_the_decimal_q():
-    assert trainable_count(430_500, 0.99) == 4305
-    assert trainable_count(430_500, 0.995) == 2152
-    assert trainable_count(100, 0.07) == 93      # float 1-0.07 = 0.9299999999999999 would floor to 92
+    assert weights_to_train(430_500, 0.99) == 4305
+    assert weights_to_train(430_500, 0.995) == 2152
+    assert weights_to_train(100, 0.07) == 93      # float 1-0.07 = 0.9299999999999999 would floor to 92
     for bad in (-0.1, 1.5, "0.9", True):
         with pytest.raises(SpecError):
-            trainable_count(10, bad)
+            weights_to_train(10, bad)
 
 
 def test_ties_break_by_position_deterministically():
@@ -137,7 +137,7 @@ def test_lenet5_real_freezing_rate_matches_paper_table2(q, q_beta):
     masks = global_mask(random_scores(model, 0), q, seed=0)
     q_real, q_b = freezing_rates(masks, count_parameters(model))
     assert round(q_real, 3) == q and round(q_b, 3) == q_beta
-    k = trainable_count(430_500, q)
+    k = weights_to_train(430_500, q)
     # exactly k by the threshold, plus at most one per layer left empty (4 layers, paper sect. 4)
     assert k <= sum(int(m.sum()) for m in masks.values()) <= k + 4
     masks = global_mask(random_scores(model, 0), q, seed=0, one_per_layer=False)
