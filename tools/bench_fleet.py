@@ -9,8 +9,8 @@ loopback static HTTP server, four ways, in one run:
 Every device does the real work of `freezepack fleet install`: TUF refresh (signatures, versions, expiry),
 piece download with digest checks, file assembly against the signed SHA-256, model verification
 (freezepack.api.verify for .fpk, which regenerates the frozen weights; a safetensors parse for dense), atomic
-replace. Devices update one after another from their own directory (restored to its pre-update state, untimed);
-the server counts the bytes it sends. Reported: bytes served (model + metadata), device wall time, and ratios
+replace. Devices update one after another from their own directory (restored to its pre-update state, untimed),
+the four scenarios taking turns device by device; the server counts the bytes it sends. Reported: bytes served (model + metadata), device wall time, and ratios
 to "dense full".
 
     .venv/bin/python tools/bench_fleet.py                       # N=1000, LeNet-300-100, q=2% trained
@@ -94,24 +94,29 @@ def served(url: str) -> dict:
         return json.loads(r.read())
 
 
-def run_fleet(url, pristine, work, n, name) -> dict:
-    """N devices update one after another; only the install is timed."""
-    before = served(url)
-    t_total = 0.0
-    fetched = meta = 0
+def run_fleet(url, scenarios: dict, work: str, n: int) -> dict:
+    """N devices per scenario update one after another; only the install is timed. The scenarios take turns
+    device by device, so load from other processes falls on all of them alike."""
+    res = {k: {"devices": n, "model_bytes": 0, "metadata_bytes": 0, "wall_s": 0.0, "bytes_served": 0,
+               "requests": 0} for k in scenarios}
     for _ in range(n):
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(pristine, work)
-        t = time.perf_counter()
-        r = Device(work).install(url, name)
-        t_total += time.perf_counter() - t
-        assert r.status == "installed" and r.release == 2
-        fetched += r.fetched_bytes
-        meta += r.metadata_bytes
-    after = served(url)
-    return {"devices": n, "bytes_served": after["bytes"] - before["bytes"],
-            "requests": after["requests"] - before["requests"], "model_bytes": fetched, "metadata_bytes": meta,
-            "wall_s": t_total, "per_device_ms": 1e3 * t_total / n, "file_bytes": r.full_bytes}
+        for key, (pristine, name) in scenarios.items():
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(pristine, work)
+            before = served(url)
+            t = time.perf_counter()
+            r = Device(work).install(url, name)
+            res[key]["wall_s"] += time.perf_counter() - t
+            after = served(url)
+            assert r.status == "installed" and r.release == 2
+            res[key]["model_bytes"] += r.fetched_bytes
+            res[key]["metadata_bytes"] += r.metadata_bytes
+            res[key]["bytes_served"] += after["bytes"] - before["bytes"]
+            res[key]["requests"] += after["requests"] - before["requests"]
+            res[key]["file_bytes"] = r.full_bytes
+    for r in res.values():
+        r["per_device_ms"] = 1e3 * r["wall_s"] / n
+    return res
 
 
 def main(argv=None) -> int:
@@ -159,11 +164,9 @@ def main(argv=None) -> int:
             pristine[(kind, "full")] = d
         for kind, (_, v2) in files.items():
             Publisher(open_store(repo), keys).load().publish(v2, f"{args.model}-{kind}")
-        results = {}
-        for kind in ("dense", "fpk"):
-            for mode in ("full", "delta"):
-                results[f"{kind} {mode}"] = run_fleet(url, pristine[(kind, mode)], os.path.join(base, "work"),
-                                                      args.devices, f"{args.model}-{kind}")
+        scenarios = {f"{kind} {mode}": (pristine[(kind, mode)], f"{args.model}-{kind}")
+                     for kind in ("dense", "fpk") for mode in ("full", "delta")}
+        results = run_fleet(url, scenarios, os.path.join(base, "work"), args.devices)
         ref = results["dense full"]
         for r in results.values():
             r["bytes_ratio_vs_dense_full"] = r["bytes_served"] / ref["bytes_served"]
