@@ -106,3 +106,15 @@ def test_cli_train_bad_data_dir_is_one_line_error(tmp_path):
     res = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "empty"), "--epochs", "1", "--quiet"])
     assert res.exit_code == 1
     assert "error:" in res.output and "missing MNIST file" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    from freezepack.demo import main
+
+    out = tmp_path / "demo.fpk"
+    res = CliRunner().invoke(main, ["--epochs", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "bit-exact yes, digests ok" in res.output and out.is_file()
+    factor = float(res.output.split("compression factor ")[1].split("x")[0])
+    assert factor > 40  # 4,885 trained numbers + coded masks vs 431,080 dense floats
