@@ -86,7 +86,7 @@ class _Progress:
 
     def epoch(self, epoch, epochs, loss, val, best):
         if self.enabled:
-            lead = "\r" if self.live else ""
+            lead = "\r\x1b[K" if self.live else ""  # clear the live bar before the epoch line
             self.stream.write(f"{lead}{self.label} epoch {epoch}/{epochs} loss {loss:.4f} "
                               f"val {100 * val:.2f}% (best {100 * best:.2f}%)\n")
             self.stream.flush()
