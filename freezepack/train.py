@@ -28,7 +28,7 @@ from torch import nn
 from .data import Dataset, load_mnist, split_train_val
 from .errors import SpecError
 from .freezenet import apply_frozen_decay, init_weights, make_freezenet, parameter_count, rates, trainable_count
-from .models import make_model
+from .models import INPUT_SHAPES, make_model
 
 METHODS = ("dense", "freezenet", "freezenet-wd", "random", "snip", "grasp")
 SNIP_BATCH = 100  # images in the one batch that scores the weights (as in SNIP for MNIST)
@@ -168,6 +168,9 @@ def run(model: str = "lenet5", method: str = "freezenet", q: float = 0.99, seed:
 
     Pass ``datasets=(train, test)`` to reuse data already loaded across many runs.
     """
+    if INPUT_SHAPES.get(model) not in (None, (1, 28, 28)):
+        raise SpecError(f"model {model!r} takes {INPUT_SHAPES[model]} images; run() trains on MNIST (1, 28, 28): "
+                        f"use lenet5 or lenet300, or train() with your own data")
     t0 = time.perf_counter()
     train_full, test = datasets if datasets is not None else load_mnist(data)
     tr, va = split_train_val(train_full, seed)

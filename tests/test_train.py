@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from freezepack import api
+from freezepack import SpecError, api
 from freezepack.cli import cli
 from freezepack.data import Dataset, load_mnist, split_train_val
 from freezepack.freezenet import dense_state_dict, freeze_record, trainable_masks
@@ -77,8 +77,10 @@ def test_all_methods_build_and_dense_is_plain(mnist):
         model = build("lenet300", method, 0.95, 3, (x, y))
         assert bool(trainable_masks(model)) == (method != "dense")
         assert evaluate(model, small(mnist[1], 200)) >= 0.0
-    with pytest.raises(Exception, match="unknown method"):
+    with pytest.raises(SpecError, match="unknown method"):
         build("lenet300", "magnitude", 0.9, 0, (x, y))
+    with pytest.raises(SpecError, match="takes \\(3, 32, 32\\) images"):
+        run("vgg16", datasets=mnist)
 
 
 def test_mean_std():
