@@ -63,7 +63,7 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
                   "trainable": r.trainable, "parameters": r.parameters, "seconds": round(r.seconds, 2)}
         if out is not None:
             meta = {"model": model_name, "method": method, "q": repr(q), "test_acc": f"{r.test_acc:.4f}",
-                    "epochs": str(r.epochs), "init": init, "reinit": reinit or ""}
+                    "epochs": str(r.epochs), "init": init, **({"reinit": reinit} if reinit else {})}
             api.save(out, r.model.cpu(), metadata=meta)
             info = api.inspect(out)
             result.update(out=out, file_bytes=info["file_bytes"], compression_factor=info["compression_factor"])
