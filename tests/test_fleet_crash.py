@@ -18,6 +18,7 @@ import textwrap
 import pytest
 
 pytest.importorskip("tuf")
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash harness forks installs (POSIX only)")
 
 from freezepack import api  # noqa: E402
 from freezepack.fleet import Device  # noqa: E402
