@@ -116,3 +116,24 @@ def test_unknown_model_and_unreachable_registry_are_clear_errors(tmp_path, model
     dead = f"oci+http://127.0.0.1:{free_port()}/fleet/gone"
     with pytest.raises(FleetError, match="cannot download metadata: registry request failed"):
         f.install(source=dead)
+
+
+def test_cli_publish_and_install_through_the_registry(registry, models, tmp_path):
+    from click.testing import CliRunner
+
+    from freezepack.cli import cli
+
+    run = CliRunner().invoke
+    repo = registry.url("fleet/cli")
+    keys, root, dev = (str(tmp_path / n) for n in ("keys", "root.json", "dev"))
+    assert run(cli, ["fleet", "init", repo, "--keys", keys, "--root-out", root]).exit_code == 0
+    r = run(cli, ["fleet", "publish", repo, models["v1"], "--name", "lenet", "--keys", keys])
+    assert r.exit_code == 0 and "published lenet release 1" in r.output, r.output
+    r = run(cli, ["fleet", "install", repo, "lenet", "--dir", dev, "--root", root, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["fetched_bytes"] == json.loads(r.output)["full_bytes"]
+    assert run(cli, ["fleet", "publish", repo, models["head"], "--name", "lenet", "--keys", keys]).exit_code == 0
+    r = run(cli, ["fleet", "install", repo, "lenet", "--dir", dev, "--json"])
+    out = json.loads(r.output)
+    assert out["release"] == 2 and out["fetched_bytes"] < 0.1 * out["full_bytes"]
+    assert sha(str(tmp_path / "dev" / "lenet.fpk")) == sha(models["head"])
