@@ -21,12 +21,12 @@ import re
 import stat
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import maskcode
+from .atomic import atomic_write as _atomic_write
 from .errors import FormatError, FreezepackError, IntegrityError, SpecError
 from .init import INITIALIZERS, InitSpec
 from .rng import SPEC_VERSION
@@ -200,33 +200,10 @@ def encode_file(h: Header, blobs: dict[str, tuple[str, tuple[int, ...], bytes]])
 
 
 def atomic_write(path, chunks) -> None:
-    """Write chunks to ``path`` atomically: temp file in the same directory, fsync, os.replace, fsync dir."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise FormatError("is a directory, cannot write a file there", path=path)
-    fd, tmp = tempfile.mkstemp(prefix=".fpk-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every platform lets us open a directory
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """Write chunks to ``path`` atomically (freezepack.atomic); a directory at ``path`` is refused clearly."""
+    if os.path.isdir(os.fspath(path)):
+        raise FormatError("is a directory, cannot write a file there", path=os.fspath(path))
+    _atomic_write(path, chunks)
 
 
 # ---------------------------------------------------------------------------------------------------------------

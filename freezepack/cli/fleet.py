@@ -115,7 +115,7 @@ def fleet():
 def init(repo, keys_dir, root_out, threshold, expires, as_json):
     """Create a fleet repository in REPO with fresh Ed25519 keys in --keys."""
     from ..fleet import Publisher, open_store
-    from ..fleet.repo import atomic_write
+    from ..atomic import atomic_write
 
     pub = Publisher(open_store(repo), keys_dir)
     root = pub.init(thresholds=_parse_pairs(threshold, int), expiry=_expiry(expires))

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 
 from ..errors import FleetError, FormatError, FreezepackError, IntegrityError
 from .delta import file_pieces, plan
-from .repo import Store, atomic_write, fsync_dir, open_store
+from ..atomic import atomic_write, fsync_dir
+from .repo import Store, open_store
 from .trust import Counter, check_model_name, trusted_release
 
 _READ = 1 << 20

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 
+from ..atomic import atomic_write
 from ..errors import FleetError, IntegrityError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -46,37 +46,6 @@ def verified_blob(data: bytes, sha256: str, length: int | None, where: str) -> b
         raise IntegrityError(f"blob content does not match its digest (expected sha256:{sha256}, got "
                              f"sha256:{got}): tampered or corrupted", path=where)
     return data
-
-
-def atomic_write(path: str, data: bytes, *, fsync: bool = True) -> None:
-    """Temp file in the target directory, fsync, ``os.replace``, fsync the directory: old or new, never torn."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if fsync:
-        fsync_dir(d)
-
-
-def fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class Store:
     """Interface of a repository back end. ``location`` names it in messages."""

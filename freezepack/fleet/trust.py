@@ -19,7 +19,8 @@ from datetime import datetime, timedelta, timezone
 
 from ..errors import FleetError, IntegrityError
 from .delta import layout_from_json
-from .repo import Store, atomic_write
+from ..atomic import atomic_write
+from .repo import Store
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),
