@@ -78,8 +78,12 @@ def test_thread_count_never_changes_a_bit(path):
     assert np.array_equal(outs[0], outs[1])
 
 
-def test_more_than_2_pow_24_elements_tail_matches_reference(path):
-    """Index arithmetic past float32's exact-integer range: the last elements of a 2**24+37 tensor."""
+def test_more_than_2_pow_24_elements_tail_matches_reference():
+    """Index arithmetic past float32's exact-integer range: the last elements of a 2**24+37 tensor.
+
+    Runs on the default CPU path (the compiled kernel); the eager path's indexing at such offsets is checked by
+    tests/test_rng.py (word runs starting past 2**34) and tests/test_native.py.
+    """
     n = 2**24 + 37
     spec = init.make_init("normal", std=0.5)
     t = init.generate(spec, (n,), 12, "big.weight")
