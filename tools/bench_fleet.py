@@ -13,7 +13,7 @@ replace. Devices update one after another from their own directory (restored to 
 the four scenarios taking turns device by device; the server counts the bytes it sends. Reported: bytes served (model + metadata), device wall time, and ratios
 to "dense full".
 
-    .venv/bin/python tools/bench_fleet.py                       # N=1000, LeNet-300-100, q=2% trained
+    .venv/bin/python tools/bench_fleet.py                       # N=1000, LeNet-300-100, q=0.98 (2% trained)
     .venv/bin/python tools/bench_fleet.py --devices 100 --link-mbps 10     # each device on a 10 Mbit/s link
     .venv/bin/python tools/bench_fleet.py --devices 100 --model lenet5 --json
 """
@@ -70,7 +70,7 @@ MODELS = {"lenet300": models.LeNet300100, "lenet5": models.LeNet5Caffe, "vgg16":
 
 
 def make_records(model: str, q: float, seed: int = 2024):
-    """v1: a FreezeNet of ``model`` with a fraction ``q`` of each weight trained; v2: same seed, initializers and
+    """v1: a FreezeNet of ``model`` at freezing rate ``q`` (a fraction 1 - q of each weight trained); v2: same seed, initializers and
     masks, every trained value moved a little (a fine-tune)."""
     torch.manual_seed(0)
     sd = MODELS[model]().state_dict()
@@ -78,7 +78,7 @@ def make_records(model: str, q: float, seed: int = 2024):
     frozen1, frozen2, whole = {}, {}, {}
     for name, t in sd.items():
         if t.dtype.is_floating_point and t.dim() > 1:
-            mask = torch.rand(t.shape, generator=g) < q
+            mask = torch.rand(t.shape, generator=g) < 1 - q
             v1 = torch.randn(int(mask.sum()), generator=g) * 0.05
             v2 = v1 + torch.randn(v1.shape, generator=g) * 1e-3
             init = make_init("kaiming_uniform", tuple(t.shape))
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--model", choices=sorted(MODELS), default="lenet300")
-    ap.add_argument("--q", type=float, default=0.02, help="fraction of each weight tensor that is trained")
+    ap.add_argument("--q", type=float, default=0.98, help="freezing rate: 1 - q of each weight tensor is trained")
     ap.add_argument("--link-mbps", type=float, default=0.0,
                     help="limit each connection to this many Mbit/s (a device's link); default: loopback, no limit")
     ap.add_argument("--json", action="store_true")
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
             print(json.dumps(out, indent=1))
         else:
             link = f"{args.link_mbps:g} Mbit/s per device link" if args.link_mbps else "no link limit"
-            print(f"{args.model}, q={args.q:.0%} trained, {args.devices} devices v1 -> v2 (values-only), loopback HTTP "
+            print(f"{args.model}, q={args.q:g} ({1 - args.q:.0%} trained), {args.devices} devices v1 -> v2 (values-only), loopback HTTP "
                   f"({link}); "
                   f"v2 file: dense {out['file_bytes']['dense']:,} B, .fpk {out['file_bytes']['fpk']:,} B")
             print(f"{'':12s} {'bytes served':>14s} {'per device':>11s} {'vs dense full':>14s} "
