@@ -141,6 +141,17 @@ def run_table2(out_dir="runs/table2", *, seeds=(0, 1, 2), epochs: int = 15, data
     return res
 
 
+def load_result(path) -> Table2Result:
+    """A previous run's ``table2.json`` (JSON turned the float q keys into strings; turn them back)."""
+    d = json.loads(Path(path).read_text())
+
+    def by_q(m: dict) -> dict:
+        return {meth: {float(q): v for q, v in per_q.items()} for meth, per_q in m.items()}
+
+    return Table2Result(rows=d["rows"], accuracy=by_q(d["accuracy"]), figure_accuracy=by_q(d["figure_accuracy"]),
+                        table3=d["table3"], settings=d["settings"], seconds=d["seconds"])
+
+
 def table3_counts(out_dir: Path, qs=TABLE3_QS, seed: int = 0) -> list[dict]:
     """VGG16-D FreezeNets with SNIP masks scored on one random batch (CIFAR is not available offline)."""
     from .freezenet import make_freezenet
@@ -259,6 +270,17 @@ def render_markdown(res: Table2Result) -> str:
         lines.append(f"| {q:g} | {p.acc_snip if p.acc_snip is not None else '–'} | {p.acc_freezenet} | "
                      f"{_pm(res.accuracy.get('snip', {}).get(q))} | {_pm(res.accuracy.get('freezenet', {}).get(q))} | "
                      f"{_pm(res.accuracy.get('dense', {}).get(q)) if q == 0 else '–'} |")
+    if res.figure_accuracy:
+        lines += [
+            "",
+            "### Figure 2 sweep: test accuracy (%) vs q, mean ± std over seeds",
+            "",
+            "| q | ours SNIP | ours FreezeNet |",
+            "|---|---|---|",
+        ]
+        for q in sorted(res.figure_accuracy.get("freezenet", {})):
+            lines.append(f"| {q:g} | {_pm(res.figure_accuracy.get('snip', {}).get(q))} | "
+                         f"{_pm(res.figure_accuracy['freezenet'][q])} |")
     if res.table3:
         lines += [
             "",
@@ -314,8 +336,8 @@ def plot_figures(res: Table2Result, out_dir) -> list[Path]:
     sn = [os.path.getsize(out_dir / f"lenet5_snip_q{q}.fpk") for q in qs]
     x = range(len(qs))
     ax.plot(x, [dense] * len(qs), "--", color="gray", label="dense safetensors")
-    ax.plot(x, sn, "s-", label="SNIP sparse (values + mask, .fpk)")
-    ax.plot(x, fn, "o-", label="FreezeNet .fpk (values + mask + seed)")
+    ax.plot(x, sn, "s-", color="C1", label="SNIP sparse (values + mask, .fpk)")
+    ax.plot(x, fn, "o--", color="C0", label="FreezeNet .fpk (values + mask + seed)")
     ax.set_xticks(list(x), [f"{q:g}" for q in qs])
     ax.set_yscale("log")
     ax.set_xlabel("freezing rate q")

@@ -17,7 +17,9 @@ import click
 @click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
 @click.option("--quick", is_flag=True, help="CI mode: 2 epochs, one seed, Table 3 at q=0.99 only.")
 @click.option("--figure/--no-figure", default=False, help="Also sweep q for the Figure 2-style plots.")
-def table2(out_dir, report, data, seeds, epochs, quick, figure):
+@click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Re-render the report (and plots) from a previous run's table2.json instead of training.")
+def table2(out_dir, report, data, seeds, epochs, quick, figure, from_json):
     """Train, save, reload and verify LeNet-5-Caffe FreezeNets, SNIP and dense; print Table 2 beside the paper's.
 
     \b
@@ -30,7 +32,7 @@ def table2(out_dir, report, data, seeds, epochs, quick, figure):
       freezepack table2 --figure --report docs/RESULTS.md
     """
     from ..errors import FreezepackError
-    from ..reproduce import plot_figures, render_markdown, run_table2
+    from ..reproduce import load_result, plot_figures, render_markdown, run_table2
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
@@ -39,7 +41,11 @@ def table2(out_dir, report, data, seeds, epochs, quick, figure):
     if quick:
         seed_list, epochs = seed_list[:1], 2
     try:
-        res = run_table2(out_dir, seeds=seed_list, epochs=epochs, data=data, quick=quick, figure=figure)
+        if from_json is not None:
+            res, out_dir = load_result(from_json), from_json.parent
+            figure = figure or bool(res.figure_accuracy)
+        else:
+            res = run_table2(out_dir, seeds=seed_list, epochs=epochs, data=data, quick=quick, figure=figure)
     except FreezepackError as e:
         raise click.ClickException(str(e)) from None
     text = render_markdown(res)
