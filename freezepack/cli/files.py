@@ -5,30 +5,12 @@ Every refusal is one line on stderr (``error: <file>: <tensor>: <reason>``) and 
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import click
 
-from ..errors import FreezepackError
-
-
-def _one_line_errors(fn):
-    """Turn a FreezepackError (or an unreadable path) into one line and exit status 1, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FreezepackError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except OSError as e:
-            click.echo(f"error: {e.filename or ''}: {e.strerror or e}", err=True)
-            sys.exit(1)
-
-    return wrapper
+from .common import one_line_errors
 
 
 def _human(n: float) -> str:
@@ -62,7 +44,7 @@ class _Bar:
 @click.command("inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON (for scripts).")
-@_one_line_errors
+@one_line_errors
 def inspect_cmd(path, as_json):
     """Show what a .fpk file holds, without regenerating anything.
 
@@ -107,7 +89,7 @@ def inspect_cmd(path, as_json):
 @click.option("--device", default=None, help="Regenerate on this torch device (e.g. cuda) instead of the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@_one_line_errors
+@one_line_errors
 def verify_cmd(path, device, as_json, progress):
     """Regenerate every tensor and check it against the digests in the file.
 
@@ -143,7 +125,7 @@ def verify_cmd(path, device, as_json, progress):
 @click.argument("dst", type=click.Path())
 @click.option("--device", default=None, help="Regenerate on this torch device (the output is written from the CPU).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@_one_line_errors
+@one_line_errors
 def unpack_cmd(src, dst, device, progress):
     """Expand a .fpk into a dense .safetensors file that any safetensors reader loads.
 
@@ -193,7 +175,7 @@ def _parse_inits(pairs):
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata to store. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@_one_line_errors
+@one_line_errors
 def convert_cmd(src, dst, seed, init, init_for, meta, as_json, progress):
     """Pack a dense checkpoint into the smallest exact .fpk.
 

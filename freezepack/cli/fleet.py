@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import sys
@@ -10,22 +9,9 @@ from datetime import timedelta
 
 import click
 
-from ..errors import FreezepackError
+from .common import one_line_errors
 
 _ROLES = ("root", "targets", "snapshot", "timestamp")
-
-
-def _friendly(fn):
-    """Bad input and refused updates end as one clear line, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except FreezepackError as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
-    return wrapper
 
 
 def _out(as_json: bool, obj, text: str) -> None:
@@ -111,7 +97,7 @@ def fleet():
               help="Signatures required for a role (default 1 each); N keys are created. Repeatable.")
 @expires_opt
 @json_opt
-@_friendly
+@one_line_errors
 def init(repo, keys_dir, root_out, threshold, expires, as_json):
     """Create a fleet repository in REPO with fresh Ed25519 keys in --keys."""
     from ..fleet import Publisher, open_store
@@ -134,7 +120,7 @@ def init(repo, keys_dir, root_out, threshold, expires, as_json):
 @click.option("--release", type=int, default=None, help="Release number (default: latest + 1).")
 @expires_opt
 @json_opt
-@_friendly
+@one_line_errors
 def publish(repo, model, name, keys_dir, release, expires, as_json):
     """Sign MODEL (.fpk or any safetensors file) as the newest release of --name and upload what is new."""
     from ..fleet import Publisher, open_store
@@ -154,7 +140,7 @@ def publish(repo, model, name, keys_dir, release, expires, as_json):
                                               "targets key): for a model not republished for months.")
 @expires_opt
 @json_opt
-@_friendly
+@one_line_errors
 def timestamp(repo, keys_dir, snapshot, targets, expires, as_json):
     """Re-sign the online timestamp metadata with a fresh expiry (run it from cron).
 
@@ -178,7 +164,7 @@ def keys():
 @keys.command("list")
 @repo_arg
 @json_opt
-@_friendly
+@one_line_errors
 def keys_list(repo, as_json):
     """Show each role's key ids, threshold and expiry, and the published models."""
     from ..fleet import Publisher, open_store
@@ -203,7 +189,7 @@ def keys_list(repo, as_json):
               help="Key id (or unique prefix) to remove from the role. Default: all of its current keys.")
 @expires_opt
 @json_opt
-@_friendly
+@one_line_errors
 def keys_rotate(repo, keys_dir, role, revoke, expires, as_json):
     """Replace a role's key(s) with a new one. Rotating root needs the old and the new root keys in --keys."""
     from ..fleet import Publisher, open_store
@@ -221,7 +207,7 @@ def keys_rotate(repo, keys_dir, role, revoke, expires, as_json):
 @keys_opt
 @expires_opt
 @json_opt
-@_friendly
+@one_line_errors
 def keys_renew(repo, keys_dir, expires, as_json):
     """Re-sign root with a fresh expiry and the same keys (a new root version; needs the root keys)."""
     from ..fleet import Publisher, open_store
@@ -240,7 +226,7 @@ def keys_renew(repo, keys_dir, expires, as_json):
 @click.option("--replace/--no-replace", default=True, show_default=True,
               help="Add a fresh key in its place (needed when the role would fall below its threshold).")
 @json_opt
-@_friendly
+@one_line_errors
 def keys_revoke(repo, keyid, keys_dir, role, replace, as_json):
     """Remove a (compromised) key from a role; devices reject its signatures from the next root on."""
     from ..fleet import Publisher, open_store
@@ -269,7 +255,7 @@ def _device_command(download_only):
     @click.option("--allow-downgrade", is_flag=True,
                   help="Accept a signed release older than the installed one.")
     @json_opt
-    @_friendly
+    @one_line_errors
     def cmd(repo, name, device_dir, root_file, allow_downgrade, as_json):
         from ..fleet import Device
 
@@ -294,7 +280,7 @@ pull = fleet.command("pull", help="""Verify and download the newest release of N
 @click.argument("name")
 @device_opt
 @json_opt
-@_friendly
+@one_line_errors
 def status(name, device_dir, as_json):
     """Show the installed release of NAME (from the file's own hash) and the kept previous one."""
     from ..fleet import Device
@@ -313,7 +299,7 @@ def status(name, device_dir, as_json):
 @click.argument("name")
 @device_opt
 @json_opt
-@_friendly
+@one_line_errors
 def rollback(name, device_dir, as_json):
     """Swap the installed release of NAME with the kept previous one."""
     from ..fleet import Device

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from .common import one_line_errors
+
 
 @click.command("table2")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/table2"),
@@ -19,6 +21,7 @@ import click
 @click.option("--figure/--no-figure", default=False, help="Also sweep q for the Figure 2-style plots.")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Re-render the report (and plots) from a previous run's table2.json instead of training.")
+@one_line_errors
 def table2(out_dir, report, data, seeds, epochs, quick, figure, from_json):
     """Train, save, reload and verify LeNet-5-Caffe FreezeNets, SNIP and dense; print Table 2 beside the paper's.
 
@@ -31,7 +34,6 @@ def table2(out_dir, report, data, seeds, epochs, quick, figure, from_json):
       freezepack table2 --quick                        # ~1 minute
       freezepack table2 --figure --report docs/RESULTS.md
     """
-    from ..errors import FreezepackError
     from ..reproduce import load_result, plot_figures, render_markdown, run_table2
 
     try:
@@ -40,14 +42,11 @@ def table2(out_dir, report, data, seeds, epochs, quick, figure, from_json):
         raise click.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") from None
     if quick:
         seed_list, epochs = seed_list[:1], 2
-    try:
-        if from_json is not None:
-            res, out_dir = load_result(from_json), from_json.parent
-            figure = figure or bool(res.figure_accuracy)
-        else:
-            res = run_table2(out_dir, seeds=seed_list, epochs=epochs, data=data, quick=quick, figure=figure)
-    except FreezepackError as e:
-        raise click.ClickException(str(e)) from None
+    if from_json is not None:
+        res, out_dir = load_result(from_json), from_json.parent
+        figure = figure or bool(res.figure_accuracy)
+    else:
+        res = run_table2(out_dir, seeds=seed_list, epochs=epochs, data=data, quick=quick, figure=figure)
     text = render_markdown(res)
     click.echo(text)
     if figure:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
-from ..errors import FreezepackError
 from ..init import INITIALIZERS
+from .common import one_line_errors
 
 
 @click.command("train")
@@ -38,6 +37,7 @@ from ..init import INITIALIZERS
 @click.option("--device", default=None, help="torch device, e.g. cuda  [default: cpu]")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress on stderr.")
+@one_line_errors
 def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, weight_decay, cosine, device,
           as_json, quiet):
     """Train a FreezeNet on MNIST and report its test accuracy.
@@ -55,21 +55,17 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
     from .. import api
     from ..train import run
 
-    try:
-        r = run(model_name, method, q, seed, data=data_dir, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                cosine=cosine, init=init, reinit=reinit, device=device, progress=not quiet)
-        result = {"model": model_name, "method": method, "q": r.q, "q_beta": r.q_beta, "seed": seed,
-                  "test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch, "epochs": r.epochs,
-                  "trainable": r.trainable, "parameters": r.parameters, "seconds": round(r.seconds, 2)}
-        if out is not None:
-            meta = {"model": model_name, "method": method, "q": repr(q), "test_acc": f"{r.test_acc:.4f}",
-                    "epochs": str(r.epochs), "init": init, **({"reinit": reinit} if reinit else {})}
-            api.save(out, r.model.cpu(), metadata=meta)
-            info = api.inspect(out)
-            result.update(out=out, file_bytes=info["file_bytes"], compression_factor=info["compression_factor"])
-    except FreezepackError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    r = run(model_name, method, q, seed, data=data_dir, epochs=epochs, lr=lr, weight_decay=weight_decay,
+            cosine=cosine, init=init, reinit=reinit, device=device, progress=not quiet)
+    result = {"model": model_name, "method": method, "q": r.q, "q_beta": r.q_beta, "seed": seed,
+              "test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch, "epochs": r.epochs,
+              "trainable": r.trainable, "parameters": r.parameters, "seconds": round(r.seconds, 2)}
+    if out is not None:
+        meta = {"model": model_name, "method": method, "q": repr(q), "test_acc": f"{r.test_acc:.4f}",
+                "epochs": str(r.epochs), "init": init, **({"reinit": reinit} if reinit else {})}
+        api.save(out, r.model.cpu(), metadata=meta)
+        info = api.inspect(out)
+        result.update(out=out, file_bytes=info["file_bytes"], compression_factor=info["compression_factor"])
     if as_json:
         click.echo(json.dumps(result))
         return
