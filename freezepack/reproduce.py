@@ -310,42 +310,37 @@ def plot_figures(res: Table2Result, out_dir) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    paths = []
+
+    def finish(fig, ax, qs, ylabel: str, title: str, name: str) -> Path:
+        ax.set_xticks(range(len(qs)), [f"{q:g}" for q in qs])  # even spacing: the interesting qs crowd near 1
+        ax.set_xlabel("freezing rate q")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        return out_dir / name
+
     acc = res.figure_accuracy or {m: res.accuracy.get(m, {}) for m in ("freezenet", "snip")}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, label in (("freezenet", "FreezeNet"), ("snip", "SNIP")):
-        qs = sorted(q for q in acc.get(m, {}) if q > 0)
+    qs = sorted(q for q in acc.get("freezenet", {}) if q > 0)
+    for m, label, color in (("freezenet", "FreezeNet", "C0"), ("snip", "SNIP", "C1")):
         ms = [mean_std(acc[m][q]) for q in qs]
-        ax.errorbar(range(len(qs)), [x[0] for x in ms], yerr=[x[1] for x in ms], marker="o", capsize=3, label=label)
-        ax.set_xticks(range(len(qs)), [f"{q:g}" for q in qs])
+        ax.errorbar(range(len(qs)), [x[0] for x in ms], yerr=[x[1] for x in ms], marker="o", capsize=3,
+                    color=color, label=label)
     if "dense" in res.accuracy:
         ax.axhline(mean_std(res.accuracy["dense"][0.0])[0], color="gray", ls="--", label="dense baseline")
-    ax.set_xlabel("freezing rate q")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("LeNet-5-Caffe, MNIST subset (mean ± std)")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "figure2_accuracy.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths = [finish(fig, ax, qs, "test accuracy (%)", "LeNet-5-Caffe, MNIST subset (mean ± std)",
+                    "figure2_accuracy.png")]
 
     fig, ax = plt.subplots(figsize=(6, 4))
     qs = [r["q"] for r in res.rows if r["q"] > 0]
-    dense = res.settings.get("dense_bytes")
     fn = [next(r["file_bytes"] for r in res.rows if r["q"] == q) for q in qs]
     sn = [os.path.getsize(out_dir / f"lenet5_snip_q{q}.fpk") for q in qs]
-    x = range(len(qs))
-    ax.plot(x, [dense] * len(qs), "--", color="gray", label="dense safetensors")
-    ax.plot(x, sn, "s-", color="C1", label="SNIP sparse (values + mask, .fpk)")
-    ax.plot(x, fn, "o--", color="C0", label="FreezeNet .fpk (values + mask + seed)")
-    ax.set_xticks(list(x), [f"{q:g}" for q in qs])
+    ax.plot(range(len(qs)), [res.settings.get("dense_bytes")] * len(qs), "--", color="gray", label="dense safetensors")
+    ax.plot(range(len(qs)), sn, "s-", color="C1", label="SNIP sparse (values + mask, .fpk)")
+    ax.plot(range(len(qs)), fn, "o--", color="C0", label="FreezeNet .fpk (values + mask + seed)")
     ax.set_yscale("log")
-    ax.set_xlabel("freezing rate q")
-    ax.set_ylabel("bytes on disk")
-    ax.set_title("LeNet-5-Caffe file size")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "file_size.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(finish(fig, ax, qs, "bytes on disk", "LeNet-5-Caffe file size", "file_size.png"))
     return paths

@@ -88,3 +88,12 @@ def test_paper_printed_count_parser():
     assert paper.matches_printed(92_254, "92k") and not paper.matches_printed(93_000, "92k")
     with pytest.raises(ValueError):
         paper.parse_printed("12")
+
+
+def test_plots_are_written_and_json_round_trips(quick):
+    pytest.importorskip("matplotlib")
+    out, res = quick
+    for p in reproduce.plot_figures(res, out):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    again = reproduce.load_result(out / "table2.json")
+    assert reproduce.render_markdown(again) == reproduce.render_markdown(res)
