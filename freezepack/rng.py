@@ -36,6 +36,8 @@ NORMAL_TABLE_SHA256 = "f82df710b71a1c929a25912c722471ffdde2d32522f79a8d602db0177
 
 # Elements generated per torch chunk: bounded memory (a few MB of int64 temporaries) whatever the tensor size.
 DEFAULT_CHUNK = 1 << 18
+# On a GPU each of the ~100 eager ops per chunk is a kernel launch: larger chunks amortise them (~300 MB peak).
+DEFAULT_CHUNK_ACCELERATOR = 1 << 21
 
 
 def check_seed(seed: int) -> int:
