@@ -9,7 +9,6 @@ import freezepack
 from freezepack import api, models
 from freezepack.errors import FormatError, IntegrityError, SpecError
 from freezepack.init import make_init
-from freezepack.record import FreezeRecord, FrozenTensor
 
 from fpk_helpers import random_mask, record_for, rewrite, small_record
 

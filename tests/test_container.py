@@ -267,8 +267,6 @@ def _spec_only_read(path):
     import hashlib
     import math
 
-    import numpy as np
-
     from freezepack.init import InitSpec, generate_np
     from test_maskcode import reference_ans_decode, reference_gap_decode
 
