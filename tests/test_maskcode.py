@@ -10,14 +10,20 @@ from freezepack import maskcode
 from freezepack.errors import FormatError
 
 
-def reference_ans_decode(words: np.ndarray, n: int, cdf1: int) -> np.ndarray:
-    """spec/FORMAT.md's 'ans-bernoulli' decoder, in plain integers (no constriction): the spec is executable."""
+def reference_ans_start(words) -> tuple[list[int], int]:
+    """The ANS core's start (spec/FORMAT.md 6.3): pop words off the end until the state holds >= 2**32."""
     stack = [int(w) for w in words]
     state = 0
     if stack:
         state = stack.pop()
         while stack and state < 1 << 32:
             state = (state << 32) | stack.pop()
+    return stack, state
+
+
+def reference_ans_decode(words: np.ndarray, n: int, cdf1: int) -> np.ndarray:
+    """spec/FORMAT.md's 'ans-bernoulli' decoder, in plain integers (no constriction): the spec is executable."""
+    stack, state = reference_ans_start(words)
     out = np.zeros(n, dtype=bool)
     for i in range(n):
         quantile = state & ((1 << 24) - 1)
@@ -87,12 +93,7 @@ def reference_gap_decode(words, n, ones, value, b, phi):
     """spec/FORMAT.md's 'ans-gaps' decoder in plain integers, sharing only the ANS core with the one above."""
     table = reference_gap_table(phi)
     cdf = np.concatenate([[0], np.cumsum(table)]).tolist()
-    stack = [int(w) for w in words]
-    state = 0
-    if stack:
-        state = stack.pop()
-        while stack and state < 1 << 32:
-            state = (state << 32) | stack.pop()
+    stack, state = reference_ans_start(words)
 
     def pop(weights_cdf):
         nonlocal state
