@@ -3,7 +3,7 @@
 The package imports with its core dependencies only (torch, numpy); heavier parts load on first use.
 """
 from .errors import DataError, FleetError, FormatError, FreezepackError, IntegrityError, SpecError
-from .rng import SPEC_VERSION
+from .format.rng import SPEC_VERSION
 
 __version__ = "0.1.0"
 

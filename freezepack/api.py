@@ -14,12 +14,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from . import __version__, container, maskcode
-from .container import Entry, FpkReader, Header, Limits, DEFAULT_LIMITS
+from . import __version__
+from .format import container, maskcode
+from .format.container import Entry, FpkReader, Header, Limits, DEFAULT_LIMITS
 from .errors import FormatError, FreezepackError, IntegrityError, SpecError
-from .init import InitSpec, generate
-from .record import FreezeRecord, FrozenTensor
-from .rng import SPEC_VERSION, check_seed
+from .format.init import InitSpec, generate
+from .format.record import FreezeRecord, FrozenTensor
+from .format.rng import SPEC_VERSION, check_seed
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -48,7 +49,7 @@ def _record_of(obj) -> tuple[FreezeRecord, list[str]]:
     if isinstance(obj, FreezeRecord):
         return obj, list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
     if isinstance(obj, torch.nn.Module):
-        from .freezenet import dense_state_dict, freeze_record  # the method; imported only for a module
+        from .method.freezenet import dense_state_dict, freeze_record  # the method; imported only for a module
 
         rec = freeze_record(obj)
         order = [k for k in dense_state_dict(obj) if k in rec.frozen or k in rec.whole]

@@ -11,12 +11,12 @@ import os
 
 import torch
 
-from . import container, maskcode
+from .format import container, maskcode
 from .api import load, save, tensor_bytes
 from .errors import FormatError, IntegrityError
-from .init import InitSpec, generate, make_init
-from .record import FreezeRecord, FrozenTensor
-from .rng import check_seed
+from .format.init import InitSpec, generate, make_init
+from .format.record import FreezeRecord, FrozenTensor
+from .format.rng import check_seed
 
 
 

@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import torch
 
-from freezepack import container
-from freezepack.init import make_init
-from freezepack.record import FreezeRecord, FrozenTensor
+from freezepack.format import container
+from freezepack.format.init import make_init
+from freezepack.format.record import FreezeRecord, FrozenTensor
 
 
 def random_mask(shape, q: float, gen: torch.Generator) -> torch.Tensor:

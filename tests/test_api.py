@@ -6,9 +6,10 @@ import torch
 from safetensors.torch import save_file
 
 import freezepack
-from freezepack import api, models
+from freezepack import api
+from freezepack.experiments import models
 from freezepack.errors import FormatError, IntegrityError, SpecError
-from freezepack.init import make_init
+from freezepack.format.init import make_init
 
 from fpk_helpers import random_mask, record_for, rewrite, small_record
 
@@ -95,7 +96,7 @@ def test_load_into_plain_module(tmp_path):
 
 
 def test_save_a_frozen_module(tmp_path):
-    from freezepack import freezenet
+    from freezepack.method import freezenet
 
     model = models.make_model("lenet300")
     g = torch.Generator().manual_seed(0)
@@ -151,7 +152,7 @@ def _trained_checkpoint(seed=3):
     for name, shape in shapes.items():
         if len(shape) == 2:
             init = make_init("xavier_normal", shape)
-            w = freezepack.init.generate(init, shape, seed, name)
+            w = freezepack.format.init.generate(init, shape, seed, name)
             m = random_mask(shape, 0.95, g)
             if name == "fc2.weight":
                 w = torch.zeros(shape)  # pruned

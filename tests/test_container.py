@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import freezepack
-from freezepack import container
+from freezepack.format import container
 from freezepack.api import encode_record
 from freezepack.errors import FormatError, FreezepackError, IntegrityError, SpecError
 
@@ -262,12 +262,12 @@ def test_every_coder_and_dtype_is_covered_by_the_vectors():
 
 
 def _spec_only_read(path):
-    """A reader written from spec/FORMAT.md alone (plus the RNG spec's numpy reference): no freezepack.container,
-    no freezepack.maskcode, no constriction. It decoding every vector proves the spec is complete."""
+    """A reader written from spec/FORMAT.md alone (plus the RNG spec's numpy reference): no freezepack.format.container,
+    no freezepack.format.maskcode, no constriction. It decoding every vector proves the spec is complete."""
     import hashlib
     import math
 
-    from freezepack.init import InitSpec, generate_np
+    from freezepack.format.init import InitSpec, generate_np
     from test_maskcode import reference_ans_decode, reference_gap_decode
 
     data = open(path, "rb").read()

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import freezepack
-from freezepack import api, container
+from freezepack import api
+from freezepack.format import container
 from freezepack.errors import FreezepackError
 
 from fpk_helpers import rewrite, small_record, split_file

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from freezepack import DataError
-from freezepack.data import MNIST_FILES, SHIPPED_MNIST, load_mnist, parse_idx, read_idx, split_train_val
+from freezepack.experiments.data import MNIST_FILES, SHIPPED_MNIST, load_mnist, parse_idx, read_idx, split_train_val
 
 
 def idx_bytes(arr: np.ndarray, type_code: int = 0x08) -> bytes:

@@ -17,8 +17,8 @@ import torch
 
 from freezepack import api
 from freezepack.fleet import Device, Publisher, open_store
-from freezepack.init import make_init
-from freezepack.record import FreezeRecord, FrozenTensor
+from freezepack.format.init import make_init
+from freezepack.format.record import FreezeRecord, FrozenTensor
 
 SHAPES = {"fc1.weight": (300, 784), "fc2.weight": (100, 300), "fc3.weight": (10, 100)}
 

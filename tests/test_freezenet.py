@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from freezepack import SpecError
-from freezepack.freezenet import (apply_frozen_decay, dense_state_dict, freeze, freeze_record, init_weights,
+from freezepack.method.freezenet import (apply_frozen_decay, dense_state_dict, freeze, freeze_record, init_weights,
                                   make_freezenet, parameter_count, rates, trainable_count, trainable_masks)
-from freezepack.init import generate, make_init
-from freezepack.models import make_model
-from freezepack.saliency import global_mask, random_scores
+from freezepack.format.init import generate, make_init
+from freezepack.experiments.models import make_model
+from freezepack.method.saliency import global_mask, random_scores
 
 torch.set_num_threads(2)
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from freezepack import SpecError, init, rng
+from freezepack import SpecError
+from freezepack.format import init, rng
 
 VECTORS = json.loads((Path(__file__).resolve().parents[1] / "spec" / "vectors" / "rng_v1.json").read_text("utf-8"))
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freezepack import maskcode
+from freezepack.format import maskcode
 from freezepack.errors import FormatError
 
 

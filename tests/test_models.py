@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from freezepack import SpecError
-from freezepack.models import count_parameters, make_model
+from freezepack.experiments.models import count_parameters, make_model
 
 
 @pytest.mark.parametrize("name,count", [("lenet300", 266_610), ("lenet5", 431_080), ("vgg16", 15_255_626)])

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (freezepack/_philox.c) equals the numpy reference bit for bit, and every way it can be
+"""The compiled CPU kernel (freezepack/format/_philox.c) equals the numpy reference bit for bit, and every way it can be
 missing (no compiler, failed build, wrong bits, FREEZEPACK_NO_NATIVE) falls back to the torch path silently."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from freezepack import init, native, rng
+from freezepack.format import init, native, rng
 
 HAVE_CC = native._compiler() is not None
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the native kernel cannot be built here")
@@ -318,7 +318,7 @@ def test_cache_writable_by_others_is_refused(fresh_native):
 @needs_cc
 def test_damaged_cached_library_is_rebuilt(fresh_native):
     from importlib import resources
-    source = resources.files("freezepack").joinpath("_philox.c").read_bytes()
+    source = resources.files("freezepack.format").joinpath("_philox.c").read_bytes()
     path = native._build(source, native._compiler())  # built into the fresh cache, never loaded yet
     with open(path, "wb") as f:
         f.write(b"\x7fELF truncated")

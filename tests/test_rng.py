@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from freezepack import SpecError, rng
+from freezepack import SpecError
+from freezepack.format import rng
 
 VECTORS = json.loads((Path(__file__).resolve().parents[1] / "spec" / "vectors" / "rng_v1.json").read_text("utf-8"))
 

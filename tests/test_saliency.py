@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from freezepack import SpecError
-from freezepack.models import count_parameters, make_model
-from freezepack.saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores,
+from freezepack.experiments.models import count_parameters, make_model
+from freezepack.method.saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores,
                                  snip_scores, weights_to_train)
 
 

@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from freezepack import api, paper, reproduce
+from freezepack import api
+from freezepack.experiments import paper, reproduce
 from freezepack.errors import FreezepackError
 
 

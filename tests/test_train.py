@@ -9,11 +9,11 @@ from click.testing import CliRunner
 
 from freezepack import SpecError, api
 from freezepack.cli import cli
-from freezepack.data import Dataset, load_mnist, split_train_val
-from freezepack.freezenet import dense_state_dict, freeze_record, trainable_masks
-from freezepack.init import generate
-from freezepack.models import make_model
-from freezepack.train import build, evaluate, mean_std, run, train
+from freezepack.experiments.data import Dataset, load_mnist, split_train_val
+from freezepack.method.freezenet import dense_state_dict, freeze_record, trainable_masks
+from freezepack.format.init import generate
+from freezepack.experiments.models import make_model
+from freezepack.experiments.train import build, evaluate, mean_std, run, train
 
 torch.set_num_threads(2)
 
@@ -112,7 +112,7 @@ def test_cli_train_bad_data_dir_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    from freezepack.demo import main
+    from freezepack.experiments.demo import main
 
     out = tmp_path / "demo.fpk"
     res = CliRunner().invoke(main, ["--epochs", "1", "--out", str(out)])

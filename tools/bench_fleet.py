@@ -34,10 +34,11 @@ import urllib.request
 import torch
 from safetensors.torch import save_file
 
-from freezepack import api, models
+from freezepack import api
+from freezepack.experiments import models
 from freezepack.fleet import Device, Publisher, open_store
-from freezepack.init import make_init
-from freezepack.record import FreezeRecord, FrozenTensor
+from freezepack.format.init import make_init
+from freezepack.format.record import FreezeRecord, FrozenTensor
 
 SERVER = textwrap.dedent("""
     import functools, http.server, json, sys, threading, time

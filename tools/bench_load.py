@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import freezepack  # noqa: E402
-from freezepack import models  # noqa: E402
+from freezepack.experiments import models  # noqa: E402
 from fpk_helpers import record_for  # noqa: E402
 
 

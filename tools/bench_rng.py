@@ -1,9 +1,9 @@
 """Benchmark: regenerate a 15M-element xavier_normal tensor (VGG16-D size) with freezepack, against torch.randn.
 
 One run measures, on each device, in the same process:
-  native   freezepack.init.generate through the compiled kernel (CPU only; freezepack/_philox.c), with torch's
+  native   freezepack.format.init.generate through the compiled kernel (CPU only; freezepack/format/_philox.c), with torch's
            thread count and with one thread
-  eager    freezepack.init.generate through the torch path (FREEZEPACK_NO_NATIVE=1; what CUDA uses)
+  eager    freezepack.format.init.generate through the torch path (FREEZEPACK_NO_NATIVE=1; what CUDA uses)
   randn    torch.randn of the same size: what a user would otherwise call (not reproducible across platforms)
   fill     out.fill_(1.0): a pure memory write of the same size, the bandwidth floor (CUDA only)
 and reports the median time of each, elements/s, and ratios to torch.randn (goal on CPU: native <= 1.5x randn,
@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from freezepack import init, native
+from freezepack.format import init, native
 
 
 def _sync(device: str) -> None:

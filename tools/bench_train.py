@@ -21,9 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from freezepack.freezenet import freeze, init_weights, trainable_masks
-from freezepack.models import INPUT_SHAPES, make_model
-from freezepack.saliency import global_mask, prunable_weights, random_scores
+from freezepack.method.freezenet import freeze, init_weights, trainable_masks
+from freezepack.experiments.models import INPUT_SHAPES, make_model
+from freezepack.method.saliency import global_mask, prunable_weights, random_scores
 
 QS = (0.9, 0.99, 0.999)
 BATCH = {"lenet5": 100, "vgg16": 32}

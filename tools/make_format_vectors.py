@@ -26,10 +26,10 @@ from safetensors.torch import save as st_save
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freezepack import container, maskcode  # noqa: E402
+from freezepack.format import container, maskcode  # noqa: E402
 from freezepack.api import encode_record  # noqa: E402
-from freezepack.init import make_init  # noqa: E402
-from freezepack.record import FreezeRecord, FrozenTensor  # noqa: E402
+from freezepack.format.init import make_init  # noqa: E402
+from freezepack.format.record import FreezeRecord, FrozenTensor  # noqa: E402
 
 OUT = os.path.join(ROOT, "spec", "vectors", "fpk")
 

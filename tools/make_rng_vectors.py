@@ -3,7 +3,7 @@
     python tools/make_rng_vectors.py          # (re)write; only ever done for a new spec version
     python tools/make_rng_vectors.py --check  # compare the numpy reference with the shipped file
 
-Every value is produced by the plain numpy reference (freezepack.rng *_np, freezepack.init.generate_np). The file
+Every value is produced by the plain numpy reference (freezepack.format.rng *_np, freezepack.format.init.generate_np). The file
 is the spec: tests check both implementations against it, so a change that alters any bit fails.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freezepack import init, rng
+from freezepack.format import init, rng
 
 OUT = Path(__file__).resolve().parents[1] / "spec" / "vectors" / "rng_v1.json"
 

@@ -138,7 +138,8 @@ def unpack_cmd(src, dst, device, progress):
     """
     from safetensors.torch import save
 
-    from .. import api, container
+    from .. import api
+    from ..format import container
 
     bar = _Bar("unpacking", progress)
     with api.open(src, device) as f:
@@ -191,7 +192,7 @@ def convert_cmd(src, dst, seed, init, init_for, meta, as_json, progress):
     Example:  freezepack convert trained.safetensors model.fpk --seed 1234 --init xavier_normal
     """
     from .. import api
-    from ..container import _check_regular_file
+    from ..format.container import _check_regular_file
 
     metadata = {}
     for m in meta:

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..init import INITIALIZERS
+from ..format.init import INITIALIZERS
 from .common import one_line_errors
 
 
@@ -53,7 +53,7 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
       freezepack train --method snip --q 0.999 --epochs 5 --json
     """
     from .. import api
-    from ..train import run
+    from ..experiments.train import run
 
     r = run(model_name, method, q, seed, data=data_dir, epochs=epochs, lr=lr, weight_decay=weight_decay,
             cosine=cosine, init=init, reinit=reinit, device=device, progress=not quiet)

@@ -19,7 +19,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from .errors import SpecError
+from ..errors import SpecError
 
 SPEC_VERSION = "philox4x32-10/v1"
 
@@ -140,9 +140,9 @@ _POW2NEG_NP = np.array([2.0**-k for k in range(32)], dtype=np.float32)
 
 @functools.lru_cache(maxsize=None)
 def normal_table_np() -> tuple[np.ndarray, np.ndarray]:
-    raw = resources.files("freezepack").joinpath("tables/normal_v1.f32").read_bytes()
+    raw = resources.files("freezepack.format").joinpath("tables/normal_v1.f32").read_bytes()
     if hashlib.sha256(raw).hexdigest() != NORMAL_TABLE_SHA256:
-        raise SpecError("freezepack/tables/normal_v1.f32 is damaged: its sha256 does not match the spec")
+        raise SpecError("freezepack/format/tables/normal_v1.f32 is damaged: its sha256 does not match the spec")
     t = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     n = 32 << NORMAL_K
     a, d = t[:n].copy(), t[n:].copy()

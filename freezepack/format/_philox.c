@@ -1,6 +1,6 @@
 /* freezepack's compiled CPU kernel for the spec'd generator (spec/RNG.md, "philox4x32-10/v1").
  *
- * It must produce the same bits as the numpy reference in freezepack/rng.py and freezepack/init.py:
+ * It must produce the same bits as the numpy reference in freezepack/format/rng.py and freezepack/format/init.py:
  *   element i of stream s under seed k:  word = Philox4x32-10(ctr=(i/4 lo, i/4 hi, s lo, s hi), key=k)[i%4]
  *   uniform  u = (2*(w>>9)+1) * 2^-24
  *   normal   octave table: mag = A[idx] + f*D[idx], negated when the top bit is set
@@ -11,7 +11,7 @@
  * int -> float conversions are exact (values < 2^24). Integer work is exact uint32/uint64 arithmetic.
  *
  * Each element depends only on (seed, stream, index), so the split across threads cannot change a bit.
- * Loaded with ctypes by freezepack/native.py; compiled on first use.
+ * Loaded with ctypes by freezepack/format/native.py; compiled on first use.
  */
 #include <float.h>
 #include <stdint.h>

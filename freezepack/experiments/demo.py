@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import torch
 
-from .errors import FreezepackError
+from ..errors import FreezepackError
 
 
 def _kib(n: int) -> str:
@@ -46,9 +46,9 @@ def main(data_dir, epochs, out, q, seed):
 def _demo(data_dir, epochs, out, q, seed):
     from safetensors.torch import save_file
 
-    from . import api
+    from .. import api
     from .data import load_mnist
-    from .freezenet import dense_state_dict
+    from ..method.freezenet import dense_state_dict
     from .models import make_model
     from .train import evaluate, run
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import native, rng
-from .errors import SpecError
+from ..errors import SpecError
 
 DISTRIBUTIONS = ("normal", "uniform", "sign", "constant")
 
@@ -219,7 +219,7 @@ def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: t
     flat = out.view(-1)
     stream = rng.stream_id(name)
     if n and out.device.type == "cpu" and not out.requires_grad and native.available():
-        # Compiled kernel (freezepack/_philox.c): same bits as the numpy reference, written straight into out.
+        # Compiled kernel (freezepack/format/_philox.c): same bits as the numpy reference, written straight into out.
         native.fill(flat, spec.dist, spec.a, spec.b, seed, stream)
         return out
     for start in range(0, n, chunk):

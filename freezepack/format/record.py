@@ -1,6 +1,6 @@
 """The freeze record: what a FreezeNet *is*, independent of any module or file layout.
 
-The method (freezepack.freezenet) produces it from a trained model; the api/container store it; a loader turns it
+The method (freezepack.method.freezenet) produces it from a trained model; the api/container store it; a loader turns it
 back into dense tensors. Mask convention everywhere: ``True`` = trainable (value stored), ``False`` = frozen
 (regenerated from seed + initializer, times ``frozen_scale``).
 """

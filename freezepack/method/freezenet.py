@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import SpecError
-from .init import InitSpec, generate, make_init
-from .record import FreezeRecord, FrozenTensor
+from ..errors import SpecError
+from ..format.init import InitSpec, generate, make_init
+from ..format.record import FreezeRecord, FrozenTensor
 from .saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores,
                        snip_scores)
 

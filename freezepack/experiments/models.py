@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import SpecError
+from ..errors import SpecError
 
 
 class LeNet300100(nn.Module):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import api, paper
+from .. import api
+from . import paper
 from .train import mean_std, run
 
 TABLE2_QS = (0.0, 0.9, 0.99, 0.995, 0.999)
@@ -112,7 +113,7 @@ def run_table2(out_dir="runs/table2", *, seeds=(0, 1, 2), epochs: int = 15, data
                 api.save(save_to, r.model, metadata={"method": method, "q": repr(q), "seed": str(seed),
                                                      "test_acc": f"{r.test_acc:.4f}", "epochs": str(epochs)})
             if method == "dense" and "dense_bytes" not in res.settings:
-                from .freezenet import dense_state_dict
+                from ..method.freezenet import dense_state_dict
 
                 res.settings["dense_bytes"] = _dense_safetensors_bytes("lenet5", out, dense_state_dict(r.model))
         return cache[key]
@@ -154,7 +155,7 @@ def load_result(path) -> Table2Result:
 
 def table3_counts(out_dir: Path, qs=TABLE3_QS, seed: int = 0) -> list[dict]:
     """VGG16-D FreezeNets with SNIP masks scored on one random batch (CIFAR is not available offline)."""
-    from .freezenet import make_freezenet
+    from ..method.freezenet import make_freezenet
     from .models import make_model
 
     g = torch.Generator().manual_seed(seed)

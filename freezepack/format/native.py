@@ -7,7 +7,7 @@ the loaded kernel is checked against the numpy reference (a few hundred elements
 ends of every octave of the normal table), so a compiler that miscompiles it costs speed, not bits.
 
 When there is no compiler, the build fails, the check fails, or ``FREEZEPACK_NO_NATIVE=1`` is set,
-:func:`available` is False and callers use the torch path (``freezepack.init.generate`` does so silently; the
+:func:`available` is False and callers use the torch path (``freezepack.format.init.generate`` does so silently; the
 reason is logged at debug level).
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _bind(path: str):
 def _self_check(lib) -> None:
     """The kernel must equal the numpy reference bit for bit; checked once per process on a small sample that
     starts mid-block and crosses the kernel's 64-word batches, for every distribution."""
-    seed, stream, start, count = 0x0123456789ABCDEF, rng.stream_id("freezepack.native.self_check"), 5, 389
+    seed, stream, start, count = 0x0123456789ABCDEF, rng.stream_id("freezepack.format.native.self_check"), 5, 389
     words = rng.words_np(seed, stream, start, count)
     got = np.empty(count, np.uint32)
     lib.fp_words(got.ctypes.data, start, count, seed, stream)
@@ -190,7 +190,7 @@ def _load():
             cc = _compiler()
             if cc is None:
                 raise OSError("no C compiler found (set CC, or install cc/gcc/clang)")
-            source = resources.files("freezepack").joinpath("_philox.c").read_bytes()
+            source = resources.files("freezepack.format").joinpath("_philox.c").read_bytes()
             path = _build(source, cc)
             try:
                 lib = _bind(path)
@@ -217,7 +217,7 @@ def fill(out: torch.Tensor, dist: str, a: float, b: float, seed: int, stream: in
          scale: float | None = None, threads: int | None = None) -> None:
     """Write elements ``[start, start + out.numel())`` of ``stream`` into ``out`` (CPU, float32, contiguous):
     ``a + b*z`` (normal), ``a + b*u`` (uniform) or ``a*s`` (sign), then ``* scale`` when given — each a separate
-    float32 operation, exactly as ``freezepack.init.generate_np``. ``threads`` defaults to torch's CPU threads;
+    float32 operation, exactly as ``freezepack.format.init.generate_np``. ``threads`` defaults to torch's CPU threads;
     the result never depends on it. Raises RuntimeError when the kernel is unavailable."""
     lib = _require()
     if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():

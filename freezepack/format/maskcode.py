@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import FormatError
+from ..errors import FormatError
 
 PRECISION = 24                    # bits of the ANS probability quantization (constriction's default)
 ANS_WORD_BITS = 32

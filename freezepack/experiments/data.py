@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 # type byte -> big-endian numpy dtype
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -28,7 +28,7 @@ MNIST_FILES = {
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 # The subset shipped in the repository (data/mnist-10k); None when freezepack is installed without it.
-_SHIPPED = Path(__file__).resolve().parent.parent / "data" / "mnist-10k"
+_SHIPPED = Path(__file__).resolve().parents[2] / "data" / "mnist-10k"
 SHIPPED_MNIST = _SHIPPED if _SHIPPED.is_dir() else None
 
 
