@@ -134,7 +134,7 @@ def _tensor(inner, name):
     (lambda h: _tensor(h, "fc.bias").update(kind="lazy"), FormatError, "unknown tensor kind"),
     (lambda h: _tensor(h, "fc.weight").update(frozen_scale=float("1e39")), FormatError, "float32"),
     (lambda h: _tensor(h, "fc.weight").update(frozen_scale=True), FormatError, "float32"),
-    (lambda h: _tensor(h, "fc2.weight").update(dtype="F16"), FormatError, "not allowed"),
+    (lambda h: _tensor(h, "fc2.weight").update(dtype="I32"), FormatError, "not allowed"),
     (lambda h: h["tensors"].append(dict(_tensor(h, "fc.bias"))), FormatError, "twice"),
     (lambda h: h["stored"]["fc.bias"].update(data_offsets=[0, 40]), FormatError, "offset|disagrees"),
     (lambda h: h["stored"]["fc.bias"].update(sha256="0" * 64), FormatError, "differs"),

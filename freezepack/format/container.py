@@ -44,6 +44,8 @@ MASK_SUFFIX = "#mask"
 DTYPE_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+# Dense dtypes a frozen tensor may have: the generator makes float32, a reader rounds to the others (spec §5.3).
+FROZEN_DTYPES = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,12 @@ class Entry:
     """One logical tensor (a state_dict entry) as the header describes it."""
 
     name: str
-    kind: str                                # "frozen" | "whole"
+    kind: str                                # "frozen" | "whole" | "alias"
     shape: tuple[int, ...]
-    dtype: str                               # "F32" for frozen tensors
+    dtype: str                               # one of FROZEN_DTYPES for frozen tensors
     sha256: str                              # digest of the reconstructed dense little-endian bytes
+    of: str | None = None                    # alias: the earlier entry this name shares storage with (tied)
+    stream: str | None = None                # frozen: generator stream key when it differs from ``name``
     data: str | None = None                  # whole: key of its stored tensor
     init: InitSpec | None = None             # frozen:
     frozen_scale: float = 1.0
@@ -98,12 +102,21 @@ class Entry:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def stream_key(self) -> str:
+        """The generator stream name (RNG.md §2.1): fixed when the tensor was frozen, the name by default."""
+        return self.name if self.stream is None else self.stream
+
     def to_json(self) -> dict:
+        if self.kind == "alias":
+            return {"name": self.name, "kind": "alias", "of": self.of}
         d = {"name": self.name, "kind": self.kind, "shape": list(self.shape), "dtype": self.dtype,
              "sha256": self.sha256}
         if self.kind == "whole":
             d["data"] = self.data
         else:
+            if self.stream is not None and self.stream != self.name:
+                d["stream"] = self.stream
             d.update(init=self.init.to_json(), frozen_scale=self.frozen_scale, trainable=self.trainable,
                      mask={"coder": self.coder, "params": dict(self.coder_params), "tensor": self.mask},
                      values=self.values)
@@ -406,16 +419,24 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
             raise FormatError("tensor name appears twice", path=path, tensor=name)
         names.add(name)
         kind = t.get("kind")
+        if kind == "alias":  # a tied tensor: same storage as an earlier entry, stored once
+            _obj(t, "alias entry", path, {"name", "kind", "of"}, tensor=name)
+            target = next((x for x in h.entries if x.name == t["of"] and x.kind != "alias"), None)
+            if target is None:
+                raise FormatError(f"alias of {_short(t['of'])}: not an earlier non-alias tensor", path=path,
+                                  tensor=name)
+            h.entries.append(Entry(name, "alias", target.shape, target.dtype, target.sha256, of=target.name))
+            continue
         if kind == "whole":
             _obj(t, "whole tensor entry", path, {"name", "kind", "shape", "dtype", "sha256", "data"}, tensor=name)
         elif kind == "frozen":
             _obj(t, "frozen tensor entry", path, {"name", "kind", "shape", "dtype", "sha256", "init", "frozen_scale",
-                                                   "trainable", "mask", "values"}, tensor=name)
+                                                   "trainable", "mask", "values"}, {"stream"}, tensor=name)
         else:
             raise FormatError(f"unknown tensor kind {_short(kind)}", path=path, tensor=name)
         shape = _shape(t["shape"], "shape", path, limits, tensor=name)
         dtype = t["dtype"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES or (kind == "frozen" and dtype != "F32"):
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES or (kind == "frozen" and dtype not in FROZEN_DTYPES):
             raise FormatError(f"dtype {_short(dtype)} is not allowed for a {kind} tensor", path=path, tensor=name)
         e = Entry(name, kind, shape, dtype, _digest(t["sha256"], "sha256", path, tensor=name))
         total += e.numel
@@ -440,7 +461,15 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
                 e.init = InitSpec.from_json(t["init"])
             except FreezepackError as err:
                 raise SpecError(err.reason, path=path, tensor=name) from None
+            if "stream" in t:
+                e.stream = _str(t["stream"], "stream", path, tensor=name)
+                if e.stream == name or not e.stream:  # the default is never spelled out: one file per model
+                    raise FormatError("stream must be given only when it differs from the name", path=path,
+                                      tensor=name)
             e.frozen_scale = _float32(t["frozen_scale"], "frozen_scale", path, tensor=name)
+            if dtype != "F32" and e.frozen_scale != _round_float(e.frozen_scale, dtype):
+                raise FormatError(f"frozen_scale {e.frozen_scale!r} is not exactly a {dtype} number", path=path,
+                                  tensor=name)
             e.trainable = _int(t["trainable"], "trainable", path, 0, e.numel, tensor=name)
             m = _obj(t["mask"], "mask", path, {"coder", "params", "tensor"}, tensor=name)
             e.coder = _str(m["coder"], "mask coder", path, tensor=name)
@@ -456,7 +485,7 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
                 raise FormatError(f"mask coder {e.coder!r} {'needs' if e.coder != 'const' else 'has no'} payload "
                                   "tensor", path=path, tensor=name)
             if e.trainable:
-                e.values = take(t["values"], "F32", (e.trainable,), "values", name).key
+                e.values = take(t["values"], dtype, (e.trainable,), "values", name).key
             elif t["values"] is not None:
                 raise FormatError("values given for a tensor with no trainable entries", path=path, tensor=name)
         h.entries.append(e)
@@ -464,6 +493,14 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
         raise FormatError(f"stored tensors not used by any tensor: {', '.join(sorted(set(h.stored) - used))}",
                           path=path)
     return h
+
+
+def _round_float(x: float, dtype: str) -> float:
+    """``x`` rounded to ``dtype`` (F32/F16/BF16) with round-to-nearest-even, as a Python float."""
+    import torch  # the format layer already depends on torch (init); imported here to keep this module light
+
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32).to(tdt))
 
 
 class FpkReader:
