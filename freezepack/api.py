@@ -17,9 +17,9 @@ import torch
 from . import __version__
 from .format import container, maskcode
 from .format.container import Entry, FpkReader, Header, Limits, DEFAULT_LIMITS
-from .errors import FormatError, FreezepackError, IntegrityError, SpecError
+from .errors import FormatError, FreezepackError, IntegrityError, MethodError, SpecError, UsageError
 from .format.init import InitSpec, generate
-from .format.record import FreezeRecord, FrozenTensor
+from .format.record import FROZEN_TORCH_DTYPES, FreezeRecord, FrozenTensor, reconstruct
 from .format.rng import SPEC_VERSION, check_seed
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -45,16 +45,22 @@ def digest(t: torch.Tensor) -> str:
 # save
 # ---------------------------------------------------------------------------------------------------------------
 
-def _record_of(obj) -> tuple[FreezeRecord, list[str]]:
+def _record_of(obj) -> tuple[FreezeRecord, list[str], dict[str, torch.Tensor]]:
+    """(record, tensor order, the dense tensors the file must reproduce)."""
     if isinstance(obj, FreezeRecord):
-        return obj, list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
+        order = list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
+        return obj, order + [k for k in obj.aliases if k not in order], {}
     if isinstance(obj, torch.nn.Module):
-        from .method.freezenet import dense_state_dict, freeze_record  # the method; imported only for a module
+        from .method.freezenet import dense_state_dict, freeze_record, unwrap  # the method: only for a module
 
-        rec = freeze_record(obj)
-        order = [k for k in dense_state_dict(obj) if k in rec.frozen or k in rec.whole]
-        return rec, order + [k for k in list(rec.frozen) + list(rec.whole) if k not in order]
-    raise SpecError(f"save() takes a FreezeRecord or an nn.Module, got {type(obj).__name__}")
+        model = unwrap(obj)
+        rec = freeze_record(model)
+        # What the model computes with, right now: the file is proven against these before it is published.
+        truth = dense_state_dict(model)
+        names = list(rec.frozen) + list(rec.whole) + list(rec.aliases)
+        order = [k for k in truth if k in set(names)]
+        return rec, order + [k for k in names if k not in order], truth
+    raise UsageError(f"save() takes a FreezeRecord or an nn.Module, got {type(obj).__name__}")
 
 
 def _check_metadata(metadata) -> dict[str, str]:
@@ -62,84 +68,129 @@ def _check_metadata(metadata) -> dict[str, str]:
         return {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                   for k, v in metadata.items()):
-        raise SpecError("metadata must be a dict of str -> str")
+        raise UsageError("metadata must be a dict of str -> str")
     return dict(metadata)
 
 
-def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict) -> Entry:
+def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: torch.Tensor | None) -> Entry:
     if not isinstance(ft.init, InitSpec):
-        raise SpecError("init must be an InitSpec (freezepack.init.make_init)", tensor=name)
+        raise UsageError("init must be an InitSpec (freezepack.format.init.make_init)", tensor=name)
+    values = ft.values.detach().cpu().reshape(-1)
+    dtype = FROZEN_TORCH_DTYPES.get(values.dtype)
+    if dtype is None:
+        raise UsageError(f"values must be float32, float16 or bfloat16, got {values.dtype}", tensor=name)
     scale = float(ft.frozen_scale)
-    if not math.isfinite(scale) or float(np.float32(scale)) != scale:
-        raise SpecError(f"frozen_scale {ft.frozen_scale!r} is not a finite float32 number", tensor=name)
+    exact = torch.tensor(scale, dtype=torch.float64).to(values.dtype).double().item() == scale
+    if not math.isfinite(scale) or not exact or float(np.float32(scale)) != scale:
+        raise UsageError(f"frozen_scale {ft.frozen_scale!r} is not a finite float32 number exactly representable "
+                         f"in {dtype}", tensor=name)
     mask = ft.mask.detach().cpu()
     if mask.dtype != torch.bool:
-        raise SpecError(f"mask must be a bool tensor, got {mask.dtype}", tensor=name)
-    values = ft.values.detach().cpu().reshape(-1)
+        raise UsageError(f"mask must be a bool tensor, got {mask.dtype}", tensor=name)
     k = int(mask.sum())
-    if values.dtype != torch.float32 or values.numel() != k:
-        raise SpecError(f"values must be {k} float32 numbers (one per True in the mask), got {values.numel()} "
-                        f"{values.dtype}", tensor=name)
+    if values.numel() != k:
+        raise UsageError(f"values must be {k} numbers (one per True in the mask), got {values.numel()}",
+                         tensor=name)
+    if ft.stream is not None and (not isinstance(ft.stream, str) or not ft.stream):
+        raise UsageError(f"stream must be a non-empty string, got {ft.stream!r}", tensor=name)
     coded = maskcode.encode(mask.numpy())
-    dense = ft.dense(seed, name, device="cpu")
-    e = Entry(name, "frozen", tuple(mask.shape), "F32", digest(dense), init=ft.init, frozen_scale=scale,
-              trainable=k, coder=coded.coder, coder_params=dict(coded.params))
+    dense = truth if truth is not None else ft.dense(seed, name, device="cpu")
+    if tuple(dense.shape) != tuple(mask.shape) or dense.dtype != values.dtype:
+        raise MethodError(f"the model's tensor is {dense.dtype} {list(dense.shape)} but its frozen record is "
+                          f"{values.dtype} {list(mask.shape)}", tensor=name)
+    e = Entry(name, "frozen", tuple(mask.shape), dtype, digest(dense), init=ft.init, frozen_scale=scale,
+              trainable=k, coder=coded.coder, coder_params=dict(coded.params),
+              stream=None if ft.stream in (None, name) else ft.stream)
     if coded.payload.size:
         e.mask = name + container.MASK_SUFFIX
         blobs[e.mask] = ("U32", (int(coded.payload.size),), coded.payload.astype("<u4").tobytes())
     if k:
         e.values = name + container.VALUES_SUFFIX
-        blobs[e.values] = ("F32", (k,), bytes(tensor_bytes(values)))
+        blobs[e.values] = (dtype, (k,), bytes(tensor_bytes(values)))
     return e
 
 
 def _whole_entry(name: str, t: torch.Tensor, blobs: dict) -> Entry:
     if not isinstance(t, torch.Tensor):
-        raise SpecError(f"whole tensors must be torch tensors, got {type(t).__name__}", tensor=name)
+        raise UsageError(f"whole tensors must be torch tensors, got {type(t).__name__}", tensor=name)
+    if t.layout != torch.strided or t.is_quantized:
+        raise UsageError(f"a {t.layout} tensor cannot be stored; convert it to a dense tensor first", tensor=name)
     t = t.detach().cpu()
     if t.dtype not in DTYPE_NAMES:
-        raise SpecError(f"dtype {t.dtype} cannot be stored", tensor=name)
+        raise UsageError(f"dtype {t.dtype} cannot be stored", tensor=name)
     data = bytes(tensor_bytes(t))
     blobs[name] = (DTYPE_NAMES[t.dtype], tuple(t.shape), data)
     return Entry(name, "whole", tuple(t.shape), DTYPE_NAMES[t.dtype], hashlib.sha256(data).hexdigest(), data=name)
 
 
-def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None) -> list:
-    """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes)."""
+def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None,
+                  truth: dict[str, torch.Tensor] | None = None) -> list:
+    """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes).
+
+    ``truth``: the dense tensors the file must reproduce (a module's weights as its forward pass uses them).
+    Their digests go into the header, so a reader's check compares its reconstruction with *them*, not with a
+    second reconstruction; without it the record's own reconstruction is hashed.
+    """
     seed = check_seed(record.seed)
+    truth = truth or {}
     if record.spec_version != SPEC_VERSION:
         raise SpecError(f"record uses generator {record.spec_version!r}; this writer knows {SPEC_VERSION!r}")
-    order = order if order is not None else list(record.frozen) + [k for k in record.whole if k not in record.frozen]
+    if order is None:
+        order = list(record.frozen) + [k for k in record.whole if k not in record.frozen]
+        order += [k for k in record.aliases if k not in order]
     both = set(record.frozen) & set(record.whole)
     if both:
-        raise SpecError(f"tensors both frozen and whole: {', '.join(sorted(both))}")
+        raise UsageError(f"tensors both frozen and whole: {', '.join(sorted(both))}")
     blobs: dict = {}
     entries = []
     for name in order:
         if not isinstance(name, str) or not name or name == "__metadata__":
-            raise SpecError(f"invalid tensor name {name!r}")
-        if name in record.frozen:
-            entries.append(_frozen_entry(name, record.frozen[name], seed, blobs))
+            raise UsageError(f"invalid tensor name {name!r}")
+        if name in record.aliases:
+            target = record.aliases[name]
+            first = next((e for e in entries if e.name == target), None)
+            if first is None:
+                raise UsageError(f"alias of {target!r}, which is not an earlier tensor", tensor=name)
+            entries.append(Entry(name, "alias", first.shape, first.dtype, first.sha256, of=target))
+        elif name in record.frozen:
+            entries.append(_frozen_entry(name, record.frozen[name], seed, blobs, truth.get(name)))
         else:
             entries.append(_whole_entry(name, record.whole[name], blobs))
     keys = [e.data for e in entries if e.data] + [k for e in entries for k in (e.mask, e.values) if k]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise SpecError(f"stored tensor names collide: {', '.join(dup)} (a whole tensor named like another "
-                        f"tensor's '{container.VALUES_SUFFIX}'/'{container.MASK_SUFFIX}' part)")
+        raise UsageError(f"stored tensor names collide: {', '.join(dup)} (a whole tensor named like another "
+                         f"tensor's '{container.VALUES_SUFFIX}'/'{container.MASK_SUFFIX}' part)")
     header = Header(seed=seed, entries=entries, metadata=_check_metadata(metadata),
                     producer=f"freezepack {__version__}")
     return container.encode_file(header, blobs)
 
 
-def save(path, record_or_module, metadata: dict[str, str] | None = None) -> None:
-    """Write a FreezeNet to ``path`` (.fpk) atomically.
+def _prove(tmp_path: str, target) -> None:
+    """Read the written temp file back as any reader will, before it is published: every tensor must decode,
+    and every reconstruction must match the digest of what the model holds in memory."""
+    report = verify(tmp_path)
+    bad = [t for t in report["tensors"] if not t["ok"]]
+    if bad:
+        first = bad[0]
+        raise MethodError(f"not saved: the file would not reproduce the model in memory: {first['error']}"
+                          + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+                          + ". The frozen weights in memory differ from what seed + initializer + stream regenerate "
+                          "(changed in place, or frozen by other means)", path=target, tensor=first["name"])
 
-    ``record_or_module`` is a :class:`freezepack.record.FreezeRecord` or an ``nn.Module`` trained by freezepack's
-    method (its record comes from ``freezepack.freezenet.freeze_record``). ``metadata``: a small str -> str map.
+
+def save(path, record_or_module, metadata: dict[str, str] | None = None) -> None:
+    """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
+
+    ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
+    are looked through; tied weights are stored once) or a :class:`freezepack.format.record.FreezeRecord`.
+    Before the rename the temp file is read back and every tensor regenerated and compared bit for bit with the
+    model in memory; any difference is a :class:`MethodError` naming the tensor, and nothing is written.
+    ``metadata``: a small str -> str map.
     """
-    record, order = _record_of(record_or_module)
-    container.atomic_write(path, encode_record(record, order, metadata))
+    record, order, truth = _record_of(record_or_module)
+    chunks = encode_record(record, order, metadata, truth)
+    container.atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,9 +204,9 @@ def _check_device(device):
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise SpecError(f"{device!r} is not a torch device") from None
+        raise UsageError(f"{device!r} is not a torch device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device {device!r} requested but CUDA is not available here")
+        raise UsageError(f"device {device!r} requested but CUDA is not available here")
     return dev
 
 
@@ -187,24 +238,21 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
     with _timed(timings, "read"):
         mask_words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
         values = r.read_bytes(e.values, e.name) if e.values else None
-    if e.trainable == e.numel:  # nothing frozen: nothing to regenerate
-        t = out if out is not None else torch.empty(e.shape, dtype=torch.float32, device=device)
-    else:
-        with _timed(timings, "generate"):
-            t = generate(e.init, e.shape, r.header.seed, e.name, device=device if out is None else None, out=out)
-            if e.frozen_scale != 1.0:
-                t.mul_(e.frozen_scale)  # one correctly rounded float32 multiply (FreezeNet-WD)
+    dtype = TORCH_DTYPES[e.dtype]
+    idx = vals = None
     if e.trainable:
-        vals = torch.frombuffer(values, dtype=torch.float32)
-        if e.trainable == e.numel:  # nothing frozen: the values are the tensor
-            with _timed(timings, "scatter"):
-                t.view(-1).copy_(vals)
-        else:
-            with _timed(timings, "decode"):
+        vals = torch.frombuffer(values, dtype=dtype)
+        with _timed(timings, "decode"):
+            if e.trainable == e.numel:
+                idx = torch.arange(e.numel)
+            else:
                 idx = torch.from_numpy(maskcode.decode_indices(e.coder, e.numel, e.trainable, e.coder_params,
                                                                mask_words, where=path, tensor=e.name))
-            with _timed(timings, "scatter"):
-                t.view(-1).index_copy_(0, idx.to(t.device), vals.to(t.device))
+    with _timed(timings, "generate"):
+        t = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
+                        device=device, out=out if out is not None and dtype == torch.float32 else None)
+    if out is not None and t is not out:
+        t = out.copy_(t)
     if check:
         with _timed(timings, "digest"):
             if digest(t) != e.sha256:
@@ -224,13 +272,19 @@ def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
     device = _check_device(device)
     with FpkReader(path, limits) as r:
         if not verify:
-            return {e.name: _materialize(r, e, device, False, timings) for e in r.header.entries}
+            out = {}
+            for e in r.header.entries:  # a tied name is the same tensor object, as in torch's state_dict
+                out[e.name] = out[e.of] if e.kind == "alias" else _materialize(r, e, device, False, timings)
+            return out
         # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
         from concurrent.futures import ThreadPoolExecutor
 
         out, pending = {}, []
         with ThreadPoolExecutor(max_workers=1) as pool:
             for e in r.header.entries:
+                if e.kind == "alias":
+                    out[e.name] = out[e.of]
+                    continue
                 out[e.name] = t = _materialize(r, e, device, False, timings)
                 if e.kind == "frozen":  # a whole tensor's bytes were already checked when read
                     pending.append((e, pool.submit(digest, t)))
@@ -245,34 +299,159 @@ def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
         return out
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile put these before every name
+
+
+def _canonical(name: str, prefix_map: dict[str, str] | None) -> str:
+    """A name with wrapper prefixes removed and the user's prefix map applied (longest prefix first)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    for old in sorted(prefix_map or {}, key=len, reverse=True):
+        if name.startswith(old):
+            return prefix_map[old] + name[len(old):]
+    return name
+
+
+def _match_names(module_names, file_names, prefix_map, path) -> dict[str, str]:
+    """``{file name: module name}``: exact names first, else both sides without wrapper prefixes."""
+    module_names, file_names = list(module_names), list(file_names)
+    if set(file_names) <= set(module_names) and not prefix_map:
+        return {n: n for n in file_names}
+    canon_mod: dict[str, str] = {}
+    for n in module_names:
+        c = _canonical(n, None)
+        if c in canon_mod:
+            raise UsageError(f"the module has two tensors that map to {c!r} ({canon_mod[c]!r}, {n!r})", path=path)
+        canon_mod[c] = n
+    out = {}
+    for n in file_names:
+        c = _canonical(n, prefix_map)
+        if c in canon_mod:
+            out[n] = canon_mod[c]
+    return out
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value) -> None:
+    mod, _, attr = name.rpartition(".")
+    setattr(module.get_submodule(mod), attr, value)
+
+
 def load_into(module: torch.nn.Module, path, *, strict: bool = True, verify: bool = True,
-              limits: Limits = DEFAULT_LIMITS):
+              limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None):
     """Fill ``module``'s parameters and buffers from a .fpk in place, regenerating into their own storage.
 
-    Returns torch's ``(missing_keys, unexpected_keys)`` named tuple; with ``strict`` either is an error.
+    Names match exactly, or with the wrapper prefixes ``module.`` / ``_orig_mod.`` stripped on either side, so
+    files saved from (or loaded into) DataParallel, DDP and ``torch.compile`` models just work; ``prefix_map``
+    (``{"old.prefix.": "new.prefix."}``) renames file tensors. Tied tensors (alias entries) are tied again in
+    ``module`` when they are not already. Returns torch's ``(missing_keys, unexpected_keys)`` named tuple; with
+    ``strict`` either is an error.
     """
     targets = module.state_dict(keep_vars=True)
     with FpkReader(path, limits) as r:
-        names = [e.name for e in r.header.entries]
-        missing = [k for k in targets if k not in set(names)]
-        unexpected = [k for k in names if k not in targets]
+        entries = r.header.entries
+        match = _match_names(targets, [e.name for e in entries], prefix_map, r.path)
+        unexpected = [e.name for e in entries if e.name not in match]
+        missing = [k for k in targets if k not in set(match.values())]
         if strict and (missing or unexpected):
             raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}",
                               path=r.path)
         with torch.no_grad():
-            for e in r.header.entries:
-                if e.name not in targets:
+            for e in entries:
+                if e.name not in match:
                     continue
-                dst = targets[e.name]
+                dst = targets[match[e.name]]
                 if tuple(dst.shape) != e.shape:
                     raise FormatError(f"shape {list(e.shape)} does not fit the module's {list(dst.shape)}",
                                       path=r.path, tensor=e.name)
+                if e.kind == "alias":
+                    src = targets.get(match.get(e.of, ""))
+                    if src is not None and src is not dst and isinstance(src, torch.nn.Parameter):
+                        _set_tensor(module, match[e.name], src)  # re-tie: one Parameter, as when saved
+                        targets[match[e.name]] = src
+                    elif src is not None and src is not dst:
+                        dst.data.copy_(src.data)
+                    continue
                 direct = e.kind == "frozen" and dst.dtype == torch.float32 and dst.is_contiguous()
                 if direct:
                     _materialize(r, e, dst.device, verify, out=dst.data)
                 else:
                     dst.data.copy_(_materialize(r, e, dst.device, verify))
     return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def load_freezenet(module: torch.nn.Module, path, *, device=None, verify: bool = True,
+                   limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None) -> torch.nn.Module:
+    """Make a plain ``module`` the FreezeNet stored in ``path``, ready to train on (resume training).
+
+    Every frozen tensor becomes a FrozenParametrization again (mask, seed, initializer, generator stream and
+    FreezeNet-WD scale restored; its trained values are the only Parameter), whole tensors are copied in, tied
+    tensors are tied. Saving the result unchanged gives the same file. Names are matched as in :func:`load_into`.
+    """
+    from torch.nn.utils import parametrize
+
+    from .method.freezenet import FrozenParametrization
+
+    targets = module.state_dict(keep_vars=True)
+    with FpkReader(path, limits) as r:
+        entries = r.header.entries
+        match = _match_names(targets, [e.name for e in entries], prefix_map, r.path)
+        unexpected = [e.name for e in entries if e.name not in match]
+        missing = [k for k in targets if k not in set(match.values())]
+        if missing or unexpected:
+            raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}",
+                              path=r.path)
+        params: dict[str, FrozenParametrization] = {}
+        for e in entries:
+            name = match[e.name]
+            dst = targets[name]
+            if tuple(dst.shape) != e.shape:
+                raise FormatError(f"shape {list(e.shape)} does not fit the module's {list(dst.shape)}",
+                                  path=r.path, tensor=e.name)
+            dev = dst.device if device is None else _check_device(device)
+            mod, _, attr = name.rpartition(".")
+            owner = module.get_submodule(mod)
+            if e.kind == "alias":
+                src = match[e.of]
+                if src in params:  # a tied frozen tensor: the same parametrization and values Parameter
+                    smod, _, sattr = src.rpartition(".")
+                    sowner = module.get_submodule(smod)
+                    parametrize.register_parametrization(owner, attr, params[src], unsafe=True)
+                    owner.parametrizations[attr].original = sowner.parametrizations[sattr].original
+                elif isinstance(targets[src], torch.nn.Parameter):
+                    setattr(owner, attr, targets[src])
+                continue
+            with torch.no_grad():
+                dense = _materialize(r, e, dev, verify)
+            if e.kind == "whole":
+                with torch.no_grad():
+                    if dst.device != dev:
+                        dst.data = dst.data.to(dev)
+                    dst.data.copy_(dense)
+                continue
+            if not isinstance(dst, torch.nn.Parameter):
+                raise FormatError("a frozen tensor in the file is a buffer in the module, not a parameter",
+                                  path=r.path, tensor=e.name)
+            idx = torch.from_numpy(maskcode.decode_indices(
+                e.coder, e.numel, e.trainable, e.coder_params,
+                r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32), where=r.path,
+                tensor=e.name)) if 0 < e.trainable < e.numel else torch.arange(e.numel if e.trainable else 0)
+            mask = torch.zeros(e.numel, dtype=torch.bool)
+            mask[idx] = True
+            dtype = TORCH_DTYPES[e.dtype]
+            frozen = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, 1.0, None, None, device=dev)
+            p = FrozenParametrization(frozen, mask.view(e.shape), e.init, r.header.seed, e.stream_key)
+            if e.frozen_scale != 1.0:
+                p.set_frozen_scale(e.frozen_scale)
+                p.decay_state.copy_(torch.tensor([e.frozen_scale, 0.0], dtype=torch.float64))
+            with torch.no_grad():
+                dst.data = dense.to(dev)  # right_inverse takes the trained values from here
+            parametrize.register_parametrization(owner, attr, p, unsafe=True)
+            params[name] = p
+    return module
 
 
 class FpkFile:
@@ -309,7 +488,10 @@ class FpkFile:
         return self._entries[name]
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        return _materialize(self._r, self.entry(name), self._device, self._verify)
+        e = self.entry(name)
+        if e.kind == "alias":
+            e = self.entry(e.of)
+        return _materialize(self._r, e, self._device, self._verify)
 
     def close(self) -> None:
         self._r.close()
@@ -343,7 +525,8 @@ def verify(path, device=None, *, limits: Limits = DEFAULT_LIMITS, progress=None)
     with FpkReader(path, limits) as r:
         for i, e in enumerate(r.header.entries):
             try:
-                _materialize(r, e, device, True)
+                if e.kind != "alias":  # an alias is its target's tensor, checked under the target's name
+                    _materialize(r, e, device, True)
                 results.append({"name": e.name, "ok": True})
             except FreezepackError as err:
                 results.append({"name": e.name, "ok": False, "error": err.reason})
@@ -361,6 +544,10 @@ def inspect(path, *, limits: Limits = DEFAULT_LIMITS) -> dict:
         rows = []
         dense_bytes = frozen_elems = frozen_total = 0
         for e in h.entries:
+            if e.kind == "alias":
+                rows.append({"name": e.name, "kind": "alias", "of": e.of, "shape": list(e.shape), "dtype": e.dtype,
+                             "numel": e.numel, "dense_bytes": 0, "stored_bytes": 0})
+                continue
             nbytes = e.numel * container.DTYPE_SIZES[e.dtype]
             dense_bytes += nbytes
             row = {"name": e.name, "kind": e.kind, "shape": list(e.shape), "dtype": e.dtype, "numel": e.numel,
@@ -370,7 +557,7 @@ def inspect(path, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                 frozen_elems += e.numel - e.trainable
                 mb = h.stored[e.mask].nbytes if e.mask else 0
                 vb = h.stored[e.values].nbytes if e.values else 0
-                row.update(init=e.init.name, dist=e.init.dist, frozen_scale=e.frozen_scale, trainable=e.trainable,
+                row.update(stream=e.stream_key, init=e.init.name, dist=e.init.dist, frozen_scale=e.frozen_scale, trainable=e.trainable,
                            q=(1 - e.trainable / e.numel) if e.numel else 1.0, coder=e.coder, mask_bytes=mb,
                            mask_entropy_bytes=round(maskcode.entropy_bytes(e.numel, e.trainable), 1),
                            values_bytes=vb, stored_bytes=mb + vb)

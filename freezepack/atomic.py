@@ -21,10 +21,12 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True) -> None:
+def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, validate=None) -> None:
     """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically.
 
     ``fsync=False`` skips the flushes for content-addressed scratch files whose readers re-check them anyway.
+    ``validate(tmp_path)`` is called on the complete temp file before the rename (a writer proves what it
+    publishes); if it raises, the temp file is removed and ``path`` is untouched.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -37,6 +39,8 @@ def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True) -> 
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        if validate is not None:
+            validate(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

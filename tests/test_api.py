@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import freezepack
 from freezepack import api
 from freezepack.experiments import models
-from freezepack.errors import FormatError, IntegrityError, SpecError
+from freezepack.errors import FormatError, IntegrityError, SpecError, UsageError
 from freezepack.format.init import make_init
 
 from fpk_helpers import random_mask, record_for, rewrite, small_record
@@ -75,7 +75,7 @@ def test_metadata_and_lazy_open(tmp_path):
         with pytest.raises(KeyError):
             f.get_tensor("nope")
         assert "fc.bias" in f and len(f) == len(list(f)) == 7
-    with pytest.raises(SpecError, match="metadata"):
+    with pytest.raises(UsageError, match="metadata"):
         freezepack.save(p, rec, metadata={"n": 1})
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import freezepack
 from freezepack.format import container
 from freezepack.api import encode_record
-from freezepack.errors import FormatError, FreezepackError, IntegrityError, SpecError
+from freezepack.errors import FormatError, FreezepackError, IntegrityError, SpecError, UsageError
 
 from fpk_helpers import record_for, rewrite, small_record, split_file
 
@@ -193,14 +193,14 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_name_collisions_and_bad_records_are_refused(tmp_path):
     rec = record_for({"w": (4, 4)}, 0.5)
     rec.whole["w#values"] = torch.zeros(3)
-    with pytest.raises(SpecError, match="collide"):
+    with pytest.raises(UsageError, match="collide"):
         freezepack.save(tmp_path / "x.fpk", rec)
     rec = record_for({"w": (4, 4)}, 0.5)
     rec.frozen["w"].values = rec.frozen["w"].values[:-1]
-    with pytest.raises(SpecError, match="one per True"):
+    with pytest.raises(UsageError, match="one per True"):
         freezepack.save(tmp_path / "x.fpk", rec)
     rec = record_for({"w": (4, 4)}, 0.5, frozen_scale=0.1)  # 0.1 is not a float32 number
-    with pytest.raises(SpecError, match="float32"):
+    with pytest.raises(UsageError, match="float32"):
         freezepack.save(tmp_path / "x.fpk", rec)
     assert not (tmp_path / "x.fpk").exists()
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freezepack import SpecError
+from freezepack import MethodError, SpecError, UsageError
 from freezepack.method.freezenet import (apply_frozen_decay, dense_state_dict, freeze, freeze_record, init_weights,
                                   make_freezenet, parameter_count, rates, trainable_count, trainable_masks)
 from freezepack.format.init import generate, make_init
@@ -180,16 +180,20 @@ def test_make_freezenet_is_deterministic_and_counts_are_exact():
 
 def test_bad_masks_and_seeds_are_clear_errors():
     model = SmallNet()
-    with pytest.raises(SpecError, match="mask shape"):
+    with pytest.raises(MethodError, match="mask shape"):
         freeze(model, {"conv.weight": torch.ones(3, dtype=torch.bool)}, 0)
-    with pytest.raises(SpecError, match="not a Conv/Linear weight"):
-        freeze(model, {"bn.weight": torch.ones(6, dtype=torch.bool)}, 0)
+    with pytest.raises(MethodError, match="not a freezable tensor"):
+        freeze(model, {"nosuch.weight": torch.ones(6, dtype=torch.bool)}, 0)
+    with pytest.raises(MethodError, match="not a freezable tensor"):  # a buffer, not a parameter
+        freeze(model, {"bn.num_batches_tracked": torch.ones((), dtype=torch.bool)}, 0)
     frozen = frozen_small(seed=3)
-    with pytest.raises(SpecError, match="already frozen"):
+    with pytest.raises(MethodError, match="already frozen"):
         freeze(frozen, {"conv.weight": torch.ones(6, 1, 3, 3, dtype=torch.bool)}, 3)
-    with pytest.raises(SpecError, match="differs from the seed 3"):
+    with pytest.raises(MethodError, match="already a FreezeNet"):
+        make_freezenet(frozen, data(), 0.9, 3)
+    with pytest.raises(UsageError, match="differs from the seed 3"):
         freeze_record(frozen, seed=4)
-    with pytest.raises(SpecError, match="unknown mask method"):
+    with pytest.raises(UsageError, match="unknown mask method"):
         make_freezenet(SmallNet(), data(), 0.9, 0, method="magnitude")
 
 

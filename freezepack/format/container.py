@@ -212,11 +212,12 @@ def encode_file(h: Header, blobs: dict[str, tuple[str, tuple[int, ...], bytes]])
     return [struct.pack("<Q", len(text)) + text] + [blobs[k][2] for k in order]
 
 
-def atomic_write(path, chunks) -> None:
-    """Write chunks to ``path`` atomically (freezepack.atomic); a directory at ``path`` is refused clearly."""
+def atomic_write(path, chunks, *, validate=None) -> None:
+    """Write chunks to ``path`` atomically (freezepack.atomic); a directory at ``path`` is refused clearly.
+    ``validate(tmp_path)`` runs on the complete temp file before the rename; if it raises, nothing is published."""
     if os.path.isdir(os.fspath(path)):
         raise FormatError("is a directory, cannot write a file there", path=os.fspath(path))
-    _atomic_write(path, chunks)
+    _atomic_write(path, chunks, validate=validate)
 
 
 # ---------------------------------------------------------------------------------------------------------------

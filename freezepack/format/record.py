@@ -1,8 +1,9 @@
 """The freeze record: what a FreezeNet *is*, independent of any module or file layout.
 
-The method (freezepack.method.freezenet) produces it from a trained model; the api/container store it; a loader turns it
-back into dense tensors. Mask convention everywhere: ``True`` = trainable (value stored), ``False`` = frozen
-(regenerated from seed + initializer, times ``frozen_scale``).
+The method (freezepack.method.freezenet) produces it from a trained model; the api/container store it; a loader
+turns it back into dense tensors with :func:`reconstruct` (the one implementation of spec/FORMAT.md §5.3).
+Mask convention everywhere: ``True`` = trainable (value stored), ``False`` = frozen (regenerated from seed +
+initializer + stream, times ``frozen_scale``).
 """
 from __future__ import annotations
 
@@ -13,45 +14,86 @@ import torch
 from .init import InitSpec, generate
 from .rng import SPEC_VERSION
 
+# Dense dtypes a frozen tensor may have. The generator makes float32; the others are its round-to-nearest-even cast.
+FROZEN_TORCH_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtype, frozen_scale: float,
+                index: torch.Tensor | None, values: torch.Tensor | None, *, device=None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """A frozen tensor's dense value (FORMAT.md §5.3): regenerate, round to ``dtype``, scale, scatter the values.
+
+    ``G`` = generator float32 output for (seed, stream); ``dense = round_dtype(G)``; if ``frozen_scale != 1``:
+    ``dense = round_dtype(dense x frozen_scale)`` (one correctly rounded multiply: for F16/BF16 the product of two
+    such numbers is exact in float32, so computing it there and rounding once is the same); then
+    ``dense[index] = values``. ``out`` (float32 only) receives the result in place.
+    """
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    k = 0 if index is None else int(index.numel())
+    if k == numel and numel:  # nothing frozen: nothing to regenerate
+        t = out if out is not None else torch.empty(tuple(shape), dtype=dtype, device=device)
+    else:
+        t = generate(init, shape, seed, stream, device=device if out is None else None,
+                     out=out if dtype == torch.float32 else None)
+        if dtype != torch.float32:
+            t = t.to(dtype)
+        if frozen_scale != 1.0:
+            t.mul_(frozen_scale)
+    if k:
+        vals = values.to(device=t.device, dtype=dtype).reshape(-1)
+        if k == numel:
+            t.view(-1).copy_(vals)
+        else:
+            t.view(-1).index_copy_(0, index.to(t.device), vals)
+    return t
+
 
 @dataclass
 class FrozenTensor:
-    """One partly frozen tensor. ``values`` = dense[mask] in row-major (C) order, float32, 1-D."""
+    """One partly frozen tensor. ``values`` = dense[mask] in row-major (C) order, 1-D, in the tensor's dtype
+    (float32, float16 or bfloat16)."""
 
     init: InitSpec
     mask: torch.Tensor          # bool, the tensor's shape
-    values: torch.Tensor        # float32, shape (mask.sum(),)
-    frozen_scale: float = 1.0   # FreezeNet-WD: frozen = generator output * frozen_scale (a float32 number)
+    values: torch.Tensor        # shape (mask.sum(),), dtype = the dense tensor's dtype
+    frozen_scale: float = 1.0   # FreezeNet-WD: frozen = generator output * frozen_scale
+    stream: str | None = None   # generator stream key fixed when frozen; None = the tensor's name
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.mask.shape)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
     def dense(self, seed: int, name: str, device=None) -> torch.Tensor:
         """Regenerate the frozen part on ``device`` and scatter the trained values in."""
-        out = generate(self.init, self.shape, seed, name, device=device)
-        if self.frozen_scale != 1.0:
-            out.mul_(self.frozen_scale)
-        mask = self.mask.to(out.device)
-        out[mask] = self.values.to(device=out.device, dtype=torch.float32)
-        return out
+        index = self.mask.reshape(-1).nonzero().squeeze(1)
+        return reconstruct(self.init, self.shape, seed, self.stream or name, self.dtype, self.frozen_scale, index,
+                           self.values, device=device)
 
 
 @dataclass
 class FreezeRecord:
     """A whole model: per-tensor frozen entries plus tensors stored whole (biases, BatchNorm, anything else).
 
-    Tensor names are the model's ``state_dict`` keys; each frozen tensor's generator stream is derived from its
-    name (spec/RNG.md), so names must be stable between save and load.
+    Tensor names are the model's ``state_dict`` keys. A frozen tensor's generator stream is its ``stream`` (fixed
+    when it was frozen), else its name. ``aliases`` maps a tied name to the name whose storage it shares.
     """
 
     seed: int
     frozen: dict[str, FrozenTensor] = field(default_factory=dict)
     whole: dict[str, torch.Tensor] = field(default_factory=dict)
     spec_version: str = SPEC_VERSION
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def state_dict(self, device=None) -> dict[str, torch.Tensor]:
         sd = {k: v.to(device) for k, v in self.whole.items()}
         for name, ft in self.frozen.items():
             sd[name] = ft.dense(self.seed, name, device=device)
+        for alias, target in self.aliases.items():
+            sd[alias] = sd[target]
         return sd

@@ -12,51 +12,85 @@ entry of a tensor follows the same scalar recursion, so frozen = generator outpu
 """
 from __future__ import annotations
 
+import fnmatch
+import json
+
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import SpecError
+from ..errors import FreezepackError, MethodError, SpecError, UsageError
 from ..format.init import InitSpec, generate, make_init
-from ..format.record import FreezeRecord, FrozenTensor
-from .saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores,
-                       snip_scores)
+from ..format.record import FROZEN_TORCH_DTYPES, FreezeRecord, FrozenTensor
+from .saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores, snip_scores,
+                       tensor_groups)
 
 METHODS = ("snip", "grasp", "random")
 
 
 class FrozenParametrization(nn.Module):
-    """``values`` (k,) -> dense weight: frozen generator values with the k trainable entries scattered in."""
+    """``values`` (k,) -> dense weight: frozen generator values with the k trainable entries scattered in.
 
-    def __init__(self, frozen: torch.Tensor, mask: torch.Tensor, init: InitSpec, seed: int, name: str):
+    It remembers where its frozen values come from: ``seed``, ``init`` and the generator ``stream`` (the tensor's
+    name *when it was frozen*). The stream travels with the tensor, so renaming, wrapping (``DataParallel``,
+    ``torch.compile``) or saving a parent module never changes which values a file regenerates. The three are also
+    kept in the ``spec`` buffer (JSON bytes), so ``state_dict()`` round trips carry them.
+    """
+
+    def __init__(self, frozen: torch.Tensor, mask: torch.Tensor, init: InitSpec, seed: int, stream: str):
         super().__init__()
         if frozen.shape != mask.shape:
-            raise SpecError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(frozen.shape)}", tensor=name)
-        self.init, self.seed, self.name = init, int(seed), name
+            raise MethodError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(frozen.shape)}", tensor=stream)
+        if frozen.dtype not in FROZEN_TORCH_DTYPES:
+            raise MethodError(f"a frozen tensor must be float32, float16 or bfloat16, not {frozen.dtype}",
+                              tensor=stream)
+        self.init, self.seed, self.stream = init, int(seed), str(stream)
         mask = mask.to(device=frozen.device, dtype=torch.bool)
-        self.register_buffer("frozen", frozen.detach().to(torch.float32).contiguous())
+        self.register_buffer("frozen", frozen.detach().contiguous())
         self.register_buffer("mask", mask)
         self.register_buffer("index", mask.reshape(-1).nonzero().squeeze(1), persistent=False)
         self.register_buffer("frozen_scale", torch.ones((), dtype=torch.float32, device=frozen.device))
         # FreezeNet-WD state of the scale's SGD recursion (scale, momentum buffer), kept in float64.
         self.register_buffer("decay_state", torch.tensor([1.0, 0.0], dtype=torch.float64, device=frozen.device))
+        self.register_buffer("spec", self._spec_bytes().to(frozen.device))
 
         self._unit_scale = True  # skip the multiply (one pass over the weight) until FreezeNet-WD scales
+
+    @property
+    def name(self) -> str:  # the stream key; older code called it the name
+        return self.stream
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         if self._unit_scale:
             return self.frozen.view(-1).index_put((self.index,), values).view(self.frozen.shape)
-        w = self.frozen * self.frozen_scale  # a fresh tensor, so the in-place scatter is safe
+        # frozen x scale in the frozen dtype: one correctly rounded multiply, as a reader does (FORMAT.md §5.3)
+        w = self.frozen * self.frozen_scale.to(self.frozen.dtype)  # a fresh tensor: the in-place scatter is safe
         return w.view(-1).index_put_((self.index,), values).view(self.frozen.shape)
 
     def set_frozen_scale(self, scale: float) -> None:
         self.frozen_scale.fill_(scale)
         self._unit_scale = scale == 1.0
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _spec_bytes(self) -> torch.Tensor:
+        text = json.dumps({"stream": self.stream, "seed": str(self.seed), "init": self.init.to_json()},
+                          sort_keys=True, separators=(",", ":"))
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The origin (stream, seed, init) travels as a uint8 buffer of JSON, so a state_dict stays tensors only
+        # (safetensors- and weights_only-loadable). It may differ in length from ours: take its size first.
+        spec = state_dict.get(prefix + "spec")
+        if isinstance(spec, torch.Tensor) and spec.dtype == torch.uint8 and spec.dim() == 1:
+            self.spec = torch.empty_like(spec, device=self.spec.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        try:
+            d = json.loads(bytes(self.spec.cpu().numpy()).decode("utf-8"))
+            self.stream, self.seed, self.init = str(d["stream"]), int(d["seed"]), InitSpec.from_json(d["init"])
+        except (ValueError, KeyError, TypeError, FreezepackError) as e:
+            raise MethodError(f"not a freezepack frozen-tensor state ({prefix}spec): {e}") from None
         self._unit_scale = float(self.frozen_scale) == 1.0
+        self.index = self.mask.reshape(-1).nonzero().squeeze(1)  # a loaded mask brings its own positions
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Dense weight -> its trainable entries (used when the parametrization is installed or assigned)."""
@@ -73,13 +107,24 @@ def _module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     try:
         return model.get_submodule(mod), attr
     except AttributeError:
-        raise SpecError(f"model has no module {mod!r}", tensor=name) from None
+        raise MethodError(f"model has no module {mod!r}", tensor=name) from None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside ``DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def frozen_parametrizations(model: nn.Module) -> dict[str, FrozenParametrization]:
-    """``{clean tensor name: parametrization}`` of every frozen tensor in the model."""
+    """``{clean tensor name: parametrization}`` of every frozen tensor in the model (tied names share one)."""
     out = {}
-    for mname, module in model.named_modules():
+    for mname, module in model.named_modules(remove_duplicate=False):
         if parametrize.is_parametrized(module):
             for attr, plist in module.parametrizations.items():
                 if len(plist) == 1 and isinstance(plist[0], FrozenParametrization):
@@ -88,82 +133,123 @@ def frozen_parametrizations(model: nn.Module) -> dict[str, FrozenParametrization
 
 
 def trainable_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: bool mask}`` (True = trainable) of every frozen tensor."""
-    return {n: p.mask for n, p in frozen_parametrizations(model).items()}
+    """``{name: bool mask}`` (True = trainable) of every frozen tensor, each tied tensor once."""
+    out, seen = {}, set()
+    for n, p in frozen_parametrizations(model).items():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[n] = p.mask
+    return out
 
 
-def init_weights(model: nn.Module, seed: int, init: str = "xavier_normal", init_params: dict | None = None,
-                 names=None) -> nn.Module:
-    """Set Conv/Linear weights from freezepack's generator and their biases to zero (no torch RNG involved)."""
-    weights = prunable_weights(model)
+def _resolve_init(init, name: str, shape, init_params: dict | None) -> InitSpec:
+    """``init``: an initializer name for every tensor, or ``{glob: name}`` (first match wins; ``*`` = default)."""
+    if isinstance(init, dict):
+        for pat, ini in init.items():
+            if fnmatch.fnmatchcase(name, pat):
+                return make_init(ini, shape, **(init_params or {}))
+        raise UsageError(f"no initializer pattern matches {name!r} (add a '*' entry)", tensor=name)
+    return make_init(init, shape, **(init_params or {}))
+
+
+def init_weights(model: nn.Module, seed: int, init="xavier_normal", init_params: dict | None = None,
+                 names=None, *, select=None) -> nn.Module:
+    """Set the selected weights from freezepack's generator (stream = their name) and their layers' biases to
+    zero (no torch RNG involved). Tied weights are set once."""
+    weights = prunable_weights(model, select)
     for name in names if names is not None else list(weights):
         if name not in weights:
-            raise SpecError("not a Conv/Linear weight of the model", tensor=name)
+            raise UsageError("not a freezable weight of the model (see select=)", tensor=name)
         w = weights[name]
-        spec = make_init(init, w.shape, **(init_params or {}))
-        module, _ = _module(model, name)
+        spec = _resolve_init(init, name, w.shape, init_params)
+        module, attr = _module(model, name)
         with torch.no_grad():
-            w.copy_(generate(spec, w.shape, seed, name, device=w.device))
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+            w.copy_(generate(spec, w.shape, seed, name, device=w.device))  # rounds to w's dtype (RNE)
+            bias = getattr(module, "bias", None) if attr == "weight" else None
+            if isinstance(bias, torch.Tensor) and bias is not w:
+                bias.zero_()
     return model
 
 
-def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init: str = "xavier_normal",
+def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xavier_normal",
            init_params: dict | None = None, *, frozen_init: str | None = None,
-           frozen_init_params: dict | None = None) -> nn.Module:
+           frozen_init_params: dict | None = None, select=None) -> nn.Module:
     """Freeze ``model`` in place: every tensor in ``masks`` (True = trainable) becomes a FrozenParametrization.
 
     Its weights are swapped to the generator's ``init`` values for (seed, name); the trainable entries start
     from those. The frozen entries are the ``frozen_init`` values when given (``"zeros"`` = SNIP pruning),
-    else the same ``init`` values. Returns the model.
+    else the same ``init`` values. A tied tensor is frozen once and stays tied. Returns the model.
     """
-    weights = prunable_weights(model)
+    groups = tensor_groups(model, select if select is not None else (lambda n, t: True))
     for name, mask in masks.items():
-        if name not in weights:
-            raise SpecError("not a Conv/Linear weight of the model (or already frozen)", tensor=name)
-        w = weights[name]
+        if name not in groups:
+            hint = " (already frozen?)" if name in frozen_parametrizations(model) else ""
+            raise MethodError(f"not a freezable tensor of the model{hint}", tensor=name)
+        w = model.get_parameter(name)
         if tuple(mask.shape) != tuple(w.shape):
-            raise SpecError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(w.shape)}", tensor=name)
-        spec = make_init(init, w.shape, **(init_params or {}))
+            raise MethodError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(w.shape)}", tensor=name)
+        if w.dtype not in FROZEN_TORCH_DTYPES:
+            raise MethodError(f"cannot freeze a {w.dtype} tensor (float32, float16, bfloat16 only)", tensor=name)
+        spec = _resolve_init(init, name, w.shape, init_params)
         start = generate(spec, w.shape, seed, name, device=w.device)
         if frozen_init is None:
             fspec, frozen = spec, start
         else:
             fspec = make_init(frozen_init, w.shape, **(frozen_init_params or {}))
             frozen = generate(fspec, w.shape, seed, name, device=w.device)
-        module, attr = _module(model, name)
         with torch.no_grad():
             w.copy_(start)
-        parametrize.register_parametrization(
-            module, attr, FrozenParametrization(frozen, mask, fspec, seed, name), unsafe=True)
+        p = FrozenParametrization(frozen.to(w.dtype), mask, fspec, seed, name)
+        module, attr = _module(model, name)
+        parametrize.register_parametrization(module, attr, p, unsafe=True)
+        values = module.parametrizations[attr].original
+        for alias in groups[name][1:]:  # tied: the same parametrization and the same values Parameter
+            amod, aattr = _module(model, alias)
+            parametrize.register_parametrization(amod, aattr, p, unsafe=True)
+            amod.parametrizations[aattr].original = values
     return model
 
 
-def make_freezenet(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], q: float, seed: int,
-                   method: str = "snip", init: str = "xavier_normal", init_params: dict | None = None, *,
-                   reinit: str | None = None, reinit_params: dict | None = None, prune: bool = False,
-                   one_per_layer: bool = True) -> nn.Module:
+def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "snip", init="xavier_normal",
+                   init_params: dict | None = None, *, reinit: str | None = None, reinit_params: dict | None = None,
+                   prune: bool = False, one_per_layer: bool = True, select=None, loss_fn=None) -> nn.Module:
     """The paper's Algorithm 1 on a plain model, in place: init, score one batch, threshold, freeze.
 
-    ``method`` picks the scores (``snip``, ``grasp``, ``random``). ``reinit`` re-initialises all weights with
-    another initializer after the mask is chosen (paper sect. 4.5). ``prune=True`` makes the frozen part zero:
-    SNIP/GraSP pruning as a baseline, stored with the ``zeros`` initializer.
+    ``method`` picks the scores (``snip``, ``grasp``, ``random``). ``select`` picks the tensors to freeze (default:
+    the weights of Linear, Conv*/ConvTranspose*, Embedding, Bilinear and MultiheadAttention's input projections;
+    or names / globs / ``re:`` patterns / ``f(name, tensor) -> bool``). ``loss_fn(model, batch) -> scalar`` scores
+    any model (default: cross-entropy of ``model(batch[0])`` against ``batch[1]``). ``init``: an initializer name
+    or ``{glob: name}``. ``reinit`` re-initialises all weights with another initializer after the mask is chosen
+    (paper sect. 4.5). ``prune=True`` makes the frozen part zero: SNIP/GraSP pruning as a baseline.
     """
     if method not in METHODS:
-        raise SpecError(f"unknown mask method {method!r} (known: {', '.join(METHODS)})")
-    init_weights(model, seed, init, init_params)
-    inputs, targets = batch
+        raise UsageError(f"unknown mask method {method!r} (known: {', '.join(METHODS)})")
+    target = unwrap(model)
+    if frozen_parametrizations(target):
+        raise MethodError(f"{type(target).__name__} is already a FreezeNet; make_freezenet takes a plain model "
+                          "(to continue training from a file use freezepack.load_freezenet)")
+    init_weights(target, seed, init, init_params, select=select)
     if method == "snip":
-        scores = snip_scores(model, inputs, targets)
+        scores = snip_scores(model, batch, loss_fn=loss_fn, select=select)
     elif method == "grasp":
-        scores = grasp_scores(model, inputs, targets)
+        scores = grasp_scores(model, batch, loss_fn=loss_fn, select=select)
     else:
-        scores = random_scores(model, seed)
+        scores = random_scores(target, seed, select=select)
+    scores = {_strip(n, model, target): s for n, s in scores.items()}
     masks = global_mask(scores, q, seed, one_per_layer=one_per_layer)
-    freeze(model, masks, seed, reinit or init, reinit_params if reinit else init_params,
+    freeze(target, masks, seed, reinit or init, reinit_params if reinit else init_params,
            frozen_init="zeros" if prune else None)
     return model
+
+
+def _strip(name: str, model: nn.Module, target: nn.Module) -> str:
+    """A name seen through wrappers (``module.``, ``_orig_mod.``) as the unwrapped model's name."""
+    m = model
+    while m is not target:
+        prefix = "module." if hasattr(m, "module") and isinstance(m.module, nn.Module) else "_orig_mod."
+        name = name[len(prefix):] if name.startswith(prefix) else name
+        m = m.module if prefix == "module." else m._orig_mod
+    return name
 
 
 @torch.no_grad()
@@ -174,7 +260,10 @@ def apply_frozen_decay(model: nn.Module, lr: float, weight_decay: float, momentu
     For a frozen entry w = s*g the decay gradient is wd*s*g, so the momentum buffer is b*g and
     b <- momentum*b + wd*s, s <- s - lr*b: exact for every entry at once.
     """
-    for p in frozen_parametrizations(model).values():
+    for p in {id(p): p for p in frozen_parametrizations(model).values()}.values():  # tied tensors once
+        if p.frozen.dtype != torch.float32:
+            raise MethodError(f"FreezeNet-WD needs float32 frozen tensors, this one is {p.frozen.dtype}",
+                              tensor=p.stream)
         s, b = (float(v) for v in p.decay_state.tolist())
         b = momentum * b + weight_decay * s
         s = s - lr * b
@@ -183,7 +272,8 @@ def apply_frozen_decay(model: nn.Module, lr: float, weight_decay: float, momentu
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict under the plain model's names (``conv1.weight``), frozen tensors made dense."""
+    """The model's state_dict under the plain model's names (``conv1.weight``), frozen tensors made dense: exactly
+    the weights the forward pass uses."""
     out = {}
     for key, t in model.state_dict().items():
         head, sep, rest = key.partition("parametrizations.")
@@ -197,29 +287,58 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def freeze_record(model: nn.Module, seed: int | None = None) -> FreezeRecord:
-    """The model as a :class:`FreezeRecord` (on CPU): frozen tensors by mask + values, everything else whole.
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` for every tensor that appears under several state_dict names (tied weights)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in frozen_parametrizations(model).items():
+        key = id(p)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    for name, t in model.state_dict(keep_vars=True).items():
+        if ".parametrizations." in "." + name:
+            continue
+        key = id(t)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
 
-    A plain module gives a record with every tensor in ``whole`` (``seed`` defaults to 0 then).
+
+def freeze_record(model: nn.Module, seed: int | None = None) -> FreezeRecord:
+    """The model as a :class:`FreezeRecord` (on CPU): frozen tensors by mask + values + their own generator
+    stream, tied tensors once (``aliases``), everything else whole. Wrappers (DataParallel, DDP, torch.compile)
+    are looked through. A plain module gives a record with every tensor in ``whole`` (``seed`` defaults to 0).
     """
+    model = unwrap(model)
     params = frozen_parametrizations(model)
     seeds = {p.seed for p in params.values()}
     if len(seeds) > 1:
-        raise SpecError(f"frozen tensors use different seeds {sorted(seeds)}; a record holds one seed")
+        raise MethodError(f"frozen tensors use different seeds {sorted(seeds)}; a file holds one seed")
     if seeds:
         (model_seed,) = seeds
         if seed is not None and int(seed) != model_seed:
-            raise SpecError(f"seed={seed} differs from the seed {model_seed} the model was frozen with")
+            raise UsageError(f"seed={seed} differs from the seed {model_seed} the model was frozen with")
         seed = model_seed
+    aliases = _tied_names(model)
     frozen = {}
     for name, p in params.items():
+        if name in aliases:
+            continue
         module, attr = _module(model, name)
         values = module.parametrizations[attr].original.detach()
+        if values.dtype != p.frozen.dtype:
+            raise MethodError(f"trainable values are {values.dtype} but the frozen part is {p.frozen.dtype}; "
+                              "convert the whole model with .to(dtype)", tensor=name)
         frozen[name] = FrozenTensor(init=p.init, mask=p.mask.detach().cpu().clone(),
-                                    values=values.to("cpu", torch.float32).clone(),
-                                    frozen_scale=float(p.frozen_scale))
-    whole = {k: v.detach().cpu().clone() for k, v in dense_state_dict(model).items() if k not in frozen}
-    return FreezeRecord(seed=int(seed or 0), frozen=frozen, whole=whole)
+                                    values=values.to("cpu").clone(), frozen_scale=float(p.frozen_scale),
+                                    stream=None if p.stream == name else p.stream)
+    whole = {k: v.detach().cpu().clone() for k, v in dense_state_dict(model).items()
+             if k not in frozen and k not in aliases}
+    return FreezeRecord(seed=int(seed or 0), frozen=frozen, whole=whole, aliases=aliases)
 
 
 def rates(model: nn.Module) -> tuple[float, float]:
@@ -231,8 +350,8 @@ def rates(model: nn.Module) -> tuple[float, float]:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Parameters of the plain model (frozen tensors count whole): the denominator of q_beta."""
-    frozen = frozen_parametrizations(model)
+    """Parameters of the plain model (frozen tensors count whole, tied ones once): the denominator of q_beta."""
+    frozen = {id(p): p for p in frozen_parametrizations(model).values()}
     n = sum(p.frozen.numel() for p in frozen.values())
     return n + sum(p.numel() for name, p in model.named_parameters() if ".parametrizations." not in "." + name)
 

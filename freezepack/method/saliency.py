@@ -7,7 +7,10 @@ together, plus one random weight in any layer that would otherwise have none (pa
 """
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
+from collections.abc import Callable
 from fractions import Fraction
 
 import torch
@@ -16,62 +19,169 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..format import rng
-from ..errors import SpecError
+from ..errors import FreezepackError, MethodError, SpecError, UsageError
 
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Layers whose weight is frozen by default: every dense linear map of an ordinary model. Norms and biases stay
+# trainable (they are few and the paper trains them); anything else is reachable with ``select``.
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.Embedding, nn.EmbeddingBag, nn.Bilinear)
+# nn.MultiheadAttention keeps its input projections as raw parameters (out_proj is an nn.Linear).
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
 
 
-def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{state_dict name: weight}`` of every Conv/Linear weight not already frozen, in module order."""
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    """The paper's loss: ``batch = (inputs, class labels)``, cross-entropy of the model's logits."""
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs), targets)
+
+
+def _default_selected(module: nn.Module, attr: str) -> bool:
+    if isinstance(module, PRUNABLE_TYPES):
+        return attr == "weight"
+    return isinstance(module, nn.MultiheadAttention) and attr in _MHA_WEIGHTS
+
+
+def _selector(select) -> Callable[[str, nn.Module, str], bool]:
+    """``select``: None (default layers), a name / glob / ``re:regex`` or a list of them, or ``f(name, tensor)``."""
+    if select is None:
+        return lambda name, module, attr: _default_selected(module, attr)
+    if callable(select):
+        return lambda name, module, attr: bool(select(name, getattr(module, attr)))
+    pats = [select] if isinstance(select, str) else list(select)
+    if not pats or not all(isinstance(x, str) and x for x in pats):
+        raise UsageError(f"select must be None, a callable, or name/glob/'re:' patterns, got {select!r}")
+    compiled = []
+    for x in pats:
+        try:
+            compiled.append(re.compile(x[3:]) if x.startswith("re:") else re.compile(fnmatch.translate(x)))
+        except re.error as e:
+            raise UsageError(f"select pattern {x!r} is not a valid regular expression: {e}") from None
+    return lambda name, module, attr: any(c.fullmatch(name) for c in compiled)
+
+
+def tensor_groups(model: nn.Module, select=None) -> dict[str, list[str]]:
+    """``{canonical name: [every name of that tensor]}`` for the selected, not yet frozen parameters.
+
+    Tied parameters (one ``nn.Parameter`` in several modules, e.g. an LM's input and output embedding) form one
+    group: frozen once, under the first name in module order, and stay shared.
+    """
+    choose = _selector(select)
+    groups: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        if parametrize.is_parametrized(module) and hasattr(module, "parametrizations"):
+            skip = set(module.parametrizations.keys())
+        else:
+            skip = set()
+        for attr, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if attr in skip or ".parametrizations." in f".{mname}.":
+                continue
+            name = f"{mname}.{attr}" if mname else attr
+            groups.setdefault(id(param), [])
+            if name not in groups[id(param)]:
+                groups[id(param)].append(name)
+            tensors[id(param)] = param
     out = {}
-    for mname, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES) and not parametrize.is_parametrized(module, "weight"):
-            out[f"{mname}.weight" if mname else "weight"] = module.weight
+    for key, names in groups.items():
+        first = names[0]
+        module = model.get_submodule(first.rpartition(".")[0])
+        if choose(first, module, first.rpartition(".")[2]) and tensors[key].is_floating_point():
+            out[first] = names
     return out
 
 
-def _weights_for_scoring(model: nn.Module) -> dict[str, torch.Tensor]:
-    weights = prunable_weights(model)
+def prunable_weights(model: nn.Module, select=None) -> dict[str, torch.Tensor]:
+    """``{state_dict name: weight}`` of every selected tensor not already frozen, in module order, ties once."""
+    return {name: model.get_parameter(name) for name in tensor_groups(model, select)}
+
+
+def _weights_for_scoring(model: nn.Module, select=None) -> dict[str, torch.Tensor]:
+    weights = prunable_weights(model, select)
     if not weights:
-        raise SpecError(f"{type(model).__name__} has no Conv/Linear weight to score")
+        raise MethodError(f"{type(model).__name__} has no tensor to freeze (select={select!r})")
     if any(not w.requires_grad for w in weights.values()):
-        raise SpecError("score the plain model before freezing it: a weight does not require grad")
+        raise MethodError("score the plain model before freezing it: a selected weight does not require grad")
     return weights
 
 
-def snip_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SNIP saliency (paper eq. 1): |dL/dW * W| of the current weights on one batch, normalised to sum 1."""
-    weights = _weights_for_scoring(model)
-    loss = F.cross_entropy(model(inputs), targets)
-    grads = torch.autograd.grad(loss, list(weights.values()))
-    scores = {n: (g * w).detach().abs() for (n, w), g in zip(weights.items(), grads)}
+def _loss(model: nn.Module, batch, loss_fn: LossFn | None, what: str) -> torch.Tensor:
+    """Run the user's loss; any failure inside becomes a MethodError that names the step."""
+    try:
+        loss = (loss_fn or default_loss)(model, batch)
+    except FreezepackError:
+        raise
+    except Exception as e:  # user code: a model, a batch and a loss we know nothing about
+        hint = "" if loss_fn else " (the default loss needs batch = (inputs, labels) and class logits: pass loss_fn)"
+        raise MethodError(f"{what}: computing the loss failed: {type(e).__name__}: {e}{hint}") from e
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        raise MethodError(f"{what}: loss_fn must return a floating-point scalar tensor, got {_describe(loss)}")
+    if not torch.isfinite(loss.detach()).all():
+        raise MethodError(f"{what}: the loss is not finite ({float(loss.detach())})")
+    return loss.reshape(())
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {list(x.shape)}"
+    return type(x).__name__
+
+
+def _grad(what: str, outputs, inputs, **kw):
+    try:
+        return torch.autograd.grad(outputs, inputs, allow_unused=True, **kw)
+    except RuntimeError as e:
+        raise MethodError(f"{what}: backward failed: {e}") from e
+
+
+def snip_scores(model: nn.Module, inputs, targets=None, *, loss_fn: LossFn | None = None,
+                select=None) -> dict[str, torch.Tensor]:
+    """SNIP saliency (paper eq. 1): |dL/dW * W| of the current weights on one batch, normalised to sum 1.
+
+    ``inputs`` is the batch (with ``targets`` the paper's ``(inputs, labels)``); ``loss_fn(model, batch)`` makes
+    any model scoreable (language models, dict batches, tuple outputs).
+    """
+    batch = inputs if targets is None else (inputs, targets)
+    weights = _weights_for_scoring(model, select)
+    loss = _loss(model, batch, loss_fn, "SNIP scoring")
+    grads = _grad("SNIP scoring", loss, list(weights.values()))
+    scores = {n: (g * w).detach().abs() if g is not None else torch.zeros_like(w)
+              for (n, w), g in zip(weights.items(), grads)}
     total = sum(float(s.sum()) for s in scores.values())
     if total > 0 and math.isfinite(total):
         scores = {n: s / total for n, s in scores.items()}
     return scores
 
 
-def grasp_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                 temperature: float = 200.0) -> dict[str, torch.Tensor]:
+def grasp_scores(model: nn.Module, inputs, targets=None, temperature: float = 200.0, *,
+                 loss_fn: LossFn | None = None, select=None) -> dict[str, torch.Tensor]:
     """GraSP (Wang et al. 2020): ``theta * Hg``, the negation of their score S(-theta) = -theta * Hg.
 
     GraSP removes the weights with the highest S, i.e. keeps the highest ``theta * Hg``, which matches our
     "higher = train it" convention. H is the Hessian of the loss (logits divided by ``temperature``, as in the
     official code), g its gradient, Hg one Hessian-vector product by double backward.
     """
-    weights = _weights_for_scoring(model)
+    batch = inputs if targets is None else (inputs, targets)
+    weights = _weights_for_scoring(model, select)
     params = list(weights.values())
-    loss = F.cross_entropy(model(inputs) / temperature, targets)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    z = sum((g * g.detach()).sum() for g in grads)
-    hg = torch.autograd.grad(z, params)
-    return {n: (w * h).detach() for (n, w), h in zip(weights.items(), hg)}
+    if loss_fn is None:  # the official code divides the logits by the temperature
+        def loss_fn(m, b):
+            return F.cross_entropy(m(b[0]) / temperature, b[1])
+    loss = _loss(model, batch, loss_fn, "GraSP scoring")
+    grads = _grad("GraSP scoring", loss, params, create_graph=True)
+    z = sum((g * g.detach()).sum() for g in grads if g is not None)
+    if not isinstance(z, torch.Tensor) or not z.requires_grad:
+        return {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    hg = _grad("GraSP scoring", z, params)
+    return {n: (w * h).detach() if h is not None else torch.zeros_like(w)
+            for (n, w), h in zip(weights.items(), hg)}
 
 
-def random_scores(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+def random_scores(model: nn.Module, seed: int, *, select=None) -> dict[str, torch.Tensor]:
     """Uniform scores from freezepack's generator (stream per tensor name): a random mask, reproducible by seed."""
     out = {}
-    for name, w in prunable_weights(model).items():
+    for name, w in prunable_weights(model, select).items():
         words = rng.words_torch(seed, rng.stream_id("freezepack.random-mask:" + name), 0, w.numel())
         out[name] = rng.uniform_torch(words).view(w.shape)
     return out
