@@ -408,7 +408,7 @@ def load_freezenet(module: torch.nn.Module, path, *, device=None, verify: bool =
         for e in entries:
             name = match[e.name]
             dst = targets[name]
-            if tuple(dst.shape) != e.shape:
+            if e.kind != "alias" and tuple(dst.shape) != e.shape:  # (a tied target may already be re-shaped)
                 raise FormatError(f"shape {list(e.shape)} does not fit the module's {list(dst.shape)}",
                                   path=r.path, tensor=e.name)
             dev = dst.device if device is None else _check_device(device)
@@ -419,6 +419,7 @@ def load_freezenet(module: torch.nn.Module, path, *, device=None, verify: bool =
                 if src in params:  # a tied frozen tensor: the same parametrization and values Parameter
                     smod, _, sattr = src.rpartition(".")
                     sowner = module.get_submodule(smod)
+                    setattr(owner, attr, torch.nn.Parameter(getattr(sowner, sattr).detach().clone()))
                     parametrize.register_parametrization(owner, attr, params[src], unsafe=True)
                     owner.parametrizations[attr].original = sowner.parametrizations[sattr].original
                 elif isinstance(targets[src], torch.nn.Parameter):
@@ -447,6 +448,10 @@ def load_freezenet(module: torch.nn.Module, path, *, device=None, verify: bool =
             if e.frozen_scale != 1.0:
                 p.set_frozen_scale(e.frozen_scale)
                 p.decay_state.copy_(torch.tensor([e.frozen_scale, 0.0], dtype=torch.float64))
+            holders = [n for n, t in targets.items() if t is dst and n != name]
+            for other in holders:  # torch set_()s the registered Parameter in place: untie the others first
+                omod, _, oattr = other.rpartition(".")
+                setattr(module.get_submodule(omod), oattr, torch.nn.Parameter(dst.detach().clone()))
             with torch.no_grad():
                 dst.data = dense.to(dev)  # right_inverse takes the trained values from here
             parametrize.register_parametrization(owner, attr, p, unsafe=True)

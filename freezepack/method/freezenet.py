@@ -201,6 +201,11 @@ def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xa
             w.copy_(start)
         p = FrozenParametrization(frozen.to(w.dtype), mask, fspec, seed, name)
         module, attr = _module(model, name)
+        # torch turns the registered Parameter *in place* into the values vector (set_), which would corrupt every
+        # other module holding it: give each tied alias a private copy first, then share the values below.
+        for alias in groups[name][1:]:
+            amod, aattr = _module(model, alias)
+            setattr(amod, aattr, nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad))
         parametrize.register_parametrization(module, attr, p, unsafe=True)
         values = module.parametrizations[attr].original
         for alias in groups[name][1:]:  # tied: the same parametrization and the same values Parameter
