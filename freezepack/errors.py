@@ -40,3 +40,7 @@ class DataError(FreezepackError):
 
 class FleetError(FreezepackError):
     """A fleet repository, release or install was refused."""
+
+
+class DistributedError(FreezepackError):
+    """Data-parallel training was refused: no process group, ranks that disagree, a worker that failed."""
