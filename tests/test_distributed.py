@@ -13,6 +13,7 @@ from freezepack import api
 from freezepack.errors import DistributedError
 from freezepack.experiments.data import Dataset, load_mnist
 from freezepack.experiments.launch import init_worker, launch
+from freezepack.experiments.models import make_model
 from freezepack.experiments.train import build, run, train
 from freezepack.format.init import generate
 from freezepack.method.distributed import (CommCounter, check_same, frozen_buffer_names, frozen_digest, share_masks,
@@ -50,7 +51,7 @@ def _worker(arg):
         out[label] = (float(conv.frozen.view(-1)[0]), float(model.conv1.bias[0]))
     # the mask travels as indices from rank 0: a different local mask on rank 1 is replaced by rank 0's
     masks = trainable_masks(_lenet(seed=5 + rank))
-    shared = share_masks(masks if rank == 0 else None, _lenet())
+    shared = share_masks(masks if rank == 0 else None, make_model("lenet5"))
     out["mask_sha"] = [api.digest(m) for m in shared.values()]
     out["train"] = train_job(arg)  # the CLI's job; destroys the process group at its end
     return out
@@ -144,9 +145,9 @@ def test_ddp_buckets_hold_only_trainable_values_and_frozen_buffers_are_ignored(o
 def test_share_masks_on_the_source_rank_returns_its_masks(one_rank_group):
     model = _lenet()
     masks = trainable_masks(model)
-    assert share_masks(masks, _lenet()) is masks
+    assert share_masks(masks, make_model("lenet5")) is masks
     with pytest.raises(DistributedError, match="must pass its masks"):
-        share_masks(None, _lenet())
+        share_masks(None, make_model("lenet5"))
 
 
 def test_distributed_without_a_process_group_is_a_clear_error():
