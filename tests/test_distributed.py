@@ -157,3 +157,34 @@ def test_distributed_without_a_process_group_is_a_clear_error():
         train(model, data[0], data[1], epochs=1, distributed=True)
     with pytest.raises(DistributedError, match="not a torchrun worker"):
         init_worker()
+
+
+def _fails(_):
+    raise ValueError("boom on purpose")
+
+
+def test_nproc_under_torchrun_is_refused(monkeypatch):
+    from click.testing import CliRunner
+
+    from freezepack.cli import cli
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    res = CliRunner().invoke(cli, ["train", "--nproc", "2"])
+    assert res.exit_code == 1 and "under torchrun leave it out" in res.output
+
+
+@pytest.mark.slow
+def test_failing_workers_end_as_one_line_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from freezepack.cli import cli
+
+    missing = tmp_path / "no-such-dir"
+    res = CliRunner().invoke(cli, ["train", "--nproc", "2", "--data", str(missing), "--quiet"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("error: rank 0: ") and str(missing) in res.output
+    assert "data directory not found" in res.output and "Traceback" not in res.output
+    with pytest.raises(DistributedError, match="worker rank [01] failed.*boom on purpose"):
+        launch(2, _fails, None)
