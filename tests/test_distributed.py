@@ -16,7 +16,7 @@ from freezepack.experiments.launch import init_worker, launch
 from freezepack.experiments.models import make_model
 from freezepack.experiments.train import build, run, train
 from freezepack.format.init import generate
-from freezepack.method.distributed import (CommCounter, check_same, frozen_buffer_names, frozen_digest, share_masks,
+from freezepack.method.distributed import (CommCounter, average_buffers, check_same, frozen_buffer_names, frozen_digest, share_masks,
                                            state_digest, wrap)
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations, trainable_count, trainable_masks
 
@@ -49,6 +49,18 @@ def _worker(arg):
                 model.conv1.bias[0] += 1.0
         make(model)
         out[label] = (float(conv.frozen.view(-1)[0]), float(model.conv1.bias[0]))
+        if label == "ours":
+            average_buffers(model)  # frozen buffers are not averaged either
+            out["after_average"] = float(conv.frozen.view(-1)[0])
+            try:  # the digests differ now, and both ranks must say so
+                check_same(model)
+                out["check_same"] = "passed"
+            except DistributedError as e:
+                out["check_same"] = str(e)
+    bn = torch.nn.BatchNorm1d(3)  # BatchNorm statistics are averaged across ranks
+    bn.running_mean.fill_(2.0 * rank)
+    average_buffers(bn)
+    out["bn_mean"] = bn.running_mean.tolist()
     # the mask travels as indices from rank 0: a different local mask on rank 1 is replaced by rank 0's
     masks = trainable_masks(_lenet(seed=5 + rank))
     shared = share_masks(masks if rank == 0 else None, make_model("lenet5"))
@@ -72,6 +84,9 @@ def test_two_gloo_ranks_train_identically_regenerate_frozen_and_match_one_proces
     # plain DDP(model) overwrites the frozen buffer too, i.e. it ships the frozen tensors.
     assert r1["ours"][0] == r0["ours"][0] + 1.0 and r1["ours"][1] == r0["ours"][1]
     assert r1["plain"] == r0["plain"]
+    assert r1["after_average"] == r0["after_average"] + 1.0
+    assert all("rank(s) [1] hold a model that differs" in r["check_same"] for r in (r0, r1))
+    assert r0["bn_mean"] == r1["bn_mean"] == [1.0, 1.0, 1.0]
     assert r0["mask_sha"] == r1["mask_sha"]
 
     t0, t1 = r0["train"], r1["train"]

@@ -205,7 +205,6 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
     return history
 
 
-
 def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.Tensor, torch.Tensor], *,
           init: str = "xavier_normal", init_params: dict | None = None, reinit: str | None = None,
           device=None, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
