@@ -30,7 +30,11 @@ def worker_device(device: str | None) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if not torch.cuda.is_available():
             raise DistributedError("device cuda asked for, but this machine has no CUDA GPU")
-        dev = torch.device("cuda", local % torch.cuda.device_count())
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > torch.cuda.device_count():  # nccl refuses two ranks on one GPU
+            raise DistributedError(f"{local_world} ranks on this machine but only {torch.cuda.device_count()} "
+                                   f"CUDA GPU(s): one GPU per rank")
+        dev = torch.device("cuda", local)
     return dev
 
 
