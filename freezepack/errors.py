@@ -49,3 +49,7 @@ class UsageError(FreezepackError, ValueError):
 class MethodError(FreezepackError):
     """The FreezeNet method cannot be applied to this model as asked (scoring failed, a tensor cannot be frozen,
     a model is already frozen, a saved file would not reproduce the model in memory)."""
+
+
+class DistributedError(FreezepackError):
+    """Data-parallel training was refused: no process group, ranks that disagree, a worker that failed."""

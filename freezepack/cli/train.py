@@ -35,11 +35,16 @@ from .common import one_line_errors
               help="On trainable numbers (and on frozen weights with --method freezenet-wd).")
 @click.option("--cosine/--constant-lr", default=True, show_default=True, help="Cosine learning-rate schedule.")
 @click.option("--device", default=None, help="torch device, e.g. cuda  [default: cpu]")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Data-parallel ranks on this machine (torch DistributedDataParallel; gloo on CPU, nccl with "
+                   "--device cuda: one GPU per rank). Each rank trains on its shard of every batch; only the "
+                   "trainable values' gradients are all-reduced. For several machines start this command under "
+                   "torchrun instead (docs/DISTRIBUTED.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress on stderr.")
 @one_line_errors
 def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, weight_decay, cosine, device,
-          as_json, quiet):
+          nproc, as_json, quiet):
     """Train a FreezeNet on MNIST and report its test accuracy.
 
     \b
@@ -51,28 +56,92 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
     Examples:
       freezepack train --model lenet5 --q 0.99 --seed 7 --out model.fpk
       freezepack train --method snip --q 0.999 --epochs 5 --json
+      freezepack train --nproc 2 --q 0.99 --out model.fpk          (2 data-parallel ranks)
+      torchrun --nproc-per-node 4 -m freezepack train --out model.fpk
     """
-    from .. import api
-    from ..experiments.train import run
+    from ..errors import DistributedError
+    from ..experiments.launch import launch, under_torchrun
 
-    r = run(model_name, method, q, seed, data=data_dir, epochs=epochs, lr=lr, weight_decay=weight_decay,
-            cosine=cosine, init=init, reinit=reinit, device=device, progress=not quiet)
-    result = {"model": model_name, "method": method, "q": r.q, "q_beta": r.q_beta, "seed": seed,
-              "test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch, "epochs": r.epochs,
-              "trainable": r.trainable, "parameters": r.parameters, "seconds": round(r.seconds, 2)}
-    if out is not None:
-        meta = {"model": model_name, "method": method, "q": repr(q), "test_acc": f"{r.test_acc:.4f}",
-                "epochs": str(r.epochs), "init": init, **({"reinit": reinit} if reinit else {})}
-        api.save(out, r.model.cpu(), metadata=meta)
-        info = api.inspect(out)
-        result.update(out=out, file_bytes=info["file_bytes"], compression_factor=info["compression_factor"])
+    opts = dict(model_name=model_name, method=method, q=q, seed=seed, data=data_dir, out=out, epochs=epochs,
+                init=init, reinit=reinit, lr=lr, weight_decay=weight_decay, cosine=cosine, device=device,
+                progress=not quiet, distributed=nproc > 1 or under_torchrun())
+    if under_torchrun():
+        if nproc > 1:
+            raise DistributedError("--nproc starts its own workers; under torchrun leave it out")
+        result = train_job(opts)
+    elif nproc > 1:
+        results = launch(nproc, train_job, opts)
+        result = results[0]
+        failed = [(r, v["error"]) for r, v in sorted(results.items()) if "error" in v]
+        if failed:
+            raise DistributedError(f"rank {failed[0][0]}: {failed[0][1]}")
+    else:
+        result = train_job(opts)
+    if "error" in result:
+        raise DistributedError(result["error"])
+    if not result.get("rank0", True):
+        return  # a torchrun worker other than rank 0: rank 0 reports (and saved the file)
+    result.pop("rank0", None)
+    out, r = result.get("out"), result
     if as_json:
         click.echo(json.dumps(result))
         return
-    rate = "" if method == "dense" else f" q={r.q:.4g} (q_beta={r.q_beta:.4f})"
-    click.echo(f"{model_name} {method}{rate} seed={seed}: test accuracy {100 * r.test_acc:.2f}% "
-               f"(best epoch {r.best_epoch}/{r.epochs}, {r.trainable:,} of {r.parameters:,} numbers trained, "
-               f"{r.seconds:.0f} s)")
+    rate = "" if method == "dense" else f" q={r['q']:.4g} (q_beta={r['q_beta']:.4f})"
+    ranks = f", {r['ranks']} ranks" if "ranks" in r else ""
+    click.echo(f"{model_name} {method}{rate} seed={seed}: test accuracy {100 * r['test_acc']:.2f}% "
+               f"(best epoch {r['best_epoch']}/{r['epochs']}, {r['trainable']:,} of {r['parameters']:,} numbers "
+               f"trained, {r['seconds']:.0f} s{ranks})")
     if out is not None:
         click.echo(f"saved {out}: {result['file_bytes']:,} bytes, {result['compression_factor']:.1f}x smaller "
                    f"than the dense float32 tensors")
+
+
+def train_job(opts: dict) -> dict:
+    """Train, test and (on rank 0) save one network; returns the result as a dict.
+
+    Runs in-process, in each ``--nproc`` worker (spawned by torch's launcher) and in each torchrun worker. A
+    FreezepackError becomes ``{"error": message}`` so the parent can report it as one line.
+    """
+    from .. import api
+    from ..errors import FreezepackError
+    from ..experiments.train import run
+
+    opts = dict(opts)
+    distributed, out = opts.pop("distributed"), opts.pop("out")
+    model_name, method, q, seed = opts.pop("model_name"), opts["method"], opts["q"], opts["seed"]
+    rank, world = 0, 1
+    try:
+        if distributed:
+            import torch.distributed as dist
+
+            from ..experiments.launch import init_worker
+
+            opts["device"] = init_worker(opts["device"])
+            rank, world = dist.get_rank(), dist.get_world_size()
+        r = run(model_name, distributed=distributed, **opts)
+        result = {"model": model_name, "method": method, "q": r.q, "q_beta": r.q_beta, "seed": seed,
+                  "test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch, "epochs": r.epochs,
+                  "trainable": r.trainable, "parameters": r.parameters, "seconds": round(r.seconds, 2)}
+        if distributed:
+            from ..method.distributed import frozen_digest, state_digest
+
+            result.update(ranks=world, rank0=rank == 0, state_sha256=state_digest(r.model),
+                          frozen_sha256=frozen_digest(r.model))
+        if out is not None and rank == 0:  # one writer; api.save is atomic (temp file, fsync, rename)
+            init, reinit = opts["init"], opts["reinit"]
+            meta = {"model": model_name, "method": method, "q": repr(q), "test_acc": f"{r.test_acc:.4f}",
+                    "epochs": str(r.epochs), "init": init, **({"reinit": reinit} if reinit else {})}
+            api.save(out, r.model.cpu(), metadata=meta)
+            info = api.inspect(out)
+            result.update(out=out, file_bytes=info["file_bytes"], compression_factor=info["compression_factor"])
+        return result
+    except FreezepackError as e:
+        if not distributed:
+            raise
+        return {"error": str(e), "rank0": rank == 0}
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -12,6 +12,12 @@ returns a :class:`RunResult` holding the accuracy and the trained model. Methods
 
 Weight decay applies to trainable numbers only (values, biases, BatchNorm), except frozen weights for
 ``freezenet-wd``. Early stopping keeps the weights of the epoch with the best validation accuracy.
+
+Data-parallel: ``run(..., distributed=True)`` inside an initialised torch.distributed group (torchrun,
+``freezepack train --nproc``) computes the mask on rank 0, shares it, regenerates the frozen weights on every rank
+and trains under DistributedDataParallel (:mod:`freezepack.method.distributed`), each rank on its shard of every
+global batch. ``shards=N`` in one process takes the same step from N shards: for N = 2 it is the 2-rank run bit
+for bit (docs/DISTRIBUTED.md).
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from torch import nn
 
 from .data import Dataset, load_mnist, split_train_val
 from ..errors import SpecError
-from ..method.freezenet import apply_frozen_decay, init_weights, make_freezenet, parameter_count, rates, trainable_count
+from ..method.freezenet import (apply_frozen_decay, freeze, init_weights, make_freezenet, parameter_count, rates,
+                                trainable_count, trainable_masks)
 from .models import INPUT_SHAPES, make_model
 
 METHODS = ("dense", "freezenet", "freezenet-wd", "random", "snip", "grasp")
@@ -92,46 +99,99 @@ class _Progress:
             self.stream.flush()
 
 
+def _shard_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, parts: int, params: list) -> torch.Tensor:
+    """One step's gradient of the batch mean from ``parts`` shards, summed as a ``parts``-rank DDP all-reduce does.
+
+    Each shard's loss is its summed cross-entropy x parts / batch, so the mean over shards (DDP's average) is the
+    global batch mean even when shards differ in size. Each shard gradient is scaled by 1/parts and added in rank
+    order: exactly the reducer's arithmetic, so for parts = 2 (where a + b = b + a) the result is bit-identical.
+    """
+    total, acc = 0.0, None
+    for xs, ys in zip(x.tensor_split(parts), y.tensor_split(parts)):
+        for p in params:
+            p.grad = None
+        loss = F.cross_entropy(model(xs), ys, reduction="sum") * (parts / len(y))
+        loss.backward()
+        g = [p.grad * (1.0 / parts) for p in params]
+        acc = g if acc is None else [a + b for a, b in zip(acc, g)]
+        total += float(loss.detach())
+    for p, a in zip(params, acc):
+        p.grad = a
+    return torch.tensor(total / parts)
+
+
 def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: int = 15, lr: float = 0.1,
           momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 100, cosine: bool = True,
           seed: int = 0, frozen_decay: bool = False, patience: int | None = None,
-          max_grad_norm: float | None = MAX_GRAD_NORM, progress: bool = False, label: str = "train") -> list[dict]:
+          max_grad_norm: float | None = MAX_GRAD_NORM, progress: bool = False, label: str = "train",
+          distributed: bool = False, shards: int = 1) -> list[dict]:
     """SGD training with early stopping on ``val_data``; leaves the best-validation weights in ``model``.
 
     Returns the per-epoch history. ``frozen_decay`` = FreezeNet-WD. ``max_grad_norm`` clips the gradient norm
-    (None: off).
+    (None: off). ``distributed``: train under DistributedDataParallel in the current process group, each rank on
+    its shard of every global batch of ``batch_size`` (the model must be identical on every rank). ``shards``:
+    in one process, take each step from that many shards the way ``shards`` ranks would.
     """
-    if epochs < 1 or batch_size < 1:
-        raise SpecError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
+    if epochs < 1 or batch_size < 1 or shards < 1:
+        raise SpecError(f"epochs, batch_size and shards must be positive, got {epochs}, {batch_size}, {shards}")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    rank, parts, net = 0, shards, model
+    if distributed:
+        import torch.distributed as dist
+
+        from ..method.distributed import average_buffers, check_same, comm_device, wrap
+
+        if shards != 1:
+            raise SpecError("shards emulates ranks in one process; use it without distributed")
+        net = wrap(model)  # DDP without a single frozen buffer on the wire
+        rank, parts = dist.get_rank(), dist.get_world_size()
+    if batch_size < parts:
+        raise SpecError(f"batch_size {batch_size} is smaller than the {parts} ranks/shards it is split across")
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train_data) / batch_size)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch) if cosine else None)
     order_rng = torch.Generator().manual_seed((int(seed) + 1) % 2**64)
     x_all, y_all = train_data.images.to(device), train_data.labels.to(device)
     best_val, best_state, best_epoch, history = -1.0, None, 0, []
-    bar = _Progress(progress, label)
+    bar = _Progress(progress and rank == 0, label)
     model.train()
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(train_data), generator=order_rng).to(device)
         total_loss = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(idx) < parts:  # a last batch too small to give every rank a sample: skipped by all alike
+                continue
+            if distributed:
+                n = len(idx)
+                idx = idx.tensor_split(parts)[rank]  # this rank's shard of the global batch
+                opt.zero_grad(set_to_none=True)
+                # summed loss x world / global batch: DDP's average over ranks is then the global batch mean
+                loss = F.cross_entropy(net(x_all[idx]), y_all[idx], reduction="sum") * (parts / n)
+                loss.backward()  # DDP all-reduces the trainable values' gradients (only those) here
+            elif parts > 1:
+                loss = _shard_step(model, x_all[idx], y_all[idx], parts, params)
+            else:
+                loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             step_lr = opt.param_groups[0]["lr"]
             opt.step()
             if frozen_decay:
-                apply_frozen_decay(model, step_lr, weight_decay, momentum)
+                apply_frozen_decay(model, step_lr, weight_decay, momentum)  # deterministic: same on every rank
             if sched is not None:
                 sched.step()
             total_loss += float(loss.detach())
             bar.step(epoch, epochs, i + 1, steps_per_epoch, total_loss / (i + 1))
-        val = evaluate(model, val_data)
+        if distributed:
+            t = torch.tensor([total_loss], dtype=torch.float64, device=comm_device(model))
+            dist.all_reduce(t)
+            total_loss = float(t) / parts
+            average_buffers(model)  # BatchNorm running statistics: the ranks' mean, so every rank evaluates alike
+        val = evaluate(model, val_data)  # identical model and data on every rank: identical early stopping
         if val > best_val:
             best_val, best_epoch = val, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -140,18 +200,27 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
         if patience is not None and epoch - best_epoch >= patience:
             break
     model.load_state_dict(best_state)
+    if distributed:
+        check_same(model)  # 32-byte digests per rank: frozen weights, masks and trained values all agree
     return history
 
 
 def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.Tensor, torch.Tensor], *,
           init: str = "xavier_normal", init_params: dict | None = None, reinit: str | None = None,
-          device=None) -> nn.Module:
-    """A fresh model for ``method`` at freezing rate ``q`` (``q`` ignored for dense), weights from the generator."""
+          device=None, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A fresh model for ``method`` at freezing rate ``q`` (``q`` ignored for dense), weights from the generator.
+
+    ``masks`` (``{name: trainable}``, e.g. computed on another rank) skips the scoring and freezes with those.
+    """
     if method not in METHODS:
         raise SpecError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     model = make_model(model_name).to(device)
     if method == "dense":
         return init_weights(model, seed, init, init_params)
+    if masks is not None:  # make_freezenet's freeze step with a given mask
+        init_weights(model, seed, init, init_params)
+        return freeze(model, {k: m.to(device) for k, m in masks.items()}, seed, reinit or init,
+                      None if reinit else init_params, frozen_init="zeros" if method in ("snip", "grasp") else None)
     x, y = batch[0].to(device), batch[1].to(device)
     mask_method = {"freezenet": "snip", "freezenet-wd": "snip", "random": "random", "snip": "snip",
                    "grasp": "grasp"}[method]
@@ -162,11 +231,13 @@ def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.
 def run(model: str = "lenet5", method: str = "freezenet", q: float = 0.99, seed: int = 0, *, data=None,
         datasets: tuple[Dataset, Dataset] | None = None, epochs: int = 15, lr: float = 0.1, momentum: float = 0.9,
         weight_decay: float = 5e-4, batch_size: int = 100, cosine: bool = True, patience: int | None = None,
-        max_grad_norm: float | None = MAX_GRAD_NORM, init: str = "xavier_normal", init_params: dict | None = None, reinit: str | None = None, device=None,
-        progress: bool = False) -> RunResult:
+        max_grad_norm: float | None = MAX_GRAD_NORM, init: str = "xavier_normal", init_params: dict | None = None,
+        reinit: str | None = None, device=None, progress: bool = False, distributed: bool = False,
+        shards: int = 1) -> RunResult:
     """Build, freeze, train and test one network on MNIST (``data`` = IDX directory, default the shipped subset).
 
-    Pass ``datasets=(train, test)`` to reuse data already loaded across many runs.
+    Pass ``datasets=(train, test)`` to reuse data already loaded across many runs. ``distributed``: one rank of
+    a data-parallel run (the process group must be initialised); ``shards``: see :func:`train`.
     """
     if INPUT_SHAPES.get(model) not in (None, (1, 28, 28)):
         raise SpecError(f"model {model!r} takes {INPUT_SHAPES[model]} images; run() trains on MNIST (1, 28, 28): "
@@ -174,12 +245,25 @@ def run(model: str = "lenet5", method: str = "freezenet", q: float = 0.99, seed:
     t0 = time.perf_counter()
     train_full, test = datasets if datasets is not None else load_mnist(data)
     tr, va = split_train_val(train_full, seed)
-    net = build(model, method, q, seed, (tr.images[:SNIP_BATCH], tr.labels[:SNIP_BATCH]), init=init,
-                init_params=init_params, reinit=reinit, device=device)
+    batch = (tr.images[:SNIP_BATCH], tr.labels[:SNIP_BATCH])
+    kw = dict(init=init, init_params=init_params, reinit=reinit, device=device)
+    if distributed and method != "dense":
+        import torch.distributed as dist
+
+        from ..method.distributed import share_masks
+
+        # the mask is scored once, on rank 0; the others get k indices per tensor and regenerate the rest
+        net = build(model, method, q, seed, batch, **kw) if dist.get_rank() == 0 else None
+        masks = share_masks(trainable_masks(net) if net is not None else None, make_model(model))
+        if net is None:
+            net = build(model, method, q, seed, batch, masks=masks, **kw)
+    else:
+        net = build(model, method, q, seed, batch, **kw)
     label = f"{model} {method}" + ("" if method == "dense" else f" q={q}") + f" seed={seed}"
     history = train(net, tr, va, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     batch_size=batch_size, cosine=cosine, seed=seed, frozen_decay=method == "freezenet-wd",
-                    patience=patience, max_grad_norm=max_grad_norm, progress=progress, label=label)
+                    patience=patience, max_grad_norm=max_grad_norm, progress=progress, label=label,
+                    distributed=distributed, shards=shards)
     best = max(history, key=lambda h: h["val_acc"])
     q_real, q_beta = rates(net)
     return RunResult(model_name=model, method=method, q=q_real, q_beta=q_beta, seed=seed,
