@@ -27,10 +27,9 @@ import os
 import secrets
 import signal
 import stat
-import tempfile
 from dataclasses import asdict, dataclass
 
-from ..atomic import TEMP_PREFIX, atomic_write, fsync_dir, is_own_temp, remove_stale_temps
+from ..atomic import TEMP_PREFIX, atomic_write, fsync_dir, remove_stale_temps
 from ..errors import FleetError, FormatError, IntegrityError
 from . import safejson
 from .client import Counter, trusted_release
@@ -146,6 +145,7 @@ class Device:
         """What is installed, from the file itself: its SHA-256 matched against the releases this device
         recorded (the current, the pending one of an interrupted install, the previous)."""
         path = self.model_path(name)
+        has_prev = self._model_file(self.prev_path(name))
         out = {"name": name, "path": path, "installed": self._model_file(path), "release": None, "sha256": None,
                "previous_release": None}
         if not out["installed"]:
@@ -158,7 +158,7 @@ class Device:
                  if isinstance(r, dict) and isinstance(r.get("sha256"), str)}
         if sha in known:
             out["release"] = _release_number(known[sha].get("release"))
-        if self._model_file(self.prev_path(name)):
+        if has_prev:
             psha = _file_sha256(self.prev_path(name))
             out["previous_release"] = _release_number(known.get(psha, {}).get("release"))
         return out
@@ -295,8 +295,8 @@ class Device:
                     os.unlink(tmp)
         self._record(name, info, previous=current)
         for e in list(os.scandir(stage_fd)):
-            if _is_piece_name(e.name) or is_own_temp(e.name):
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            if _is_piece_name(e.name) and not e.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(e.name, dir_fd=stage_fd)     # unlink never follows a symlink
         return InstallReport(status="installed", **report)
 
@@ -348,7 +348,10 @@ class Device:
     def _assemble(self, name, info, sources, store, stage_fd) -> str:
         """Write the new file into a temp file in the device dir, checking every piece and the whole; memory
         stays one read buffer whatever the piece sizes."""
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.fpk.part-")
+        # mode 0o666 under the umask, like any file an application writes (mkstemp's 0600 would hide the model
+        # from the service user that loads it)
+        tmp = os.path.join(self.dir, f".{name}.fpk.part-{secrets.token_hex(8)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
         full = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out:
