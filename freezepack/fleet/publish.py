@@ -15,6 +15,7 @@ import copy
 import glob
 import hashlib
 import os
+import re
 from datetime import datetime, timezone
 
 from ..atomic import atomic_write
@@ -69,6 +70,8 @@ class KeyRing:
 
     def retire(self, keyid: str) -> None:
         """Rename a revoked key's file so it is never used again (kept for the audit trail)."""
+        if not re.fullmatch(r"[0-9a-f]{16,64}", keyid):     # it becomes a glob pattern: hex only
+            raise FleetError(f"not a key id: {keyid!r}")
         for path in glob.glob(os.path.join(self.dir, f"*-{keyid[:16]}.pem")):
             os.replace(path, path + ".revoked")
 
