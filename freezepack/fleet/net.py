@@ -187,7 +187,7 @@ def _reason(e: BaseException) -> str:
     """The innermost useful message of a wrapped urllib3/requests error."""
     seen = e
     for _ in range(6):
-        nxt = getattr(seen, "reason", None) or seen.__cause__
+        nxt = getattr(seen, "reason", None) or seen.__cause__ or (seen.args[0] if seen.args else None)
         if not isinstance(nxt, BaseException):
             break
         seen = nxt
