@@ -378,3 +378,52 @@ def test_hostile_responses_are_refused_within_the_memory_bound():
         else:
             assert r["outcome"].split(":")[0] in ("FleetError", "IntegrityError", "FormatError"), r
     print("\n".join(f"{r['case']:34s} peak {r['peak'] / MIB:6.1f} MiB  {r['outcome'][:90]}" for r in rows))
+
+
+# ------------------------------------------------------------------------------------------------ TLS
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_https_mirror_installs_and_a_trickling_one_is_cut_off(fleet, tmp_path, monkeypatch):
+    """The guarded socket sits on top of TLS too (certificate checked against the test's own CA)."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    for trickle in (False, True):
+        srv = _trickle_server(fleet, delay=0.02, chunk=1) if trickle else _trickle_server(fleet, delay=0, chunk=1 << 20)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        srv.httpd.socket = ctx.wrap_socket(srv.httpd.socket, server_side=True)
+        url = srv.url.replace("http://", "https://")
+        try:
+            if trickle:
+                with pytest.raises(FleetError, match="too slow"):
+                    Device(tmp_path / "dev2").install(url, "net", root_file=fleet.root_file,
+                                                      limits=NetLimits(min_rate=2000, rate_window=0.5))
+            else:
+                assert fleet.install(source=url).status == "installed"
+        finally:
+            srv.close()
