@@ -427,3 +427,50 @@ def test_https_mirror_installs_and_a_trickling_one_is_cut_off(fleet, tmp_path, m
                 assert fleet.install(source=url).status == "installed"
         finally:
             srv.close()
+
+
+# ------------------------------------------------------------------------------------------------ crafted metadata
+def test_deeply_nested_root_update_is_refused_before_parsing(fleet):
+    """A hostile next root version of 100,000 '[': refused by the bounds check (json.loads would raise
+    RecursionError from deep inside python-tuf)."""
+    with open(os.path.join(fleet.repo, "metadata", "2.root.json"), "wb") as f:
+        f.write(b"[" * 100_000)
+    with pytest.raises(FleetError, match="nests deeper"):
+        fleet.install()
+
+
+def test_oversized_timestamp_over_http_is_refused_in_a_full_install(fleet):
+    def answer(h):
+        if h.path.endswith("/timestamp.json"):
+            return send_body(h, 200, repeat(b" " * 65536, None), chunked=True)    # endless
+        path = os.path.join(fleet.repo, h.path.lstrip("/"))
+        data = open(path, "rb").read() if os.path.isfile(path) else b""
+        send_body(h, 200 if data else 404, [data], length=len(data))
+    srv = HostileServer(answer)
+    try:
+        with pytest.raises(FleetError, match="larger than 16384"):
+            fleet.install(source=srv.url)
+    finally:
+        srv.close()
+
+
+def test_hostile_device_state_is_only_advisory(fleet):
+    fleet.install()
+    with open(fleet.device.state_path, "wb") as f:
+        f.write(b'{"models": ' + b"[" * 50_000 + b"}")
+    assert fleet.device.status("net")["installed"]
+    assert fleet.install().status == "up-to-date"         # the file's own hash is the truth
+
+
+def test_publisher_never_signs_metadata_devices_would_refuse(fleet, models, monkeypatch):
+    from freezepack.fleet import safejson
+
+    fleet.install()
+    meta = os.path.join(fleet.repo, "metadata")
+    current = max(os.path.getsize(os.path.join(meta, n)) for n in os.listdir(meta) if n.endswith(".targets.json"))
+    # a device limit that fits today's targets file but not one with a second model
+    monkeypatch.setitem(safejson.TUF_LIMITS, "targets", safejson.JsonLimits(current + 100))
+    with pytest.raises(FleetError, match="too large for devices"):
+        fleet.publish(models["v2"], name="second")
+    monkeypatch.undo()
+    assert fleet.install().status == "up-to-date"            # the repository still serves release 1

@@ -127,7 +127,8 @@ class OciStore(Store):
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            r = self.registry.upload_blob(tmp, self._container, layer)  # skips blobs the registry has
+            with transfer(self.limits, 1 << 20, where=self.location, errors=self._errors()):
+                r = self.registry.upload_blob(tmp, self._container, layer)  # skips blobs the registry has
         finally:
             os.unlink(tmp)
         if r.status_code not in (200, 201, 202):

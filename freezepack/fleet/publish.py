@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from ..atomic import atomic_write
 from ..errors import FleetError
 from . import safejson
-from .delta import file_pieces
+from .delta import file_pieces, layout_from_json
 from .names import check_model_name, meta_role
 from .release import DEFAULT_EXPIRY, ROLES, TARGET_SUFFIX, release_info, tuf_metadata
 from .store import Store
@@ -142,6 +142,13 @@ class Publisher:
 
         return md.to_bytes(JSONSerializer(compact=False))
 
+    def _checked(self, md, role: str) -> bytes:
+        """The metadata's bytes, refused here if devices would refuse them (their size and structure limits)."""
+        data = self._bytes(md)
+        safejson.check_structure(data, safejson.TUF_LIMITS[role], what=f"{role} metadata to publish (too large "
+                                 f"for devices: publish fewer models per repository)", path=self.store.location)
+        return data
+
     def _commit(self, *, targets: bool, snapshot: bool, expiry: dict, bump: int = 1) -> None:
         """Bump and re-sign targets -> snapshot -> timestamp (writing in that order keeps readers consistent)."""
         now = _now()
@@ -150,20 +157,20 @@ class Publisher:
             t.version += bump
             t.expires = now + expiry.get("targets", DEFAULT_EXPIRY["targets"])
             self._sign(self.targets, "targets")
-            self.store.put_metadata(f"{t.version}.targets.json", self._bytes(self.targets))
+            self.store.put_metadata(f"{t.version}.targets.json", self._checked(self.targets, "targets"))
         if snapshot or targets:
             s = self.snapshot.signed
             s.meta["targets.json"] = self.md.MetaFile(version=self.targets.signed.version)
             s.version += bump
             s.expires = now + expiry.get("snapshot", DEFAULT_EXPIRY["snapshot"])
             self._sign(self.snapshot, "snapshot")
-            self.store.put_metadata(f"{s.version}.snapshot.json", self._bytes(self.snapshot))
+            self.store.put_metadata(f"{s.version}.snapshot.json", self._checked(self.snapshot, "snapshot"))
         ts = self.timestamp.signed
         ts.snapshot_meta = self.md.MetaFile(version=self.snapshot.signed.version)
         ts.version += bump
         ts.expires = now + expiry.get("timestamp", DEFAULT_EXPIRY["timestamp"])
         self._sign(self.timestamp, "timestamp")
-        self.store.put_metadata("timestamp.json", self._bytes(self.timestamp))
+        self.store.put_metadata("timestamp.json", self._checked(self.timestamp, "timestamp"))
 
     # -- operations -----------------------------------------------------------------------------------------------
     def init(self, *, thresholds: dict | None = None, expiry: dict | None = None) -> bytes:
@@ -190,7 +197,7 @@ class Publisher:
         self.snapshot = md.Metadata(md.Snapshot(version=1, expires=now))
         self.timestamp = md.Metadata(md.Timestamp(version=1, expires=now))
         self._sign(self.root, "root")
-        root_bytes = self._bytes(self.root)
+        root_bytes = self._checked(self.root, "root")
         self.store.put_metadata("1.root.json", root_bytes)
         self._commit(targets=True, snapshot=True, expiry=expiry, bump=0)
         return root_bytes
@@ -229,6 +236,7 @@ class Publisher:
                 if progress:
                     progress(done, size)
         layout = [p.to_json() for p in pieces]
+        layout_from_json(layout, path=model_path)     # never sign a layout that devices would refuse
         custom = {"freezepack": {"release": int(release), "format": fmt, "layout": layout,
                                  "published": _now().isoformat().replace("+00:00", "Z")}}
         path = name + TARGET_SUFFIX
@@ -237,8 +245,9 @@ class Publisher:
         self.store.publish_release(name, release, layout, {"name": name, "release": release,
                                                            "sha256": full.hexdigest(), "length": size})
         self._commit(targets=True, snapshot=True, expiry=expiry or {})
-        return {"name": name, "release": release, "sha256": full.hexdigest(), "length": size,
-                "format": fmt, "pieces": len(pieces), "uploaded_bytes": uploaded, "targets_version": self.targets.signed.version}
+        return {"name": name, "release": release, "sha256": full.hexdigest(), "length": size, "format": fmt,
+                "pieces": len(pieces), "uploaded_bytes": uploaded,
+                "targets_version": self.targets.signed.version}
 
     def refresh_timestamp(self, *, expiry: dict | None = None, snapshot: bool = False,
                           targets: bool = False) -> int:
@@ -273,7 +282,7 @@ class Publisher:
         r.expires = _now() + (expiry or {}).get("root", DEFAULT_EXPIRY["root"])
         # signed by the old root's keys (devices trust them now) and the new root's (devices trust them next)
         self._sign(self.root, "root", extra_roots=[old_root])
-        self.store.put_metadata(f"{r.version}.root.json", self._bytes(self.root))
+        self.store.put_metadata(f"{r.version}.root.json", self._checked(self.root, "root"))
         for kid in set(revoked):
             if not any(kid in r.roles[other].keyids for other in ROLES):   # a key may serve several roles
                 self.keys.retire(kid)
