@@ -460,6 +460,11 @@ def test_hostile_device_state_is_only_advisory(fleet):
         f.write(b'{"models": ' + b"[" * 50_000 + b"}")
     assert fleet.device.status("net")["installed"]
     assert fleet.install().status == "up-to-date"         # the file's own hash is the truth
+    for junk in ('{"models": {"net": 5}}', '{"models": {"net": {"current": 7, "previous": []}}}', '[1]', '\xff'):
+        with open(fleet.device.state_path, "w") as f:
+            f.write(junk)
+        assert fleet.install().status == "up-to-date"
+        assert fleet.device.status("net")["release"] == 1
 
 
 def test_publisher_never_signs_metadata_devices_would_refuse(fleet, models, monkeypatch):

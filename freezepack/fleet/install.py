@@ -134,7 +134,10 @@ class Device:
             st = safejson.loads(data, safejson.STATE_LIMITS, what="device state file", path=self.state_path)
         except FleetError:
             return {"models": {}}    # advisory only: rebuilt from the files' hashes below
-        return st if isinstance(st, dict) and isinstance(st.get("models"), dict) else {"models": {}}
+        models = st.get("models") if isinstance(st, dict) else None
+        if not isinstance(models, dict):
+            return {"models": {}}
+        return {"models": {k: v for k, v in models.items() if isinstance(v, dict)}}
 
     def _write_state(self, st: dict) -> None:
         import json
@@ -151,7 +154,6 @@ class Device:
         if not out["installed"]:
             return out
         rec = self._state()["models"].get(name, {})
-        rec = rec if isinstance(rec, dict) else {}
         sha = _file_sha256(path)
         out["sha256"] = sha
         known = {r.get("sha256"): r for r in (rec.get("current"), rec.get("pending"), rec.get("previous"))
@@ -231,8 +233,8 @@ class Device:
                     previous_release=current["release"], full_bytes=info["length"], path=path,
                     metadata_bytes=counter.metadata_bytes, pieces_total=len(info["layout"]))
         if current["sha256"] == info["sha256"]:
-            recorded = self._state()["models"].get(name, {}).get("current") or {}
-            if recorded.get("sha256") != info["sha256"]:     # a run killed after its switch: finish the record
+            recorded = self._state()["models"].get(name, {}).get("current")
+            if not isinstance(recorded, dict) or recorded.get("sha256") != info["sha256"]:     # a run killed after its switch: finish the record
                 self._record(name, info, previous={"release": current["previous_release"],
                                                    "sha256": _file_sha256(prev)} if self._model_file(prev) else None)
             base["previous_release"] = current["previous_release"]
