@@ -28,8 +28,8 @@ from freezepack.fleet.delta import MAX_BLOB, layout_from_json  # noqa: E402
 from freezepack.fleet.repo import DirStore, HttpStore  # noqa: E402
 from test_fleet_support import Fleet, HostileServer, record, write_fpk  # noqa: E402
 
-FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=list(HealthCheck))
-NET_FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=40, deadline=2000, suppress_health_check=list(HealthCheck))
+NET_FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 LIMITS = NetLimits(connect_timeout=2, read_timeout=0.5, min_rate=0, rate_window=5)
 
 json_values = st.recursive(
@@ -117,7 +117,7 @@ def _mutate(data: bytes, how: str, pos: int, value) -> bytes:
     return json.dumps(md).encode()
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(["timestamp", "snapshot", "targets", "root"]),
        st.sampled_from(["flip", "truncate", "nest", "field"]), st.integers(0, 10**6), json_values)
 def test_mutated_tuf_metadata_is_refused_or_correct(published, tmp_path_factory, role, how, pos, value):
@@ -274,7 +274,7 @@ cli_words = st.sampled_from(["net", "det\n", "NET", "", "-", "--json", "a" * 70,
                              "-1", "nan", "inf", "0"]) | st.text(max_size=6)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(["install", "pull", "status", "rollback"]), cli_words,
        st.lists(st.tuples(st.sampled_from(["--min-rate", "--read-timeout", "--connect-timeout", "--rate-window",
                                            "--root"]), cli_words), max_size=2))
@@ -294,7 +294,7 @@ def test_cli_arguments_never_crash(published, tmp_path_factory, command, name, o
 
 
 # ------------------------------------------------------------------------------------------------ blobs
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=3000), st.sampled_from(["exact", "short", "long", "garbage-status"]))
 def test_install_from_a_server_with_hostile_blobs_keeps_the_device_clean(published, tmp_path_factory, body, mode):
     f, expected = published
