@@ -115,12 +115,12 @@ class FlakyStore(DirStore):
         self.budget = budget
         self.fetched = []
 
-    def _get_blob(self, sha256, max_length):
+    def _blob_chunks(self, sha256, max_length):
         if self.budget == 0:
             raise FleetError("connection reset", path=self.root)
         self.budget -= 1
         self.fetched.append(sha256)
-        return super()._get_blob(sha256, max_length)
+        return super()._blob_chunks(sha256, max_length)
 
 
 def test_interrupted_download_resumes_without_refetching(tmp_path, models):

@@ -106,6 +106,7 @@ def check_installed(device: Device, releases: dict) -> int:
     return releases[digest]
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_install_step(crash_setup):
     f, pristine, releases, zygote = crash_setup
     for point in FAILPOINTS:
@@ -120,6 +121,7 @@ def test_sigkill_at_every_install_step(crash_setup):
         assert not [p for p in os.listdir(f.device.dir) if ".part-" in p]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_many_times(crash_setup):
     f, pristine, releases, zygote = crash_setup
     reset(f.device, pristine)

@@ -164,3 +164,74 @@ def start_registry_or_skip():
             pytest.fail(msg + " and FREEZEPACK_REQUIRE_REGISTRY=1")
         pytest.skip(msg)
     return Registry(binary)
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass          # a client that hangs up on a hostile answer is the expected outcome
+
+
+class HostileServer:
+    """An HTTP/1.1 server on 127.0.0.1 whose every answer is decided by ``behaviour(handler)`` (a test's
+    function): it may send any status, headers and body, trickle them, or stall. Runs in threads."""
+
+    def __init__(self, behaviour):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                try:
+                    behaviour(self)
+                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+                    self.close_connection = True      # the client cut us off: what the tests want
+
+            do_HEAD = do_GET
+
+        self.behaviour = behaviour
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{self.host}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def send_body(h, status: int, body_chunks, *, length: int | None = None, headers=(), chunked=False):
+    """Answer with ``status`` and the given chunks (an iterable, possibly endless); ``length`` is announced as
+    Content-Length when given; ``chunked`` uses chunked transfer encoding."""
+    h.send_response(status)
+    for k, v in headers:
+        h.send_header(k, v)
+    if chunked:
+        h.send_header("Transfer-Encoding", "chunked")
+    elif length is not None:
+        h.send_header("Content-Length", str(length))
+    else:
+        h.close_connection = True
+        h.send_header("Connection", "close")
+    h.end_headers()
+    if h.command == "HEAD":
+        return
+    for chunk in body_chunks:
+        if chunked:
+            h.wfile.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        else:
+            h.wfile.write(chunk)
+    if chunked:
+        h.wfile.write(b"0\r\n\r\n")
+
+
+def repeat(chunk: bytes, total: int | None):
+    """``total`` bytes (endless when None) made of ``chunk`` repeated: a big body without holding it."""
+    sent = 0
+    while total is None or sent < total:
+        piece = chunk if total is None else chunk[:total - sent]
+        sent += len(piece)
+        yield piece

@@ -236,6 +236,33 @@ def keys_revoke(repo, keyid, keys_dir, role, replace, as_json):
     _out(as_json, info, f"root version {info['root_version']}: revoked {keyid} from {role}")
 
 
+def net_options(fn):
+    """Network limits of an install from an http(s):// or oci:// repository (see freezepack.fleet.net)."""
+    from ..fleet.net import DEFAULT_LIMITS as d
+
+    opts = [
+        click.option("--connect-timeout", type=float, default=d.connect_timeout, show_default=True,
+                     help="Seconds to wait for a connection to the repository."),
+        click.option("--read-timeout", type=float, default=d.read_timeout, show_default=True,
+                     help="Seconds a read may wait for the next byte."),
+        click.option("--min-rate", type=float, default=d.min_rate, show_default=True,
+                     help="Bytes/s a response must average over each --rate-window, else it is cut off "
+                          "(a mirror that trickles bytes). 0 turns the check off."),
+        click.option("--rate-window", type=float, default=d.rate_window, show_default=True,
+                     help="Seconds over which --min-rate is measured."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _limits(net: dict):
+    from ..fleet.net import NetLimits
+
+    return NetLimits(connect_timeout=net["connect_timeout"], read_timeout=net["read_timeout"],
+                     min_rate=net["min_rate"], rate_window=net["rate_window"])
+
+
 def _install_text(r) -> str:
     if r.status == "up-to-date":
         return f"{r.name} release {r.release} is already installed ({r.path})"
@@ -254,14 +281,16 @@ def _device_command(download_only):
                   help="Trusted root file from the operator; needed on first use, then kept in --dir.")
     @click.option("--allow-downgrade", is_flag=True,
                   help="Accept a signed release older than the installed one.")
+    @net_options
     @json_opt
     @one_line_errors
-    def cmd(repo, name, device_dir, root_file, allow_downgrade, as_json):
+    def cmd(repo, name, device_dir, root_file, allow_downgrade, as_json, **net):
         from ..fleet import Device
 
+        limits = _limits(net)
         with _bar(f"fetching {name}", as_json) as progress:
             r = Device(device_dir).install(repo, name, root_file=root_file, allow_downgrade=allow_downgrade,
-                                           download_only=download_only, progress=progress)
+                                           download_only=download_only, progress=progress, limits=limits)
         _out(as_json, r.to_json(), _install_text(r))
     return cmd
 

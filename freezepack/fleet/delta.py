@@ -17,16 +17,24 @@ produce a silently wrong model.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 
-from ..errors import FormatError
+from ..errors import FleetError, FormatError
+from . import safejson
 
 MAX_PIECE = 4 << 20            # resume granularity and largest blob a device holds in memory
 MAX_HEADER = 100 << 20         # the safetensors reader's own limit
 HEADER_LABEL = "__header__"
+MAX_BLOB = 8 + MAX_HEADER      # the header piece; tensor pieces are at most MAX_PIECE, gaps/tails this
+MAX_LAYOUT_PIECES = 200_000    # about 800 GB of tensors in 4 MiB pieces
+MAX_LABEL = 512
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+# a safetensors header is bounded by its own length field (MAX_HEADER); nesting and counts bounded too, so a
+# hostile header cannot exhaust memory or the interpreter's stack while we cut the file into pieces
+HEADER_LIMITS = safejson.JsonLimits(MAX_HEADER, max_depth=16, max_containers=2_000_000, max_values=20_000_000)
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,9 @@ def _ranges(path: str, size: int, head: bytes) -> list[tuple[int, int, str]]:
     if n > MAX_HEADER or 8 + n > size:
         raise FormatError(f"not a safetensors file: header length {n} does not fit in {size} bytes", path=path)
     try:
-        header = json.loads(head[8:8 + n])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"not a safetensors file: header is not JSON ({e})", path=path) from None
+        header = safejson.loads(head[8:8 + n], HEADER_LIMITS, what="safetensors header")
+    except FleetError as e:
+        raise FormatError(f"not a safetensors file: {e.reason}", path=path) from None
     if not isinstance(header, dict):
         raise FormatError("not a safetensors file: header is not a JSON object", path=path)
     base = 8 + n
@@ -61,7 +69,8 @@ def _ranges(path: str, size: int, head: bytes) -> list[tuple[int, int, str]]:
         if name == "__metadata__":
             continue
         offs = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
                 or not 0 <= offs[0] <= offs[1] or base + offs[1] > size):
             raise FormatError(f"bad data_offsets {offs!r}", path=path, tensor=name)
         spans.append((offs[0], offs[1], name))
@@ -103,17 +112,21 @@ def layout_from_json(obj, *, path: str = "") -> list[tuple[str, int, str]]:
     """Validate a signed layout (list of [sha256, length, label]) before trusting its numbers."""
     if not isinstance(obj, list) or not obj:
         raise FormatError("release layout is not a non-empty list", path=path)
+    if len(obj) > MAX_LAYOUT_PIECES:
+        raise FormatError(f"release layout has {len(obj)} pieces, more than {MAX_LAYOUT_PIECES}", path=path)
     out = []
     for item in obj:
-        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str) or len(item[0]) != 64
-                or not isinstance(item[1], int) or not 0 <= item[1] <= (1 << 40) or not isinstance(item[2], str)):
-            raise FormatError(f"bad layout entry {item!r}", path=path)
-        try:
-            int(item[0], 16)
-        except ValueError:
-            raise FormatError(f"bad piece digest {item[0]!r}", path=path) from None
+        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
+                or not _HEX64.fullmatch(item[0]) or not isinstance(item[1], int) or isinstance(item[1], bool)
+                or not 0 <= item[1] <= MAX_BLOB or not isinstance(item[2], str) or len(item[2]) > MAX_LABEL):
+            raise FormatError(f"bad layout entry {_short(item)}", path=path)
         out.append((item[0].lower(), item[1], item[2]))
     return out
+
+
+def _short(obj) -> str:
+    text = repr(obj)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 @dataclass

@@ -21,7 +21,10 @@ import os
 import tempfile
 
 from ..errors import FleetError
-from .repo import Store, check_digest, check_meta_name
+from . import safejson
+from .names import check_digest, check_meta_name
+from .net import DEFAULT_LIMITS, NetLimits, guard_session, transfer
+from .store import Store
 
 ARTIFACT_TYPE = "application/vnd.freezepack.model.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.freezepack.model.config.v1+json"
@@ -30,12 +33,13 @@ HEADER_MEDIA_TYPE = "application/vnd.freezepack.model.header.v1"
 TUF_CONFIG_MEDIA_TYPE = "application/vnd.freezepack.tuf.config.v1+json"
 TUF_MEDIA_TYPE = "application/vnd.freezepack.tuf.metadata.v1+json"
 _MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+_CHUNK = 1 << 16
 
 
 class OciStore(Store):
     """``oci://registry[:port]/namespace/repo`` (https) or ``oci+http://...`` (plain HTTP, e.g. loopback)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, limits: NetLimits = DEFAULT_LIMITS):
         try:
             import oras.provider
         except ImportError:
@@ -47,36 +51,74 @@ class OciStore(Store):
         if not host or not repo:
             raise FleetError("expected oci://host[:port]/repository", path=url)
         self.location = url
+        self.limits = limits
         self.host, self.repo = host, repo
         self.registry = oras.provider.Registry(hostname=host, insecure=insecure)
+        guard_session(self.registry.session, limits)     # timeouts, minimum rate, byte caps (token requests too)
         self._prefix = "http" if insecure else "https"
         self._container = self.registry.get_container(f"{host}/{repo}")
 
     # -- low level -------------------------------------------------------------------------------------------
-    def _request(self, method: str, url: str, **kw):
-        import requests
-
+    def _request(self, method: str, url: str, *, cap: int | None = 1 << 20, **kw):
+        """One registry request under the store's limits; ``cap`` bounds the bytes of every response it
+        reads (a streamed body is capped again by its reader)."""
         # oras-py retries a failed connection 5 times over ~2 minutes; a device should hear at once that the
         # registry is down (it retries on its next update cycle), so call the undecorated request.
         do_request = getattr(type(self.registry).do_request, "__wrapped__", None)
-        try:
+        with transfer(self.limits, cap, where=self.location, errors=self._errors()):
             if do_request is None:
                 return self.registry.do_request(url, method, **kw)
             return do_request(self.registry, url, method, **kw)
-        except (requests.exceptions.RequestException, ValueError) as e:
-            raise FleetError(f"registry request failed: {e}", path=self.location) from None
+
+    def _stream(self, url: str, max_length: int, what: str):
+        """Yield a GET body in chunks, at most ``max_length`` bytes; FleetError on 404 or another status."""
+        with transfer(self.limits, max_length, where=self.location, errors=self._errors()):
+            do_request = getattr(type(self.registry).do_request, "__wrapped__", None)
+            r = (do_request(self.registry, url, "GET", stream=True) if do_request is not None
+                 else self.registry.do_request(url, "GET", stream=True))
+            try:
+                if r.status_code == 404:
+                    raise FleetError(f"registry has no {what}", path=self.location)
+                if r.status_code != 200:
+                    raise FleetError(f"registry answered HTTP {r.status_code} for {what}", path=self.location)
+                n = 0
+                for chunk in r.iter_content(_CHUNK):
+                    n += len(chunk)
+                    yield chunk
+                    if n >= max_length:
+                        return
+            finally:
+                r.close()
 
     def _manifest(self, tag: str):
         url = f"{self._prefix}://{self._container.manifest_url(tag)}"
-        r = self._request("GET", url, headers={"Accept": _MANIFEST_TYPE}, stream=False)
-        if r.status_code == 404:
-            return None
-        if r.status_code != 200:
-            raise FleetError(f"registry answered HTTP {r.status_code} for manifest {tag!r}", path=self.location)
+        lim = safejson.MANIFEST_LIMITS
+        r = self._request("GET", url, headers={"Accept": _MANIFEST_TYPE}, stream=True, cap=lim.max_bytes)
         try:
-            return json.loads(r.content[:1 << 20])
-        except ValueError:
-            raise FleetError(f"manifest {tag!r} is not JSON", path=self.location) from None
+            if r.status_code == 404:
+                return None
+            if r.status_code != 200:
+                raise FleetError(f"registry answered HTTP {r.status_code} for manifest {tag!r}",
+                                 path=self.location)
+            buf = bytearray()
+            with transfer(self.limits, lim.max_bytes, where=self.location, errors=self._errors()):
+                for chunk in r.iter_content(_CHUNK):
+                    buf += chunk
+                    if len(buf) > lim.max_bytes:
+                        raise FleetError(f"manifest {tag!r} is larger than {lim.max_bytes} bytes",
+                                         path=self.location)
+        finally:
+            r.close()
+        m = safejson.loads(bytes(buf), lim, what=f"manifest {tag!r}", path=self.location)
+        if not isinstance(m, dict):
+            raise FleetError(f"manifest {tag!r} is not a JSON object", path=self.location)
+        return m
+
+    @staticmethod
+    def _errors():
+        import requests
+
+        return (requests.exceptions.RequestException, ValueError, OSError)
 
     def _upload(self, data: bytes, media_type: str) -> dict:
         sha = hashlib.sha256(data).hexdigest()
@@ -85,7 +127,8 @@ class OciStore(Store):
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            r = self.registry.upload_blob(tmp, self._container, layer)  # skips blobs the registry has
+            with transfer(self.limits, 1 << 20, where=self.location, errors=self._errors()):
+                r = self.registry.upload_blob(tmp, self._container, layer)  # skips blobs the registry has
         finally:
             os.unlink(tmp)
         if r.status_code not in (200, 201, 202):
@@ -106,15 +149,17 @@ class OciStore(Store):
         manifest = self._manifest(check_meta_name(name))
         if manifest is None:
             return None
-        try:
-            (layer,) = manifest["layers"]
-            sha = layer["digest"].removeprefix("sha256:")
-            size = int(layer["size"])
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise FleetError(f"metadata artifact {name!r} is malformed", path=self.location) from None
+        layers = manifest.get("layers")
+        layer = layers[0] if isinstance(layers, list) and len(layers) == 1 else None
+        digest = layer.get("digest") if isinstance(layer, dict) else None
+        size = layer.get("size") if isinstance(layer, dict) else None
+        if (not isinstance(digest, str) or not digest.startswith("sha256:") or not isinstance(size, int)
+                or isinstance(size, bool) or size < 0):
+            raise FleetError(f"metadata artifact {name!r} is malformed (expected one layer with a sha256 digest "
+                             f"and a size)", path=self.location)
         if size > max_length:
             raise FleetError(f"metadata {name!r} is larger than {max_length} bytes", path=self.location)
-        return self.get_blob(check_digest(sha), size)
+        return self.get_blob(check_digest(digest[len("sha256:"):]), size)
 
     def put_metadata(self, name, data):
         config = self._upload(b"{}", TUF_CONFIG_MEDIA_TYPE)
@@ -129,24 +174,9 @@ class OciStore(Store):
     def put_blob(self, data, *, media_type=PIECE_MEDIA_TYPE):
         return self._upload(data, media_type or PIECE_MEDIA_TYPE)["digest"].removeprefix("sha256:")
 
-    def _get_blob(self, sha256, max_length):
+    def _blob_chunks(self, sha256, max_length):
         url = f"{self._prefix}://{self._container.get_blob_url('sha256:' + sha256)}"
-        r = self._request("GET", url, stream=True)
-        try:
-            if r.status_code == 404:
-                raise FleetError(f"registry has no blob sha256:{sha256}", path=self.location)
-            if r.status_code != 200:
-                raise FleetError(f"registry answered HTTP {r.status_code} for blob sha256:{sha256}",
-                                 path=self.location)
-            buf = bytearray()
-            for chunk in r.iter_content(1 << 16):
-                buf += chunk
-                if len(buf) > max_length:
-                    raise FleetError(f"registry sent more than {max_length} bytes for sha256:{sha256}",
-                                     path=self.location)
-            return bytes(buf)
-        finally:
-            r.close()
+        return self._stream(url, max_length, f"blob sha256:{sha256}")
 
     def publish_release(self, name, release, layout, config):
         cfg = self._upload(json.dumps(config, sort_keys=True).encode(), CONFIG_MEDIA_TYPE)

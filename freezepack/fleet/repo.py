@@ -1,11 +1,5 @@
-"""Where a fleet repository lives: a plain directory (embedded default), a static HTTP server, or an OCI registry.
-
-Every back end stores two kinds of things and nothing else:
-
-* **metadata** files by name (``1.root.json``, ``timestamp.json``, ``3.snapshot.json``, ``3.targets.json``), the
-  signed TUF metadata; their authenticity is checked by TUF, never by the store;
-* **blobs** by SHA-256: the pieces of model files (see ``delta``). A store hands out bytes; the caller checks
-  each blob against the digest it asked for (``get_blob`` does it here too, so no back end can skip it).
+"""Where a fleet repository lives: a plain directory (embedded default), a static HTTP server, or an OCI registry
+(``oci``). The interface and the digest checks are in ``store``.
 
 Directory layout (servable as-is by any static HTTP server or object store)::
 
@@ -15,79 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 
-from ..atomic import atomic_write
-from ..errors import FleetError, IntegrityError
+from ..atomic import atomic_write, remove_stale_temps
+from ..errors import FleetError
+from .names import check_digest, check_meta_name
+from .net import DEFAULT_LIMITS, NetLimits, pool_manager, transfer
+from .store import Store, read_file_capped, verified_blob  # noqa: F401  (verified_blob: public helper)
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_META_NAME = re.compile(r"^(?:[0-9]{1,12}\.)?(?:root|timestamp|snapshot|targets)\.json$")
-
-
-def check_digest(sha256: str) -> str:
-    if not isinstance(sha256, str) or not _HEX64.match(sha256):
-        raise FleetError(f"not a sha256 hex digest: {sha256!r}")
-    return sha256
-
-
-def check_meta_name(name: str) -> str:
-    if not _META_NAME.match(name):
-        raise FleetError(f"not a TUF metadata file name: {name!r}")
-    return name
-
-
-def verified_blob(data: bytes, sha256: str, length: int | None, where: str) -> bytes:
-    """Return ``data`` only if it has exactly the expected length and digest."""
-    if length is not None and len(data) != length:
-        raise IntegrityError(f"blob sha256:{sha256} has {len(data)} bytes, the signed release says {length}",
-                             path=where)
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha256:
-        raise IntegrityError(f"blob content does not match its digest (expected sha256:{sha256}, got "
-                             f"sha256:{got}): tampered or corrupted", path=where)
-    return data
-
-class Store:
-    """Interface of a repository back end. ``location`` names it in messages."""
-
-    location: str = ""
-    writable: bool = True
-
-    def get_metadata(self, name: str, max_length: int) -> bytes | None:
-        """The metadata file's bytes, or None when the repository does not have it."""
-        raise NotImplementedError
-
-    def put_metadata(self, name: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def has_blob(self, sha256: str) -> bool:
-        raise NotImplementedError
-
-    def put_blob(self, data: bytes, *, media_type: str = "") -> str:
-        raise NotImplementedError
-
-    def _get_blob(self, sha256: str, max_length: int) -> bytes:
-        raise NotImplementedError
-
-    def get_blob(self, sha256: str, length: int | None = None) -> bytes:
-        """The blob's bytes, verified against ``sha256`` (and ``length`` when given)."""
-        check_digest(sha256)
-        data = self._get_blob(sha256, (length if length is not None else 1 << 40) + 1)
-        return verified_blob(data, sha256, length, f"{self.location} blob sha256:{sha256}")
-
-    def publish_release(self, name: str, release: int, layout: list, config: dict) -> None:
-        """Hook for back ends that index a release on their own (OCI: a tagged artifact manifest)."""
-
-    def close(self) -> None:
-        pass
+_CHUNK = 1 << 16
 
 
 class DirStore(Store):
-    """A plain directory: ``metadata/<name>`` and ``blobs/sha256/<hex>``."""
+    """A plain directory: ``metadata/<name>`` and ``blobs/sha256/<hex>``. Files are written with the umask's
+    mode (0644 under umask 022), so another user (the web server) can serve the directory."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = os.path.abspath(os.fspath(root))
         self.location = self.root
+        self._cleaned = False
 
     def _meta(self, name):
         return os.path.join(self.root, "metadata", check_meta_name(name))
@@ -96,82 +35,103 @@ class DirStore(Store):
         return os.path.join(self.root, "blobs", "sha256", check_digest(sha256))
 
     def get_metadata(self, name, max_length):
-        try:
-            with open(self._meta(name), "rb") as f:
-                data = f.read(max_length + 1)
-        except FileNotFoundError:
-            return None
-        if len(data) > max_length:
-            raise FleetError(f"metadata file is larger than {max_length} bytes", path=self._meta(name))
-        return data
+        return read_file_capped(self._meta(name), max_length, f"metadata file {name}")
 
     def put_metadata(self, name, data):
         atomic_write(self._meta(name), data)
 
     def has_blob(self, sha256):
-        return os.path.exists(self._blob(sha256))
+        return os.path.isfile(self._blob(sha256))
 
     def put_blob(self, data, *, media_type=""):
         sha = hashlib.sha256(data).hexdigest()
+        if not self._cleaned:     # leftovers of a killed publish, once per store (the directory may be large)
+            remove_stale_temps(os.path.dirname(self._blob(sha)))
+            self._cleaned = True
         if not self.has_blob(sha):
-            atomic_write(self._blob(sha), data, fsync=False)
+            atomic_write(self._blob(sha), data, fsync=False, clean_stale=False)
         return sha
 
-    def _get_blob(self, sha256, max_length):
+    def _blob_chunks(self, sha256, max_length):
         try:
-            with open(self._blob(sha256), "rb") as f:
-                return f.read(max_length)
+            fd = os.open(self._blob(sha256), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             raise FleetError(f"repository has no blob sha256:{sha256}", path=self.root) from None
+        except OSError as e:
+            raise FleetError(f"cannot read blob sha256:{sha256}: {e.strerror}", path=self.root) from None
+        with os.fdopen(fd, "rb") as f:
+            left = max_length
+            while left > 0 and (chunk := f.read(min(_CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
 
 
 class HttpStore(Store):
-    """A directory repository served by any static HTTP server (read-only: publish into the directory)."""
+    """A directory repository served by any static HTTP server (read-only: publish into the directory).
+    Every request runs under ``limits`` (timeouts, minimum rate) and a byte cap (see ``net``)."""
 
     writable = False
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, limits: NetLimits = DEFAULT_LIMITS):
         import urllib3  # a dependency of tuf's client
 
+        self._errors = (urllib3.exceptions.HTTPError, OSError)
         self.base = url.rstrip("/")
         self.location = self.base
-        self._http = urllib3.PoolManager(retries=urllib3.Retry(total=3, redirect=2, backoff_factor=0.1),
-                                         timeout=urllib3.Timeout(connect=10, read=60))
+        self.limits = limits
+        self._http = pool_manager(limits)
 
-    def _get(self, url: str, max_length: int) -> bytes | None:
-        import urllib3
-
-        try:
-            r = self._http.request("GET", url, preload_content=False)
-        except urllib3.exceptions.HTTPError as e:
-            raise FleetError(f"cannot reach repository: {e}", path=url) from None
-        try:
-            if r.status in (403, 404):
-                return None
-            if r.status != 200:
-                raise FleetError(f"HTTP {r.status}", path=url)
-            buf = bytearray()
-            for chunk in r.stream(1 << 16):
-                buf += chunk
-                if len(buf) > max_length:
-                    raise FleetError(f"server sent more than {max_length} bytes", path=url)
-            return bytes(buf)
-        finally:
-            r.release_conn()
+    def _chunks(self, url: str, max_length: int, *, missing_ok: bool):
+        """Yield the body in chunks (None first when 404/403 and ``missing_ok``)."""
+        with transfer(self.limits, max_length, where=url, errors=self._errors):
+            r = self._http.request("GET", url, preload_content=False, redirect=True)
+            complete = False
+            try:
+                if r.status in (403, 404):
+                    if missing_ok:
+                        yield None
+                        return
+                    raise FleetError("repository has no such file (HTTP %d)" % r.status, path=url)
+                if r.status != 200:
+                    raise FleetError(f"HTTP {r.status}", path=url)
+                declared = r.headers.get("Content-Length")
+                if declared is not None and declared.isdigit() and int(declared) > max_length:
+                    raise FleetError(f"server announces {declared} bytes, more than the limit of {max_length}",
+                                     path=url)
+                n = 0
+                for chunk in r.stream(_CHUNK):
+                    n += len(chunk)
+                    yield chunk
+                    if n >= max_length:
+                        return
+                complete = True
+            finally:
+                if not complete:
+                    r.close()         # never reuse (or drain) a connection whose body was cut off
+                r.release_conn()
 
     def get_metadata(self, name, max_length):
-        return self._get(f"{self.base}/metadata/{check_meta_name(name)}", max_length)
+        url = f"{self.base}/metadata/{check_meta_name(name)}"
+        it = self._chunks(url, max_length + 1, missing_ok=True)
+        first = next(it, b"")
+        if first is None:
+            it.close()
+            return None
+        buf = bytearray(first)
+        for chunk in it:
+            buf += chunk
+        if len(buf) > max_length:
+            raise FleetError(f"metadata file is larger than {max_length} bytes", path=url)
+        return bytes(buf)
 
     def has_blob(self, sha256):
-        r = self._http.request("HEAD", f"{self.base}/blobs/sha256/{check_digest(sha256)}")
+        url = f"{self.base}/blobs/sha256/{check_digest(sha256)}"
+        with transfer(self.limits, 0, where=url, errors=self._errors):
+            r = self._http.request("HEAD", url)
         return r.status == 200
 
-    def _get_blob(self, sha256, max_length):
-        url = f"{self.base}/blobs/sha256/{sha256}"
-        data = self._get(url, max_length)
-        if data is None:
-            raise FleetError(f"repository has no blob sha256:{sha256}", path=url)
-        return data
+    def _blob_chunks(self, sha256, max_length):
+        return self._chunks(f"{self.base}/blobs/sha256/{sha256}", max_length, missing_ok=False)
 
     def _read_only(self):
         return FleetError("an http:// repository is read-only: publish into its directory, then serve that",
@@ -187,15 +147,17 @@ class HttpStore(Store):
         self._http.clear()
 
 
-def open_store(location: str | os.PathLike) -> Store:
-    """``oci://host/repo`` (``oci+http://`` for a plain-HTTP registry), ``http(s)://`` or a directory path."""
+def open_store(location: str | os.PathLike, *, limits: NetLimits | None = None) -> Store:
+    """``oci://host/repo`` (``oci+http://`` for a plain-HTTP registry), ``http(s)://`` or a directory path.
+    ``limits`` (timeouts, minimum rate) apply to the network back ends."""
     loc = os.fspath(location)
+    limits = limits or DEFAULT_LIMITS
     if loc.startswith(("oci://", "oci+http://", "oci+https://")):
         from .oci import OciStore
 
-        return OciStore(loc)
+        return OciStore(loc, limits)
     if loc.startswith(("http://", "https://")):
-        return HttpStore(loc)
+        return HttpStore(loc, limits)
     if loc.startswith("file://"):
         loc = loc[len("file://"):]
     return DirStore(loc)
