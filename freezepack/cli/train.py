@@ -53,10 +53,11 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
       freezepack train --method snip --q 0.999 --epochs 5 --json
     """
     from .. import api
-    from ..experiments.train import run
+    from ..experiments.train import TrainConfig, run
 
-    r = run(model_name, method, q, seed, data=data_dir, epochs=epochs, lr=lr, weight_decay=weight_decay,
-            cosine=cosine, init=init, reinit=reinit, device=device, progress=not quiet)
+    config = TrainConfig(model=model_name, method=method, q=q, seed=seed, epochs=epochs, lr=lr,
+                         weight_decay=weight_decay, cosine=cosine, init=init, reinit=reinit)
+    r = run(config, data=data_dir, device=device, progress=not quiet)
     result = {"model": model_name, "method": method, "q": r.q, "q_beta": r.q_beta, "seed": seed,
               "test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch, "epochs": r.epochs,
               "trainable": r.trainable, "parameters": r.parameters, "seconds": round(r.seconds, 2)}

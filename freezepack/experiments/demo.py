@@ -50,14 +50,15 @@ def _demo(data_dir, epochs, out, q, seed):
     from .data import load_mnist
     from ..method.freezenet import dense_state_dict
     from .models import make_model
-    from .train import evaluate, run
+    from .train import TrainConfig, evaluate, run
 
     say = click.echo
     train_set, test_set = load_mnist(data_dir)
     say(f"1/4 data: {len(train_set):,} training and {len(test_set):,} test MNIST digits "
         f"({data_dir or 'shipped subset data/mnist-10k'})")
     say(f"2/4 training LeNet-5-Caffe FreezeNet, q={q}, seed={seed}, {epochs} epochs (SNIP mask, SGD, cosine) ...")
-    r = run("lenet5", "freezenet", q, seed, datasets=(train_set, test_set), epochs=epochs, progress=True)
+    r = run(TrainConfig("lenet5", "freezenet", q, seed, epochs=epochs), datasets=(train_set, test_set),
+            progress=True)
     say(f"    {r.trainable:,} of {r.parameters:,} numbers trained (q_beta={r.q_beta:.4f}); "
         f"test accuracy {100 * r.test_acc:.2f}% in {r.seconds:.0f} s")
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import api
 from . import paper
-from .train import mean_std, run
+from .train import TrainConfig, mean_std, run
 
 TABLE2_QS = (0.0, 0.9, 0.99, 0.995, 0.999)
 FIGURE_QS = (0.9, 0.95, 0.99, 0.993, 0.995, 0.997, 0.999)
@@ -106,7 +106,7 @@ def run_table2(out_dir="runs/table2", *, seeds=(0, 1, 2), epochs: int = 15, data
     def acc(method: str, q: float, seed: int, save_to: Path | None = None) -> float:
         key = (method, q, seed)
         if key not in cache:
-            r = run("lenet5", method, q, seed, datasets=datasets, epochs=epochs, progress=False)
+            r = run(TrainConfig("lenet5", method, q, seed, epochs=epochs), datasets=datasets, progress=False)
             _say(progress, f"  {method:9s} q={q:<6} seed={seed}: test {100 * r.test_acc:.2f} %  ({r.seconds:.0f} s)")
             cache[key] = 100 * r.test_acc
             if save_to is not None:
