@@ -9,7 +9,6 @@ frozen part regenerated, compared bit for bit with the trained model, and tested
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import click
 import torch
 
-from ..errors import FreezepackError
+from ..cli.common import one_line_errors
 
 
 def _kib(n: int) -> str:
@@ -34,21 +33,18 @@ def _kib(n: int) -> str:
 @click.option("--q", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.99, show_default=True,
               help="Freezing rate: the share of weights that stay frozen.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=7, show_default=True)
+@one_line_errors
 def main(data_dir, epochs, out, q, seed):
     """Train a LeNet-5-Caffe FreezeNet on MNIST, save it as .fpk, reload it bit-exactly and test it."""
-    try:
-        _demo(data_dir, epochs, out, q, seed)
-    except FreezepackError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    _demo(data_dir, epochs, out, q, seed)
 
 
 def _demo(data_dir, epochs, out, q, seed):
     from safetensors.torch import save_file
 
     from .. import api
-    from .data import load_mnist
     from ..method.freezenet import dense_state_dict
+    from .data import load_mnist
     from .models import make_model
     from .train import TrainConfig, evaluate, run
 
