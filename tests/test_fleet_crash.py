@@ -20,9 +20,10 @@ import pytest
 pytest.importorskip("tuf")
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash harness forks installs (POSIX only)")
 
+from test_fleet_support import Fleet, record, write_fpk  # noqa: E402
+
 from freezepack import api  # noqa: E402
 from freezepack.fleet import Device  # noqa: E402
-from test_fleet_support import Fleet, record, write_fpk  # noqa: E402
 
 ZYGOTE = textwrap.dedent("""
     import json, os, signal, sys, time, traceback
@@ -120,6 +121,7 @@ def test_sigkill_at_every_install_step(crash_setup):
         assert not [p for p in os.listdir(f.device.dir) if ".part-" in p]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_many_times(crash_setup):
     f, pristine, releases, zygote = crash_setup
     reset(f.device, pristine)

@@ -6,10 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from freezepack import SpecError
+from freezepack import UsageError
 from freezepack.experiments.models import count_parameters, make_model
-from freezepack.method.saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores,
-                                 snip_scores, weights_to_train)
+from freezepack.method.saliency import (
+    freezing_rates,
+    global_mask,
+    grasp_scores,
+    prunable_weights,
+    random_scores,
+    snip_scores,
+    weights_to_train,
+)
 
 
 def tiny_mlp(dtype=torch.float64):
@@ -100,7 +107,7 @@ def test_trainable_count_uses_the_decimal_q():
     assert weights_to_train(430_500, 0.995) == 2152
     assert weights_to_train(100, 0.07) == 93      # float 1-0.07 = 0.9299999999999999 would floor to 92
     for bad in (-0.1, 1.5, "0.9", True):
-        with pytest.raises(SpecError):
+        with pytest.raises(UsageError):
             weights_to_train(10, bad)
 
 
@@ -145,5 +152,5 @@ def test_lenet5_real_freezing_rate_matches_paper_table2(q, q_beta):
 
 
 def test_scoring_a_model_without_weights_is_an_error():
-    with pytest.raises(SpecError, match="no Conv/Linear weight"):
+    with pytest.raises(UsageError, match="no Conv/Linear weight"):
         snip_scores(nn.Sequential(nn.ReLU()), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))

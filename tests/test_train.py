@@ -10,17 +10,12 @@ from click.testing import CliRunner
 from freezepack import UsageError, api
 from freezepack.cli import cli
 from freezepack.experiments.data import Dataset, load_mnist, split_train_val
-from freezepack.method.freezenet import dense_state_dict, freeze_record, trainable_masks
-from freezepack.format.init import generate
 from freezepack.experiments.models import make_model
 from freezepack.experiments.train import TrainConfig, build, evaluate, mean_std, run, train
+from freezepack.format.init import generate
+from freezepack.method.freezenet import dense_state_dict, freeze_record, trainable_masks
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return load_mnist()
 
 
 def small(ds: Dataset, n: int) -> Dataset:
