@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset, load_mnist, split_train_val
 from ..errors import UsageError
 from ..method.freezenet import apply_frozen_decay, init_weights, make_freezenet, parameter_count, rates, trainable_count
+from .data import Dataset, load_mnist, split_train_val
 from .models import INPUT_SHAPES, make_model
 
 METHODS = ("dense", "freezenet", "freezenet-wd", "random", "snip", "grasp")
