@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .format import container, maskcode
-from .format.container import Entry, FpkReader, Header, Limits, DEFAULT_LIMITS
 from .errors import FormatError, FreezepackError, IntegrityError, SpecError
+from .format import container, maskcode
+from .format.container import DEFAULT_LIMITS, Entry, FpkReader, Header, Limits
 from .format.init import InitSpec, generate
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import SPEC_VERSION, check_seed

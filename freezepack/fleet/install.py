@@ -24,9 +24,9 @@ import signal
 import tempfile
 from dataclasses import asdict, dataclass
 
+from ..atomic import atomic_write, fsync_dir
 from ..errors import FleetError, FormatError, FreezepackError, IntegrityError
 from .delta import file_pieces, plan
-from ..atomic import atomic_write, fsync_dir
 from .repo import Store, open_store
 from .trust import Counter, check_model_name, trusted_release
 
@@ -242,7 +242,7 @@ class Device:
         full = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out:
-                for sha, length, label in info["layout"]:
+                for sha, length, _label in info["layout"]:
                     src, off, _ = sources[sha]
                     with open(src, "rb") as f:
                         f.seek(off)

@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+from ..atomic import atomic_write
 from ..errors import FleetError, IntegrityError
 from .delta import layout_from_json
-from ..atomic import atomic_write
 from .repo import Store
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -31,8 +31,8 @@ _META_PREFIX = "fpk-store:/metadata/"   # ngclient builds URLs on it; our fetche
 
 def _tuf():
     try:
-        from tuf.api import metadata
         from securesystemslib.signer import CryptoSigner  # noqa: F401
+        from tuf.api import metadata
     except ImportError:
         raise FleetError("fleet commands need the 'fleet' extra (pip install 'freezepack[fleet]')") from None
     return metadata
@@ -113,7 +113,7 @@ class Publisher:
         except Exception as e:
             raise FleetError(f"cannot parse repository metadata {name} ({e})", path=self.store.location) from None
 
-    def load(self) -> "Publisher":
+    def load(self) -> Publisher:
         v, root = 1, None
         while (nxt := self._read(f"{v}.root.json")) is not None:
             root, v = nxt, v + 1
@@ -220,7 +220,6 @@ class Publisher:
         import hashlib
 
         from .delta import file_pieces
-
         from .install import detect_format, verify_model_file
 
         name = check_model_name(name)
@@ -258,7 +257,8 @@ class Publisher:
                                                            "sha256": full.hexdigest(), "length": size})
         self._commit(targets=True, snapshot=True, expiry=expiry or {})
         return {"name": name, "release": release, "sha256": full.hexdigest(), "length": size,
-                "format": fmt, "pieces": len(pieces), "uploaded_bytes": uploaded, "targets_version": self.targets.signed.version}
+                "format": fmt, "pieces": len(pieces), "uploaded_bytes": uploaded,
+                "targets_version": self.targets.signed.version}
 
     def refresh_timestamp(self, *, expiry: dict | None = None, snapshot: bool = False,
                           targets: bool = False) -> int:

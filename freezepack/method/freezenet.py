@@ -20,8 +20,7 @@ from torch.nn.utils import parametrize
 from ..errors import SpecError
 from ..format.init import InitSpec, generate, make_init
 from ..format.record import FreezeRecord, FrozenTensor
-from .saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores,
-                       snip_scores)
+from .saliency import freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores, snip_scores
 
 METHODS = ("snip", "grasp", "random")
 
