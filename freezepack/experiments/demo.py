@@ -1,6 +1,6 @@
 """The README's main job: train a FreezeNet, ship it as a tiny .fpk, reload it bit-exactly, check it still works.
 
-    python -m freezepack.demo            (or ./run demo)
+    python -m freezepack.experiments.demo     (or ./run demo)
 
 LeNet-5-Caffe with 99 % of its weights frozen at freezepack's generator values is trained on the shipped MNIST
 subset, saved as seed + initializer + coded mask + trained values, reloaded (on CUDA when available) with the
