@@ -9,15 +9,16 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from . import __version__
-from .format import container, maskcode
-from .format.container import Entry, FpkReader, Header, Limits, DEFAULT_LIMITS
+from ._version import __version__
 from .errors import FormatError, FreezepackError, IntegrityError, MethodError, SpecError, UsageError
+from .format import container, maskcode
+from .format.container import DEFAULT_LIMITS, Entry, FpkReader, Header, Limits
 from .format.init import InitSpec, generate
 from .format.record import FROZEN_TORCH_DTYPES, FreezeRecord, FrozenTensor, reconstruct
 from .format.rng import SPEC_VERSION, check_seed
@@ -26,6 +27,9 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+PathLike = str | os.PathLike[str]
+Device = str | torch.device | None
+Progress = Callable[[int, int], None]  # progress(done, total)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -179,7 +183,8 @@ def _prove(tmp_path: str, target) -> None:
                           "(changed in place, or frozen by other means)", path=target, tensor=first["name"])
 
 
-def save(path, record_or_module, metadata: dict[str, str] | None = None) -> None:
+def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
+         metadata: dict[str, str] | None = None) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
 
     ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
@@ -262,8 +267,8 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
     return t
 
 
-def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
-         timings: dict | None = None) -> dict[str, torch.Tensor]:
+def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
+         timings: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Dense state_dict of a .fpk file; frozen parts are regenerated straight on ``device``.
 
     Stored bytes are always checked against their digests. With ``verify`` (default) every reconstructed tensor is
@@ -340,8 +345,9 @@ def _set_tensor(module: torch.nn.Module, name: str, value) -> None:
     setattr(module.get_submodule(mod), attr, value)
 
 
-def load_into(module: torch.nn.Module, path, *, strict: bool = True, verify: bool = True,
-              limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None):
+def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, verify: bool = True,
+              limits: Limits = DEFAULT_LIMITS,
+              prefix_map: dict[str, str] | None = None) -> torch.nn.modules.module._IncompatibleKeys:
     """Fill ``module``'s parameters and buffers from a .fpk in place, regenerating into their own storage.
 
     Names match exactly, or with the wrapper prefixes ``module.`` / ``_orig_mod.`` stripped on either side, so
@@ -383,7 +389,7 @@ def load_into(module: torch.nn.Module, path, *, strict: bool = True, verify: boo
     return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
-def load_freezenet(module: torch.nn.Module, path, *, device=None, verify: bool = True,
+def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = None, verify: bool = True,
                    limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None) -> torch.nn.Module:
     """Make a plain ``module`` the FreezeNet stored in ``path``, ready to train on (resume training).
 
@@ -508,16 +514,21 @@ class FpkFile:
         self.close()
 
 
-def open(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS) -> FpkFile:  # noqa: A001
+def safe_open(path: PathLike, device: Device = None, *, verify: bool = True,
+              limits: Limits = DEFAULT_LIMITS) -> FpkFile:
     """Open a .fpk lazily: the header is read and validated now, each tensor when asked for."""
     return FpkFile(path, device, verify=verify, limits=limits)
+
+
+open = safe_open  # noqa: A001  (the short name, as in safetensors; shadows the builtin inside this module only)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # verify / inspect
 # ---------------------------------------------------------------------------------------------------------------
 
-def verify(path, device=None, *, limits: Limits = DEFAULT_LIMITS, progress=None) -> dict:
+def verify(path: PathLike, device: Device = None, *, limits: Limits = DEFAULT_LIMITS,
+           progress: Progress | None = None) -> dict:
     """Regenerate every tensor and check every digest. Returns a report; ``report["ok"]`` is the verdict.
 
     ``progress(done, total)`` is called after each tensor.
@@ -542,7 +553,7 @@ def verify(path, device=None, *, limits: Limits = DEFAULT_LIMITS, progress=None)
             "device": str(torch.device(device)) if device is not None else "cpu"}
 
 
-def inspect(path, *, limits: Limits = DEFAULT_LIMITS) -> dict:
+def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:
     """Header facts without regenerating anything: per-tensor q, coder, sizes, and the compression factor."""
     with FpkReader(path, limits) as r:
         h = r.header
@@ -576,7 +587,8 @@ def inspect(path, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                 "header_bytes": r.data_start}
 
 
-def convert(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None, progress=None) -> dict:
+def convert(src: PathLike, dst: PathLike, seed: int, init: str = "xavier_normal", inits: dict[str, str] | None = None,
+            metadata: dict[str, str] | None = None, progress: Progress | None = None) -> dict:
     """Dense checkpoint + seed + initializer(s) -> the smallest exact .fpk (see :mod:`freezepack.conversion`)."""
     from .conversion import convert_checkpoint
 

@@ -11,13 +11,12 @@ import os
 
 import torch
 
-from .format import container, maskcode
 from .api import load, save, tensor_bytes
 from .errors import FormatError, IntegrityError
+from .format import container, maskcode
 from .format.init import InitSpec, generate, make_init
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import check_seed
-
 
 
 def read_dense_checkpoint(path) -> dict[str, torch.Tensor]:

@@ -22,6 +22,13 @@ class FreezepackError(Exception):
         super().__init__(": ".join(parts))
 
 
+class UsageError(FreezepackError, ValueError):
+    """A function or command was called wrongly: an unknown option value, a bad device, an out-of-range count.
+
+    Also a ValueError, so callers that treat bad arguments generically still catch it.
+    """
+
+
 class SpecError(FreezepackError):
     """A generator or initializer spec is unknown, malformed or out of range."""
 

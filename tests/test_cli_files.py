@@ -10,15 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import freezepack
 from freezepack.cli import cli
-
-from fpk_helpers import record_for, rewrite, small_record
-
-
-@pytest.fixture()
-def fpk(tmp_path):
-    p = tmp_path / "m.fpk"
-    freezepack.save(p, small_record(), {"task": "cli"})
-    return p
+from freezepack.testing import record_for, rewrite, small_record
 
 
 def run(*args):
@@ -29,7 +21,7 @@ def test_inspect_table_and_json(fpk):
     r = run("inspect", fpk)
     assert r.exit_code == 0, r.output
     assert "conv.weight" in r.output and "ans-bernoulli" in r.output and "ans-gaps" in r.output
-    assert "metadata task = cli" in r.output and "compression factor" in r.output
+    assert "metadata task = test" in r.output and "compression factor" in r.output
     r = run("inspect", "--json", fpk)
     info = json.loads(r.output)
     assert info["seed"] == 11 and {t["name"] for t in info["tensors"]} >= {"conv.weight", "fc.bias"}

@@ -12,18 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import freezepack
-from freezepack.format import container
 from freezepack.api import encode_record
 from freezepack.errors import FormatError, FreezepackError, IntegrityError, SpecError, UsageError
-
-from fpk_helpers import record_for, rewrite, small_record, split_file
-
-
-@pytest.fixture()
-def fpk(tmp_path):
-    p = tmp_path / "m.fpk"
-    freezepack.save(p, small_record(), {"task": "test"})
-    return p
+from freezepack.format import container
+from freezepack.testing import record_for, rewrite, small_record, split_file
 
 
 def test_is_a_valid_safetensors_file(fpk):
@@ -267,8 +259,9 @@ def _spec_only_read(path):
     import hashlib
     import math
 
-    from freezepack.format.init import InitSpec, generate_np
     from test_maskcode import reference_ans_decode, reference_gap_decode
+
+    from freezepack.format.init import InitSpec, generate_np
 
     data = open(path, "rb").read()
     n_head = struct.unpack("<Q", data[:8])[0]
@@ -277,8 +270,6 @@ def _spec_only_read(path):
     assert hashlib.sha256(inner_text.encode()).hexdigest() == outer["__metadata__"]["freezepack.sha256"]
     h = json.loads(inner_text)
     body = data[8 + n_head:]
-    np_types = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I8": "i1", "U8": "u1",
-                "U32": "<u4", "BOOL": "u1", "BF16": "<u2"}
 
     def stored(key):
         s = h["stored"][key]

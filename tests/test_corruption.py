@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 
 import freezepack
 from freezepack import api
-from freezepack.format import container
 from freezepack.errors import FreezepackError
-
-from fpk_helpers import rewrite, small_record, split_file
+from freezepack.format import container
+from freezepack.testing import rewrite, small_record, split_file
 
 
 @pytest.fixture(scope="module")

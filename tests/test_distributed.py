@@ -14,7 +14,7 @@ from freezepack.errors import DistributedError
 from freezepack.experiments.data import Dataset, load_mnist
 from freezepack.experiments.launch import init_worker, launch
 from freezepack.experiments.models import make_model
-from freezepack.experiments.train import build, run, train
+from freezepack.experiments.train import TrainConfig, build, run, train
 from freezepack.format.init import generate
 from freezepack.method.distributed import (CommCounter, average_buffers, check_same, frozen_buffer_names, frozen_digest, share_masks,
                                            state_digest, wrap)
@@ -100,10 +100,10 @@ def test_two_gloo_ranks_train_identically_regenerate_frozen_and_match_one_proces
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        twin = run(RUN["model"], RUN["method"], RUN["q"], RUN["seed"], datasets=data, epochs=RUN["epochs"],
-                   batch_size=RUN["batch_size"], shards=2)
-        plain = run(RUN["model"], RUN["method"], RUN["q"], RUN["seed"], datasets=data, epochs=RUN["epochs"],
-                    batch_size=RUN["batch_size"])
+        config = TrainConfig(model=RUN["model"], method=RUN["method"], q=RUN["q"], seed=RUN["seed"],
+                             epochs=RUN["epochs"], batch_size=RUN["batch_size"])
+        twin = run(config, datasets=data, shards=2)
+        plain = run(config, datasets=data)
     finally:
         torch.set_num_threads(old)
     assert state_digest(twin.model) == t0["state_sha256"]

@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("tuf")
 
 from click.testing import CliRunner  # noqa: E402
+from test_fleet_support import Fleet, StaticServer, record, write_fpk  # noqa: E402
 
 from freezepack.cli import cli  # noqa: E402
 from freezepack.errors import FleetError, FormatError, IntegrityError  # noqa: E402
 from freezepack.fleet import Device, Publisher, file_pieces, open_store  # noqa: E402
 from freezepack.fleet.repo import DirStore  # noqa: E402
-from test_fleet_support import Fleet, StaticServer, record, write_fpk  # noqa: E402
 
 
 def sha(path) -> str:
@@ -325,6 +325,7 @@ def test_key_rotation_is_followed_and_revoked_key_is_refused(fleet, models, role
         return
     # an attacker holding the revoked key re-signs the role: refused
     from securesystemslib.signer import CryptoSigner  # noqa: F401
+
     from freezepack.fleet.trust import KeyRing
 
     revoked = [s for k, s in KeyRing(old_keys).signers().items() if k in info["revoked"]]

@@ -13,10 +13,11 @@ import pytest
 pytest.importorskip("tuf")
 pytest.importorskip("oras")
 
+from test_fleet_support import Fleet, free_port, record, start_registry_or_skip, write_fpk  # noqa: E402
+
 from freezepack.errors import FleetError, IntegrityError  # noqa: E402
 from freezepack.fleet import file_pieces  # noqa: E402
 from freezepack.fleet.oci import ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, PIECE_MEDIA_TYPE  # noqa: E402
-from test_fleet_support import Fleet, free_port, record, start_registry_or_skip, write_fpk  # noqa: E402
 
 
 def sha(path) -> str:
@@ -70,8 +71,8 @@ def test_registry_end_to_end_with_delta(registry, models, tmp_path):
     # each release is an OCI artifact with freezepack's own types, its layers the pieces in file order
     m = manifest(registry, "fleet/e2e", "net-r3")
     assert m["artifactType"] == ARTIFACT_TYPE and m["config"]["mediaType"] == CONFIG_MEDIA_TYPE
-    assert [l["digest"] for l in m["layers"]] == [f"sha256:{p.sha256}" for p in file_pieces(models["head"])]
-    assert all(l["mediaType"] == PIECE_MEDIA_TYPE for l in m["layers"][1:])
+    assert [layer["digest"] for layer in m["layers"]] == [f"sha256:{p.sha256}" for p in file_pieces(models["head"])]
+    assert all(layer["mediaType"] == PIECE_MEDIA_TYPE for layer in m["layers"][1:])
     assert manifest(registry, "fleet/e2e", "timestamp.json")["layers"][0]["size"] > 0
 
 

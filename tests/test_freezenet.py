@@ -8,10 +8,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from freezepack import MethodError, SpecError, UsageError
-from freezepack.method.freezenet import (apply_frozen_decay, dense_state_dict, freeze, freeze_record, init_weights,
-                                  make_freezenet, parameter_count, rates, trainable_count, trainable_masks)
-from freezepack.format.init import generate, make_init
 from freezepack.experiments.models import make_model
+from freezepack.format.init import generate, make_init
+from freezepack.method.freezenet import (
+    apply_frozen_decay,
+    dense_state_dict,
+    freeze,
+    freeze_record,
+    init_weights,
+    make_freezenet,
+    parameter_count,
+    rates,
+    trainable_count,
+    trainable_masks,
+)
 from freezepack.method.saliency import global_mask, random_scores
 
 torch.set_num_threads(2)

@@ -58,7 +58,8 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, 1000, 4096, 1 << 20])
+# chunks of 1-4 elements: one torch launch per element on the eager path (tens of seconds), hence slow
+@pytest.mark.parametrize("chunk", [pytest.param(c, marks=pytest.mark.slow) for c in (1, 3, 4)] + [1000, 4096, 1 << 20])
 def test_chunk_size_never_changes_a_bit(chunk, path):
     spec = init.make_init("xavier_normal", (50, 20, 5, 5))
     ref = init.generate_np(spec, (50, 20, 5, 5), 3, "conv2.weight")
@@ -149,7 +150,8 @@ def test_scales_are_torchs_rounded_once_to_float32(name, kw):
 
 
 STAT_CASES = [
-    ("xavier_normal", {}, "norm"), ("kaiming_normal", {"nonlinearity": "relu"}, "norm"), ("normal", {"mean": 1.0, "std": 2.0}, "norm"),
+    ("xavier_normal", {}, "norm"), ("kaiming_normal", {"nonlinearity": "relu"}, "norm"),
+    ("normal", {"mean": 1.0, "std": 2.0}, "norm"),
     ("xavier_uniform", {}, "uniform"), ("kaiming_uniform", {"a": math.sqrt(5)}, "uniform"),
     ("uniform", {"a": -3.0, "b": 5.0}, "uniform"),
 ]

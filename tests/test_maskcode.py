@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freezepack.format import maskcode
 from freezepack.errors import FormatError
+from freezepack.format import maskcode
 
 
 def reference_ans_start(words) -> tuple[list[int], int]:

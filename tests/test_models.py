@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freezepack import SpecError
+from freezepack import UsageError
 from freezepack.experiments.models import count_parameters, make_model
 
 
@@ -37,5 +37,5 @@ def test_vgg16_has_13_convs_3_linears_and_batchnorm():
 
 
 def test_unknown_model_is_a_clear_error():
-    with pytest.raises(SpecError, match="unknown model 'resnet'"):
+    with pytest.raises(UsageError, match="unknown model 'resnet'"):
         make_model("resnet")

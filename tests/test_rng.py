@@ -182,5 +182,6 @@ def test_cuda_words_and_conversions_bit_exact():
     words = rng.words_np(9, rng.stream_id("gpu"), 0, 300_001)
     wt = rng.words_torch(9, rng.stream_id("gpu"), 0, 300_001, device="cuda")
     assert np.array_equal(wt.cpu().numpy(), words.astype(np.int64))
-    for f_np, f_t in [(rng.uniform_np, rng.uniform_torch), (rng.normal_np, rng.normal_torch), (rng.sign_np, rng.sign_torch)]:
+    for f_np, f_t in [(rng.uniform_np, rng.uniform_torch), (rng.normal_np, rng.normal_torch),
+                      (rng.sign_np, rng.sign_torch)]:
         assert np.array_equal(f_np(words).view(np.uint32), f_t(wt).cpu().numpy().view(np.uint32))

@@ -6,10 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from freezepack import MethodError, SpecError
+from freezepack import MethodError, SpecError, UsageError
 from freezepack.experiments.models import count_parameters, make_model
-from freezepack.method.saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores,
-                                 snip_scores, weights_to_train)
+from freezepack.method.saliency import (
+    freezing_rates,
+    global_mask,
+    grasp_scores,
+    prunable_weights,
+    random_scores,
+    snip_scores,
+    weights_to_train,
+)
 
 
 def tiny_mlp(dtype=torch.float64):
@@ -100,7 +107,7 @@ def test_trainable_count_uses_the_decimal_q():
     assert weights_to_train(430_500, 0.995) == 2152
     assert weights_to_train(100, 0.07) == 93      # float 1-0.07 = 0.9299999999999999 would floor to 92
     for bad in (-0.1, 1.5, "0.9", True):
-        with pytest.raises(SpecError):
+        with pytest.raises(UsageError):
             weights_to_train(10, bad)
 
 

@@ -7,30 +7,33 @@ import shutil
 import pytest
 
 from freezepack import api
-from freezepack.experiments import paper, reproduce
 from freezepack.errors import FreezepackError
+from freezepack.experiments import paper, report, table2
 
 
+# Trains nine LeNet-5s (2 epochs each): every test that uses it is marked slow.
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("table2")
-    res = reproduce.run_table2(out, seeds=(0,), epochs=2, quick=True, table3=True, progress=False)
+    res = table2.run_table2(out, seeds=(0,), epochs=2, quick=True, table3=True, progress=False)
     return out, res
 
 
+@pytest.mark.slow
 def test_quick_report_contains_every_row(quick):
     _, res = quick
-    text = reproduce.render_markdown(res)
-    assert [r["q"] for r in res.rows] == list(reproduce.TABLE2_QS)
+    text = report.render_markdown(res)
+    assert [r["q"] for r in res.rows] == list(table2.TABLE2_QS)
     for p in paper.TABLE2:
         assert f"| {p.q:g} | " in text
         assert f"{p.size_kb} kB" in text and f"| {p.factor} |" in text
     assert "| 0.99 | 169k |" in text  # the Table 3 row
 
 
+@pytest.mark.slow
 def test_size_factor_qbeta_equal_the_papers_with_the_documented_exceptions(quick):
     _, res = quick
-    cmp = {c["q"]: c for c in reproduce.compare_table2(res.rows)}
+    cmp = {c["q"]: c for c in report.compare_table2(res.rows)}
     # q_beta from the real saved masks rounds to the printed value at every rate
     assert all(c["agree"]["q_beta"] for c in cmp.values())
     # exact sizes/factors agree except exactly the three documented cells ...
@@ -43,6 +46,7 @@ def test_size_factor_qbeta_equal_the_papers_with_the_documented_exceptions(quick
     assert cmp[0.9]["trained"] == 43050 + 580
 
 
+@pytest.mark.slow
 def test_reported_sizes_are_real_and_verify_is_real(quick, tmp_path):
     out, res = quick
     for r in res.rows:
@@ -63,6 +67,7 @@ def test_reported_sizes_are_real_and_verify_is_real(quick, tmp_path):
     assert not ok
 
 
+@pytest.mark.slow
 def test_freezenet_beats_snip_at_extreme_q(quick):
     """The paper's central claim, on the shipped subset even after a short run."""
     _, res = quick
@@ -72,6 +77,7 @@ def test_freezenet_beats_snip_at_extreme_q(quick):
     assert res.accuracy["freezenet"][0.99][0] >= 90
 
 
+@pytest.mark.slow
 def test_table3_counts_from_the_real_vgg16(quick):
     _, res = quick
     (row,) = res.table3
@@ -91,10 +97,11 @@ def test_paper_printed_count_parser():
         paper.parse_printed("12")
 
 
+@pytest.mark.slow
 def test_plots_are_written_and_json_round_trips(quick):
     pytest.importorskip("matplotlib")
     out, res = quick
-    for p in reproduce.plot_figures(res, out):
+    for p in report.plot_figures(res, out):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
-    again = reproduce.load_result(out / "table2.json")
-    assert reproduce.render_markdown(again) == reproduce.render_markdown(res)
+    again = table2.load_result(out / "table2.json")
+    assert report.render_markdown(again) == report.render_markdown(res)

@@ -7,20 +7,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from freezepack import SpecError, api
+from freezepack import UsageError, api
 from freezepack.cli import cli
 from freezepack.experiments.data import Dataset, load_mnist, split_train_val
-from freezepack.method.freezenet import dense_state_dict, freeze_record, trainable_masks
-from freezepack.format.init import generate
 from freezepack.experiments.models import make_model
-from freezepack.experiments.train import build, evaluate, mean_std, run, train
+from freezepack.experiments.train import TrainConfig, build, evaluate, mean_std, run, train
+from freezepack.format.init import generate
+from freezepack.method.freezenet import dense_state_dict, freeze_record, trainable_masks
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return load_mnist()
 
 
 def small(ds: Dataset, n: int) -> Dataset:
@@ -29,7 +24,7 @@ def small(ds: Dataset, n: int) -> Dataset:
 
 @pytest.mark.slow
 def test_freezenet_q099_lenet5_reaches_93_percent(mnist):
-    r = run("lenet5", "freezenet", 0.99, seed=0, datasets=mnist, epochs=3)
+    r = run(TrainConfig("lenet5", "freezenet", 0.99, seed=0, epochs=3), datasets=mnist)
     assert r.test_acc >= 0.93, r.test_acc
     assert round(r.q_beta, 3) == 0.989 and r.parameters == 431_080
     assert 4305 + 580 <= r.trainable <= 4305 + 580 + 4
@@ -45,8 +40,8 @@ def test_freezenet_q099_lenet5_reaches_93_percent(mnist):
 @pytest.mark.slow
 def test_freezenet_stays_accurate_where_snip_collapses(mnist):
     """The paper's central claim at q = 0.999 (430 trainable weights of 430,500)."""
-    fn = run("lenet5", "freezenet", 0.999, seed=0, datasets=mnist, epochs=2)  # 83 % here, 89 % after 15 epochs
-    sn = run("lenet5", "snip", 0.999, seed=0, datasets=mnist, epochs=2)       # 11 %: the gradient dries up
+    fn = run(TrainConfig("lenet5", "freezenet", 0.999, epochs=2), datasets=mnist)  # 83 % here, 89 % after 15 epochs
+    sn = run(TrainConfig("lenet5", "snip", 0.999, epochs=2), datasets=mnist)       # 11 %: the gradient dries up
     assert fn.test_acc >= 0.70, fn.test_acc
     assert fn.test_acc >= sn.test_acc + 0.30, (fn.test_acc, sn.test_acc)
 
@@ -77,10 +72,10 @@ def test_all_methods_build_and_dense_is_plain(mnist):
         model = build("lenet300", method, 0.95, 3, (x, y))
         assert bool(trainable_masks(model)) == (method != "dense")
         assert evaluate(model, small(mnist[1], 200)) >= 0.0
-    with pytest.raises(SpecError, match="unknown method"):
+    with pytest.raises(UsageError, match="unknown method"):
         build("lenet300", "magnitude", 0.9, 0, (x, y))
-    with pytest.raises(SpecError, match="takes \\(3, 32, 32\\) images"):
-        run("vgg16", datasets=mnist)
+    with pytest.raises(UsageError, match="takes \\(3, 32, 32\\) images"):
+        run(TrainConfig("vgg16"), datasets=mnist)
 
 
 def test_mean_std():

@@ -10,8 +10,8 @@ Every device does the real work of `freezepack fleet install`: TUF refresh (sign
 piece download with digest checks, file assembly against the signed SHA-256, model verification
 (freezepack.api.verify for .fpk, which regenerates the frozen weights; a safetensors parse for dense), atomic
 replace. Devices update one after another from their own directory (restored to its pre-update state, untimed),
-the four scenarios taking turns device by device; the server counts the bytes it sends. Reported: bytes served (model + metadata), device wall time, and ratios
-to "dense full".
+the four scenarios taking turns device by device; the server counts the bytes it sends. Reported: bytes served
+(model + metadata), device wall time, and ratios to "dense full".
 
     .venv/bin/python tools/bench_fleet.py                       # N=1000, LeNet-300-100, q=0.98 (2% trained)
     .venv/bin/python tools/bench_fleet.py --devices 100 --link-mbps 10     # each device on a 10 Mbit/s link
@@ -71,8 +71,8 @@ MODELS = {"lenet300": models.LeNet300100, "lenet5": models.LeNet5Caffe, "vgg16":
 
 
 def make_records(model: str, q: float, seed: int = 2024):
-    """v1: a FreezeNet of ``model`` at freezing rate ``q`` (a fraction 1 - q of each weight trained); v2: same seed, initializers and
-    masks, every trained value moved a little (a fine-tune)."""
+    """v1: a FreezeNet of ``model`` at freezing rate ``q`` (a fraction 1 - q of each weight trained); v2: same seed,
+    initializers and masks, every trained value moved a little (a fine-tune)."""
     torch.manual_seed(0)
     sd = MODELS[model]().state_dict()
     g = torch.Generator().manual_seed(1)
@@ -180,7 +180,8 @@ def main(argv=None) -> int:
             print(json.dumps(out, indent=1))
         else:
             link = f"{args.link_mbps:g} Mbit/s per device link" if args.link_mbps else "no link limit"
-            print(f"{args.model}, q={args.q:g} ({1 - args.q:.0%} trained), {args.devices} devices v1 -> v2 (values-only), loopback HTTP "
+            print(f"{args.model}, q={args.q:g} ({1 - args.q:.0%} trained), {args.devices} devices v1 -> v2 "
+                  "(values-only), loopback HTTP "
                   f"({link}); "
                   f"v2 file: dense {out['file_bytes']['dense']:,} B, .fpk {out['file_bytes']['fpk']:,} B")
             print(f"{'':12s} {'bytes served':>14s} {'per device':>11s} {'vs dense full':>14s} "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -22,11 +21,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-import freezepack  # noqa: E402
-from freezepack.experiments import models  # noqa: E402
-from fpk_helpers import record_for  # noqa: E402
+import freezepack
+from freezepack.experiments import models
+from freezepack.testing import record_for
 
 
 def _sync(device):
@@ -85,8 +82,9 @@ def main(argv=None):
             key = "load_verified" if verify else "load_unverified"
             res[key] = {"total_s": total, "generate_s": gen, "rest_s": total - gen,
                         "rest_over_generate": (total - gen) / gen,
-                        "rest_over_generate_median": sorted((r[0] - r[1].get("generate", 0.0)) / max(r[1].get("generate", 0.0), 1e-9)
-                                                            for r in runs)[len(runs) // 2],
+                        "rest_over_generate_median": sorted(
+                            (r[0] - r[1].get("generate", 0.0)) / max(r[1].get("generate", 0.0), 1e-9)
+                            for r in runs)[len(runs) // 2],
                         "phases_s": {k: v for k, v in sorted(t.items())}}
         for k, v in dense.items():  # the benchmark only counts if the load is exact
             assert torch.equal(got[k].cpu(), v), k

@@ -1,8 +1,8 @@
 """Benchmark: regenerate a 15M-element xavier_normal tensor (VGG16-D size) with freezepack, against torch.randn.
 
 One run measures, on each device, in the same process:
-  native   freezepack.format.init.generate through the compiled kernel (CPU only; freezepack/format/_philox.c), with torch's
-           thread count and with one thread
+  native   freezepack.format.init.generate through the compiled kernel (CPU only; freezepack/format/_philox.c),
+           with torch's thread count and with one thread
   eager    freezepack.format.init.generate through the torch path (FREEZEPACK_NO_NATIVE=1; what CUDA uses)
   randn    torch.randn of the same size: what a user would otherwise call (not reproducible across platforms)
   fill     out.fill_(1.0): a pure memory write of the same size, the bandwidth floor (CUDA only)

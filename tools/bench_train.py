@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from freezepack.method.freezenet import freeze, init_weights, trainable_masks
 from freezepack.experiments.models import INPUT_SHAPES, make_model
+from freezepack.method.freezenet import freeze, init_weights, trainable_masks
 from freezepack.method.saliency import global_mask, prunable_weights, random_scores
 
 QS = (0.9, 0.99, 0.999)
@@ -37,8 +37,8 @@ def build(model_name, variant, q, device):
         freeze(model, masks, 0)
     elif variant == "hook":
         for name, w in prunable_weights(model).items():
-            m = masks[name].to(torch.float32)
-            w.register_hook(lambda g, m=m.to(device): g * m)
+            m = masks[name].to(torch.float32).to(device)
+            w.register_hook(lambda g, m=m: g * m)
     model.to(device)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                           weight_decay=5e-4)
@@ -74,7 +74,7 @@ def bench_model(model_name, steps, device):
     variants = [("dense", None)] + [(v, q) for q in QS for v in ("freezenet", "hook")]
     built = {key: build(model_name, key[0], key[1], device) for key in variants}
     times = {key: [] for key in variants}
-    for key, (model, opt, _) in built.items():  # warm-up, also creates the optimizer state
+    for model, opt, _ in built.values():  # warm-up, also creates the optimizer state
         step(model, opt, x, y, device)
     for _ in range(steps):
         for key, (model, opt, _) in built.items():
@@ -83,7 +83,7 @@ def bench_model(model_name, steps, device):
     dense_model, dense_opt, _ = built[("dense", None)]
     dense_all, dense_w = state_numel(dense_opt, dense_model, False), state_numel(dense_opt, dense_model, True)
     rows = []
-    for (variant, q), (model, opt, masks) in built.items():
+    for (variant, q), (model, opt, _masks) in built.items():
         best = min(times[(variant, q)])
         row = {"model": model_name, "variant": variant, "q": q, "step_ms": 1000 * med[(variant, q)],
                "step_vs_dense": med[(variant, q)] / med[("dense", None)],
@@ -122,8 +122,9 @@ def main():
     for r in rows:
         q = "-" if r["q"] is None else f"{r['q']:g}"
         w1q = f"{r['weight_state_over_1_minus_q']:.3f}" if r["q"] is not None else "-"
-        print(f"{r['model']:7} {r['variant']:10} {q:>6} {r['step_ms']:9.2f} {r['step_vs_dense']:11.3f} {r['best_step_vs_dense']:10.3f} "
-              f"{r['state_vs_dense']:10.5f} {r['weight_state_vs_dense']:9.5f} {w1q:>14}")
+        print(f"{r['model']:7} {r['variant']:10} {q:>6} {r['step_ms']:9.2f} {r['step_vs_dense']:11.3f} "
+              f"{r['best_step_vs_dense']:10.3f} {r['state_vs_dense']:10.5f} {r['weight_state_vs_dense']:9.5f} "
+              f"{w1q:>14}")
 
 
 if __name__ == "__main__":

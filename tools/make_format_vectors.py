@@ -26,8 +26,8 @@ from safetensors.torch import save as st_save
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freezepack.format import container, maskcode  # noqa: E402
 from freezepack.api import encode_record  # noqa: E402
+from freezepack.format import container, maskcode  # noqa: E402
 from freezepack.format.init import make_init  # noqa: E402
 from freezepack.format.record import FreezeRecord, FrozenTensor  # noqa: E402
 
@@ -99,8 +99,10 @@ def valid_vectors():
     v["positions"] = (rec, {}, "positions", "'positions' of ones (pm_sigma) and of zeros (uniform)")
 
     rec = FreezeRecord(seed=5)
-    rec.frozen["all_frozen.weight"] = _frozen(make_init("xavier_uniform", (8, 6)), torch.zeros(8, 6, dtype=torch.bool), 5)
-    rec.frozen["all_trained.weight"] = _frozen(make_init("xavier_normal", (4, 5)), torch.ones(4, 5, dtype=torch.bool), 5)
+    rec.frozen["all_frozen.weight"] = _frozen(make_init("xavier_uniform", (8, 6)),
+                                              torch.zeros(8, 6, dtype=torch.bool), 5)
+    rec.frozen["all_trained.weight"] = _frozen(make_init("xavier_normal", (4, 5)),
+                                               torch.ones(4, 5, dtype=torch.bool), 5)
     rec.frozen["const.weight"] = _frozen(make_init("constant", (3, 3), val=0.75), _mask((3, 3), 0.3, 5), 5)
     rec.frozen["pruned.weight"] = _frozen(make_init("zeros", (5, 5)), _mask((5, 5), 0.2, 6), 6)
     v["const"] = (rec, {}, None, "'const' masks (q = 1 and q = 0), constant and zeros initializers")

@@ -73,7 +73,8 @@ def main() -> int:
     args = ap.parse_args()
     a, d = build()
     binary, text = to_bytes(a, d), to_text(a, d)
-    targets = {ROOT / "freezepack" / "tables" / "normal_v1.f32": binary, ROOT / "spec" / "normal_table_v1.txt": text.encode()}
+    targets = {ROOT / "freezepack" / "format" / "tables" / "normal_v1.f32": binary,
+               ROOT / "spec" / "normal_table_v1.txt": text.encode()}
     if args.check:
         ok = all(p.read_bytes() == b for p, b in targets.items())
         print("tables match" if ok else "TABLES DIFFER")

@@ -3,8 +3,9 @@
     python tools/make_rng_vectors.py          # (re)write; only ever done for a new spec version
     python tools/make_rng_vectors.py --check  # compare the numpy reference with the shipped file
 
-Every value is produced by the plain numpy reference (freezepack.format.rng *_np, freezepack.format.init.generate_np). The file
-is the spec: tests check both implementations against it, so a change that alters any bit fails.
+Every value is produced by the plain numpy reference (freezepack.format.rng *_np,
+freezepack.format.init.generate_np). The file is the spec: tests check both implementations against it, so a change
+that alters any bit fails.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ EDGE_WORDS = [0x00000000, 0x00000001, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xFFFF
               0x0000FFFF, 0x00FFFFFF, 0x01000000, 0x12345678, 0x9ABCDEF0, 0xDEADBEEF, 0x00000200, 0x000001FF]
 INIT_CASES = [
     ("xavier_normal", {}, (300, 784)), ("xavier_normal", {"gain": 2.0}, (20, 1, 5, 5)),
-    ("xavier_uniform", {}, (50, 20, 5, 5)), ("kaiming_normal", {"mode": "fan_out", "nonlinearity": "relu"}, (64, 3, 3, 3)),
+    ("xavier_uniform", {}, (50, 20, 5, 5)),
+    ("kaiming_normal", {"mode": "fan_out", "nonlinearity": "relu"}, (64, 3, 3, 3)),
     ("kaiming_uniform", {"a": 5 ** 0.5}, (10, 500)), ("normal", {"mean": 0.5, "std": 0.02}, (1000,)),
     ("uniform", {"a": -2.0, "b": 3.0}, (7, 11, 13)), ("pm_sigma", {}, (100, 300)), ("zeros", {}, (5, 5)),
     ("constant", {"val": 0.1}, (3,)), ("xavier_normal", {}, (0, 10)), ("normal", {}, ()),
@@ -60,7 +62,8 @@ def build() -> dict:
         spec = init.make_init(name, shape, **params)
         x = init.generate_np(spec, shape, seed, f"layer.{name}")
         inits.append({"init": name, "params": params, "shape": list(shape), "seed": seed, "tensor": f"layer.{name}",
-                      "spec": spec.to_json(), "a_hex": hexf(np.float32(spec.a))[0], "b_hex": hexf(np.float32(spec.b))[0],
+                      "spec": spec.to_json(), "a_hex": hexf(np.float32(spec.a))[0],
+                      "b_hex": hexf(np.float32(spec.b))[0],
                       "first": hexf(x.ravel()[:8]), "sha256": hashlib.sha256(x.astype("<f4").tobytes()).hexdigest()})
     return {"spec_version": rng.SPEC_VERSION, "normal_table_sha256": rng.NORMAL_TABLE_SHA256, "philox_kat": kat,
             "stream_ids": streams, "words": words, "conversions": conversions, "initializers": inits}

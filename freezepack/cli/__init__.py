@@ -21,15 +21,11 @@ def cli():
 def main() -> None:  # console-script entry point
     cli()
 
-from .fleet import fleet as _fleet  # noqa: E402
-cli.add_command(_fleet)
-
+# Each concept's commands live in their own module and only register here.
 from .files import COMMANDS as _file_commands  # noqa: E402  (inspect, verify, unpack, convert)
-for _c in _file_commands:
-    cli.add_command(_c)
-
+from .fleet import fleet as _fleet  # noqa: E402
 from .table2 import table2 as _table2  # noqa: E402
-cli.add_command(_table2)
-
 from .train import train as _train  # noqa: E402
-cli.add_command(_train)
+
+for _command in (_fleet, *_file_commands, _table2, _train):
+    cli.add_command(_command)

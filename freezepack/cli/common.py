@@ -1,4 +1,4 @@
-"""What every freezepack command shares: bad input ends as one line on stderr and exit status 1, never a traceback.
+"""What every freezepack command shares: one-line errors, KEY=VALUE options, progress bars.
 
 Exit statuses: 0 = done, 1 = the input was refused (bad file, failed verify, refused update), 2 = wrong usage
 (click's convention).
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable, Iterable
 
 import click
 
@@ -28,3 +29,57 @@ def one_line_errors(fn):
         sys.exit(1)
 
     return wrapper
+
+
+def parse_pairs(pairs: Iterable[str], *, option: str | None = None, form: str = "KEY=VALUE",
+                keys: Iterable[str] | None = None, convert: Callable[[str], object] = str) -> dict:
+    """``["a=1", "b=x=y"]`` -> ``{"a": convert("1"), "b": convert("x=y")}`` (split at the first ``=``).
+
+    A pair without ``=``, a key outside ``keys`` (when given) or a value ``convert`` rejects with ValueError is a
+    usage error (exit status 2) naming ``option`` when given.
+    """
+    allowed = None if keys is None else tuple(keys)
+    out = {}
+    for p in pairs:
+        key, eq, value = p.partition("=")
+        if not eq or not key or (allowed is not None and key not in allowed):
+            choice = "" if allowed is None else f" with {form.split('=')[0]} one of {', '.join(allowed)}"
+            raise click.BadParameter(f"{p!r} is not {form}{choice}", param_hint=option)
+        try:
+            out[key] = convert(value)
+        except ValueError:
+            raise click.BadParameter(f"{p!r}: {value!r} is not a valid value", param_hint=option) from None
+    return out
+
+
+class ProgressBar:
+    """A click progress bar on stderr, fed by ``progress(done, total)`` callbacks and created on the first one.
+
+    ``show=None``: only when stderr is a terminal. A hidden bar is still a valid (silent) callback. Use it as a
+    context manager or call :meth:`close`.
+    """
+
+    def __init__(self, label: str, show: bool | None = None, *, show_pos: bool = False):
+        self.label, self.show_pos, self.bar, self.done = label, show_pos, None, 0
+        self.show = sys.stderr.isatty() if show is None else show
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.show:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(total, 1), label=self.label, file=sys.stderr,
+                                         show_pos=self.show_pos)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

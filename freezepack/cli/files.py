@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .common import one_line_errors
+from .common import ProgressBar, one_line_errors, parse_pairs
 
 
 def _human(n: float) -> str:
@@ -19,26 +19,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-class _Bar:
-    """A click progress bar on stderr, created on the first ``(done, total)`` report; silent when not shown."""
-
-    def __init__(self, label: str, show: bool | None):
-        self.label, self.bar = label, None
-        self.show = sys.stderr.isatty() if show is None else show
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.show:
-            return
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.update(done - self.bar.pos)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
 
 
 @click.command("inspect")
@@ -103,7 +83,7 @@ def verify_cmd(path, device, as_json, progress):
     """
     from .. import api
 
-    bar = _Bar("verifying", progress)
+    bar = ProgressBar("verifying", progress)
     try:
         report = api.verify(path, device, progress=bar)
     finally:
@@ -141,7 +121,7 @@ def unpack_cmd(src, dst, device, progress):
     from .. import api
     from ..format import container
 
-    bar = _Bar("unpacking", progress)
+    bar = ProgressBar("unpacking", progress)
     with api.open(src, device) as f:
         tensors = {}
         try:
@@ -156,13 +136,8 @@ def unpack_cmd(src, dst, device, progress):
 
 
 def _parse_inits(pairs):
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"{p!r} is not NAME=INIT", param_hint="--init-for")
-        name, init = p.split("=", 1)
-        out[name] = None if init in ("whole", "none") else init
-    return out
+    inits = parse_pairs(pairs, option="--init-for", form="NAME=INIT")
+    return {name: None if init in ("whole", "none") else init for name, init in inits.items()}
 
 
 @click.command("convert")
@@ -194,15 +169,10 @@ def convert_cmd(src, dst, seed, init, init_for, meta, as_json, progress):
     from .. import api
     from ..format.container import _check_regular_file
 
-    metadata = {}
-    for m in meta:
-        if "=" not in m:
-            raise click.BadParameter(f"{m!r} is not KEY=VALUE", param_hint="--meta")
-        k, v = m.split("=", 1)
-        metadata[k] = v
+    metadata = parse_pairs(meta, option="--meta")
     inits = _parse_inits(init_for)
     _check_regular_file(src)
-    bar = _Bar("converting", progress)
+    bar = ProgressBar("converting", progress)
     try:
         report = api.convert(src, dst, seed, init, inits, metadata, progress=bar)
     finally:

@@ -1,15 +1,13 @@
 """``freezepack fleet ...``: publish signed model releases and install them on devices (docs/FLEET.md)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 from datetime import timedelta
 
 import click
 
-from .common import one_line_errors
+from .common import ProgressBar, one_line_errors, parse_pairs
 
 _ROLES = ("root", "targets", "snapshot", "timestamp")
 
@@ -18,40 +16,13 @@ def _out(as_json: bool, obj, text: str) -> None:
     click.echo(json.dumps(obj, indent=1, sort_keys=True, default=str) if as_json else text)
 
 
-@contextlib.contextmanager
-def _bar(label: str, quiet: bool):
+def _bar(label: str, quiet: bool) -> ProgressBar:
     """A byte progress bar fed by ``progress(done, total)`` callbacks (hidden with --json/--quiet)."""
-    if quiet:
-        yield None
-        return
-    state = {"bar": None, "done": 0}
-
-    def progress(done, total):
-        if state["bar"] is None:
-            state["bar"] = click.progressbar(length=max(total, 1), label=label, file=sys.stderr,
-                                             show_pos=True)
-            state["bar"].__enter__()
-        state["bar"].update(done - state["done"])
-        state["done"] = done
-
-    try:
-        yield progress
-    finally:
-        if state["bar"] is not None:
-            state["bar"].__exit__(None, None, None)
+    return ProgressBar(label, show=not quiet, show_pos=True)
 
 
 def _parse_pairs(pairs, kind):
-    out = {}
-    for p in pairs:
-        role, _, val = p.partition("=")
-        if role not in _ROLES or not val:
-            raise click.BadParameter(f"{p!r}: expected ROLE=VALUE with ROLE one of {', '.join(_ROLES)}")
-        try:
-            out[role] = kind(val)
-        except ValueError:
-            raise click.BadParameter(f"{p!r}: {val!r} is not a number") from None
-    return out
+    return parse_pairs(pairs, form="ROLE=VALUE", keys=_ROLES, convert=kind)
 
 
 def _expiry(pairs):
@@ -100,8 +71,8 @@ def fleet():
 @one_line_errors
 def init(repo, keys_dir, root_out, threshold, expires, as_json):
     """Create a fleet repository in REPO with fresh Ed25519 keys in --keys."""
-    from ..fleet import Publisher, open_store
     from ..atomic import atomic_write
+    from ..fleet import Publisher, open_store
 
     pub = Publisher(open_store(repo), keys_dir)
     root = pub.init(thresholds=_parse_pairs(threshold, int), expiry=_expiry(expires))

@@ -34,7 +34,8 @@ def table2(out_dir, report, data, seeds, epochs, quick, figure, from_json):
       freezepack table2 --quick                        # ~1 minute
       freezepack table2 --figure --report docs/RESULTS.md
     """
-    from ..experiments.reproduce import load_result, plot_figures, render_markdown, run_table2
+    from ..experiments.report import plot_figures, render_markdown
+    from ..experiments.table2 import load_result, run_table2
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())

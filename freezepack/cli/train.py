@@ -1,6 +1,7 @@
 """``freezepack train``: build a FreezeNet (or a baseline), train it on MNIST, test it, save it as .fpk."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -104,7 +105,7 @@ def train_job(opts: dict) -> dict:
     """
     from .. import api
     from ..errors import FreezepackError
-    from ..experiments.train import run
+    from ..experiments.train import TrainConfig, run
 
     opts = dict(opts)
     distributed, out = opts.pop("distributed"), opts.pop("out")
@@ -118,7 +119,9 @@ def train_job(opts: dict) -> dict:
 
             opts["device"] = init_worker(opts["device"])
             rank, world = dist.get_rank(), dist.get_world_size()
-        r = run(model_name, distributed=distributed, **opts)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(model=model_name, **{k: v for k, v in opts.items() if k in fields})
+        r = run(config, distributed=distributed, **{k: v for k, v in opts.items() if k not in fields})
         result = {"model": model_name, "method": method, "q": r.q, "q_beta": r.q_beta, "seed": seed,
                   "test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch, "epochs": r.epochs,
                   "trainable": r.trainable, "parameters": r.parameters, "seconds": round(r.seconds, 2)}

@@ -1,6 +1,6 @@
 """The README's main job: train a FreezeNet, ship it as a tiny .fpk, reload it bit-exactly, check it still works.
 
-    python -m freezepack.demo            (or ./run demo)
+    python -m freezepack.experiments.demo     (or ./run demo)
 
 LeNet-5-Caffe with 99 % of its weights frozen at freezepack's generator values is trained on the shipped MNIST
 subset, saved as seed + initializer + coded mask + trained values, reloaded (on CUDA when available) with the
@@ -9,7 +9,6 @@ frozen part regenerated, compared bit for bit with the trained model, and tested
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import click
 import torch
 
-from ..errors import FreezepackError
+from ..cli.common import one_line_errors
 
 
 def _kib(n: int) -> str:
@@ -34,30 +33,28 @@ def _kib(n: int) -> str:
 @click.option("--q", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.99, show_default=True,
               help="Freezing rate: the share of weights that stay frozen.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=7, show_default=True)
+@one_line_errors
 def main(data_dir, epochs, out, q, seed):
     """Train a LeNet-5-Caffe FreezeNet on MNIST, save it as .fpk, reload it bit-exactly and test it."""
-    try:
-        _demo(data_dir, epochs, out, q, seed)
-    except FreezepackError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    _demo(data_dir, epochs, out, q, seed)
 
 
 def _demo(data_dir, epochs, out, q, seed):
     from safetensors.torch import save_file
 
     from .. import api
-    from .data import load_mnist
     from ..method.freezenet import dense_state_dict
+    from .data import load_mnist
     from .models import make_model
-    from .train import evaluate, run
+    from .train import TrainConfig, evaluate, run
 
     say = click.echo
     train_set, test_set = load_mnist(data_dir)
     say(f"1/4 data: {len(train_set):,} training and {len(test_set):,} test MNIST digits "
         f"({data_dir or 'shipped subset data/mnist-10k'})")
     say(f"2/4 training LeNet-5-Caffe FreezeNet, q={q}, seed={seed}, {epochs} epochs (SNIP mask, SGD, cosine) ...")
-    r = run("lenet5", "freezenet", q, seed, datasets=(train_set, test_set), epochs=epochs, progress=True)
+    r = run(TrainConfig("lenet5", "freezenet", q, seed, epochs=epochs), datasets=(train_set, test_set),
+            progress=True)
     say(f"    {r.trainable:,} of {r.parameters:,} numbers trained (q_beta={r.q_beta:.4f}); "
         f"test accuracy {100 * r.test_acc:.2f}% in {r.seconds:.0f} s")
 

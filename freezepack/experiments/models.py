@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import SpecError
+from ..errors import UsageError
 
 
 class LeNet300100(nn.Module):
@@ -82,7 +82,7 @@ def make_model(name: str, num_classes: int = 10) -> nn.Module:
     try:
         cls = MODELS[name]
     except KeyError:
-        raise SpecError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
+        raise UsageError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
     return cls(num_classes=num_classes)
 
 

@@ -1,7 +1,7 @@
 """Training and evaluation as in the paper: SGD lr 0.1 momentum 0.9, 9/1 train/validation split, early stopping.
 
-``run(model="lenet5", method="freezenet", q=0.99, seed=7)`` builds, freezes, trains and tests one network and
-returns a :class:`RunResult` holding the accuracy and the trained model. Methods:
+``run(TrainConfig(model="lenet5", method="freezenet", q=0.99, seed=7))`` builds, freezes, trains and tests one
+network and returns a :class:`RunResult` holding the accuracy and the trained model. Methods:
 
     dense         the baseline: every weight trained
     freezenet     SNIP mask, frozen weights kept at their generator values (the paper's FreezeNet)
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset, load_mnist, split_train_val
-from ..errors import SpecError
+from ..errors import UsageError
 from ..method.freezenet import (apply_frozen_decay, freeze, init_weights, make_freezenet, parameter_count, rates,
                                 trainable_count, trainable_masks)
+from .data import Dataset, load_mnist, split_train_val
 from .models import INPUT_SHAPES, make_model
 
 METHODS = ("dense", "freezenet", "freezenet-wd", "random", "snip", "grasp")
@@ -133,7 +133,7 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
     in one process, take each step from that many shards the way ``shards`` ranks would.
     """
     if epochs < 1 or batch_size < 1 or shards < 1:
-        raise SpecError(f"epochs, batch_size and shards must be positive, got {epochs}, {batch_size}, {shards}")
+        raise UsageError(f"epochs, batch_size and shards must be positive, got {epochs}, {batch_size}, {shards}")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     rank, parts, net = 0, shards, model
@@ -143,11 +143,11 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
         from ..method.distributed import average_buffers, check_same, comm_device, wrap
 
         if shards != 1:
-            raise SpecError("shards emulates ranks in one process; use it without distributed")
+            raise UsageError("shards emulates ranks in one process; use it without distributed")
         net = wrap(model)  # DDP without a single frozen buffer on the wire
         rank, parts = dist.get_rank(), dist.get_world_size()
     if batch_size < parts:
-        raise SpecError(f"batch_size {batch_size} is smaller than the {parts} ranks/shards it is split across")
+        raise UsageError(f"batch_size {batch_size} is smaller than the {parts} ranks/shards it is split across")
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train_data) / batch_size)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch) if cosine else None)
@@ -213,7 +213,7 @@ def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.
     ``masks`` (``{name: trainable}``, e.g. computed on another rank) skips the scoring and freezes with those.
     """
     if method not in METHODS:
-        raise SpecError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+        raise UsageError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     model = make_model(model_name).to(device)
     if method == "dense":
         return init_weights(model, seed, init, init_params)
@@ -228,60 +228,79 @@ def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.
                           prune=method in ("snip", "grasp"))
 
 
-def run(model: str = "lenet5", method: str = "freezenet", q: float = 0.99, seed: int = 0, *, data=None,
-        datasets: tuple[Dataset, Dataset] | None = None, epochs: int = 15, lr: float = 0.1, momentum: float = 0.9,
-        weight_decay: float = 5e-4, batch_size: int = 100, cosine: bool = True, patience: int | None = None,
-        max_grad_norm: float | None = MAX_GRAD_NORM, init: str = "xavier_normal", init_params: dict | None = None,
-        reinit: str | None = None, device=None, progress: bool = False, distributed: bool = False,
-        shards: int = 1) -> RunResult:
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one run of the paper's experiment is: network, method, freezing rate, seed and hyperparameters.
+
+    Where the data comes from and where the run executes (device, progress) are arguments of :func:`run`, not
+    part of the experiment.
+    """
+
+    model: str = "lenet5"
+    method: str = "freezenet"
+    q: float = 0.99
+    seed: int = 0
+    epochs: int = 15
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 100
+    cosine: bool = True
+    patience: int | None = None
+    max_grad_norm: float | None = MAX_GRAD_NORM
+    init: str = "xavier_normal"
+    init_params: dict | None = None
+    reinit: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.method}" + ("" if self.method == "dense" else f" q={self.q}") + \
+            f" seed={self.seed}"
+
+
+def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset, Dataset] | None = None,
+        device=None, progress: bool = False, distributed: bool = False, shards: int = 1) -> RunResult:
     """Build, freeze, train and test one network on MNIST (``data`` = IDX directory, default the shipped subset).
 
     Pass ``datasets=(train, test)`` to reuse data already loaded across many runs. ``distributed``: one rank of
     a data-parallel run (the process group must be initialised); ``shards``: see :func:`train`.
     """
-    if INPUT_SHAPES.get(model) not in (None, (1, 28, 28)):
-        raise SpecError(f"model {model!r} takes {INPUT_SHAPES[model]} images; run() trains on MNIST (1, 28, 28): "
-                        f"use lenet5 or lenet300, or train() with your own data")
+    c = config if config is not None else TrainConfig()
+    if INPUT_SHAPES.get(c.model) not in (None, (1, 28, 28)):
+        raise UsageError(f"model {c.model!r} takes {INPUT_SHAPES[c.model]} images; run() trains on MNIST "
+                         f"(1, 28, 28): use lenet5 or lenet300, or train() with your own data")
     t0 = time.perf_counter()
     train_full, test = datasets if datasets is not None else load_mnist(data)
-    tr, va = split_train_val(train_full, seed)
+    tr, va = split_train_val(train_full, c.seed)
     batch = (tr.images[:SNIP_BATCH], tr.labels[:SNIP_BATCH])
-    kw = dict(init=init, init_params=init_params, reinit=reinit, device=device)
-    if distributed and method != "dense":
+    kw = dict(init=c.init, init_params=c.init_params, reinit=c.reinit, device=device)
+    if distributed and c.method != "dense":
         import torch.distributed as dist
 
         from ..method.distributed import share_masks
 
         # the mask is scored once, on rank 0; the others get k indices per tensor and regenerate the rest
-        net = build(model, method, q, seed, batch, **kw) if dist.get_rank() == 0 else None
-        masks = share_masks(trainable_masks(net) if net is not None else None, make_model(model))
+        net = build(c.model, c.method, c.q, c.seed, batch, **kw) if dist.get_rank() == 0 else None
+        masks = share_masks(trainable_masks(net) if net is not None else None, make_model(c.model))
         if net is None:
-            net = build(model, method, q, seed, batch, masks=masks, **kw)
+            net = build(c.model, c.method, c.q, c.seed, batch, masks=masks, **kw)
     else:
-        net = build(model, method, q, seed, batch, **kw)
-    label = f"{model} {method}" + ("" if method == "dense" else f" q={q}") + f" seed={seed}"
-    history = train(net, tr, va, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                    batch_size=batch_size, cosine=cosine, seed=seed, frozen_decay=method == "freezenet-wd",
-                    patience=patience, max_grad_norm=max_grad_norm, progress=progress, label=label,
+        net = build(c.model, c.method, c.q, c.seed, batch, **kw)
+    history = train(net, tr, va, epochs=c.epochs, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                    batch_size=c.batch_size, cosine=c.cosine, seed=c.seed, frozen_decay=c.method == "freezenet-wd",
+                    patience=c.patience, max_grad_norm=c.max_grad_norm, progress=progress, label=c.label,
                     distributed=distributed, shards=shards)
     best = max(history, key=lambda h: h["val_acc"])
     q_real, q_beta = rates(net)
-    return RunResult(model_name=model, method=method, q=q_real, q_beta=q_beta, seed=seed,
+    return RunResult(model_name=c.model, method=c.method, q=q_real, q_beta=q_beta, seed=c.seed,
                      test_acc=evaluate(net, test), val_acc=best["val_acc"], best_epoch=best["epoch"],
                      epochs=len(history), trainable=trainable_count(net), parameters=parameter_count(net),
                      seconds=time.perf_counter() - t0, model=net, history=history)
-
-
-def run_seeds(seeds, **kwargs) -> list[RunResult]:
-    """``run`` once per seed (data loaded once)."""
-    if kwargs.get("datasets") is None:
-        kwargs["datasets"] = load_mnist(kwargs.pop("data", None))
-    return [run(seed=s, **kwargs) for s in seeds]
 
 
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value), as the paper reports over seeds."""
     values = [float(v) for v in values]
     if not values:
-        raise SpecError("mean_std of no values")
+        raise UsageError("mean_std of no values")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

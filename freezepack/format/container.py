@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import maskcode
 from ..atomic import atomic_write as _atomic_write
 from ..errors import FormatError, FreezepackError, IntegrityError, SpecError
+from . import maskcode
 from .init import INITIALIZERS, InitSpec
 from .rng import SPEC_VERSION
 

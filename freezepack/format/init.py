@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import native, rng
 from ..errors import SpecError
+from . import native, rng
 
 DISTRIBUTIONS = ("normal", "uniform", "sign", "constant")
 
@@ -82,11 +82,12 @@ class InitSpec:
         return {"name": self.name, "dist": self.dist, "a": self.a, "b": self.b, "params": dict(self.params)}
 
     @classmethod
-    def from_json(cls, d) -> "InitSpec":
+    def from_json(cls, d) -> InitSpec:
         if not isinstance(d, dict):
             raise SpecError("initializer record must be a JSON object")
         try:
-            return cls(name=str(d["name"]), dist=d["dist"], a=d["a"], b=d.get("b", 0.0), params=dict(d.get("params", {})))
+            return cls(name=str(d["name"]), dist=d["dist"], a=d["a"], b=d.get("b", 0.0),
+                       params=dict(d.get("params", {})))
         except KeyError as e:
             raise SpecError(f"initializer record lacks field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:

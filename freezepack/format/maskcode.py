@@ -1,6 +1,6 @@
 """Freezing masks <-> a few bytes (spec/FORMAT.md, "Mask coders").
 
-A mask is a flat boolean array in row-major (C) order, ``True`` = trainable. Three coders exist; the encoder
+A mask is a flat boolean array in row-major (C) order, ``True`` = trainable. Four coders exist; the encoder
 tries each that applies and keeps the smallest payload, so a file always costs at most
 ``1.01 * n * h(k/n) / 8 + 16`` bytes for a mask of ``n`` entries with ``k`` trainable ones:
 
@@ -31,7 +31,6 @@ from ..errors import FormatError
 
 PRECISION = 24                    # bits of the ANS probability quantization (constriction's default)
 ANS_WORD_BITS = 32
-ANS_STATE_BITS = 64
 CODERS = ("const", "positions", "ans-gaps", "ans-bernoulli")
 GAP_SYMBOLS = 256                 # alphabet of the gap coder's high part; the last symbol is the escape
 GAP_MAX_BITS = 16                 # b: low bits of a gap coded uniformly

@@ -74,7 +74,7 @@ def philox4x32_np(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     c = [counter[:, j].astype(np.uint64) for j in range(4)]
     k0, k1 = np.uint64(key[0]), np.uint64(key[1])
     m0, m1, w0, w1, mask = (np.uint64(v) for v in (PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, MASK32))
-    for r in range(ROUNDS):
+    for _ in range(ROUNDS):
         p0 = c[0] * m0  # < 2**64: exact in uint64
         p1 = c[2] * m1
         hi0, lo0 = p0 >> np.uint64(32), p0 & mask
@@ -138,7 +138,7 @@ def normal_np(words: np.ndarray) -> np.ndarray:
 _POW2NEG_NP = np.array([2.0**-k for k in range(32)], dtype=np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def normal_table_np() -> tuple[np.ndarray, np.ndarray]:
     raw = resources.files("freezepack.format").joinpath("tables/normal_v1.f32").read_bytes()
     if hashlib.sha256(raw).hexdigest() != NORMAL_TABLE_SHA256:

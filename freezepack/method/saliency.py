@@ -190,7 +190,7 @@ def random_scores(model: nn.Module, seed: int, *, select=None) -> dict[str, torc
 def weights_to_train(num_weights: int, q: float) -> int:
     """floor((1 - q) * |W|) computed on q's decimal value, so q=0.99 of 430,500 is exactly 4,305."""
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
-        raise SpecError(f"freezing rate q must be a number in [0, 1], got {q!r}")
+        raise UsageError(f"freezing rate q must be a number in [0, 1], got {q!r}")
     return math.floor((1 - Fraction(repr(float(q)))) * num_weights)
 
 
@@ -208,7 +208,7 @@ def global_mask(scores: dict[str, torch.Tensor], q: float, seed: int = 0,
     freezepack's generator from ``seed`` and the tensor name.
     """
     if not scores:
-        raise SpecError("no scores to threshold")
+        raise UsageError("no scores to threshold")
     names = list(scores)
     flat = [scores[n].detach().reshape(-1).to("cpu", torch.float64) for n in names]
     sizes = [f.numel() for f in flat]
@@ -232,6 +232,6 @@ def freezing_rates(masks: dict[str, torch.Tensor], total_params: int) -> tuple[f
     num_w = sum(m.numel() for m in masks.values())
     trained_w = sum(int(m.sum()) for m in masks.values())
     if num_w == 0 or total_params < num_w:
-        raise SpecError(f"total_params={total_params} must be at least the {num_w} masked weights")
+        raise UsageError(f"total_params={total_params} must be at least the {num_w} masked weights")
     others = total_params - num_w
     return 1 - trained_w / num_w, 1 - (trained_w + others) / total_params

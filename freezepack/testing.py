@@ -1,4 +1,8 @@
-"""Shared builders for the .fpk tests: small FreezeRecords and a header rewriter for 'lying file' tests."""
+"""Builders for tests and benchmarks of .fpk readers: small FreezeRecords, and a header rewriter for 'lying file' tests.
+
+Part of the package (like ``numpy.testing``) so that tests, tools/bench_*.py and users' own reader tests import it
+by name, without putting tests/ on ``sys.path``. Not imported by ``import freezepack``.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,9 +12,9 @@ import struct
 import numpy as np
 import torch
 
-from freezepack.format import container
-from freezepack.format.init import make_init
-from freezepack.format.record import FreezeRecord, FrozenTensor
+from .format import container
+from .format.init import make_init
+from .format.record import FreezeRecord, FrozenTensor
 
 
 def random_mask(shape, q: float, gen: torch.Generator) -> torch.Tensor:
