@@ -4,10 +4,18 @@
 when imported themselves.
 """
 from ._version import __version__
-from .api import (FpkFile, convert, inspect, load, load_freezenet, load_into, open, safe_open,  # noqa: A004
-                  save, verify)
-from .errors import (DataError, DistributedError, FleetError, FormatError, FreezepackError, IntegrityError,
-                     MethodError, SpecError, UsageError)
+from .api import FpkFile, convert, inspect, load, load_freezenet, load_into, open, safe_open, save, verify  # noqa: A004
+from .errors import (
+                  DataError,
+                  DistributedError,
+                  FleetError,
+                  FormatError,
+                  FreezepackError,
+                  IntegrityError,
+                  MethodError,
+                  SpecError,
+                  UsageError,
+)
 from .format.rng import SPEC_VERSION
 
 __all__ = ["save", "load", "load_into", "load_freezenet", "safe_open", "open", "FpkFile", "verify", "inspect",

@@ -19,7 +19,7 @@ from ._version import __version__
 from .errors import FormatError, FreezepackError, IntegrityError, MethodError, SpecError, UsageError
 from .format import container, maskcode
 from .format.container import DEFAULT_LIMITS, Entry, FpkReader, Header, Limits
-from .format.init import InitSpec, generate
+from .format.init import InitSpec
 from .format.record import FROZEN_TORCH_DTYPES, FreezeRecord, FrozenTensor, reconstruct
 from .format.rng import SPEC_VERSION, check_seed
 
@@ -573,7 +573,8 @@ def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                 frozen_elems += e.numel - e.trainable
                 mb = h.stored[e.mask].nbytes if e.mask else 0
                 vb = h.stored[e.values].nbytes if e.values else 0
-                row.update(stream=e.stream_key, init=e.init.name, dist=e.init.dist, frozen_scale=e.frozen_scale, trainable=e.trainable,
+                row.update(stream=e.stream_key, init=e.init.name, dist=e.init.dist, frozen_scale=e.frozen_scale,
+                           trainable=e.trainable,
                            q=(1 - e.trainable / e.numel) if e.numel else 1.0, coder=e.coder, mask_bytes=mb,
                            mask_entropy_bytes=round(maskcode.entropy_bytes(e.numel, e.trainable), 1),
                            values_bytes=vb, stored_bytes=mb + vb)

@@ -170,13 +170,14 @@ def main(names):
                 store.has_blob(SHA)
             except FreezepackError:
                 pass
-            outcome, peak = measure(lambda: action(store))
+            outcome, peak = measure(lambda action=action, store=store: action(store))
             store.close()
             srv.close()
         else:
             data = _json_case(name)
             offered = len(data)
-            outcome, peak = measure(lambda: safejson.loads(data, safejson.TUF_LIMITS["targets"], what=name))
+            limits = safejson.TUF_LIMITS["targets"]
+            outcome, peak = measure(lambda data=data, name=name, limits=limits: safejson.loads(data, limits, what=name))
             del data
         print(json.dumps({"case": name, "outcome": outcome, "offered": offered, "peak": peak,
                           "seconds": round(time.monotonic() - t0, 2)}), flush=True)

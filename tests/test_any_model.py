@@ -16,8 +16,13 @@ from torch import nn
 
 import freezepack
 from freezepack import FormatError, MethodError
-from freezepack.method.freezenet import (FrozenParametrization, dense_state_dict, frozen_parametrizations,
-                                         make_freezenet, trainable_masks)
+from freezepack.method.freezenet import (
+    FrozenParametrization,
+    dense_state_dict,
+    frozen_parametrizations,
+    make_freezenet,
+    trainable_masks,
+)
 
 
 # ------------------------------------------------------------------------------------------------ the models

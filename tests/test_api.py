@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import freezepack
 from freezepack import api
-from freezepack.errors import FormatError, IntegrityError, SpecError, UsageError
+from freezepack.errors import FormatError, IntegrityError, UsageError
 from freezepack.experiments import models
 from freezepack.format.init import make_init
 from freezepack.testing import random_mask, record_for, rewrite, small_record

@@ -16,8 +16,16 @@ from freezepack.experiments.launch import init_worker, launch
 from freezepack.experiments.models import make_model
 from freezepack.experiments.train import TrainConfig, build, run, train
 from freezepack.format.init import generate
-from freezepack.method.distributed import (CommCounter, average_buffers, check_same, frozen_buffer_names, frozen_digest, share_masks,
-                                           state_digest, wrap)
+from freezepack.method.distributed import (
+    CommCounter,
+    average_buffers,
+    check_same,
+    frozen_buffer_names,
+    frozen_digest,
+    share_masks,
+    state_digest,
+    wrap,
+)
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations, trainable_count, trainable_masks
 
 RUN = dict(model="lenet5", method="freezenet-wd", q=0.99, seed=3, epochs=2, batch_size=75)  # 75: uneven 38/37 shards

@@ -185,7 +185,7 @@ class HostileServer:
             def do_GET(self):
                 try:
                     behaviour(self)
-                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+                except (TimeoutError, BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                     self.close_connection = True      # the client cut us off: what the tests want
 
             do_HEAD = do_GET

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freezepack import MethodError, SpecError, UsageError
+from freezepack import MethodError, UsageError
 from freezepack.experiments.models import make_model
 from freezepack.format.init import generate, make_init
 from freezepack.method.freezenet import (

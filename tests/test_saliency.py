@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from freezepack import MethodError, SpecError, UsageError
+from freezepack import MethodError, UsageError
 from freezepack.experiments.models import count_parameters, make_model
 from freezepack.method.saliency import (
     freezing_rates,

@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from freezepack.experiments.launch import init_worker, launch
-from freezepack.experiments.models import INPUT_SHAPES
+from freezepack.experiments.models import INPUT_SHAPES, make_model
 from freezepack.experiments.train import build
 from freezepack.method.distributed import CommCounter, share_masks, wrap
 from freezepack.method.freezenet import trainable_count, trainable_masks
-from freezepack.experiments.models import make_model
 
 QS = (0.9, 0.99, 0.999)
 

@@ -32,8 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from ..method.freezenet import (apply_frozen_decay, freeze, init_weights, make_freezenet, parameter_count, rates,
-                                trainable_count, trainable_masks)
+from ..method.freezenet import (
+    apply_frozen_decay,
+    freeze,
+    init_weights,
+    make_freezenet,
+    parameter_count,
+    rates,
+    trainable_count,
+    trainable_masks,
+)
 from .data import Dataset, load_mnist, split_train_val
 from .models import INPUT_SHAPES, make_model
 

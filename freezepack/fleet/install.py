@@ -234,7 +234,8 @@ class Device:
                     metadata_bytes=counter.metadata_bytes, pieces_total=len(info["layout"]))
         if current["sha256"] == info["sha256"]:
             recorded = self._state()["models"].get(name, {}).get("current")
-            if not isinstance(recorded, dict) or recorded.get("sha256") != info["sha256"]:     # a run killed after its switch: finish the record
+            # a run killed after its switch: finish the record
+            if not isinstance(recorded, dict) or recorded.get("sha256") != info["sha256"]:
                 self._record(name, info, previous={"release": current["previous_release"],
                                                    "sha256": _file_sha256(prev)} if self._model_file(prev) else None)
             base["previous_release"] = current["previous_release"]

@@ -99,7 +99,7 @@ class Publisher:
             raise FleetError(f"cannot parse repository metadata {name} ({type(e).__name__}: {e})",
                              path=self.store.location) from None
 
-    def load(self) -> "Publisher":
+    def load(self) -> Publisher:
         v, root = 1, None
         while (nxt := self._read(f"{v}.root.json")) is not None:
             root, v = nxt, v + 1

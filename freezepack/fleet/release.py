@@ -17,8 +17,8 @@ FORMATS = ("fpk", "safetensors")
 def tuf_metadata():
     """python-tuf's Metadata API, or a FleetError saying which extra to install."""
     try:
-        from tuf.api import metadata
         from securesystemslib.signer import CryptoSigner  # noqa: F401
+        from tuf.api import metadata
     except ImportError:
         raise FleetError("fleet commands need the 'fleet' extra (pip install 'freezepack[fleet]')") from None
     return metadata

@@ -91,7 +91,7 @@ class HttpStore(Store):
                     if missing_ok:
                         yield None
                         return
-                    raise FleetError("repository has no such file (HTTP %d)" % r.status, path=url)
+                    raise FleetError(f"repository has no such file (HTTP {r.status})", path=url)
                 if r.status != 200:
                     raise FleetError(f"HTTP {r.status}", path=url)
                 declared = r.headers.get("Content-Length")

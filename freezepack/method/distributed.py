@@ -214,7 +214,7 @@ class CommCounter:
         self.numel = 0
 
     @classmethod
-    def register(cls, ddp: DDP, process_group=None) -> "CommCounter":
+    def register(cls, ddp: DDP, process_group=None) -> CommCounter:
         counter = cls(process_group)
         ddp.register_comm_hook(counter, _counting_allreduce)
         return counter

@@ -20,11 +20,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import FreezepackError, MethodError, SpecError, UsageError
+from ..errors import FreezepackError, MethodError, UsageError
 from ..format.init import InitSpec, generate, make_init
 from ..format.record import FROZEN_TORCH_DTYPES, FreezeRecord, FrozenTensor
-from .saliency import (freezing_rates, global_mask, grasp_scores, prunable_weights, random_scores, snip_scores,
-                       tensor_groups)
+from .saliency import (
+    freezing_rates,
+    global_mask,
+    grasp_scores,
+    prunable_weights,
+    random_scores,
+    snip_scores,
+    tensor_groups,
+)
 
 METHODS = ("snip", "grasp", "random")
 

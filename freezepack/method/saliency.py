@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import FreezepackError, MethodError, UsageError
 from ..format import rng
-from ..errors import FreezepackError, MethodError, SpecError, UsageError
 
 # Layers whose weight is frozen by default: every dense linear map of an ordinary model. Norms and biases stay
 # trainable (they are few and the paper trains them); anything else is reachable with ``select``.
