@@ -78,12 +78,43 @@ INPUT_SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "vgg16": (3, 32,
 
 
 def make_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A fresh model by short name: ``lenet300``, ``lenet5`` or ``vgg16``."""
+    """A fresh model by short name (``lenet300``, ``lenet5``, ``vgg16``) or a user's ``package.module:Factory``.
+
+    ``Factory`` is a class or function in an importable module, called with no arguments; it must return an
+    ``nn.Module`` (for ``freezepack train``: one that maps MNIST batches ``(N, 1, 28, 28)`` to 10 logits).
+    """
+    if isinstance(name, str) and ":" in name:
+        return _user_model(name)
     try:
         cls = MODELS[name]
     except KeyError:
-        raise UsageError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
+        raise UsageError(f"unknown model {name!r} (known: {', '.join(MODELS)}, or module:Class)") from None
     return cls(num_classes=num_classes)
+
+
+def _user_model(spec: str) -> nn.Module:
+    import importlib
+
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise UsageError(f"model {spec!r}: expected package.module:Factory")
+    try:
+        factory = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except ImportError as e:
+        raise UsageError(f"model {spec!r}: cannot import {mod_name!r} ({e}); is it on PYTHONPATH?") from None
+    except AttributeError:
+        raise UsageError(f"model {spec!r}: module {mod_name!r} has no {attr!r}") from None
+    if not callable(factory):
+        raise UsageError(f"model {spec!r}: {attr!r} is not a class or function")
+    try:
+        model = factory()
+    except Exception as e:  # user code: report it as the user's model failing to build
+        raise UsageError(f"model {spec!r}: building it failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
