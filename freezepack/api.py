@@ -15,12 +15,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .format import container, maskcode
+from .format import compact, container, entropy, maskcode
 from .format.container import Entry, FpkReader, Header, Limits, DEFAULT_LIMITS
 from .errors import FormatError, FreezepackError, IntegrityError, SpecError
 from .format.init import InitSpec, generate
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import SPEC_VERSION, check_seed
+
+DEFAULT_VERSION = 1  # the format save() writes
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -104,8 +106,15 @@ def _whole_entry(name: str, t: torch.Tensor, blobs: dict) -> Entry:
     return Entry(name, "whole", tuple(t.shape), DTYPE_NAMES[t.dtype], hashlib.sha256(data).hexdigest(), data=name)
 
 
-def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None) -> list:
-    """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes)."""
+def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None,
+                  version: int | None = None) -> list:
+    """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes).
+
+    ``version``: file format 1 (spec/FORMAT.md §1-11) or 2 (§12, compact); default :data:`DEFAULT_VERSION`.
+    """
+    version = DEFAULT_VERSION if version is None else version
+    if version not in (1, 2):
+        raise SpecError(f"format version must be 1 or 2, got {version!r}")
     seed = check_seed(record.seed)
     if record.spec_version != SPEC_VERSION:
         raise SpecError(f"record uses generator {record.spec_version!r}; this writer knows {SPEC_VERSION!r}")
@@ -129,17 +138,20 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
                         f"tensor's '{container.VALUES_SUFFIX}'/'{container.MASK_SUFFIX}' part)")
     header = Header(seed=seed, entries=entries, metadata=_check_metadata(metadata),
                     producer=f"freezepack {__version__}")
+    if version == 2:
+        return compact.encode_file(header, blobs)
     return container.encode_file(header, blobs)
 
 
-def save(path, record_or_module, metadata: dict[str, str] | None = None) -> None:
+def save(path, record_or_module, metadata: dict[str, str] | None = None, *, version: int | None = None) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically.
 
     ``record_or_module`` is a :class:`freezepack.record.FreezeRecord` or an ``nn.Module`` trained by freezepack's
     method (its record comes from ``freezepack.freezenet.freeze_record``). ``metadata``: a small str -> str map.
+    ``version``: file format (1 or 2), default :data:`DEFAULT_VERSION`.
     """
     record, order = _record_of(record_or_module)
-    container.atomic_write(path, encode_record(record, order, metadata))
+    container.atomic_write(path, encode_record(record, order, metadata, version))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,6 +196,7 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
             if out is not None:
                 return out.copy_(t)
             return t.to(device) if device is not None else t
+    keys = None
     with _timed(timings, "read"):
         mask_words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
         values = r.read_bytes(e.values, e.name) if e.values else None
@@ -192,6 +205,8 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
     else:
         with _timed(timings, "generate"):
             t = generate(e.init, e.shape, r.header.seed, e.name, device=device if out is None else None, out=out)
+            if e.coder == "ans-ctx" and e.trainable:  # v2 context mask: needs |w_init| before any scaling
+                keys = entropy.context_keys(t.detach().cpu().numpy())
             if e.frozen_scale != 1.0:
                 t.mul_(e.frozen_scale)  # one correctly rounded float32 multiply (FreezeNet-WD)
     if e.trainable:
@@ -201,13 +216,12 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
                 t.view(-1).copy_(vals)
         else:
             with _timed(timings, "decode"):
-                idx = torch.from_numpy(maskcode.decode_indices(e.coder, e.numel, e.trainable, e.coder_params,
-                                                               mask_words, where=path, tensor=e.name))
+                idx = torch.from_numpy(compact.mask_indices(e, mask_words, keys, where=path))
             with _timed(timings, "scatter"):
                 t.view(-1).index_copy_(0, idx.to(t.device), vals.to(t.device))
     if check:
         with _timed(timings, "digest"):
-            if digest(t) != e.sha256:
+            if not container.digest_ok(e.sha256, digest(t)):
                 raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this device "
                                      f"({t.device}) or the file was written from a different generator", path=path,
                                      tensor=e.name)
@@ -236,7 +250,7 @@ def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
                     pending.append((e, pool.submit(digest, t)))
             t0 = time.perf_counter()
             for e, fut in pending:
-                if fut.result() != e.sha256:
+                if not container.digest_ok(e.sha256, fut.result()):
                     raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this "
                                          f"device ({out[e.name].device}) or the file was written from a different "
                                          "generator", path=r.path, tensor=e.name)
