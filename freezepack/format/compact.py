@@ -156,7 +156,9 @@ def _shape_in(c: _In, limits: Limits) -> tuple[int, ...]:
     nd = c.var()
     if nd > limits.max_ndim:
         raise c.err(f"shape has {nd} dimensions, over the limit of {limits.max_ndim}")
-    shape = tuple(c.var(limits.max_tensor_elements + 1) for _ in range(nd))
+    shape = tuple(c.var() for _ in range(nd))
+    if any(d > limits.max_tensor_elements for d in shape):
+        raise c.err(f"shape {list(shape)} has a dimension over the limit of {limits.max_tensor_elements} elements")
     if math.prod(shape) > limits.max_tensor_elements:
         raise c.err(f"shape {list(shape)} has more than {limits.max_tensor_elements} elements (limit)")
     return shape
@@ -214,8 +216,7 @@ def _best_mask(e: Entry, mask: np.ndarray, seed: int) -> tuple[bytes, bytes, str
     cands = []
     for cm in [v1] + ([] if v1.coder == "const" or n > 1 << 32 else
                       [c for c in maskcode._encode_gaps(mask, n, k)] + [maskcode._encode_ans(mask, n, k)]):
-        params = {} if cm.coder == "ans-bernoulli" else dict(cm.params)
-        cands.append((cm.coder, params, cm.payload.astype("<u4").tobytes()))
+        cands.append((cm.coder, dict(cm.params), cm.payload.astype("<u4").tobytes()))  # (cdf1 is not written)
     if v1.coder != "const" and e.init.dist != "constant":
         from .init import generate  # torch; writing only
 
@@ -328,6 +329,7 @@ class Body:
             raise IntegrityError("file is corrupted (v2 body SHA-256 mismatch)", path=path)
         self.body = body
         self.parts: dict[str, tuple] = {}
+        self.model_bytes = {"mask": 0, "values": 0}  # header bytes that are coder parameters (for accounting)
         self.header = self._parse(_In(memoryview(body)[32:], path), limits)
 
     def _parse(self, c: _In, limits: Limits) -> Header:
@@ -416,6 +418,7 @@ class Body:
                 if dtype != "F32" and e.frozen_scale != _round_float(e.frozen_scale, dtype):
                     raise c.err(f"frozen_scale {e.frozen_scale!r} is not exactly a {dtype} number")
             e.trainable = c.var(n + 1)
+            at = c.i
             mc = c.u8()
             if mc >= len(MASK_CODERS):
                 raise FormatError(f"unknown mask coder code {mc}: written by a newer freezepack?", path=self.path,
@@ -436,6 +439,7 @@ class Body:
                 lengths.append((e.mask, "mask", None, mlen))
             else:
                 maskcode.check_params("const", n, e.trainable, {}, 0, where=self.path, tensor=name)
+            self.model_bytes["mask"] += c.i - at
             if e.trainable:
                 e.values = name + VALUES_SUFFIX
                 lengths.append((e.values,) + self._value_block(c, e.trainable, elem))
@@ -477,6 +481,13 @@ class Body:
         return {}
 
     def _value_block(self, c: _In, n: int, elem: int):
+        at = c.i
+        try:
+            return self._value_block_(c, n, elem)
+        finally:
+            self.model_bytes["values"] += c.i - at
+
+    def _value_block_(self, c: _In, n: int, elem: int):
         vc = c.u8()
         if vc >= len(VALUE_CODERS):
             raise FormatError(f"unknown value coder code {vc}: written by a newer freezepack?", path=self.path,
@@ -494,6 +505,19 @@ class Body:
             raise c.err("'msb' histogram does not add up to the element count")
         stream = c.var(4 * (2 + (n * entropy.PRECISION + 31) // 32) + 1)
         return "msb", (used, counts, elem, n), stream + n * (elem - 1)
+
+    def breakdown(self) -> dict:
+        """Bytes by role: structure (safetensors JSON, digest, names, shapes, ...), coder models, payloads."""
+        pay = {"mask": 0, "values": 0, "whole": 0}
+        for key, s in self.header.stored.items():
+            pay["mask" if key.endswith(MASK_SUFFIX) else "values" if key.endswith(VALUES_SUFFIX) else "whole"] += \
+                s.nbytes
+        first = min((s.start for s in self.header.stored.values()), default=len(self.body))
+        outer = len(outer_header(len(self.body)))
+        return {"file": outer + len(self.body),
+                "structure": outer + first - self.model_bytes["mask"] - self.model_bytes["values"],
+                "mask_model": self.model_bytes["mask"], "value_model": self.model_bytes["values"],
+                "mask_payload": pay["mask"], "values_payload": pay["values"], "whole_payload": pay["whole"]}
 
     def raw(self, key: str) -> memoryview:
         _, _, start, end = self.parts[key]

@@ -1,0 +1,385 @@
+"""Format v2 (spec/FORMAT.md §12): bit-exact round trips of every feature, the integer models, the size promises
+against v1, corruption and hostile headers."""
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import freezepack
+from freezepack import api
+from freezepack.api import encode_record
+from freezepack.errors import FormatError, FreezepackError, IntegrityError
+from freezepack.format import compact, container, entropy, maskcode
+from freezepack.format.container import Entry, FpkReader, Header
+from freezepack.format.init import InitSpec, generate, make_init
+from freezepack.format.record import FreezeRecord, FrozenTensor
+
+from fpk_helpers import record_for, small_record
+from test_maskcode import reference_ans_start
+
+
+def _write(tmp_path, rec, name="m.fpk", version=2, metadata=None):
+    p = tmp_path / name
+    p.write_bytes(b"".join(encode_record(rec, metadata=metadata, version=version)))
+    return p
+
+
+def _same(a: dict, b: dict):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert bytes(api.tensor_bytes(a[k])) == bytes(api.tensor_bytes(b[k])), k
+
+
+def snip_like_record(q=0.99, seed=3) -> FreezeRecord:
+    """Masks chosen like SNIP (top |w_init * g| with a random per-row/col g): what ans-ctx is for."""
+    rec = FreezeRecord(seed=seed)
+    g = np.random.default_rng(seed)
+    for name, shape in {"conv.weight": (20, 10, 5, 5), "fc.weight": (100, 400)}.items():
+        init = make_init("xavier_normal", shape)
+        w = generate(init, shape, seed, name).numpy().reshape(shape[0], -1)
+        score = np.abs(w) * g.random((shape[0], 1)) * g.random((1, w.shape[1])) * g.lognormal(0, 0.3, w.shape)
+        k = max(1, int(round((1 - q) * w.size)))
+        m = np.zeros(w.size, bool)
+        m[np.argsort(-score.reshape(-1))[:k]] = True
+        vals = torch.from_numpy((g.standard_normal(k) * 0.05).astype(np.float32))
+        rec.frozen[name] = FrozenTensor(init, torch.from_numpy(m.reshape(shape)), vals)
+        rec.whole[name.replace("weight", "bias")] = torch.from_numpy((g.standard_normal(shape[0]) * 0.01)
+                                                                     .astype(np.float32))
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# round trips
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rec", [small_record(), snip_like_record(0.9), snip_like_record(0.999),
+                                 record_for({"a.weight": (30, 40), "a.bias": (30,), "b.weight": (7, 3, 3)}, 0.5)],
+                         ids=["small", "snip0.9", "snip0.999", "q0.5"])
+def test_v2_loads_bit_exactly_what_v1_loads(tmp_path, rec):
+    p1, p2 = _write(tmp_path, rec, "a.fpk", 1), _write(tmp_path, rec, "b.fpk", 2)
+    _same(freezepack.load(p1), freezepack.load(p2))
+    assert freezepack.verify(p2)["ok"]
+    assert p2.stat().st_size < p1.stat().st_size
+    info = freezepack.inspect(p2)
+    assert info["format_version"] == 2 and info["file_bytes"] == p2.stat().st_size
+    with FpkReader(p2) as r:
+        assert r.header.version == 2 and r.header.seed == rec.seed
+
+
+def test_v2_is_a_valid_safetensors_file_and_deterministic(tmp_path):
+    p = _write(tmp_path, small_record(), metadata={"task": "t\u00e9st"})
+    q = _write(tmp_path, small_record(), "again.fpk", metadata={"task": "t\u00e9st"})
+    assert p.read_bytes() == q.read_bytes()
+    with safe_open(str(p), framework="pt") as f:
+        assert list(f.keys()) == ["freezepack"] and f.metadata() == {"freezepack": "2"}
+        body = f.get_tensor("freezepack")
+    assert body.dtype == torch.uint8 and body.numpy().tobytes() == p.read_bytes()[-body.numel():]
+    assert (len(compact.outer_header(body.numel())) % 8) == 0
+    assert freezepack.open(p).metadata() == {"task": "t\u00e9st"}
+
+
+def _frozen_entry(name, shape, dtype, seed, mask, init, scale=1.0, stream=None):
+    """A frozen Entry plus its v1 blobs, with the dense digest computed the way api does (rounded to dtype)."""
+    n = int(np.prod(shape))
+    g = generate(init, shape, seed, stream or name).reshape(-1)
+    if scale != 1.0:
+        g = g * scale
+    tdt = api.TORCH_DTYPES[dtype]
+    dense = g.to(tdt)
+    k = int(mask.sum())
+    vals = torch.arange(k, dtype=torch.float32).mul(0.01).to(tdt)
+    dense[torch.from_numpy(np.flatnonzero(mask))] = vals
+    coded = maskcode.encode(mask)
+    e = Entry(name, "frozen", shape, dtype, api.digest(dense), stream=stream, init=init, frozen_scale=scale,
+              trainable=k, coder=coded.coder, coder_params=dict(coded.params))
+    blobs = {}
+    if coded.payload.size:
+        e.mask = name + "#mask"
+        blobs[e.mask] = ("U32", (coded.payload.size,), coded.payload.astype("<u4").tobytes())
+    if k:
+        e.values = name + "#values"
+        blobs[e.values] = (dtype, (k,), bytes(api.tensor_bytes(vals)))
+    assert n == mask.size
+    return e, blobs, dense
+
+
+def test_every_v2_feature_round_trips_at_the_container_level(tmp_path):
+    """stream keys, F16/BF16 frozen tensors, frozen_scale, custom init params, alias, every whole dtype, 0-d and
+    empty tensors, metadata, a seed above 2**63: the parsed header equals the written one, bytes decode exactly."""
+    seed = 2**64 - 3
+    rng = np.random.default_rng(1)
+    entries, blobs, dense = [], {}, {}
+    specs = [("f32.weight", (40, 50), "F32", make_init("kaiming_normal", (40, 50), nonlinearity="relu"), 1.0, None),
+             ("f16.weight", (8, 9), "F16", make_init("xavier_uniform", (8, 9)), 0.5, "renamed.stream"),
+             ("bf16.weight", (6, 5, 3), "BF16", make_init("pm_sigma", (6, 5, 3)), 0.25, None),
+             ("const.weight", (5, 5), "F32", make_init("constant", (5, 5), val=0.75), 1.0, None),
+             ("scaled.weight", (30, 30), "F32", make_init("normal", (30, 30), mean=0.1, std=0.2),
+              float(np.float32(0.8123)), None)]
+    for i, (name, shape, dtype, init, scale, stream) in enumerate(specs):
+        mask = rng.random(int(np.prod(shape))) < (0.05, 0.3, 0.0, 0.4, 1.0)[i]
+        e, b, d = _frozen_entry(name, shape, dtype, seed, mask, init, scale, stream)
+        entries.append(e)
+        blobs.update(b)
+        dense[name] = d
+    wholes = {"f64": torch.randn(3, dtype=torch.float64), "f16": torch.randn(2, 2).half(),
+              "bf16": torch.randn(5).bfloat16(), "i64": torch.tensor([-1, 2**40]), "u64": torch.tensor([2**63 + 5],
+                                                                                                     dtype=torch.uint64),
+              "i32": torch.tensor([[1, -2], [3, 4]], dtype=torch.int32), "u32": torch.tensor([7], dtype=torch.uint32),
+              "i16": torch.tensor([-3], dtype=torch.int16), "u16": torch.tensor([9], dtype=torch.uint16),
+              "i8": torch.tensor([-128, 127], dtype=torch.int8), "u8": torch.arange(200, dtype=torch.uint8),
+              "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+              "big": torch.randn(300)}
+    for name, t in wholes.items():
+        raw = bytes(api.tensor_bytes(t))
+        blobs[name] = (api.DTYPE_NAMES[t.dtype], tuple(t.shape), raw)
+        entries.append(Entry(name, "whole", tuple(t.shape), api.DTYPE_NAMES[t.dtype], hashlib.sha256(raw).hexdigest(),
+                             data=name))
+    entries.append(Entry("tied.weight", "alias", (40, 50), "F32", entries[0].sha256, of="f32.weight"))
+    meta = {"b": "2", "a": "caf\u00e9 \U0001f600", "\u00e9": ""}
+    h = Header(seed=seed, entries=entries, metadata=meta, producer="test 1")
+    p = tmp_path / "all.fpk"
+    container.atomic_write(p, compact.encode_file(h, blobs))
+    with FpkReader(p) as r:
+        g = r.header
+        assert (g.version, g.seed, g.metadata, g.producer, g.generator) == (2, seed, meta, "test 1", h.generator)
+        assert [e.name for e in g.entries] == [e.name for e in entries]
+        for want, got in zip(entries, g.entries):
+            assert (got.kind, got.shape, got.dtype, got.of) == (want.kind, want.shape, want.dtype, want.of)
+            if want.kind == "whole":
+                assert bytes(r.read_bytes(got.data)) == blobs[want.data][2]
+            elif want.kind == "frozen":
+                assert got.init == want.init and got.init.params == want.init.params
+                assert (got.stream_key, got.frozen_scale, got.trainable) == (want.stream_key, want.frozen_scale,
+                                                                             want.trainable)
+                assert got.sha256 == want.sha256[:32] and container.digest_ok(got.sha256, want.sha256)
+                if want.values:
+                    assert bytes(r.read_bytes(got.values)) == blobs[want.values][2]
+                words = r.read_array(got.mask, "<u4") if got.mask else np.zeros(0, np.uint32)
+                keys = entropy.context_keys(generate(got.init, got.shape, seed, got.stream_key).numpy())
+                idx = compact.mask_indices(got, words, keys)
+                want_idx = maskcode.decode_indices(want.coder, want.numel, want.trainable, want.coder_params,
+                                                   np.frombuffer(blobs[want.mask][2], "<u4") if want.mask else
+                                                   np.zeros(0, np.uint32))
+                assert np.array_equal(idx, want_idx)
+            else:
+                assert got.sha256 == g.entries[0].sha256
+    # the same model written again gives the same bytes
+    assert b"".join(compact.encode_file(h, blobs)) == p.read_bytes()
+
+
+def test_api_round_trip_of_frozen_scale_and_empty_and_scalar_tensors(tmp_path):
+    rec = FreezeRecord(seed=9)
+    m = torch.zeros(20, 30, dtype=torch.bool)
+    m[::7, ::3] = True
+    rec.frozen["wd.weight"] = FrozenTensor(make_init("kaiming_uniform", (20, 30)), m,
+                                           torch.randn(int(m.sum())), frozen_scale=0.375)
+    rec.frozen["none.weight"] = FrozenTensor(make_init("xavier_normal", (4, 4)), torch.zeros(4, 4, dtype=torch.bool),
+                                             torch.zeros(0))
+    rec.frozen["all.weight"] = FrozenTensor(make_init("xavier_normal", (4, 4)), torch.ones(4, 4, dtype=torch.bool),
+                                            torch.randn(16))
+    rec.whole.update({"scalar": torch.tensor(2.5), "empty": torch.zeros(3, 0), "steps": torch.tensor(7)})
+    _same(freezepack.load(_write(tmp_path, rec, "a", 1)), freezepack.load(_write(tmp_path, rec, "b", 2)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# coders
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_integer_models_are_what_constriction_codes_with():
+    """A plain-integer ANS decoder (spec §12.4) with our integer probabilities decodes constriction's stream."""
+    rng = np.random.default_rng(0)
+    counts = [5, 1, 300, 70, 2]
+    probs = entropy.quantize_counts(counts)
+    assert probs.sum() == 1 << 24 and probs.min() >= 1
+    sym = rng.choice(5, size=3000, p=np.array(counts) / sum(counts))
+    coder = entropy._coder()
+    coder.encode_reverse(sym.astype(np.int32), entropy.categorical(probs))
+    words = entropy._words(coder)
+    cdf = np.concatenate([[0], np.cumsum(probs)]).tolist()
+    stack, state = reference_ans_start(words)
+    got = []
+    for _ in sym:
+        quantile = state & ((1 << 24) - 1)
+        s = next(i for i in range(len(probs)) if cdf[i + 1] > quantile)
+        state = (state >> 24) * int(probs[s]) + quantile - cdf[s]
+        if state < 1 << 32 and stack:
+            state = (state << 32) | stack.pop()
+        got.append(s)
+    assert got == sym.tolist() and state == 0 and not stack
+    assert entropy.binary_cdf1(10, 1) == 15099494 and entropy.binary_cdf1(3, 3 - 1) == 5592405
+
+
+@pytest.mark.parametrize("kind", ["random", "snip"])
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 0.999])
+def test_ctx_masks_never_lose_to_v1_and_win_on_snip_masks(kind, q):
+    shape = (60, 200)
+    init = make_init("xavier_normal", shape)
+    e = Entry("w", "frozen", shape, "F32", "", init=init)
+    w = generate(init, shape, 5, "w").numpy().reshape(-1)
+    rng = np.random.default_rng(int(q * 1000))
+    n = w.size
+    k = max(1, int(round((1 - q) * n)))
+    score = rng.random(n) if kind == "random" else np.abs(w) * rng.lognormal(0, 0.5, n)
+    mask = np.zeros(n, bool)
+    mask[np.argsort(-score)[:k]] = True
+    head, payload, coder, params = compact._best_mask(e, mask, 5)
+    v1 = maskcode.encode(mask)
+    assert len(head) + len(payload) <= v1.nbytes + 16
+    if kind == "snip" and q <= 0.99:
+        assert coder == "ans-ctx" and len(head) + len(payload) < 0.85 * maskcode.entropy_bytes(n, k)
+    keys = entropy.context_keys(w)
+    e.coder, e.coder_params, e.trainable = coder, params, k
+    assert np.array_equal(compact.mask_indices(e, np.frombuffer(payload, "<u4"), keys), np.flatnonzero(mask))
+
+
+@pytest.mark.parametrize("elem", [1, 2, 4, 8])
+def test_msb_values_round_trip(elem):
+    rng = np.random.default_rng(elem)
+    for n in (1, 2, 17, 1000):
+        raw = (rng.standard_normal(n) * 0.05).astype(np.float32).tobytes()[:n * elem] if elem == 4 else \
+            rng.integers(0, 256, n * elem, dtype=np.uint8).tobytes()
+        raw = raw.ljust(n * elem, b"\x01")
+        used, counts, payload = entropy.encode_msb(raw, elem)
+        assert bytes(entropy.decode_msb(n, elem, used, counts, payload)) == raw
+
+
+def test_trained_like_values_cost_less_than_085_of_raw():
+    v = (np.random.default_rng(0).standard_normal(20000) * 0.05).astype(np.float32).tobytes()
+    head, payload, coder = compact._value_block(v, "F32")
+    assert coder == "msb" and len(head) + len(payload) < 0.85 * len(v)
+
+
+def test_lying_histograms_and_streams_are_refused():
+    raw = (np.random.default_rng(0).standard_normal(500) * 0.05).astype(np.float32).tobytes()
+    used, counts, payload = entropy.encode_msb(raw, 4)
+    bad = list(counts)
+    bad[0] += 1
+    bad[1] -= 1
+    with pytest.raises(FormatError):
+        entropy.decode_msb(500, 4, used, bad, payload)
+    with pytest.raises(FormatError):
+        entropy.decode_msb(500, 4, used, counts, payload[:-1])
+    with pytest.raises(FormatError):
+        entropy.decode_msb(500, 4, used, counts, b"\0\0\0\0" + payload)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integrity and hostile files
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v2file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("v2") / "m.fpk"
+    p.write_bytes(b"".join(encode_record(small_record(), version=2)))
+    want = {k: bytes(api.tensor_bytes(v)) for k, v in freezepack.load(p).items()}
+    return p.read_bytes(), want
+
+
+def _outcome(path, data, want):
+    path.write_bytes(data)
+    try:
+        got = freezepack.load(path)
+    except FreezepackError:
+        return "rejected"
+    return "harmless" if {k: bytes(api.tensor_bytes(v)) for k, v in got.items()} == want else "MISREAD"
+
+
+@pytest.mark.slow
+def test_flip_every_byte_of_a_v2_file(tmp_path, v2file):
+    data, want = v2file
+    rnd = random.Random(0)
+    outcomes = {}
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 1 << rnd.randrange(8)
+        outcomes.setdefault(_outcome(tmp_path / "x.fpk", bytes(bad), want), []).append(i)
+    assert set(outcomes) == {"rejected"}, {k: v[:10] for k, v in outcomes.items()}
+
+
+def test_flip_sampled_bytes_of_a_v2_file(tmp_path, v2file):
+    data, want = v2file
+    rnd = random.Random(1)
+    for i in rnd.sample(range(len(data)), 60) + [0, 8, len(data) - 1]:
+        bad = bytearray(data)
+        bad[i] ^= 0xFF
+        assert _outcome(tmp_path / "x.fpk", bytes(bad), want) == "rejected", i
+    assert _outcome(tmp_path / "x.fpk", data[:-1], want) == "rejected"
+    assert _outcome(tmp_path / "x.fpk", data + b"\0", want) == "rejected"
+
+
+def _resigned(data: bytes, rest: bytes) -> bytes:
+    """A v2 file whose body is ``rest``, correctly digested: only the semantic checks can refuse it."""
+    body = hashlib.sha256(rest).digest() + rest
+    return compact.outer_header(len(body)) + body
+
+
+def _rest(data: bytes) -> bytes:
+    n = struct.unpack("<Q", data[:8])[0]
+    return data[8 + n + 32:]
+
+
+def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):
+    data, want = v2file
+    rest = _rest(data)
+    p = tmp_path / "h.fpk"
+    o = compact._Out()
+    o.u8(0)
+    o.var(1)
+    o.str("x")
+    o.var(0)
+    o.var(1)
+    o.str("w")
+    o.u8(0)        # whole
+    o.u8(3)        # F32
+    o.var(2)
+    o.var(1 << 40)  # a dimension over the element limit: refused before any allocation
+    o.var(1 << 40)
+    p.write_bytes(_resigned(data, bytes(o.b)))
+    with pytest.raises(FormatError, match="limit"):
+        freezepack.load(p)
+    for cut in (0, 1, 5, len(rest) // 2, len(rest) - 1):  # truncated (and re-digested) bodies
+        p.write_bytes(_resigned(data, rest[:cut]))
+        with pytest.raises(FormatError):
+            freezepack.load(p)
+    p.write_bytes(_resigned(data, bytes([1]) + rest[1:]))  # unknown generator code
+    with pytest.raises(FreezepackError, match="generator"):
+        freezepack.load(p)
+    p.write_bytes(_resigned(data, rest[:1] + b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"))  # 11-byte varint
+    with pytest.raises(FormatError, match="varint"):
+        freezepack.load(p)
+    p.write_bytes(data[:8] + data[8:].replace(b'"freezepack":"2"', b'"freezepack":"3"', 1))
+    with pytest.raises(FreezepackError):
+        freezepack.load(p)
+
+
+def test_fuzzed_resigned_v2_bodies_never_escape_as_other_errors(tmp_path, v2file):
+    data, want = v2file
+    rest = bytearray(_rest(data))
+    rnd = random.Random(7)
+    p = tmp_path / "f.fpk"
+    for _ in range(300):
+        bad = bytearray(rest)
+        for _ in range(rnd.randint(1, 4)):
+            bad[rnd.randrange(len(bad))] = rnd.randrange(256)
+        p.write_bytes(_resigned(data, bytes(bad)))
+        try:
+            freezepack.load(p)
+        except FreezepackError:
+            pass
+
+
+def test_corrupted_v2_body_is_an_integrity_error(tmp_path, v2file):
+    data, _ = v2file
+    bad = bytearray(data)
+    bad[-5] ^= 4
+    p = tmp_path / "c.fpk"
+    p.write_bytes(bytes(bad))
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        freezepack.load(p)
