@@ -335,7 +335,7 @@ def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):
     o.str("x")
     o.var(0)
     o.var(1)
-    o.str("w")
+    compact._name_out(o, b"", "w")
     o.u8(0)        # whole
     o.u8(3)        # F32
     o.var(2)

@@ -251,9 +251,10 @@ def encode_body(h: Header, blobs: dict) -> bytes:
     payloads = []
     index = {}
     h.stored = {}
+    prev = b""
     for i, e in enumerate(h.entries):
         index.setdefault(e.name, i)
-        o.str(e.name)
+        prev = _name_out(o, prev, e.name)
         if e.kind == "alias":
             o.u8(KINDS.index("alias"))
             if e.of not in index or h.entries[index[e.of]].kind == "alias":
@@ -306,6 +307,35 @@ def encode_body(h: Header, blobs: dict) -> bytes:
     return hashlib.sha256(rest).digest() + rest
 
 
+def _common(a: bytes, b: bytes) -> int:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _name_out(o: _Out, prev: bytes, name: str) -> bytes:
+    """Front coding: bytes shared with the previous name, then the rest (BN layers share long prefixes)."""
+    raw = name.encode("utf-8")
+    shared = _common(prev, raw)
+    o.var(shared)
+    o.var(len(raw) - shared)
+    o.b += raw[shared:]
+    return raw
+
+
+def _name_in(c: "_In", prev: bytes) -> tuple[str, bytes]:
+    shared = c.var(len(prev) + 1)
+    rest = bytes(c.take(c.var(1 << 16)))
+    if rest[:1] and shared < len(prev) and rest[0] == prev[shared]:
+        raise c.err("tensor name does not share its longest prefix with the previous one (not canonical)")
+    raw = prev[:shared] + rest
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        raise c.err("tensor name is not UTF-8") from None
+
+
 def _bad_generator(g):
     raise SpecError(f"generator {g!r} has no v2 code")
 
@@ -355,9 +385,10 @@ class Body:
         names: dict[str, int] = {}
         total = 0
         lengths = []  # (key, coder, params, length, n, elem)
+        prev = b""
         for i in range(count):
             c.tensor = None
-            name = c.str("tensor name")
+            name, prev = _name_in(c, prev)
             c.tensor = name
             if not name or name == "__metadata__" or name in names:
                 raise c.err("invalid or repeated tensor name")

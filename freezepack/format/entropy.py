@@ -277,8 +277,6 @@ def decode_msb(n: int, elem: int, used: list[int], counts: list[int], payload, w
         idx = coder.decode(categorical(quantize_counts(counts)), n)
         if not coder.is_empty():
             raise FormatError("'msb' values stream has data left after the last value", path=where, tensor=tensor)
-        if not np.array_equal(np.bincount(idx, minlength=len(used)), counts):
-            raise FormatError("'msb' values disagree with their histogram", path=where, tensor=tensor)
         msb = np.asarray(used, dtype=np.uint8)[idx]
     out = bytearray(n * elem)
     a = np.frombuffer(out, dtype=np.uint8).reshape(n, elem)
