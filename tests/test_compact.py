@@ -383,3 +383,258 @@ def test_corrupted_v2_body_is_an_integrity_error(tmp_path, v2file):
     p.write_bytes(bytes(bad))
     with pytest.raises(IntegrityError, match="SHA-256"):
         freezepack.load(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conformance vectors, and a reader written from spec/FORMAT.md §12 alone
+# ---------------------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+
+VECTORS = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "fpk")
+MANIFEST_V2 = json.load(open(os.path.join(VECTORS, "manifest_v2.json")))
+
+
+def _spec_v2_read(path) -> dict[str, bytes]:
+    """Dense tensor bytes of a v2 file, from spec §12 (plain integers; generate_np for the generator)."""
+    from freezepack.format.init import InitSpec, generate_np
+    from test_maskcode import reference_ans_decode, reference_gap_decode
+
+    data = open(path, "rb").read()
+    n_head = struct.unpack("<Q", data[:8])[0]
+    body = data[8 + n_head:]
+    text = json.dumps({"__metadata__": {"freezepack": "2"},
+                       "freezepack": {"data_offsets": [0, len(body)], "dtype": "U8", "shape": [len(body)]}},
+                      separators=(",", ":"), sort_keys=True).encode()
+    assert data[8:8 + n_head] == text + b" " * (-(8 + len(text)) % 8)
+    r = body[32:]
+    assert hashlib.sha256(r).digest() == body[:32]
+    pos = 0
+
+    def u8():
+        nonlocal pos
+        pos += 1
+        return r[pos - 1]
+
+    def var():
+        v = shift = 0
+        while True:
+            b = u8()
+            v |= (b & 127) << shift
+            shift += 7
+            if b < 128:
+                return v
+
+    def take(n):
+        nonlocal pos
+        pos += n
+        return r[pos - n:pos]
+
+    def f32():
+        return struct.unpack("<f", take(4))[0]
+
+    def string():
+        return take(var()).decode()
+
+    sizes = [8, 8, 8, 4, 4, 4, 2, 2, 2, 2, 1, 1, 1]
+    inits = ["xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform", "normal", "uniform", "pm_sigma",
+             "zeros", "constant"]
+
+    def models_counts(counts):
+        m, s = len(counts), sum(counts)
+        t = (1 << 24) - m
+        w = [c * t // s for c in counts]
+        for j in range(t - sum(w)):
+            w[j] += 1
+        return [x + 1 for x in w]
+
+    def cdf1(s, c):
+        return min(max(((s - c) * (1 << 24) + s // 2) // s, 1), (1 << 24) - 1)
+
+    class Stream:  # §6.3 with any integer model
+        def __init__(self, words):
+            self.stack, self.state = reference_ans_start(words)
+
+        def pop(self, probs):
+            q = self.state & ((1 << 24) - 1)
+            cdf = 0
+            for s, p in enumerate(probs):
+                if cdf + p > q:
+                    break
+                cdf += p
+            self.state = (self.state >> 24) * p + q - cdf
+            if self.state < 1 << 32 and self.stack:
+                self.state = (self.state << 32) | self.stack.pop()
+            return s
+
+        def done(self):
+            assert self.state == 0 and not self.stack
+
+    def value_block(n, e):
+        if u8() == 0:
+            return ("raw", n * e)
+        m = u8() + 1
+        syms = list(take(m))
+        counts = [var() for _ in range(m)]
+        stream = var()
+        return ("msb", syms, counts, stream, n, e)
+
+    def value_bytes(block, payload):
+        if block[0] == "raw":
+            return payload
+        _, syms, counts, stream, n, e = block
+        st = Stream(np.frombuffer(payload[:stream], "<u4"))
+        probs = models_counts(counts)
+        top = [syms[st.pop(probs)] if len(syms) > 1 else syms[0] for _ in range(n)]
+        st.done()
+        low = payload[stream:]
+        return b"".join(low[i * (e - 1):(i + 1) * (e - 1)] + bytes([top[i]]) for i in range(n))
+
+    assert u8() == 0
+    seed = var()
+    string()
+    for _ in range(var()):
+        string(), string()
+    entries, prev = [], b""
+    for _ in range(var()):
+        shared = var()
+        name_b = prev[:shared] + take(var())
+        prev = name_b
+        tag = u8()
+        e = {"name": name_b.decode(), "kind": tag & 3}
+        if e["kind"] == 2:
+            e["of"] = var()
+            entries.append(e)
+            continue
+        e["dtype"] = u8()
+        e["shape"] = [var() for _ in range(var())]
+        n = math.prod(e["shape"])
+        esize = sizes[e["dtype"]]
+        if e["kind"] == 0:
+            e["block"] = value_block(n, esize)
+            entries.append(e)
+            continue
+        e["stream"] = string() if tag & 4 else e["name"]
+        ib = u8()
+        e["init"] = (inits[ib >> 2], ["normal", "uniform", "sign", "constant"][ib & 3], f32(), f32())
+        if tag & 16:
+            string()
+        e["scale"] = f32() if tag & 8 else 1.0
+        e["k"] = k = var()
+        e["coder"] = u8()
+        if e["coder"] == 1:
+            e["p"] = [u8()]
+        elif e["coder"] == 2:
+            e["p"] = [u8(), u8(), var()]
+        elif e["coder"] == 4:
+            nb, flags = u8(), u8()
+            cc = var() if flags & 1 else None
+            cr = var() if flags & 2 else None
+            e["p"] = [nb, flags, cc, cr, [var() for _ in range(nb)]]
+        e["mlen"] = var() if e["coder"] else 0
+        e["block"] = value_block(k, esize) if k else None
+        e["digest"] = take(16)
+        entries.append(e)
+    out = {}
+    for e in entries:  # payloads, in entry order
+        if e["kind"] == 2:
+            continue
+        if e["kind"] == 0:
+            ln = e["block"][1] if e["block"][0] == "raw" else e["block"][3] + e["block"][4] * (e["block"][5] - 1)
+            out[e["name"]] = value_bytes(e["block"], take(ln))
+            continue
+        shape, n, k = e["shape"], math.prod(e["shape"]), e["k"]
+        words = np.frombuffer(take(e["mlen"]), "<u4")
+        iname, dist, a, b = e["init"]
+        g = generate_np(InitSpec(iname, dist, a, b), shape, seed, e["stream"]).reshape(-1)
+        if e["coder"] == 0:
+            mask = np.full(n, k == n)
+        elif e["coder"] == 1:
+            mask = np.full(n, not e["p"][0])
+            mask[words.astype(np.int64)] = bool(e["p"][0])
+        elif e["coder"] == 2:
+            mask = reference_gap_decode(words, n, k, *e["p"])
+        elif e["coder"] == 3:
+            mask = reference_ans_decode(words, n, maskcode.ans_threshold(n, k))
+        else:
+            nb, flags, cc, cr, counts = e["p"]
+            keys = g.view(np.uint32) & 0x7FFFFFFF
+            rank = np.empty(n, np.int64)
+            rank[np.lexsort((np.arange(n), keys))] = np.arange(n)
+            bins = rank * nb // n
+            st = Stream(words)
+            rows, cols = shape[0], n // shape[0]
+            col = [st.pop([cdf1(cols, cc), (1 << 24) - cdf1(cols, cc)]) if cc < cols else 1 for _ in range(cols)] \
+                if flags & 1 else [1] * cols
+            row = [st.pop([cdf1(rows, cr), (1 << 24) - cdf1(rows, cr)]) if cr < rows else 1 for _ in range(rows)] \
+                if flags & 2 else [1] * rows
+            active = [i for i in range(n) if col[i % cols] and row[i // cols]]
+            mask = np.zeros(n, bool)
+            for j in range(nb):
+                members = [i for i in active if bins[i] == j]
+                s, c = len(members), counts[j]
+                for i in members:
+                    mask[i] = c == s if c in (0, s) else bool(st.pop([cdf1(s, c), (1 << 24) - cdf1(s, c)]))
+            st.done()
+        if e["scale"] != 1.0:
+            g = (g * np.float32(e["scale"])).astype(np.float32)
+        if e["dtype"] == 3:
+            dense = g.view(np.uint8).copy().reshape(n, 4)
+        elif e["dtype"] == 6:
+            dense = g.astype(np.float16).view(np.uint8).reshape(n, 2).copy()
+        else:  # BF16: round to nearest even on the f32 bits
+            u = g.view(np.uint32).astype(np.uint64)
+            dense = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").view(np.uint8).reshape(n, 2).copy()
+        if k:
+            blk = e["block"]
+            ln = blk[1] if blk[0] == "raw" else blk[3] + blk[4] * (blk[5] - 1)
+            vals = np.frombuffer(value_bytes(blk, take(ln)), np.uint8).reshape(k, -1)
+            dense[np.flatnonzero(mask)] = vals
+        raw = dense.tobytes()
+        assert hashlib.sha256(raw).digest()[:16] == e["digest"], e["name"]
+        out[e["name"]] = raw
+    for e in entries:
+        if e["kind"] == 2:
+            out[e["name"]] = out[entries[e["of"]]["name"]]
+    assert pos == len(r)
+    return out
+
+
+@pytest.mark.parametrize("v", MANIFEST_V2["valid"], ids=lambda v: v["file"])
+def test_v2_vectors_decode_by_the_spec_alone_and_by_freezepack(v):
+    from safetensors.torch import load_file
+
+    path = os.path.join(VECTORS, v["file"])
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == v["sha256"]
+    want = load_file(os.path.join(VECTORS, v["dense"]))
+    got = _spec_v2_read(path)
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name] == bytes(api.tensor_bytes(t)), name
+    with FpkReader(path) as r:
+        plain = all(e.kind != "alias" and e.dtype == "F32" for e in r.header.entries if e.kind != "whole")
+    if plain:  # what api.load supports today: F32 frozen tensors, no aliases
+        _same({k: want[k] for k in freezepack.load(path)}, freezepack.load(path))
+
+
+@pytest.mark.parametrize("v", MANIFEST_V2["invalid"], ids=lambda v: v["file"])
+def test_invalid_v2_vectors_are_rejected_for_their_reason(v):
+    import freezepack.errors as errors
+
+    with pytest.raises(getattr(errors, v["error"]), match=v["reason"] or None):
+        freezepack.load(os.path.join(VECTORS, v["file"]))
+
+
+def test_v2_vectors_cover_every_coder():
+    coders = {c for v in MANIFEST_V2["valid"] for c in v["coders"]}
+    assert coders == set(compact.MASK_CODERS)
+    with FpkReader(os.path.join(VECTORS, "v2_ctx.fpk")) as r:
+        e = r.header.entries[0]
+        assert e.coder == "ans-ctx" and e.coder_params["flags"] == 3
+        assert {p[0] for p in r._v2.parts.values()} >= {"msb", "mask"}
+    with FpkReader(os.path.join(VECTORS, "v2_features.fpk")) as r:
+        kinds = {(e.kind, e.dtype) for e in r.header.entries}
+        assert {("frozen", "F16"), ("frozen", "BF16"), ("alias", "F32")} <= kinds
+        assert {p[0] for p in r._v2.parts.values()} >= {"msb", "raw"}

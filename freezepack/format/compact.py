@@ -209,11 +209,15 @@ def _value_block(raw: bytes, dtype: str) -> tuple[bytes, bytes, str]:
     return best
 
 
-def _best_mask(e: Entry, mask: np.ndarray, seed: int) -> tuple[bytes, bytes, str, dict]:
-    """The smallest (header bytes + payload) coding of a flat bool mask among every v2 mask coder."""
+def _best_mask(e: Entry, mask: np.ndarray, seed: int, only: str | None = None) -> tuple[bytes, bytes, str, dict]:
+    """The smallest (header bytes + payload) coding of a flat bool mask among every v2 mask coder (``only``: among
+    that coder's codings; the conformance vectors use it to show every coder)."""
     n, k = mask.size, int(np.count_nonzero(mask))
     v1 = maskcode.encode(mask)
     cands = []
+    if only == "positions" and v1.coder != "const":
+        value = 1 if k <= n - k else 0
+        v1 = maskcode.CodedMask("positions", k, {"value": value}, np.flatnonzero(mask if value else ~mask))
     for cm in [v1] + ([] if v1.coder == "const" or n > 1 << 32 else
                       [c for c in maskcode._encode_gaps(mask, n, k)] + [maskcode._encode_ans(mask, n, k)]):
         cands.append((cm.coder, dict(cm.params), cm.payload.astype("<u4").tobytes()))  # (cdf1 is not written)
@@ -225,6 +229,8 @@ def _best_mask(e: Entry, mask: np.ndarray, seed: int) -> tuple[bytes, bytes, str
             cands.append(("ans-ctx", params, words.tobytes()))
     best = None
     for coder, params, payload in cands:
+        if only is not None and coder != only:
+            continue
         head = _mask_block(coder, params, payload)
         if best is None or len(head) + len(payload) < len(best[0]) + len(best[1]):
             best = (head, payload, coder, params)
