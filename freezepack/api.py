@@ -22,7 +22,7 @@ from .format.init import InitSpec, generate
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import SPEC_VERSION, check_seed
 
-DEFAULT_VERSION = 1  # the format save() writes
+DEFAULT_VERSION = 1  # the format save() writes (2: spec/FORMAT.md §12)
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -395,7 +395,8 @@ def inspect(path, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                 "generator": h.generator, "seed": h.seed, "metadata": dict(h.metadata), "tensors": rows,
                 "dense_bytes": dense_bytes, "compression_factor": dense_bytes / r.file_size,
                 "q": frozen_elems / frozen_total if frozen_total else 0.0,
-                "header_bytes": r.data_start}
+                "header_bytes": r.data_start if r._v2 is None else  # v2: everything before the first payload
+                r.data_start + min((s.start for s in h.stored.values()), default=r.file_size - r.data_start)}
 
 
 def convert(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None, progress=None) -> dict:

@@ -189,7 +189,7 @@ def build() -> dict[str, bytes]:
     valid_bytes = {}
     for name, (rec, meta, coder, desc) in valid_vectors().items():
         with force_coder(coder) if coder else contextlib.nullcontext():
-            data = b"".join(encode_record(rec, metadata=meta))
+            data = b"".join(encode_record(rec, metadata=meta, version=1))
         valid_bytes[name] = data
         dense = {k: v.contiguous() for k, v in rec.state_dict().items()}
         dense_bytes = st_save(dense)
