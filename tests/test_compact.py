@@ -240,34 +240,38 @@ def test_ctx_masks_never_lose_to_v1_and_win_on_snip_masks(kind, q):
 
 
 @pytest.mark.parametrize("elem", [1, 2, 4, 8])
-def test_msb_values_round_trip(elem):
+def test_plane_values_round_trip(elem):
     rng = np.random.default_rng(elem)
     for n in (1, 2, 17, 1000):
         raw = (rng.standard_normal(n) * 0.05).astype(np.float32).tobytes()[:n * elem] if elem == 4 else \
             rng.integers(0, 256, n * elem, dtype=np.uint8).tobytes()
         raw = raw.ljust(n * elem, b"\x01")
-        used, counts, payload = entropy.encode_msb(raw, elem)
-        assert bytes(entropy.decode_msb(n, elem, used, counts, payload)) == raw
+        tables, payload = entropy.encode_planes(raw, elem)
+        assert bytes(entropy.decode_planes(n, elem, tables, payload)) == raw
+    zeros = bytes(4 * 580)  # zero biases: every plane is one symbol, no payload at all
+    tables, payload = entropy.encode_planes(zeros, 4)
+    assert payload == b"" and bytes(entropy.decode_planes(580, 4, tables, payload)) == zeros
+    head, payload, coder = compact._value_block(zeros, "F32")
+    assert coder == "planes" and len(head) + len(payload) < 32
 
 
 def test_trained_like_values_cost_less_than_085_of_raw():
     v = (np.random.default_rng(0).standard_normal(20000) * 0.05).astype(np.float32).tobytes()
     head, payload, coder = compact._value_block(v, "F32")
-    assert coder == "msb" and len(head) + len(payload) < 0.85 * len(v)
+    assert coder == "planes" and len(head) + len(payload) < 0.85 * len(v)
 
 
 def test_lying_histograms_and_streams_are_refused():
     raw = (np.random.default_rng(0).standard_normal(500) * 0.05).astype(np.float32).tobytes()
-    used, counts, payload = entropy.encode_msb(raw, 4)
-    bad = list(counts)
-    bad[0] += 1
-    bad[1] -= 1
+    tables, payload = entropy.encode_planes(raw, 4)
+    used, counts = tables[0]
+    bad = [(used, [counts[0] + 1, counts[1] - 1] + counts[2:])] + tables[1:]
     with pytest.raises(FormatError):
-        entropy.decode_msb(500, 4, used, bad, payload)
+        entropy.decode_planes(500, 4, bad, payload)
     with pytest.raises(FormatError):
-        entropy.decode_msb(500, 4, used, counts, payload[:-1])
+        entropy.decode_planes(500, 4, tables, payload[:-1])
     with pytest.raises(FormatError):
-        entropy.decode_msb(500, 4, used, counts, b"\0\0\0\0" + payload)
+        entropy.decode_planes(500, 4, tables, b"\0\0\0\0" + payload)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -475,22 +479,36 @@ def _spec_v2_read(path) -> dict[str, bytes]:
     def value_block(n, e):
         if u8() == 0:
             return ("raw", n * e)
-        m = u8() + 1
-        syms = list(take(m))
-        counts = [var() for _ in range(m)]
+        tables = []
+        coded = u8()
+        for i in range(e):  # top plane first
+            if coded >> (e - 1 - i) & 1:
+                m = u8() + 1
+                syms = list(take(m))
+                tables.append((syms, [var() for _ in range(m)]))
+            else:
+                tables.append(None)
         stream = var()
-        return ("msb", syms, counts, stream, n, e)
+        return ("planes", tables, stream, n, e, stream + n * sum(t is None for t in tables))
 
     def value_bytes(block, payload):
         if block[0] == "raw":
             return payload
-        _, syms, counts, stream, n, e = block
+        _, tables, stream, n, e, _ = block
         st = Stream(np.frombuffer(payload[:stream], "<u4"))
-        probs = models_counts(counts)
-        top = [syms[st.pop(probs)] if len(syms) > 1 else syms[0] for _ in range(n)]
+        planes = {}
+        for i, t in enumerate(tables):
+            if t is not None:
+                syms, counts = t
+                probs = models_counts(counts)
+                planes[e - 1 - i] = [syms[st.pop(probs)] if len(syms) > 1 else syms[0] for _ in range(n)]
         st.done()
-        low = payload[stream:]  # plane j = byte j of every element
-        return b"".join(bytes(low[j * n + i] for j in range(e - 1)) + bytes([top[i]]) for i in range(n))
+        rawp, k = payload[stream:], 0
+        for j in range(e):  # raw planes, lowest first
+            if j not in planes:
+                planes[j] = list(rawp[k * n:(k + 1) * n])
+                k += 1
+        return b"".join(bytes(planes[j][i] for j in range(e)) for i in range(n))
 
     assert u8() == 0
     seed = var()
@@ -542,7 +560,7 @@ def _spec_v2_read(path) -> dict[str, bytes]:
         if e["kind"] == 2:
             continue
         if e["kind"] == 0:
-            ln = e["block"][1] if e["block"][0] == "raw" else e["block"][3] + e["block"][4] * (e["block"][5] - 1)
+            ln = e["block"][1] if e["block"][0] == "raw" else e["block"][5]
             out[e["name"]] = value_bytes(e["block"], take(ln))
             continue
         shape, n, k = e["shape"], math.prod(e["shape"]), e["k"]
@@ -589,7 +607,7 @@ def _spec_v2_read(path) -> dict[str, bytes]:
             dense = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").view(np.uint8).reshape(n, 2).copy()
         if k:
             blk = e["block"]
-            ln = blk[1] if blk[0] == "raw" else blk[3] + blk[4] * (blk[5] - 1)
+            ln = blk[1] if blk[0] == "raw" else blk[5]
             vals = np.frombuffer(value_bytes(blk, take(ln)), np.uint8).reshape(k, -1)
             dense[np.flatnonzero(mask)] = vals
         raw = dense.tobytes()
@@ -633,8 +651,8 @@ def test_v2_vectors_cover_every_coder():
     with FpkReader(os.path.join(VECTORS, "v2_ctx.fpk")) as r:
         e = r.header.entries[0]
         assert e.coder == "ans-ctx" and e.coder_params["flags"] == 3
-        assert {p[0] for p in r._v2.parts.values()} >= {"msb", "mask"}
+        assert {p[0] for p in r._v2.parts.values()} >= {"planes", "mask"}
     with FpkReader(os.path.join(VECTORS, "v2_features.fpk")) as r:
         kinds = {(e.kind, e.dtype) for e in r.header.entries}
         assert {("frozen", "F16"), ("frozen", "BF16"), ("alias", "F32")} <= kinds
-        assert {p[0] for p in r._v2.parts.values()} >= {"msb", "raw"}
+        assert {p[0] for p in r._v2.parts.values()} >= {"planes", "raw"}

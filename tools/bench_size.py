@@ -124,14 +124,14 @@ def _body(data: bytes) -> bytes:
 
 
 def decode_speed(n=4_000_000, repeat=3):
-    """MB/s of float32 output of the 'msb' value decoder on one core, for trained-like values."""
+    """MB/s of float32 output of the 'planes' value decoder on one core, for trained-like values."""
     torch.set_num_threads(1)
     raw = (np.random.default_rng(0).standard_normal(n) * 0.05).astype(np.float32).tobytes()
-    used, counts, payload = entropy.encode_msb(raw, 4)
+    tables, payload = entropy.encode_planes(raw, 4)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        out = entropy.decode_msb(n, 4, used, counts, payload)
+        out = entropy.decode_planes(n, 4, tables, payload)
         best = min(best, time.perf_counter() - t)
     assert bytes(out) == raw
     return {"values": n, "ratio": len(payload) / len(raw), "MB/s": len(raw) / best / 1e6}
@@ -166,7 +166,7 @@ def main(argv=None):
         print(f"{r['model']:>8} {r['q']:>6} " + " ".join(f"{r[k]:>14,}" for k in keys)
               + f" {r['v2 mask / order-0']:>9.3f} {r['v2 values / raw f32']:>8.3f} {r['v2 structure / file']:>8.3f}"
               f" {r['v2 / best naive']:>8.3f}")
-    print(f"\n'msb' value decoder, one core: {speed['MB/s']:.0f} MB/s of float32 output "
+    print(f"\n'planes' value decoder, one core: {speed['MB/s']:.0f} MB/s of float32 output "
           f"({speed['values']:,} values, {speed['ratio']:.3f}x raw)")
     return 0
 

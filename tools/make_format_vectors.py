@@ -271,14 +271,14 @@ def v2_valid():
     from freezepack.format.init import generate  # noqa: F401  (torch generator, as the writer uses)
 
     out = {}
-    # 1. a LeNet-like layer: ans-ctx with row/column flags, msb values, a whole bias coded msb
+    # 1. a LeNet-like layer: ans-ctx with row/column flags, 'planes' values, a whole bias coded 'planes'
     blobs, dense = {}, {}
     seed = 21
     init, m = _snip_like((60, 300), seed, 0.95, dead_rows=6, dead_cols=40)
     e = _v2_frozen("fc.weight", (60, 300), "F32", seed, m, init, blobs=blobs, dense=dense)
     bias = _v2_whole("fc.bias", torch.linspace(-0.05, 0.05, 60), blobs, dense)
     out["v2_ctx"] = (container.Header(seed=seed, entries=[e, bias], producer="freezepack vectors"), blobs, dense,
-                     "'ans-ctx' mask with row and column flags, 'msb' values and a whole 'msb' bias")
+                     "'ans-ctx' mask with row and column flags, 'planes' values and a whole 'planes' bias")
     # 2. every other mask coder
     blobs, dense = {}, {}
     seed = 22

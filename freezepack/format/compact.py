@@ -9,7 +9,7 @@ the tensor (the *body*) holds a binary header and every payload back to back:
 
 One SHA-256 covers every stored byte (header, masks, values, whole tensors); each frozen tensor keeps a 128-bit
 digest of its reconstructed dense bytes (the proof of bit-exact regeneration). Masks may use the v1 coders or
-``ans-ctx``, values and whole tensors ``raw`` or ``msb`` (freezepack.format.entropy).
+``ans-ctx``, values and whole tensors ``raw`` or ``planes`` (freezepack.format.entropy).
 
 The reader produces the same :class:`~freezepack.format.container.Header` / ``Entry`` objects as v1, so everything
 above the container is version-blind; :class:`freezepack.format.container.FpkReader` dispatches here.
@@ -34,7 +34,7 @@ TENSOR_KEY = "freezepack"
 GENERATORS = (SPEC_VERSION,)
 DTYPES = ("F64", "I64", "U64", "F32", "I32", "U32", "F16", "BF16", "I16", "U16", "I8", "U8", "BOOL")
 MASK_CODERS = ("const", "positions", "ans-gaps", "ans-bernoulli", "ans-ctx")
-VALUE_CODERS = ("raw", "msb")
+VALUE_CODERS = ("raw", "planes")
 KINDS = ("whole", "frozen", "alias")
 TAG_STREAM, TAG_SCALE, TAG_PARAMS = 4, 8, 16
 DIGEST_BYTES = 16          # per frozen tensor: SHA-256 of the dense bytes, truncated (see spec §12.6)
@@ -192,20 +192,23 @@ def _mask_block(coder: str, params: dict, payload: bytes) -> bytes:
 
 
 def _value_block(raw: bytes, dtype: str) -> tuple[bytes, bytes, str]:
-    """(header bytes, payload, coder name) of the smaller of ``raw`` and ``msb`` for a tensor's bytes."""
+    """(header bytes, payload, coder name) of the smaller of ``raw`` and ``planes`` for a tensor's bytes."""
     elem = DTYPE_SIZES[dtype]
     best = (bytes([VALUE_CODERS.index("raw")]), bytes(raw), "raw")
     if len(raw):
-        used, counts, payload = entropy.encode_msb(raw, elem)
+        tables, payload = entropy.encode_planes(raw, elem)
         o = _Out()
-        o.u8(VALUE_CODERS.index("msb"))
-        o.u8(len(used) - 1)
-        o.b += bytes(used)
-        for c in counts:
-            o.var(c)
-        o.var(len(payload) - len(raw) // elem * (elem - 1))
+        o.u8(VALUE_CODERS.index("planes"))
+        o.u8(sum(1 << (elem - 1 - i) for i, t in enumerate(tables) if t is not None))  # bit j: plane j coded
+        for t in tables:
+            if t is not None:
+                o.u8(len(t[0]) - 1)
+                o.b += bytes(t[0])
+                for c in t[1]:
+                    o.var(c)
+        o.var(len(payload) - len(raw) // elem * sum(t is None for t in tables))
         if len(o.b) + len(payload) < len(best[0]) + len(best[1]):
-            best = (bytes(o.b), payload, "msb")
+            best = (bytes(o.b), payload, "planes")
     return best
 
 
@@ -242,7 +245,7 @@ def encode_body(h: Header, blobs: dict) -> bytes:
 
     ``blobs`` holds the v1 stored tensors (whole data, v1-coded masks, values); the v2 writer re-codes each mask
     with every coder it knows (including ``ans-ctx``, which needs the regenerated frozen values) and keeps the
-    smallest, and codes values and whole tensors with the smaller of ``raw`` and ``msb``.
+    smallest, and codes values and whole tensors with the smaller of ``raw`` and ``planes``.
     """
     o = _Out()
     o.u8(GENERATORS.index(h.generator) if h.generator in GENERATORS else _bad_generator(h.generator))
@@ -532,16 +535,27 @@ class Body:
         if VALUE_CODERS[vc] == "raw":
             return "raw", None, n * elem
         if n == 0:
-            raise c.err("'msb' coding of an empty tensor")
-        m = c.u8() + 1
-        used = list(c.take(m))
-        if any(x >= y for x, y in zip(used, used[1:])):
-            raise c.err("'msb' symbols are not strictly increasing")
-        counts = [c.var(n + 1) for _ in range(m)]
-        if sum(counts) != n or min(counts) < 1:
-            raise c.err("'msb' histogram does not add up to the element count")
-        stream = c.var(4 * (2 + (n * entropy.PRECISION + 31) // 32) + 1)
-        return "msb", (used, counts, elem, n), stream + n * (elem - 1)
+            raise c.err("'planes' coding of an empty tensor")
+        tables = []
+        coded = c.u8()
+        if coded >> elem or not coded >> (elem - 1):
+            raise c.err(f"'planes' coded-plane mask {coded} is invalid for {elem}-byte elements")
+        for i in range(elem):
+            if not coded >> (elem - 1 - i) & 1:
+                tables.append(None)
+                continue
+            m = c.u8() + 1
+            used = list(c.take(m))
+            if any(x >= y for x, y in zip(used, used[1:])):
+                raise c.err("'planes' symbols are not strictly increasing")
+            counts = [c.var(n + 1) for _ in range(m)]
+            if sum(counts) != n or min(counts) < 1:
+                raise c.err("'planes' histogram does not add up to the element count")
+            tables.append((used, counts))
+        if tables[0] is None:
+            raise c.err("'planes' must code the top plane")
+        stream = c.var(4 * (2 + (n * elem * entropy.PRECISION + 31) // 32) + 1)
+        return "planes", (tables, elem, n), stream + n * sum(t is None for t in tables)
 
     def breakdown(self) -> dict:
         """Bytes by role: structure (safetensors JSON, digest, names, shapes, ...), coder models, payloads."""
@@ -563,9 +577,9 @@ class Body:
     def read_bytes(self, key: str, tensor=None) -> bytearray:
         """Decoded little-endian tensor bytes of a values/whole part, or the coded payload of a mask part."""
         coder, params, start, end = self.parts[key]
-        if coder == "msb":
-            used, counts, elem, n = params
-            return entropy.decode_msb(n, elem, used, counts, self.raw(key), where=self.path, tensor=tensor)
+        if coder == "planes":
+            tables, elem, n = params
+            return entropy.decode_planes(n, elem, tables, self.raw(key), where=self.path, tensor=tensor)
         return bytearray(self.raw(key))
 
 

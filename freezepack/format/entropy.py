@@ -9,9 +9,10 @@ is exactly ``weight + 1``, as for the v1 gap table):
              equal-size classes by the rank of |w_init| (compared as f32 bit patterns: integers, no float math),
              and each class gets its own Bernoulli model with a stored count. Optional row/column "has any
              trainable entry" flags remove dead inputs/outputs (a ReLU unit that never fires has g = 0).
-``msb``      lossless values: the most significant byte of each element (sign + 7 exponent bits for F32/BF16)
-             is coded with a stored histogram, the other bytes are stored raw. Trained weights use few octaves,
-             so that byte costs ~2.5 bits instead of 8: ~0.83x raw float32, decoded at constriction's speed.
+``planes``   lossless values as byte planes: the most significant byte of each element (sign + 7 exponent bits
+             for F32/BF16) is coded with a stored histogram, lower planes too when that pays (zeros, integers),
+             the rest raw. Trained weights use few octaves, so the top byte costs ~2.5 bits instead of 8:
+             ~0.83x raw float32; an all-zero tensor costs a few header bytes.
 """
 from __future__ import annotations
 
@@ -235,56 +236,82 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# msb: values with their most significant byte entropy-coded
+# planes: values as byte planes, the top plane (and any plane that pays) entropy-coded
 # ---------------------------------------------------------------------------------------------------------------
 
-def encode_msb(raw: bytes, elem: int) -> tuple[list[int], list[int], bytes]:
-    """(used symbols, their counts, payload = ANS words then the low bytes as planes) for ``raw`` = n elements of
-    ``elem`` bytes, little-endian. Plane j holds byte j of every element: contiguous copies on both sides (10x
-    faster than interleaved 3-byte groups)."""
+def _table_cost(counts) -> int:
+    return 2 + len(counts) + sum((int(c).bit_length() + 6) // 7 or 1 for c in counts)
+
+
+def _plane_pays(plane: np.ndarray, hist: np.ndarray) -> bool:
+    """Writer's choice: code a low plane when its order-0 estimate (+ table) beats n raw bytes."""
+    n = plane.size
+    counts = hist[hist > 0]
+    p = counts / n
+    bits = float(-(counts * np.log2(p)).sum())
+    return bits / 8 + _table_cost(counts) + 4 < n
+
+
+def encode_planes(raw: bytes, elem: int) -> tuple[list, bytes]:
+    """(tables, payload) for ``raw`` = n little-endian elements of ``elem`` bytes.
+
+    Plane j = byte j of every element. ``tables[i]`` describes plane ``elem - 1 - i`` (top plane first): None =
+    stored raw, else (used symbols, counts) = coded with that histogram. The top plane (sign + 7 exponent bits
+    of an f32/bf16) is always coded; a lower plane is coded when that pays (constant or skewed bytes: zeros,
+    integer tensors). Payload = one ANS stream (coded planes, top first) then the raw planes, lowest first.
+    """
     a = np.frombuffer(raw, dtype=np.uint8).reshape(-1, elem)
-    msb = a[:, elem - 1]
-    hist = np.bincount(msb, minlength=256)
-    used = np.flatnonzero(hist)
-    counts = hist[used]
-    words = b""
-    if used.size > 1:
-        lut = np.zeros(256, dtype=np.int32)
-        lut[used] = np.arange(used.size, dtype=np.int32)
-        coder = _coder()
-        coder.encode_reverse(lut[msb], categorical(quantize_counts(counts)))
-        words = _words(coder).tobytes()
-    planes = b"".join(np.ascontiguousarray(a[:, j]).tobytes() for j in range(elem - 1))
-    return [int(u) for u in used], [int(c) for c in counts], words + planes
+    tables, coded = [], []
+    for j in range(elem - 1, -1, -1):
+        plane = np.ascontiguousarray(a[:, j])
+        hist = np.bincount(plane, minlength=256)
+        if j == elem - 1 or _plane_pays(plane, hist):
+            used = np.flatnonzero(hist)
+            tables.append(([int(u) for u in used], [int(c) for c in hist[used]]))
+            coded.append((plane, used, hist[used]))
+        else:
+            tables.append(None)
+    coder = _coder()
+    for plane, used, counts in reversed(coded):  # a stack: the last plane decoded is pushed first
+        if used.size > 1:
+            lut = np.zeros(256, dtype=np.int32)
+            lut[used] = np.arange(used.size, dtype=np.int32)
+            coder.encode_reverse(lut[plane], categorical(quantize_counts(counts)))
+    words = _words(coder).tobytes() if coded else b""
+    rawp = b"".join(np.ascontiguousarray(a[:, j]).tobytes() for j in range(elem) if tables[elem - 1 - j] is None)
+    return tables, words + rawp
 
 
-def decode_msb(n: int, elem: int, used: list[int], counts: list[int], payload, where=None, tensor=None) -> bytearray:
-    """Inverse of :func:`encode_msb`; ``payload`` must be exactly the stream words then ``elem - 1`` planes of ``n``
-    bytes."""
-    low_len = n * (elem - 1)
-    stream_len = len(payload) - low_len
-    if stream_len < 0 or stream_len % 4 or sum(counts) != n:
-        raise FormatError("'msb' values payload has the wrong length", path=where, tensor=tensor)
-    if stream_len > 4 * (2 + (n * PRECISION + 31) // 32):
-        raise FormatError("'msb' values stream is longer than any valid one", path=where, tensor=tensor)
+def decode_planes(n: int, elem: int, tables: list, payload, where=None, tensor=None) -> bytearray:
+    """Inverse of :func:`encode_planes`; ``payload`` must be exactly the stream words then the raw planes."""
+    raw_planes = sum(t is None for t in tables)
+    stream_len = len(payload) - n * raw_planes
+    if len(tables) != elem or stream_len < 0 or stream_len % 4 or any(t and sum(t[1]) != n for t in tables):
+        raise FormatError("'planes' values payload has the wrong length", path=where, tensor=tensor)
+    if stream_len > 4 * (2 + (n * elem * PRECISION + 31) // 32):
+        raise FormatError("'planes' values stream is longer than any valid one", path=where, tensor=tensor)
     mv = memoryview(payload)
-    if len(used) == 1:
-        if stream_len:
-            raise FormatError("'msb' values stream present for a single symbol", path=where, tensor=tensor)
-        msb = np.full(n, used[0], dtype=np.uint8)
-    else:
-        words = np.frombuffer(mv[:stream_len], dtype="<u4")
-        if words.size and words[-1] == 0:
-            raise FormatError("'msb' values stream ends in a zero word", path=where, tensor=tensor)
-        coder = _coder(words)
-        idx = coder.decode(categorical(quantize_counts(counts)), n)
-        if not coder.is_empty():
-            raise FormatError("'msb' values stream has data left after the last value", path=where, tensor=tensor)
-        msb = np.asarray(used, dtype=np.uint8)[idx]
+    words = np.frombuffer(mv[:stream_len], dtype="<u4")
+    if words.size and words[-1] == 0:
+        raise FormatError("'planes' values stream ends in a zero word", path=where, tensor=tensor)
+    coder = _coder(words)
     out = bytearray(n * elem)
     a = np.frombuffer(out, dtype=np.uint8).reshape(n, elem)
-    planes = np.frombuffer(mv[stream_len:], dtype=np.uint8)
-    for j in range(elem - 1):
-        a[:, j] = planes[j * n:(j + 1) * n]
-    a[:, elem - 1] = msb
+    for i, t in enumerate(tables):
+        if t is None:
+            continue
+        used, counts = t
+        if len(used) == 1:
+            a[:, elem - 1 - i] = used[0]
+        else:
+            idx = coder.decode(categorical(quantize_counts(counts)), n)
+            a[:, elem - 1 - i] = np.asarray(used, dtype=np.uint8)[idx]
+    if not coder.is_empty():
+        raise FormatError("'planes' values stream has data left after the last value", path=where, tensor=tensor)
+    rawp = np.frombuffer(mv[stream_len:], dtype=np.uint8)
+    k = 0
+    for j in range(elem):
+        if tables[elem - 1 - j] is None:
+            a[:, j] = rawp[k * n:(k + 1) * n]
+            k += 1
     return out
