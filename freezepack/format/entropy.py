@@ -125,7 +125,7 @@ def encode_ctx(mask: np.ndarray, keys: np.ndarray, shape) -> list[tuple[dict, np
     g = grid(shape)
     flag_sets = [0] + ([FLAG_COLS, FLAG_ROWS, FLAG_COLS | FLAG_ROWS] if g else [])
     out = []
-    bins_cache = {}
+    rank = context_bins(keys, n)  # bins = rank * nb // n for every nb: one sort
     for flags in flag_sets:
         colflag = rowflag = None
         if flags & FLAG_COLS:
@@ -137,9 +137,7 @@ def encode_ctx(mask: np.ndarray, keys: np.ndarray, shape) -> list[tuple[dict, np
         for nb in (1, 2, 4, 8, 16, 32):
             if nb > n:
                 continue
-            if nb not in bins_cache:
-                bins_cache[nb] = context_bins(keys, nb)
-            b = bins_cache[nb][sel]
+            b = rank[sel] * nb // n
             order = np.argsort(b, kind="stable")
             sizes = np.bincount(b, minlength=nb)
             sym = mask[sel][order]
