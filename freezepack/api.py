@@ -22,7 +22,7 @@ from .format.init import InitSpec, generate
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import SPEC_VERSION, check_seed
 
-DEFAULT_VERSION = 1  # the format save() writes (2: spec/FORMAT.md §12)
+DEFAULT_VERSION = 2  # the format save() writes (spec/FORMAT.md §12; 1: §1-11)
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
