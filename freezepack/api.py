@@ -17,11 +17,13 @@ import torch
 
 from ._version import __version__
 from .errors import FormatError, FreezepackError, IntegrityError, MethodError, SpecError, UsageError
-from .format import container, maskcode
+from .format import compact, container, entropy, maskcode
 from .format.container import DEFAULT_LIMITS, Entry, FpkReader, Header, Limits
-from .format.init import InitSpec
+from .format.init import InitSpec, generate
 from .format.record import FROZEN_TORCH_DTYPES, FreezeRecord, FrozenTensor, reconstruct
 from .format.rng import SPEC_VERSION, check_seed
+
+DEFAULT_VERSION = 2  # the format save() writes (spec/FORMAT.md §12; 1: §1-11)
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -128,13 +130,17 @@ def _whole_entry(name: str, t: torch.Tensor, blobs: dict) -> Entry:
 
 
 def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None,
-                  truth: dict[str, torch.Tensor] | None = None) -> list:
+                  truth: dict[str, torch.Tensor] | None = None, version: int | None = None) -> list:
     """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes).
 
     ``truth``: the dense tensors the file must reproduce (a module's weights as its forward pass uses them).
     Their digests go into the header, so a reader's check compares its reconstruction with *them*, not with a
-    second reconstruction; without it the record's own reconstruction is hashed.
+    second reconstruction; without it the record's own reconstruction is hashed. ``version``: file format 1
+    (spec/FORMAT.md §1-11) or 2 (§12, compact); default :data:`DEFAULT_VERSION`.
     """
+    version = DEFAULT_VERSION if version is None else version
+    if version not in (1, 2):
+        raise UsageError(f"format version must be 1 or 2, got {version!r}")
     seed = check_seed(record.seed)
     truth = truth or {}
     if record.spec_version != SPEC_VERSION:
@@ -167,6 +173,8 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
                          f"tensor's '{container.VALUES_SUFFIX}'/'{container.MASK_SUFFIX}' part)")
     header = Header(seed=seed, entries=entries, metadata=_check_metadata(metadata),
                     producer=f"freezepack {__version__}")
+    if version == 2:
+        return compact.encode_file(header, blobs)
     return container.encode_file(header, blobs)
 
 
@@ -184,17 +192,17 @@ def _prove(tmp_path: str, target) -> None:
 
 
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
-         metadata: dict[str, str] | None = None) -> None:
+         metadata: dict[str, str] | None = None, *, version: int | None = None) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
 
     ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
     are looked through; tied weights are stored once) or a :class:`freezepack.format.record.FreezeRecord`.
     Before the rename the temp file is read back and every tensor regenerated and compared bit for bit with the
     model in memory; any difference is a :class:`MethodError` naming the tensor, and nothing is written.
-    ``metadata``: a small str -> str map.
+    ``metadata``: a small str -> str map. ``version``: file format (1 or 2), default :data:`DEFAULT_VERSION`.
     """
     record, order, truth = _record_of(record_or_module)
-    chunks = encode_record(record, order, metadata, truth)
+    chunks = encode_record(record, order, metadata, truth, version)
     container.atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path)))
 
 
@@ -240,27 +248,35 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
             if out is not None:
                 return out.copy_(t)
             return t.to(device) if device is not None else t
+    keys = None
     with _timed(timings, "read"):
         mask_words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
         values = r.read_bytes(e.values, e.name) if e.values else None
     dtype = TORCH_DTYPES[e.dtype]
-    idx = vals = None
+    idx = vals = generated = None
     if e.trainable:
         vals = torch.frombuffer(values, dtype=dtype)
         with _timed(timings, "decode"):
             if e.trainable == e.numel:
                 idx = torch.arange(e.numel)
             else:
-                idx = torch.from_numpy(maskcode.decode_indices(e.coder, e.numel, e.trainable, e.coder_params,
-                                                               mask_words, where=path, tensor=e.name))
+                keys = None
+                if e.coder == "ans-ctx":  # v2 context mask: decoded from |G|, the generator's float32 output
+                    with _timed(timings, "generate"):
+                        generated = generate(e.init, e.shape, r.header.seed, e.stream_key,
+                                             device=device if out is None or dtype != torch.float32 else None,
+                                             out=out if dtype == torch.float32 else None)
+                    keys = entropy.context_keys(generated.detach().cpu().numpy())
+                idx = torch.from_numpy(compact.mask_indices(e, mask_words, keys, where=path))
     with _timed(timings, "generate"):
         t = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
-                        device=device, out=out if out is not None and dtype == torch.float32 else None)
+                        device=device, out=out if out is not None and dtype == torch.float32 else None,
+                        generated=generated)
     if out is not None and t is not out:
         t = out.copy_(t)
     if check:
         with _timed(timings, "digest"):
-            if digest(t) != e.sha256:
+            if not container.digest_ok(e.sha256, digest(t)):
                 raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this device "
                                      f"({t.device}) or the file was written from a different generator", path=path,
                                      tensor=e.name)
@@ -295,7 +311,7 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
                     pending.append((e, pool.submit(digest, t)))
             t0 = time.perf_counter()
             for e, fut in pending:
-                if fut.result() != e.sha256:
+                if not container.digest_ok(e.sha256, fut.result()):
                     raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this "
                                          f"device ({out[e.name].device}) or the file was written from a different "
                                          "generator", path=r.path, tensor=e.name)
@@ -442,14 +458,18 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
             if not isinstance(dst, torch.nn.Parameter):
                 raise FormatError("a frozen tensor in the file is a buffer in the module, not a parameter",
                                   path=r.path, tensor=e.name)
-            idx = torch.from_numpy(maskcode.decode_indices(
-                e.coder, e.numel, e.trainable, e.coder_params,
-                r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32), where=r.path,
-                tensor=e.name)) if 0 < e.trainable < e.numel else torch.arange(e.numel if e.trainable else 0)
+            g = generate(e.init, e.shape, r.header.seed, e.stream_key, device=dev)  # the generator's float32 G
+            if 0 < e.trainable < e.numel:
+                words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
+                keys = entropy.context_keys(g.cpu().numpy()) if e.coder == "ans-ctx" else None
+                idx = torch.from_numpy(compact.mask_indices(e, words, keys, where=r.path))
+            else:
+                idx = torch.arange(e.numel if e.trainable else 0)
             mask = torch.zeros(e.numel, dtype=torch.bool)
             mask[idx] = True
             dtype = TORCH_DTYPES[e.dtype]
-            frozen = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, 1.0, None, None, device=dev)
+            frozen = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, 1.0, None, None, device=dev,
+                                 generated=g)
             p = FrozenParametrization(frozen, mask.view(e.shape), e.init, r.header.seed, e.stream_key)
             if e.frozen_scale != 1.0:
                 p.set_frozen_scale(e.frozen_scale)
@@ -585,7 +605,8 @@ def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                 "generator": h.generator, "seed": h.seed, "metadata": dict(h.metadata), "tensors": rows,
                 "dense_bytes": dense_bytes, "compression_factor": dense_bytes / r.file_size,
                 "q": frozen_elems / frozen_total if frozen_total else 0.0,
-                "header_bytes": r.data_start}
+                "header_bytes": r.data_start if r._v2 is None else  # v2: everything before the first payload
+                r.data_start + min((s.start for s in h.stored.values()), default=r.file_size - r.data_start)}
 
 
 def convert(src: PathLike, dst: PathLike, seed: int, init: str = "xavier_normal", inits: dict[str, str] | None = None,

@@ -9,9 +9,11 @@ from freezepack.testing import small_record
 
 @pytest.fixture()
 def fpk(tmp_path):
-    """A few-KB .fpk using every mask coder and several dtypes, with metadata ``{"task": "test"}``."""
+    """A few-KB v1 .fpk using every v1 mask coder and several dtypes, with metadata ``{"task": "test"}``.
+
+    Version 1 because tests edit its JSON header (v2 files are covered by tests/test_compact.py)."""
     p = tmp_path / "m.fpk"
-    freezepack.save(p, small_record(), {"task": "test"})
+    freezepack.save(p, small_record(), {"task": "test"}, version=1)
     return p
 
 

@@ -113,7 +113,7 @@ def test_save_a_frozen_module(tmp_path):
 
 def test_verify_reports_each_tensor(tmp_path):
     p = tmp_path / "m.fpk"
-    freezepack.save(p, small_record())
+    freezepack.save(p, small_record(), version=1)  # edited as v1 JSON below
     report = freezepack.verify(p)
     assert report["ok"] and report["checked"] == 7 and report["failed"] == 0
 
@@ -140,8 +140,8 @@ def test_inspect_reports_sizes(tmp_path):
     assert info["dense_bytes"] == 266_610 * 4
     assert info["compression_factor"] == pytest.approx(info["dense_bytes"] / info["file_bytes"])
     fc1 = next(t for t in info["tensors"] if t["name"] == "fc1.weight")
-    assert fc1["coder"] in ("ans-gaps", "ans-bernoulli")
-    assert fc1["values_bytes"] == 4 * int(rec.frozen["fc1.weight"].mask.sum())
+    assert fc1["coder"] in ("ans-gaps", "ans-bernoulli", "ans-ctx")
+    assert fc1["values_bytes"] <= 4 * int(rec.frozen["fc1.weight"].mask.sum())  # v2 codes values losslessly
     assert fc1["mask_bytes"] <= 1.01 * fc1["mask_entropy_bytes"] + 16
 
 

@@ -27,6 +27,16 @@ def test_inspect_table_and_json(fpk):
     assert info["seed"] == 11 and {t["name"] for t in info["tensors"]} >= {"conv.weight", "fc.bias"}
 
 
+def test_inspect_and_verify_a_v2_file(tmp_path):
+    p = tmp_path / "v2.fpk"
+    freezepack.save(p, small_record(), {"task": "cli"})
+    r = run("inspect", "--json", p)
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["format_version"] == 2 and info["metadata"] == {"task": "cli"}
+    assert run("inspect", p).exit_code == 0 and run("verify", p).exit_code == 0
+
+
 def test_verify_ok_and_mismatch(fpk):
     r = run("verify", fpk)
     assert r.exit_code == 0 and "OK" in r.output

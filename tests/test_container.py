@@ -36,8 +36,8 @@ def test_is_a_valid_safetensors_file(fpk):
 
 def test_same_record_gives_identical_bytes(tmp_path):
     a, b = tmp_path / "a.fpk", tmp_path / "b.fpk"
-    freezepack.save(a, small_record())
-    freezepack.save(b, small_record())
+    freezepack.save(a, small_record(), version=1)
+    freezepack.save(b, small_record(), version=1)
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -60,9 +60,9 @@ def test_layout_is_aligned_and_canonical(fpk):
 
 def test_values_only_change_touches_only_values_and_header(tmp_path):
     rec = record_for({"a.weight": (40, 50), "b.weight": (30, 20), "a.bias": (40,)}, 0.9)
-    one = b"".join(encode_record(rec))
+    one = b"".join(encode_record(rec, version=1))
     rec.frozen["a.weight"].values.add_(1.0)
-    two = b"".join(encode_record(rec))
+    two = b"".join(encode_record(rec, version=1))
     assert len(one) == len(two)
     o1, _, body1 = split_file(one)
     o2, _, body2 = split_file(two)
@@ -169,7 +169,7 @@ def test_corrupted_header_digest_and_data(fpk):
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     p = tmp_path / "m.fpk"
-    freezepack.save(p, small_record())
+    freezepack.save(p, small_record(), version=1)
     before = p.read_bytes()
 
     def boom(*a, **k):
@@ -177,7 +177,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(container.os, "replace", boom)
     with pytest.raises(OSError):
-        freezepack.save(p, record_for({"w": (5, 5)}, 0.5))
+        freezepack.save(p, record_for({"w": (5, 5)}, 0.5), version=1)
     assert p.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["m.fpk"]  # no temp file left behind
 

@@ -191,7 +191,7 @@ def build() -> dict[str, bytes]:
     valid_bytes = {}
     for name, (rec, meta, coder, desc) in valid_vectors().items():
         with force_coder(coder) if coder else contextlib.nullcontext():
-            data = b"".join(encode_record(rec, metadata=meta))
+            data = b"".join(encode_record(rec, metadata=meta, version=1))
         valid_bytes[name] = data
         dense = {k: v.contiguous() for k, v in rec.state_dict().items()}
         dense_bytes = st_save(dense)
@@ -208,6 +208,189 @@ def build() -> dict[str, bytes]:
         manifest["invalid"].append({"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "error": err,
                                     "reason": reason, "description": desc})
     files["manifest.json"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    files.update(build_v2())  # format version 2: its own function and manifest, below
+    return files
+
+
+# ===============================================================================================================
+# Format version 2 (spec/FORMAT.md §12): v2_*.fpk, listed in manifest_v2.json. Kept apart from the v1 vectors above.
+# ===============================================================================================================
+
+def _v2_frozen(name, shape, dtype, seed, mask, init, scale=1.0, stream=None, blobs=None, dense=None):
+    """A frozen v2 Entry from a mask; values 0.01 * j in the tensor's dtype; dense = the reference reconstruction
+    (generator f32 output x frozen_scale in f32, rounded to dtype, values scattered in)."""
+    from freezepack import api
+    from freezepack.format.init import generate
+
+    g = generate(init, shape, seed, stream or name).reshape(-1)
+    if scale != 1.0:
+        g = g * scale
+    t = g.to(api.TORCH_DTYPES[dtype])
+    mask = np.asarray(mask, dtype=bool).reshape(-1)
+    k = int(mask.sum())
+    vals = (torch.arange(k, dtype=torch.float32) * 0.01 - 0.3).to(api.TORCH_DTYPES[dtype])
+    t[torch.from_numpy(np.flatnonzero(mask))] = vals
+    coded = maskcode.encode(mask)
+    e = container.Entry(name, "frozen", tuple(shape), dtype, api.digest(t), stream=stream, init=init,
+                        frozen_scale=scale, trainable=k, coder=coded.coder, coder_params=dict(coded.params))
+    if coded.payload.size:
+        e.mask = name + container.MASK_SUFFIX
+        blobs[e.mask] = ("U32", (coded.payload.size,), coded.payload.astype("<u4").tobytes())
+    if k:
+        e.values = name + container.VALUES_SUFFIX
+        blobs[e.values] = (dtype, (k,), bytes(api.tensor_bytes(vals)))
+    dense[name] = t.reshape(shape)
+    return e
+
+
+def _v2_whole(name, t, blobs, dense):
+    from freezepack import api
+
+    raw = bytes(api.tensor_bytes(t))
+    blobs[name] = (api.DTYPE_NAMES[t.dtype], tuple(t.shape), raw)
+    dense[name] = t
+    return container.Entry(name, "whole", tuple(t.shape), api.DTYPE_NAMES[t.dtype], hashlib.sha256(raw).hexdigest(),
+                           data=name)
+
+
+def _snip_like(shape, seed, q, dead_rows=0, dead_cols=0):
+    """A mask chosen like SNIP (large |w_init| x a random per-row/column gradient), some rows/columns dead."""
+    from freezepack.format.init import generate
+
+    init = make_init("xavier_normal", shape)
+    w = generate(init, shape, seed, "w").numpy().reshape(shape[0], -1)
+    g = np.random.default_rng(seed)
+    score = np.abs(w) * g.random((shape[0], 1)) * g.random((1, w.shape[1]))
+    score[:dead_rows] = 0
+    score[:, :dead_cols] = 0
+    m = np.zeros(w.size, bool)
+    m[np.argsort(-score.reshape(-1), kind="stable")[:int(round((1 - q) * w.size))]] = True
+    return init, m
+
+
+def v2_valid():
+    """name -> (Header, blobs, dense tensors, description)."""
+    from freezepack.format.init import generate  # noqa: F401  (torch generator, as the writer uses)
+
+    out = {}
+    # 1. a LeNet-like layer: ans-ctx with row/column flags, 'planes' values, a whole bias coded 'planes'
+    blobs, dense = {}, {}
+    seed = 21
+    init, m = _snip_like((60, 300), seed, 0.95, dead_rows=6, dead_cols=40)
+    e = _v2_frozen("fc.weight", (60, 300), "F32", seed, m, init, blobs=blobs, dense=dense)
+    bias = _v2_whole("fc.bias", torch.linspace(-0.05, 0.05, 60), blobs, dense)
+    out["v2_ctx"] = (container.Header(seed=seed, entries=[e, bias], producer="freezepack vectors"), blobs, dense,
+                     "'ans-ctx' mask with row and column flags, 'planes' values and a whole 'planes' bias")
+    # 2. every other mask coder
+    blobs, dense = {}, {}
+    seed = 22
+    rng = np.random.default_rng(seed)
+    few = np.zeros(300, bool)
+    few[[7, 201]] = True
+    ents = [_v2_frozen("const.weight", (8, 6), "F32", seed, np.zeros(48, bool), make_init("xavier_uniform", (8, 6)),
+                       blobs=blobs, dense=dense),
+            _v2_frozen("all.weight", (4, 5), "F32", seed, np.ones(20, bool), make_init("xavier_normal", (4, 5)),
+                       blobs=blobs, dense=dense),
+            _v2_frozen("positions.weight", (30, 10), "F32", seed, few, make_init("pm_sigma", (30, 10)), blobs=blobs,
+                       dense=dense),
+            _v2_frozen("gaps.weight", (50, 40), "F32", seed, rng.random(2000) < 0.03, make_init("zeros", (50, 40)),
+                       blobs=blobs, dense=dense),
+            _v2_frozen("bernoulli.weight", (40, 50), "F32", seed, rng.random(2000) < 0.3,
+                       make_init("constant", (40, 50), val=0.75), blobs=blobs, dense=dense)]
+    out["v2_coders"] = (container.Header(seed=seed, entries=ents, producer="freezepack vectors"), blobs, dense,
+                        "'const' (q = 1 and q = 0), 'positions', 'ans-gaps', 'ans-bernoulli' masks in v2 blocks")
+    # 3. everything else v2 carries
+    blobs, dense = {}, {}
+    seed = 2**64 - 7
+    g = torch.Generator().manual_seed(23)
+    rng = np.random.default_rng(23)
+    ents = [_v2_frozen("half.weight", (8, 9), "F16", seed, rng.random(72) < 0.3, make_init("xavier_uniform", (8, 9)),
+                       0.5, "old.name", blobs, dense),
+            _v2_frozen("bf.weight", (6, 5, 3), "BF16", seed, rng.random(90) < 0.2, make_init("pm_sigma", (6, 5, 3)),
+                       0.25, None, blobs, dense),
+            _v2_frozen("relu.weight", (20, 20), "F32", seed, rng.random(400) < 0.1,
+                       make_init("kaiming_normal", (20, 20), nonlinearity="relu"), float(np.float32(0.8123)), None,
+                       blobs, dense)]
+    wholes = {"f64": torch.randn(3, generator=g, dtype=torch.float64), "f16": torch.randn(2, 2, generator=g).half(),
+              "bf16": torch.randn(5, generator=g).bfloat16(), "i64": torch.tensor([-1, 2**40]),
+              "u64": torch.tensor([5], dtype=torch.uint64), "i32": torch.tensor([[1, -2], [3, 4]], dtype=torch.int32),
+              "u32": torch.tensor([7], dtype=torch.uint32), "i16": torch.tensor([-3], dtype=torch.int16),
+              "u16": torch.tensor([9], dtype=torch.uint16), "i8": torch.tensor([-128, 127], dtype=torch.int8),
+              "u8": torch.tensor([0, 255], dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+              "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+              "bn.running_var": (torch.rand(200, generator=g) + 0.5)}
+    ents += [_v2_whole(k, v, blobs, dense) for k, v in wholes.items()]
+    ents.append(container.Entry("tied.weight", "alias", (20, 20), "F32", ents[2].sha256, of="relu.weight"))
+    dense["tied.weight"] = dense["relu.weight"].clone()
+    meta = {"arch": "tiny", "note": "caf\u00e9 \u2713 \U0001f600", "\u00e9": "key with non-ASCII"}
+    out["v2_features"] = (container.Header(seed=seed, entries=ents, metadata=meta, producer="freezepack vectors"),
+                          blobs, dense, "F16/BF16 frozen tensors, a stream key, frozen_scale, initializer params, "
+                                        "every whole dtype, 0-d and empty tensors, an alias, metadata, seed 2**64-7")
+    return out
+
+
+def _v2_redigest(data: bytes, edit) -> bytes:
+    """Apply ``edit`` to the body's R (after the digest) and re-digest: a consistent file that lies."""
+    from freezepack.format import compact
+
+    n = struct.unpack("<Q", data[:8])[0]
+    rest = edit(bytearray(data[8 + n + 32:]))
+    body = hashlib.sha256(rest).digest() + bytes(rest)
+    return compact.outer_header(len(body)) + body
+
+
+def v2_invalid(valid: dict[str, bytes]):
+    """name -> (bytes, error class, message substring, description)."""
+    base = valid["v2_ctx"]
+    out = {}
+    b = bytearray(base)
+    b[-2] ^= 0x20
+    out["v2_invalid_body_corrupted"] = (bytes(b), "IntegrityError", "SHA-256", "one bit of the body flipped")
+    out["v2_invalid_json_edited"] = (base.replace(b'"dtype":"U8"', b'"dtype":"I8"', 1), "FormatError",
+                                     "v2 safetensors header", "the safetensors JSON edited (U8 -> I8)")
+    out["v2_invalid_truncated"] = (base[:-3], "FormatError", "", "last 3 bytes missing")
+
+    def seed_edit(r):
+        r[1] ^= 1  # the seed (varint after the generator code): changes regeneration, dense digest catches it
+        return r
+
+    out["v2_invalid_dense_digest"] = (_v2_redigest(base, seed_edit), "IntegrityError", "bit-exact",
+                                      "seed changed and body re-digested: regeneration cannot match")
+    out["v2_invalid_unknown_generator"] = (_v2_redigest(base, lambda r: bytearray([9]) + r[1:]), "SpecError",
+                                           "generator", "generator code 9 (re-digested)")
+    out["v2_invalid_trailing"] = (_v2_redigest(base, lambda r: r + b"\0"), "FormatError", "after the last payload",
+                                  "one byte after the last payload (re-digested)")
+    return out
+
+
+def build_v2() -> dict[str, bytes]:
+    from freezepack.format import compact
+
+    files, valid = {}, {}
+    manifest = {"format": "freezepack", "version": 2, "valid": [], "invalid": []}
+    best = compact._best_mask
+    force = {"positions.weight": "positions", "gaps.weight": "ans-gaps", "bernoulli.weight": "ans-bernoulli",
+             "fc.weight": "ans-ctx"}  # every coder shown, whatever the writer's size choice
+    for name, (h, blobs, dense, desc) in v2_valid().items():
+        compact._best_mask = lambda e, mask, seed: best(e, mask, seed, only=force.get(e.name))
+        try:
+            data = b"".join(compact.encode_file(h, blobs))
+        finally:
+            compact._best_mask = best
+        valid[name] = data
+        dense_bytes = st_save({k: v.contiguous() for k, v in dense.items()})
+        files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
+        n = struct.unpack("<Q", data[:8])[0]
+        parsed = compact.Body(data[8 + n:]).header
+        manifest["valid"].append({
+            "file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(), "dense": f"{name}.dense.safetensors",
+            "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(),
+            "coders": sorted({e.coder for e in parsed.entries if e.kind == "frozen"}), "description": desc})
+    for name, (data, err, reason, desc) in v2_invalid(valid).items():
+        files[f"{name}.fpk"] = data
+        manifest["invalid"].append({"file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(), "error": err,
+                                    "reason": reason, "description": desc})
+    files["manifest_v2.json"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     return files
 
 

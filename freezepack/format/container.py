@@ -496,6 +496,11 @@ def parse_header(raw: bytes, file_size: int, path=None, limits: Limits = DEFAULT
     return h
 
 
+def digest_ok(expected: str, got_hex: str) -> bool:
+    """Does a dense tensor's SHA-256 (hex) match an entry's digest: full (v1, 64 hex) or truncated (v2, 32 hex)."""
+    return len(expected) in (32, 64) and got_hex[:len(expected)] == expected
+
+
 def _round_float(x: float, dtype: str) -> float:
     """``x`` rounded to ``dtype`` (F32/F16/BF16) with round-to-nearest-even, as a Python float."""
     import torch  # the format layer already depends on torch (init); imported here to keep this module light
@@ -522,7 +527,14 @@ class FpkReader:
             raw = self._f.read(n)
             if len(raw) != n:
                 raise FormatError("file shrank while being read", path=self.path)
-            self.header = parse_header(raw, size, self.path, limits)
+            self._v2 = None
+            if raw.startswith(b'{"__metadata__":{"freezepack":"2"'):  # format v2: compact binary body
+                from . import compact
+
+                self._v2 = compact.parse_file(raw, self._f, size, self.path, limits)
+                self.header = self._v2.header
+            else:
+                self.header = parse_header(raw, size, self.path, limits)
             self.data_start = 8 + n
             self.file_size = size
         except BaseException:
@@ -539,7 +551,10 @@ class FpkReader:
         self.close()
 
     def read_bytes(self, key: str, tensor: str | None = None) -> bytearray:
-        """The raw bytes of a stored tensor, checked against its SHA-256."""
+        """The raw bytes of a stored tensor, checked against its SHA-256 (v2: decoded; the body digest was
+        checked on open)."""
+        if self._v2 is not None:
+            return self._v2.read_bytes(key, tensor)
         s = self.header.stored[key]
         buf = bytearray(s.nbytes)
         self._f.seek(self.data_start + s.start)

@@ -20,13 +20,14 @@ FROZEN_TORCH_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtype, frozen_scale: float,
                 index: torch.Tensor | None, values: torch.Tensor | None, *, device=None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, generated: torch.Tensor | None = None) -> torch.Tensor:
     """A frozen tensor's dense value (FORMAT.md §5.3): regenerate, round to ``dtype``, scale, scatter the values.
 
     ``G`` = generator float32 output for (seed, stream); ``dense = round_dtype(G)``; if ``frozen_scale != 1``:
     ``dense = round_dtype(dense x frozen_scale)`` (one correctly rounded multiply: for F16/BF16 the product of two
     such numbers is exact in float32, so computing it there and rounding once is the same); then
-    ``dense[index] = values``. ``out`` (float32 only) receives the result in place.
+    ``dense[index] = values``. ``out`` (float32 only) receives the result in place. ``generated``: ``G`` when
+    the caller already regenerated it (a v2 ``ans-ctx`` mask is decoded from it); it is then overwritten.
     """
     numel = 1
     for s in shape:
@@ -35,8 +36,9 @@ def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtyp
     if k == numel and numel:  # nothing frozen: nothing to regenerate
         t = out if out is not None else torch.empty(tuple(shape), dtype=dtype, device=device)
     else:
-        t = generate(init, shape, seed, stream, device=device if out is None else None,
-                     out=out if dtype == torch.float32 else None)
+        t = generated if generated is not None else generate(
+            init, shape, seed, stream, device=device if out is None else None,
+            out=out if dtype == torch.float32 else None)
         if dtype != torch.float32:
             t = t.to(dtype)
         if frozen_scale != 1.0:

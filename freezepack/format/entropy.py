@@ -1,0 +1,315 @@
+"""Format-v2 entropy coders (spec/FORMAT.md §12): integer-only models on constriction's stack ANS coder.
+
+Two coders live here, both exact and platform-independent because every probability is an integer computed
+with integer arithmetic (the float64 weights handed to constriction are integers below 2**24 whose quantization
+is exactly ``weight + 1``, as for the v1 gap table):
+
+``ans-ctx``  a freezing mask coded *conditioned on the frozen weights themselves*. SNIP keeps the entries with
+             large |w_init * g|, and a reader regenerates w_init exactly, so the entries are split into ``bins``
+             equal-size classes by the rank of |w_init| (compared as f32 bit patterns: integers, no float math),
+             and each class gets its own Bernoulli model with a stored count. Optional row/column "has any
+             trainable entry" flags remove dead inputs/outputs (a ReLU unit that never fires has g = 0).
+``planes``   lossless values as byte planes: the most significant byte of each element (sign + 7 exponent bits
+             for F32/BF16) is coded with a stored histogram, lower planes too when that pays (zeros, integers),
+             the rest raw. Trained weights use few octaves, so the top byte costs ~2.5 bits instead of 8:
+             ~0.83x raw float32; an all-zero tensor costs a few header bytes.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ..errors import FormatError
+
+PRECISION = 24
+ONE = 1 << PRECISION
+MAX_BINS = 64
+FLAG_COLS, FLAG_ROWS = 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integer models
+# ---------------------------------------------------------------------------------------------------------------
+
+def quantize_counts(counts) -> np.ndarray:
+    """Probabilities (sum 2**24, each >= 1) for symbol counts: w = floor(c * T / S) with T = 2**24 - m, the
+    remainder given one unit at a time to the first symbols, then +1 each (integer arithmetic only)."""
+    counts = [int(c) for c in counts]
+    m, s = len(counts), sum(counts)
+    total = ONE - m
+    w = [c * total // s for c in counts]
+    for j in range(total - sum(w)):
+        w[j] += 1
+    return np.array(w, dtype=np.int64) + 1
+
+
+def binary_cdf1(size: int, ones: int) -> int:
+    """Quantile split of a two-symbol model for ``ones`` of ``size`` (0 < ones < size): symbol 0 owns
+    [0, cdf1). cdf1 = clamp(floor(((size - ones) * 2**24 + floor(size / 2)) / size), 1, 2**24 - 1)."""
+    return min(max(((size - ones) * ONE + size // 2) // size, 1), ONE - 1)
+
+
+@functools.lru_cache(maxsize=512)
+def _categorical(probs: tuple):
+    import constriction
+
+    return constriction.stream.model.Categorical(np.array(probs, dtype=np.float64) - 1.0, perfect=False)
+
+
+def categorical(probs) -> object:
+    """constriction model with exactly the integer probabilities ``probs`` (sum 2**24, each >= 1)."""
+    return _categorical(tuple(int(p) for p in probs))
+
+
+def binary(size: int, ones: int):
+    c = binary_cdf1(size, ones)
+    return categorical((c, ONE - c))
+
+
+def _coder(words=None):
+    import constriction
+
+    if words is None:
+        return constriction.stream.stack.AnsCoder()
+    return constriction.stream.stack.AnsCoder(np.asarray(words, dtype=np.uint32))
+
+
+def _words(coder) -> np.ndarray:
+    return np.asarray(coder.get_compressed(), dtype=np.uint32).astype("<u4")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ans-ctx: masks conditioned on |w_init|
+# ---------------------------------------------------------------------------------------------------------------
+
+def context_keys(frozen_f32) -> np.ndarray:
+    """|w| of the generator's f32 output as its bit pattern (bits & 0x7fffffff): ordered as |w| is, exact."""
+    a = np.ascontiguousarray(np.asarray(frozen_f32, dtype=np.float32)).reshape(-1)
+    return a.view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+
+def context_bins(keys: np.ndarray, bins: int) -> np.ndarray:
+    """bin[i] = rank[i] * bins // n, rank = position of i when sorted by (key, i): equal-size classes."""
+    n = keys.size
+    order = np.argsort(keys, kind="stable")
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.arange(n, dtype=np.int64) * bins // max(n, 1)
+    return out
+
+
+def grid(shape) -> tuple[int, int] | None:
+    """(rows, cols) for row/column flags: the tensor as (shape[0], n / shape[0]); None when meaningless."""
+    if len(shape) < 2:
+        return None
+    n = int(np.prod(shape, dtype=object))
+    r = int(shape[0])
+    if r < 2 or n // r < 2:
+        return None
+    return r, n // r
+
+
+def _active(flat_shape, colflag, rowflag, n):
+    r, c = flat_shape
+    act = np.ones(n, dtype=np.bool_)
+    if colflag is not None:
+        act &= np.tile(colflag, r)
+    if rowflag is not None:
+        act &= np.repeat(rowflag, c)
+    return act
+
+
+def encode_ctx(mask: np.ndarray, keys: np.ndarray, shape) -> list[tuple[dict, np.ndarray]]:
+    """Candidate ``ans-ctx`` codings of a flat bool mask (0 < k < n): [(params, words)], one per choice."""
+    n = mask.size
+    g = grid(shape)
+    flag_sets = [0] + ([FLAG_COLS, FLAG_ROWS, FLAG_COLS | FLAG_ROWS] if g else [])
+    out = []
+    rank = context_bins(keys, n)  # bins = rank * nb // n for every nb: one sort
+    for flags in flag_sets:
+        colflag = rowflag = None
+        if flags & FLAG_COLS:
+            colflag = mask.reshape(g).any(axis=0)
+        if flags & FLAG_ROWS:
+            rowflag = mask.reshape(g).any(axis=1)
+        act = _active(g, colflag, rowflag, n) if flags else np.ones(n, dtype=np.bool_)
+        sel = np.flatnonzero(act)
+        for nb in (1, 2, 4, 8, 16, 32):
+            if nb > n:
+                continue
+            b = rank[sel] * nb // n
+            order = np.argsort(b, kind="stable")
+            sizes = np.bincount(b, minlength=nb)
+            sym = mask[sel][order]
+            counts = np.bincount(b, weights=mask[sel], minlength=nb).astype(np.int64)
+            coder = _coder()
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            for j in reversed(range(nb)):  # a stack: the last group is pushed first
+                s, c = int(sizes[j]), int(counts[j])
+                if 0 < c < s:
+                    coder.encode_reverse(sym[starts[j]:starts[j + 1]].astype(np.int32), binary(s, c))
+            params = {"bins": nb, "flags": flags, "counts": [int(c) for c in counts]}
+            if flags & FLAG_ROWS:
+                params["row_ones"] = int(rowflag.sum())
+                if 0 < params["row_ones"] < g[0]:
+                    coder.encode_reverse(rowflag.astype(np.int32), binary(g[0], params["row_ones"]))
+            if flags & FLAG_COLS:
+                params["col_ones"] = int(colflag.sum())
+                if 0 < params["col_ones"] < g[1]:
+                    coder.encode_reverse(colflag.astype(np.int32), binary(g[1], params["col_ones"]))
+            out.append((params, _words(coder)))
+    return out
+
+
+def check_ctx(n: int, ones: int, shape, params: dict, words: int, where=None, tensor=None) -> None:
+    """Header-only checks of an ``ans-ctx`` mask (before any decoding work)."""
+    nb, flags, counts = params["bins"], params["flags"], params["counts"]
+    if not 1 <= nb <= MAX_BINS or nb > n or len(counts) != nb or flags & ~3:
+        raise FormatError(f"'ans-ctx' parameters out of range: bins={nb}, flags={flags}", path=where, tensor=tensor)
+    if flags and grid(shape) is None:
+        raise FormatError("'ans-ctx' row/column flags on a tensor without rows and columns", path=where,
+                          tensor=tensor)
+    if not 0 < ones < n or sum(counts) != ones or min(counts) < 0:
+        raise FormatError(f"'ans-ctx' bin counts sum to {sum(counts)}, the header says {ones} of {n}", path=where,
+                          tensor=tensor)
+    g = grid(shape)
+    for key, flag, dim in (("col_ones", FLAG_COLS, 1), ("row_ones", FLAG_ROWS, 0)):
+        if flags & flag and not 1 <= params[key] <= g[dim]:
+            raise FormatError(f"'ans-ctx' {key} out of range", path=where, tensor=tensor)
+    extra = (g[0] + g[1]) if flags else 0
+    if words > 2 + ((n + extra) * PRECISION + 31) // 32:
+        raise FormatError(f"'ans-ctx' payload of {words} words is impossible for {n} entries", path=where,
+                          tensor=tensor)
+
+
+def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: np.ndarray, where=None,
+               tensor=None) -> np.ndarray:
+    """Ascending int64 positions of the trainable entries of an ``ans-ctx`` mask."""
+    check_ctx(n, ones, shape, params, int(words.size), where, tensor)
+    if words.size and words[-1] == 0:
+        raise FormatError("'ans-ctx' stream ends in a zero word", path=where, tensor=tensor)
+    if keys.size != n:
+        raise FormatError("'ans-ctx' context has the wrong size", path=where, tensor=tensor)
+    nb, flags, counts = params["bins"], params["flags"], params["counts"]
+    g = grid(shape)
+    coder = _coder(words)
+
+    def flags_of(key, size):
+        c = params[key]
+        if c == size:
+            return np.ones(size, dtype=np.bool_)
+        return coder.decode(binary(size, c), size).astype(np.bool_)
+
+    colflag = flags_of("col_ones", g[1]) if flags & FLAG_COLS else None
+    rowflag = flags_of("row_ones", g[0]) if flags & FLAG_ROWS else None
+    sel = np.flatnonzero(_active(g, colflag, rowflag, n)) if flags else np.arange(n, dtype=np.int64)
+    b = context_bins(keys, nb)[sel]
+    order = np.argsort(b, kind="stable")
+    sizes = np.bincount(b, minlength=nb)
+    sym = np.zeros(sel.size, dtype=np.bool_)
+    pos = 0
+    for j in range(nb):
+        s, c = int(sizes[j]), counts[j]
+        if c > s:
+            raise FormatError(f"'ans-ctx' bin {j} declares {c} trainable entries among {s}", path=where,
+                              tensor=tensor)
+        if c == s:
+            sym[pos:pos + s] = True
+        elif c:
+            sym[pos:pos + s] = coder.decode(binary(s, c), s).astype(np.bool_)
+        pos += s
+    if not coder.is_empty():
+        raise FormatError("'ans-ctx' stream has data left after the last entry", path=where, tensor=tensor)
+    idx = np.sort(sel[order[sym]])
+    if idx.size != ones:
+        raise FormatError(f"mask decodes to {idx.size} trainable entries, the header says {ones}", path=where,
+                          tensor=tensor)
+    # flags say "this row/column has a trainable entry": a set flag over an empty row/column is not canonical
+    m = np.zeros(n, dtype=np.bool_)
+    m[idx] = True
+    if (colflag is not None and not np.array_equal(m.reshape(g).any(axis=0), colflag)) or \
+            (rowflag is not None and not np.array_equal(m.reshape(g).any(axis=1), rowflag)):
+        raise FormatError("'ans-ctx' row/column flags disagree with the decoded mask", path=where, tensor=tensor)
+    return idx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# planes: values as byte planes, the top plane (and any plane that pays) entropy-coded
+# ---------------------------------------------------------------------------------------------------------------
+
+def _table_cost(counts) -> int:
+    return 2 + len(counts) + sum((int(c).bit_length() + 6) // 7 or 1 for c in counts)
+
+
+def _plane_pays(plane: np.ndarray, hist: np.ndarray) -> bool:
+    """Writer's choice: code a low plane when its order-0 estimate (+ table) beats n raw bytes."""
+    n = plane.size
+    counts = hist[hist > 0]
+    p = counts / n
+    bits = float(-(counts * np.log2(p)).sum())
+    return bits / 8 + _table_cost(counts) + 4 < n
+
+
+def encode_planes(raw: bytes, elem: int) -> tuple[list, bytes]:
+    """(tables, payload) for ``raw`` = n little-endian elements of ``elem`` bytes.
+
+    Plane j = byte j of every element. ``tables[i]`` describes plane ``elem - 1 - i`` (top plane first): None =
+    stored raw, else (used symbols, counts) = coded with that histogram. The top plane (sign + 7 exponent bits
+    of an f32/bf16) is always coded; a lower plane is coded when that pays (constant or skewed bytes: zeros,
+    integer tensors). Payload = one ANS stream (coded planes, top first) then the raw planes, lowest first.
+    """
+    a = np.frombuffer(raw, dtype=np.uint8).reshape(-1, elem)
+    tables, coded = [], []
+    for j in range(elem - 1, -1, -1):
+        plane = np.ascontiguousarray(a[:, j])
+        hist = np.bincount(plane, minlength=256)
+        if j == elem - 1 or _plane_pays(plane, hist):
+            used = np.flatnonzero(hist)
+            tables.append(([int(u) for u in used], [int(c) for c in hist[used]]))
+            coded.append((plane, used, hist[used]))
+        else:
+            tables.append(None)
+    coder = _coder()
+    for plane, used, counts in reversed(coded):  # a stack: the last plane decoded is pushed first
+        if used.size > 1:
+            lut = np.zeros(256, dtype=np.int32)
+            lut[used] = np.arange(used.size, dtype=np.int32)
+            coder.encode_reverse(lut[plane], categorical(quantize_counts(counts)))
+    words = _words(coder).tobytes() if coded else b""
+    rawp = b"".join(np.ascontiguousarray(a[:, j]).tobytes() for j in range(elem) if tables[elem - 1 - j] is None)
+    return tables, words + rawp
+
+
+def decode_planes(n: int, elem: int, tables: list, payload, where=None, tensor=None) -> bytearray:
+    """Inverse of :func:`encode_planes`; ``payload`` must be exactly the stream words then the raw planes."""
+    raw_planes = sum(t is None for t in tables)
+    stream_len = len(payload) - n * raw_planes
+    if len(tables) != elem or stream_len < 0 or stream_len % 4 or any(t and sum(t[1]) != n for t in tables):
+        raise FormatError("'planes' values payload has the wrong length", path=where, tensor=tensor)
+    if stream_len > 4 * (2 + (n * elem * PRECISION + 31) // 32):
+        raise FormatError("'planes' values stream is longer than any valid one", path=where, tensor=tensor)
+    mv = memoryview(payload)
+    words = np.frombuffer(mv[:stream_len], dtype="<u4")
+    if words.size and words[-1] == 0:
+        raise FormatError("'planes' values stream ends in a zero word", path=where, tensor=tensor)
+    coder = _coder(words)
+    out = bytearray(n * elem)
+    a = np.frombuffer(out, dtype=np.uint8).reshape(n, elem)
+    for i, t in enumerate(tables):
+        if t is None:
+            continue
+        used, counts = t
+        if len(used) == 1:
+            a[:, elem - 1 - i] = used[0]
+        else:
+            idx = coder.decode(categorical(quantize_counts(counts)), n)
+            a[:, elem - 1 - i] = np.asarray(used, dtype=np.uint8)[idx]
+    if not coder.is_empty():
+        raise FormatError("'planes' values stream has data left after the last value", path=where, tensor=tensor)
+    rawp = np.frombuffer(mv[stream_len:], dtype=np.uint8)
+    k = 0
+    for j in range(elem):
+        if tables[elem - 1 - j] is None:
+            a[:, j] = rawp[k * n:(k + 1) * n]
+            k += 1
+    return out
