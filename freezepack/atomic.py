@@ -21,14 +21,19 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True) -> None:
+def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, make_parents: bool = True,
+                 check=None) -> None:
     """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically.
 
     ``fsync=False`` skips the flushes for content-addressed scratch files whose readers re-check them anyway.
+    ``make_parents``: create missing parent directories (else a missing one is an OSError from the temp file).
+    ``check(tmp_path)``: called on the complete temporary file before the rename; if it raises, nothing is
+    published and the temporary file is removed.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    if make_parents:
+        os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -37,6 +42,8 @@ def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True) -> 
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
