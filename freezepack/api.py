@@ -173,6 +173,11 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest."""
     path = r.path
+    if device is not None and device.type == "meta" and out is None:  # shapes and dtypes only: nothing is read
+        return torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device="meta")
+    container.check_memory(container.work_bytes(e) + (container.dense_bytes(e) if out is None else 0),
+                           "reconstructing this tensor", r.limits, device if out is None else out.device, path,
+                           e.name)
     if e.kind == "whole":
         with _timed(timings, "read"):
             dtype = TORCH_DTYPES[e.dtype]
@@ -187,6 +192,11 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
     with _timed(timings, "read"):
         mask_words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
         values = r.read_bytes(e.values, e.name) if e.values else None
+    idx = None
+    if 0 < e.trainable < e.numel:
+        with _timed(timings, "decode"):  # before the dense tensor exists: a bad mask costs no regeneration
+            idx = torch.from_numpy(maskcode.decode_indices(e.coder, e.numel, e.trainable, e.coder_params,
+                                                           mask_words, where=path, tensor=e.name))
     if e.trainable == e.numel:  # nothing frozen: nothing to regenerate
         t = out if out is not None else torch.empty(e.shape, dtype=torch.float32, device=device)
     else:
@@ -200,9 +210,6 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
             with _timed(timings, "scatter"):
                 t.view(-1).copy_(vals)
         else:
-            with _timed(timings, "decode"):
-                idx = torch.from_numpy(maskcode.decode_indices(e.coder, e.numel, e.trainable, e.coder_params,
-                                                               mask_words, where=path, tensor=e.name))
             with _timed(timings, "scatter"):
                 t.view(-1).index_copy_(0, idx.to(t.device), vals.to(t.device))
     if check:
@@ -223,6 +230,10 @@ def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
     """
     device = _check_device(device)
     with FpkReader(path, limits) as r:
+        entries = r.header.entries
+        container.check_memory(sum(map(container.dense_bytes, entries)) + max(map(container.work_bytes, entries),
+                                                                              default=0),
+                               f"loading all {len(entries)} tensors", limits, device, r.path)
         if not verify:
             return {e.name: _materialize(r, e, device, False, timings) for e in r.header.entries}
         # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
@@ -232,7 +243,7 @@ def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
         with ThreadPoolExecutor(max_workers=1) as pool:
             for e in r.header.entries:
                 out[e.name] = t = _materialize(r, e, device, False, timings)
-                if e.kind == "frozen":  # a whole tensor's bytes were already checked when read
+                if e.kind == "frozen" and t.device.type != "meta":  # whole: bytes checked when read
                     pending.append((e, pool.submit(digest, t)))
             t0 = time.perf_counter()
             for e, fut in pending:
@@ -340,6 +351,8 @@ def verify(path, device=None, *, limits: Limits = DEFAULT_LIMITS, progress=None)
     """
     results = []
     device = _check_device(device)
+    if device is not None and device.type == "meta":
+        raise SpecError("cannot verify on the meta device: it holds no values (use device='cpu' or a GPU)")
     with FpkReader(path, limits) as r:
         for i, e in enumerate(r.header.entries):
             try:

@@ -21,14 +21,14 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, make_parents: bool = True,
-                 check=None) -> None:
+def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, validate=None,
+                 make_parents: bool = True) -> None:
     """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically.
 
     ``fsync=False`` skips the flushes for content-addressed scratch files whose readers re-check them anyway.
+    ``validate(tmp_path)`` is called on the complete temp file before the rename (a writer proves what it
+    publishes); if it raises, the temp file is removed and ``path`` is untouched.
     ``make_parents``: create missing parent directories (else a missing one is an OSError from the temp file).
-    ``check(tmp_path)``: called on the complete temporary file before the rename; if it raises, nothing is
-    published and the temporary file is removed.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -42,8 +42,8 @@ def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, mak
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
+        if validate is not None:
+            validate(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

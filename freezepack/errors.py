@@ -40,3 +40,12 @@ class DataError(FreezepackError):
 
 class FleetError(FreezepackError):
     """A fleet repository, release or install was refused."""
+
+
+class UsageError(FreezepackError, ValueError):
+    """An argument of a freezepack call or command is wrong (a bad device, option, type or range)."""
+
+
+class MethodError(FreezepackError):
+    """The FreezeNet method cannot be applied to this model as asked (scoring failed, a tensor cannot be frozen,
+    a model is already frozen, a saved file would not reproduce the model in memory)."""

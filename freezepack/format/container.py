@@ -213,12 +213,12 @@ _WRITER_LIMITS = Limits(max_tensor_elements=1 << 63, max_total_elements=1 << 63,
                         max_header_bytes=MAX_HEADER_BYTES, max_json_values=1 << 40, max_json_depth=1 << 20)
 
 
-def atomic_write(path, chunks, *, make_parents: bool = False, check=None) -> None:
+def atomic_write(path, chunks, *, validate=None, make_parents: bool = False) -> None:
     """Write chunks to ``path`` atomically (freezepack.atomic).
 
     Refuses clearly (a FreezepackError naming the path): a directory at ``path``; a missing parent directory
-    unless ``make_parents``; a full disk or a file-size limit (the old file, if any, is kept). ``check(tmp_path)``
-    runs on the complete temporary file before it replaces ``path``: raise there to publish nothing.
+    unless ``make_parents``; a full disk or a file-size limit (the old file, if any, is kept).
+    ``validate(tmp_path)`` runs on the complete temp file before the rename; if it raises, nothing is published.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -228,7 +228,7 @@ def atomic_write(path, chunks, *, make_parents: bool = False, check=None) -> Non
         raise FreezepackError(f"directory {parent} does not exist: create it first (or pass make_parents=True / "
                               "--parents)", path=path)
     try:
-        _atomic_write(path, chunks, make_parents=make_parents, check=check)
+        _atomic_write(path, chunks, validate=validate, make_parents=make_parents)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
             raise FreezepackError(f"cannot write: {e.strerror} (disk full, quota, or a file-size limit such as "
@@ -848,7 +848,7 @@ def work_bytes(e: Entry) -> int:
     if e.coder == "ans-bernoulli":
         return stored + 6 * n + 8 * k  # n int32 symbols + n bools + k int64 indices
     m = k if e.coder_params.get("value") == 1 else n - k
-    return stored + 13 * m + 8 * k + (0 if e.coder_params.get("value") == 1 else n)
+    return stored + 16 * m + 8 * k + (0 if e.coder_params.get("value") == 1 else n)
 
 
 def check_memory(nbytes: int, what: str, limits: Limits = DEFAULT_LIMITS, device=None, path=None,
