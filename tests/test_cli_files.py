@@ -70,7 +70,7 @@ def test_convert_reports_and_roundtrips(tmp_path):
     assert "a.weight: frozen, 100 of 2000 stored" in r.output and "verified bit-exact" in r.output
     assert freezepack.inspect(tmp_path / "c.fpk")["metadata"] == {"by": "test"}
     r = run("convert", src, tmp_path / "d.fpk", "--seed", 9, "--init-for", "a.weight=whole", "--json")
-    assert r.exit_code == 0 and {t["stored_as"] for t in json.loads(r.output)["tensors"]} == {"whole"}
+    assert r.exit_code == 0 and {t["stored_as"] for t in json.loads(r.stdout)["tensors"]} == {"whole"}
     r = run("convert", src, tmp_path / "e.fpk", "--seed", 9, "--init", "no_such_init")
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "unknown initializer" in r.output
 
