@@ -397,12 +397,13 @@ def _json_values_bound(text: str, what: str, path, limits: Limits) -> None:
     structural = text.count("{") + text.count("[") + text.count(",")
     if structural < limits.max_json_values:
         return  # the common case: an upper bound already within the limit, no scan needed
-    # Exact count: structural characters inside strings do not count. Cap the scan itself by the string count.
-    quotes = text.count('"')
-    if quotes > 4 * limits.max_json_values + 4:
-        raise _limit(f"{what}: number of JSON strings", quotes // 2, "max_json_values", limits, path)
-    inside = 0
+    # Exact count: structural characters inside strings do not count. Every string is a value or a key, so the
+    # scan itself stops after 2 x max_json_values strings.
+    inside = strings = 0
     for m in _JSON_STRING.finditer(text):
+        strings += 1
+        if strings > 2 * limits.max_json_values + 2:
+            raise _limit(f"{what}: number of JSON strings", f"over {strings - 1}", "max_json_values", limits, path)
         a, b = m.span()
         inside += text.count("{", a, b) + text.count("[", a, b) + text.count(",", a, b)
     if structural - inside >= limits.max_json_values:
@@ -847,6 +848,8 @@ def work_bytes(e: Entry) -> int:
         return stored + 8 * (k if k == n else 0)
     if e.coder == "ans-bernoulli":
         return stored + 6 * n + 8 * k  # n int32 symbols + n bools + k int64 indices
+    if e.coder == "ans-gaps" and e.mask is None:  # empty stream: the positions are a prefix, nothing to decode
+        return stored + 8 * k
     m = k if e.coder_params.get("value") == 1 else n - k
     return stored + 16 * m + 8 * k + (0 if e.coder_params.get("value") == 1 else n)
 

@@ -282,6 +282,9 @@ def decode_indices(coder: str, n: int, ones: int, params: dict, payload: np.ndar
         return np.arange(n if ones == n else 0, dtype=np.int64)
     if coder in ("positions", "ans-gaps"):
         value = params["value"]
+        if coder == "ans-gaps" and payload.size == 0:  # all-zero gaps: the minority is a prefix (k x 8 bytes)
+            m = ones if value else n - ones
+            return np.arange(m, dtype=np.int64) if value else np.arange(m, n, dtype=np.int64)
         if coder == "positions":
             idx = payload.astype(np.int64)
             if idx.size and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0)):
