@@ -51,14 +51,14 @@ def frozen_bomb(data: bytes, shape=(65536, 65536)) -> bytes:
 
 
 def gaps_prefix_file(n: int, k: int = 1, seed: int = 3) -> bytes:
-    """A *valid* file whose one tensor is frozen except its last k entries: an empty 'ans-gaps' stream of n - k
-    zero gaps (value 0) and k values, with the true dense digest."""
+    """A *valid* file whose one tensor is frozen except its first k entries: an empty 'ans-gaps' stream (k zero
+    gaps), k values and the true dense digest."""
     from freezepack.format.init import generate, make_init
     from freezepack.format.record import FreezeRecord, FrozenTensor
 
     rec = FreezeRecord(seed=seed)
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[n - k:] = True
+    mask[:k] = True
     rec.frozen["w"] = FrozenTensor(make_init("normal", (n,)), mask, torch.ones(k))
     return b"".join(encode_record(rec))
 

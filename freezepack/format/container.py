@@ -388,26 +388,35 @@ def parse_prefix(head: bytes, file_size: int, path=None, limits: Limits | None =
 
 # --- strict, bounded JSON -------------------------------------------------------------------------------------
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-
-
 def _json_values_bound(text: str, what: str, path, limits: Limits) -> None:
     """Refuse a text holding more JSON values than ``max_json_values`` *before* parsing it: a parsed value costs
     ~50-100 bytes of memory, its text as little as 2 ('{}'), so an unchecked header could cost ~40x its size."""
     structural = text.count("{") + text.count("[") + text.count(",")
     if structural < limits.max_json_values:
         return  # the common case: an upper bound already within the limit, no scan needed
-    # Exact count: structural characters inside strings do not count. Every string is a value or a key, so the
-    # scan itself stops after 2 x max_json_values strings.
-    inside = strings = 0
-    for m in _JSON_STRING.finditer(text):
-        strings += 1
-        if strings > 2 * limits.max_json_values + 2:
-            raise _limit(f"{what}: number of JSON strings", f"over {strings - 1}", "max_json_values", limits, path)
-        a, b = m.span()
-        inside += text.count("{", a, b) + text.count("[", a, b) + text.count(",", a, b)
-    if structural - inside >= limits.max_json_values:
-        raise _limit(f"{what}: number of JSON values", structural - inside + 1, "max_json_values", limits, path)
+    values = _values_outside_strings(text)
+    if values > limits.max_json_values:
+        raise _limit(f"{what}: number of JSON values", values, "max_json_values", limits, path)
+
+
+def _values_outside_strings(text: str, step: int = 1 << 20) -> int:
+    """1 + the number of '{', '[' and ',' outside strings (an upper bound on the values of a valid text), in
+    slices of ``step`` characters so that memory stays ~10 x ``step`` whatever the text's size."""
+    count, inside, start = 1, 0, 0
+    while start < len(text):
+        end = min(start + step, len(text))
+        while end < len(text) and text[end - 1] == "\\":
+            end += 1  # never split an escape: a slice does not end in a backslash
+        # Escapes pair up left to right, as a JSON string reads them: drop them, then quotes toggle "inside".
+        piece = text[start:end].replace("\\\\", "").replace('\\"', "").encode("utf-8", "surrogatepass")
+        a = np.frombuffer(piece, np.uint8)
+        quote = a == 34
+        parity = (np.cumsum(quote, dtype=np.int64) + inside) & 1
+        structural = (a == 123) | (a == 91) | (a == 44)
+        count += int(np.count_nonzero(structural & (parity == 0)))
+        inside = (inside + int(np.count_nonzero(quote))) & 1
+        start = end
+    return count
 
 
 def _no_duplicates(pairs):
