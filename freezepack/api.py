@@ -173,6 +173,8 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest."""
     path = r.path
+    if e.kind == "alias":  # a tied tensor: its target's values (the integrator's api ties them in load())
+        e = next(x for x in r.header.entries if x.name == e.of)
     if device is not None and device.type == "meta" and out is None:  # shapes and dtypes only: nothing is read
         return torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device="meta")
     container.check_memory(container.work_bytes(e) + (container.dense_bytes(e) if out is None else 0),
@@ -198,14 +200,18 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
             idx = torch.from_numpy(maskcode.decode_indices(e.coder, e.numel, e.trainable, e.coder_params,
                                                            mask_words, where=path, tensor=e.name))
     if e.trainable == e.numel:  # nothing frozen: nothing to regenerate
-        t = out if out is not None else torch.empty(e.shape, dtype=torch.float32, device=device)
+        t = out if out is not None else torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device)
     else:
         with _timed(timings, "generate"):
-            t = generate(e.init, e.shape, r.header.seed, e.name, device=device if out is None else None, out=out)
+            f32 = e.dtype == "F32"
+            t = generate(e.init, e.shape, r.header.seed, e.stream_key, device=device if out is None else None,
+                         out=out if f32 else None)
+            if not f32:  # FORMAT.md §5.3: round the generator's float32 output to the dense dtype, then scale
+                t = t.to(TORCH_DTYPES[e.dtype]) if out is None else out.copy_(t)
             if e.frozen_scale != 1.0:
                 t.mul_(e.frozen_scale)  # one correctly rounded float32 multiply (FreezeNet-WD)
     if e.trainable:
-        vals = torch.frombuffer(values, dtype=torch.float32)
+        vals = torch.frombuffer(values, dtype=TORCH_DTYPES[e.dtype])
         if e.trainable == e.numel:  # nothing frozen: the values are the tensor
             with _timed(timings, "scatter"):
                 t.view(-1).copy_(vals)
@@ -235,13 +241,19 @@ def load(path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIM
                                                                               default=0),
                                f"loading all {len(entries)} tensors", limits, device, r.path)
         if not verify:
-            return {e.name: _materialize(r, e, device, False, timings) for e in r.header.entries}
+            out = {}
+            for e in r.header.entries:
+                out[e.name] = out[e.of] if e.kind == "alias" else _materialize(r, e, device, False, timings)
+            return out
         # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
         from concurrent.futures import ThreadPoolExecutor
 
         out, pending = {}, []
         with ThreadPoolExecutor(max_workers=1) as pool:
             for e in r.header.entries:
+                if e.kind == "alias":
+                    out[e.name] = out[e.of]
+                    continue
                 out[e.name] = t = _materialize(r, e, device, False, timings)
                 if e.kind == "frozen" and t.device.type != "meta":  # whole: bytes checked when read
                     pending.append((e, pool.submit(digest, t)))
@@ -387,6 +399,9 @@ def inspect(path, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                            q=(1 - e.trainable / e.numel) if e.numel else 1.0, coder=e.coder, mask_bytes=mb,
                            mask_entropy_bytes=round(maskcode.entropy_bytes(e.numel, e.trainable), 1),
                            values_bytes=vb, stored_bytes=mb + vb)
+            elif e.kind == "alias":
+                row.update(of=e.of, stored_bytes=0, dense_bytes=0)
+                dense_bytes -= nbytes
             else:
                 row.update(stored_bytes=h.stored[e.data].nbytes)
             rows.append(row)

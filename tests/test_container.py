@@ -259,6 +259,21 @@ def test_vector_tool_reproduces_the_committed_files():
 
 def test_every_coder_and_dtype_is_covered_by_the_vectors():
     assert {c for v in MANIFEST["valid"] for c in v["coders"]} == set(container.maskcode.CODERS)
+    seen = {"whole": set(), "frozen": set(), "alias": set(), "features": set()}
+    for v in MANIFEST["valid"]:
+        _, inner, _ = split_file(open(os.path.join(VECTORS, v["file"]), "rb").read())
+        for t in inner["tensors"]:
+            seen[t["kind"]].add(t.get("dtype", "alias"))
+            if t["kind"] == "frozen":
+                seen["features"] |= {"stream"} & set(t) | ({"empty-stream"} if t["mask"]["coder"] == "ans-gaps"
+                                                           and t["mask"]["tensor"] is None else set())
+                seen["features"] |= {"scalar"} if t["shape"] == [] else {"empty"} if 0 in t["shape"] else set()
+            seen["features"] |= {"x-"} if any(k.startswith("x-") for k in t) else set()
+    assert seen["whole"] == set(container.DTYPE_SIZES)
+    assert seen["frozen"] == set(container.FROZEN_DTYPES) and seen["alias"]
+    assert seen["features"] == {"stream", "empty-stream", "scalar", "empty", "x-"}
+    reasons = {v["reason"] for v in MANIFEST["invalid"]}
+    assert {"BOOL", "zero-length mask", "surrogate", "integer", "JSON float", "pickle"} <= reasons
 
 
 def _spec_only_read(path):
@@ -277,8 +292,6 @@ def _spec_only_read(path):
     assert hashlib.sha256(inner_text.encode()).hexdigest() == outer["__metadata__"]["freezepack.sha256"]
     h = json.loads(inner_text)
     body = data[8 + n_head:]
-    np_types = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I8": "i1", "U8": "u1",
-                "U32": "<u4", "BOOL": "u1", "BF16": "<u2"}
 
     def stored(key):
         s = h["stored"][key]
@@ -287,17 +300,34 @@ def _spec_only_read(path):
         assert hashlib.sha256(raw).hexdigest() == s["sha256"]
         return raw
 
+    def round_to(a32: np.ndarray, dtype: str) -> np.ndarray:
+        """§5.3: round float32 to the dense dtype, nearest-even; BF16 kept as its 16-bit patterns."""
+        if dtype == "F32":
+            return a32.astype(np.float32)
+        if dtype == "F16":
+            return a32.astype(np.float16)
+        u = a32.astype(np.float32).view(np.uint32).astype(np.uint64)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+    def widen(a: np.ndarray, dtype: str) -> np.ndarray:
+        return (a.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else a.astype(np.float32)
+
+    np_dtype = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
     out = {}
     for t in h["tensors"]:
         if t["kind"] == "whole":
             out[t["name"]] = stored(t["data"])
             continue
-        shape, n, k = t["shape"], math.prod(t["shape"]), t["trainable"]
+        if t["kind"] == "alias":
+            out[t["name"]] = out[t["of"]]
+            continue
+        shape, n, k, dtype = t["shape"], math.prod(t["shape"]), t["trainable"], t["dtype"]
         init = t["init"]
-        dense = generate_np(InitSpec(init["name"], init["dist"], init["a"], init["b"]), shape, int(h["seed"]),
-                            t["name"]).reshape(-1)
+        g = generate_np(InitSpec(init["name"], init["dist"], init["a"], init["b"]), shape, int(h["seed"]),
+                        t.get("stream", t["name"])).reshape(-1)
+        dense = round_to(g, dtype)
         if t["frozen_scale"] != 1.0:
-            dense = (dense * np.float32(t["frozen_scale"])).astype(np.float32)
+            dense = round_to(widen(dense, dtype) * np.float32(t["frozen_scale"]), dtype)
         m = t["mask"]
         words = np.frombuffer(stored(m["tensor"]), "<u4") if m["tensor"] else np.zeros(0, np.uint32)
         if m["coder"] == "const":
@@ -311,8 +341,8 @@ def _spec_only_read(path):
             p = m["params"]
             mask = reference_gap_decode(words, n, k, p["value"], p["b"], p["phi"])
         if k:
-            dense[np.flatnonzero(mask)] = np.frombuffer(stored(t["values"]), "<f4")
-        raw = dense.astype("<f4").tobytes()
+            dense[np.flatnonzero(mask)] = np.frombuffer(stored(t["values"]), np_dtype[dtype])
+        raw = dense.astype(np_dtype[dtype]).tobytes()
         assert hashlib.sha256(raw).hexdigest() == t["sha256"]
         out[t["name"]] = raw
     return out
