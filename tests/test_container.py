@@ -644,3 +644,24 @@ def test_memory_limit_is_checked_before_allocating(fpk, monkeypatch):
     assert [t["name"] for t in bad] == ["fc2.weight"] and "max_dense_bytes" in bad[0]["error"]
     assert not any(1 << 32 in (s[0] if s and isinstance(s[0], tuple) else s) for s in sizes)
     assert len(fpk.read_bytes()) < 8000  # 16 GiB from a few KB: the file size cannot be the bound
+
+
+def test_rng_spec_states_the_table_layouts_and_digests():
+    """RNG.md §5.4: the text table's digest and line layout, and the binary table as A then D, little-endian."""
+    import hashlib
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = open(os.path.join(root, "spec", "RNG.md"), encoding="utf-8").read()
+    text = open(os.path.join(root, "spec", "normal_table_v1.txt"), "rb").read()
+    binary = open(os.path.join(root, "freezepack", "format", "tables", "normal_v1.f32"), "rb").read()
+    text_digest, bin_digest = re.search(r"Text\*\*.*?SHA-256 `([0-9a-f]{64})`.*?Binary\*\*.*?SHA-256 `([0-9a-f]{64})`",
+                                        spec, re.S).groups()
+    assert hashlib.sha256(text).hexdigest() == text_digest and hashlib.sha256(binary).hexdigest() == bin_digest
+    lines = text.decode("ascii").split("\n")
+    rows = [line.split(" ") for line in lines if line and not line.startswith("#")]
+    assert len(rows) == 4096 and sum(line.startswith("#") for line in lines) == 2
+    a = np.frombuffer(binary, "<u4")
+    for idx, (e, j, ahex, dhex, _, _) in enumerate(rows):
+        assert idx == 128 * int(e) + int(j)
+        assert int(ahex, 16) == a[idx] and int(dhex, 16) == a[4096 + idx]

@@ -76,6 +76,8 @@ def inspect_cmd(path, as_json):
             click.echo(f"  {t['name']:<{w}}  {'frozen':<6} {shape:<18} {t['init']:<16} {t['q']:>8.4f} "
                        f"{t['coder']:<14} {t['mask_bytes']:>9} {t['mask_entropy_bytes']:>9.0f} "
                        f"{_human(t['stored_bytes']):>10}")
+        elif t["kind"] == "alias":
+            click.echo(f"  {t['name']:<{w}}  {'alias':<6} {shape:<18} {'= ' + t['of']}")
         else:
             click.echo(f"  {t['name']:<{w}}  {'whole':<6} {shape:<18} {t['dtype']:<16} {'':>8} {'':<14} {'':>9} "
                        f"{'':>9} {_human(t['stored_bytes']):>10}")

@@ -263,7 +263,8 @@ def _short(v) -> str:
 def _limit(what: str, value, name: str, limits: Limits, path=None, tensor=None) -> FormatError:
     """The one message for an exceeded reader limit: which limit, its value, and how to raise it."""
     return FormatError(f"{what} ({value}) exceeds the reader limit {name}={getattr(limits, name)}; if you trust "
-                       f"this file, raise it: limits=freezepack.Limits({name}=...)", path=path, tensor=tensor)
+                       f"this file, raise it: limits=freezepack.format.container.Limits({name}=...)", path=path,
+                       tensor=tensor)
 
 
 def _obj(v, what, path, required: set, optional: set = frozenset(), tensor=None, ext: list | None = None) -> dict:
@@ -874,7 +875,7 @@ def check_memory(nbytes: int, what: str, limits: Limits = DEFAULT_LIMITS, device
     source = "" if limits.max_dense_bytes is not None else " (default: the memory available now)"
     raise FormatError(f"{what} needs {_human_bytes(nbytes)} of memory, over the reader limit max_dense_bytes="
                       f"{limit}{source}; free memory, or if you trust this file pass "
-                      "limits=freezepack.Limits(max_dense_bytes=...)", path=path, tensor=tensor)
+                      "limits=freezepack.format.container.Limits(max_dense_bytes=...)", path=path, tensor=tensor)
 
 
 def _human_bytes(n: int) -> str:
