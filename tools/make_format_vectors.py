@@ -266,8 +266,10 @@ def invalid_vectors(valid: dict[str, bytes]):
                      "a pickle (as a legacy torch checkpoint starts): named, not parsed")
     out["version_bool"] = (_resign(base, lambda h: h.update(version=True)), "FormatError", "unsupported format",
                            "\"version\": true is not the integer 1 (§4 number types)")
-    out["integral_float"] = (_resign(base, lambda h: h["tensors"][0].update(trainable=float(h["tensors"][0]["trainable"]))),
-                             "FormatError", "integer", "trainable written as a JSON float (19.0)")
+    def as_float(h):
+        h["tensors"][0]["trainable"] = float(h["tensors"][0]["trainable"])
+    out["integral_float"] = (_resign(base, as_float), "FormatError", "integer",
+                             "trainable written as a JSON float (19.0)")
     out["scale_as_integer"] = (_resign(base, lambda h: h["tensors"][0].update(frozen_scale=1)), "FormatError",
                                "JSON float", "frozen_scale written as the integer 1")
     out["x_in_mask_params"] = (_resign(base, lambda h: h["tensors"][0]["mask"]["params"].update({"x-a": 1})),
