@@ -300,3 +300,56 @@ def test_cli_arguments(sandbox, cmd, args):
     for k in changed - set(before):
         os.unlink(os.path.join(sandbox, k))  # keep the sandbox as it was for the next example
     assert not any(os.path.basename(k).startswith(".tmp-") for k in after), after
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert inputs: random state dicts, right or wrong seeds; the output always reproduces the input exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
+           torch.uint8, torch.bool]
+
+
+@st.composite
+def _state_dicts(draw):
+    from freezepack.format.init import generate, make_init
+
+    sd = {}
+    for i in range(draw(st.integers(1, 4))):
+        name = draw(st.sampled_from(["w", "layer.weight", "x-proj.weight", "é.bias", "a#b", "t"])) + str(i)
+        shape = tuple(draw(st.lists(st.integers(0, 9), max_size=3)))
+        dtype = draw(st.sampled_from(_DTYPES))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 1000)))
+        t = (torch.randn(shape, generator=g) * 3).to(dtype)
+        if dtype == torch.float32 and len(shape) >= 2 and t.numel():
+            init = generate(make_init("xavier_normal", shape), shape, 5, name)
+            keep = torch.rand(shape, generator=g) < draw(st.floats(0, 1))
+            t = torch.where(keep, init, t)  # a share of entries still at their initial values (seed 5)
+        sd[name] = t
+    return sd
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sd=_state_dicts(), seed=st.sampled_from([5, 6]), fmt=st.sampled_from(["safetensors", "pt"]))
+def test_convert_reproduces_any_checkpoint_or_refuses(tmp_path, sd, seed, fmt):
+    from freezepack.conversion import convert_checkpoint
+
+    import tempfile
+
+    d = __import__("pathlib").Path(tempfile.mkdtemp(dir=tmp_path))
+    src = d / f"src.{fmt}"
+    if fmt == "pt":
+        torch.save(sd, src)
+    else:
+        save_file(sd, str(src))
+    try:
+        report = convert_checkpoint(src, d / "out.fpk", seed)
+    except FreezepackError:
+        assert sorted(os.listdir(d)) == [src.name]  # a refusal publishes nothing
+        return
+    back = freezepack.load(d / "out.fpk")
+    assert set(back) == set(sd)
+    for k, t in sd.items():
+        assert back[k].dtype == t.dtype and bytes(tensor_bytes(back[k])) == bytes(tensor_bytes(t)), k
+    assert report["file_bytes"] == os.path.getsize(d / "out.fpk")
+    assert sorted(os.listdir(d)) == sorted([src.name, "out.fpk"])
