@@ -95,6 +95,10 @@ def test_help_teaches():
 
 
 def test_bad_device_is_one_line(fpk):
+    r = run("unpack", "--device", "meta", fpk, fpk.with_suffix(".safetensors"))  # found by test_fuzz_files
+    assert r.exit_code == 2 and "meta" in r.output and "Traceback" not in r.output
+    r = run("verify", "--device", "meta", fpk)
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "meta" in r.output
     r = run("verify", "--device", "bogus", fpk)
     assert r.exit_code == 1 and r.output.startswith("error: ") and "not a torch device" in r.output
     if not torch.cuda.is_available():

@@ -145,6 +145,8 @@ def unpack_cmd(src, dst, device, parents, progress):
     from ..format import container
 
     _check_text("DST", dst)
+    if device is not None and device.split(":")[0] == "meta":
+        raise click.BadParameter("the meta device holds no values to write; use cpu or a GPU", param_hint="--device")
     bar = _Bar("unpacking", progress)
     with api.open(src, device) as f:
         tensors = {}
