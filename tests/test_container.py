@@ -491,9 +491,13 @@ def test_bool_bytes_must_be_0_or_1(tmp_path):
 
 def test_header_cap_is_the_safetensors_cap():
     head = struct.pack("<Q", 100_000_000)
-    assert container.parse_prefix(head, 200_000_000) == 100_000_000
-    with pytest.raises(FormatError, match="over the cap"):
-        container.parse_prefix(struct.pack("<Q", 100_000_008), 200_000_000)
+    big = container.Limits(max_header_bytes=container.MAX_HEADER_BYTES)
+    assert container.parse_prefix(head, 200_000_000, limits=big) == 100_000_000
+    with pytest.raises(FormatError, match="over the cap of 100000000"):
+        container.parse_prefix(struct.pack("<Q", 100_000_008), 200_000_000, limits=big)
+    # a reader's own default is smaller (parsing costs a few times the header): a limit that says how to raise it
+    with pytest.raises(FormatError, match=r"max_header_bytes=16777216.*Limits\(max_header_bytes"):
+        container.parse_prefix(head, 200_000_000)
 
 
 def test_mask_tensor_exists_exactly_when_the_stream_has_words(tmp_path, fpk):

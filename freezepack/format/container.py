@@ -61,7 +61,7 @@ class Limits:
     max_tensors: int = 1 << 16
     max_ndim: int = 16
     max_metadata_bytes: int = 1 << 20       # user metadata, and x- extension members in all (canonical JSON bytes)
-    max_header_bytes: int = MAX_HEADER_BYTES
+    max_header_bytes: int = 1 << 24         # 16 MiB (~28k tensors); the format's cap is MAX_HEADER_BYTES
     max_json_values: int = 1 << 19          # per JSON text: ~11k frozen tensors; counted before parsing
     max_json_depth: int = 32                # a valid header nests 6 deep; x- members may add some
     max_dense_bytes: int | None = None      # what one load may materialize; None = the memory available now
@@ -380,8 +380,10 @@ def parse_prefix(head: bytes, file_size: int, path=None, limits: Limits | None =
         raise FormatError(f"declares a {n}-byte header but the file has {file_size} bytes (truncated or not a "
                           f".fpk file)", path=path)
     if n > cap:
-        raise FormatError(f"declares a {n}-byte header, over the cap of {cap} bytes (not a .fpk file, or raise "
-                          "max_header_bytes)", path=path)
+        if n <= MAX_HEADER_BYTES:
+            raise _limit("header length", n, "max_header_bytes", limits or DEFAULT_LIMITS, path)
+        raise FormatError(f"declares a {n}-byte header, over the cap of {MAX_HEADER_BYTES} bytes (not a .fpk "
+                          "file)", path=path)
     if n < 2 or (8 + n) % ALIGNMENT:
         raise FormatError(f"header length {n} is not padded to a multiple of {ALIGNMENT}", path=path)
     return n
