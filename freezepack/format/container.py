@@ -494,9 +494,13 @@ def is_canonical(value, text: str, pad: int = 0, hole: str | None = None) -> boo
     """
     pos = 0
     hole_chunk = json.encoder.encode_basestring_ascii(_HOLE)
+    key_chunk = json.encoder.encode_basestring_ascii(HEADER_KEY)
+    last = ("", "")
     try:
         for chunk in _ENCODER.iterencode(value):
-            if hole is not None and chunk == hole_chunk:
+            hole_here = hole is not None and chunk == hole_chunk and last == (key_chunk, ":")
+            last = (last[1], chunk)
+            if hole_here:  # only as the value of __metadata__.freezepack, never a key or another string
                 if not text.startswith('"', pos):
                     return False
                 pos += 1
