@@ -64,7 +64,7 @@ class Limits:
     max_header_bytes: int = 1 << 24         # 16 MiB (~28k tensors); the format's cap is MAX_HEADER_BYTES
     max_json_values: int = 1 << 19          # per JSON text: ~11k frozen tensors; counted before parsing
     max_json_depth: int = 32                # a valid header nests 6 deep; x- members may add some
-    max_dense_bytes: int | None = None      # what one load may materialize; None = the memory available now
+    max_dense_bytes: int | None = None      # what one load may materialize; None = half the memory free now
 
 
 DEFAULT_LIMITS = Limits()
@@ -810,8 +810,9 @@ def _round_float(x: float, dtype: str) -> float:
 # --- memory: what a load may allocate, checked before it does ------------------------------------------------
 
 def available_bytes(device=None) -> int | None:
-    """Memory a load may still allocate on ``device`` now, or None when unknown: for a CPU the smaller of the
-    system's available memory and what the process's address-space/data limits (RLIMIT_AS, RLIMIT_DATA) leave."""
+    """Memory a load may still allocate on ``device`` now, or None when unknown: for a CPU the smaller of half the
+    system's available memory and what the process's address-space/data limits (RLIMIT_AS, RLIMIT_DATA) leave;
+    for a GPU its free memory."""
     kind = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else "cpu")
     if kind == "meta":
         return None
@@ -829,7 +830,9 @@ def available_bytes(device=None) -> int | None:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    best = int(line.split()[1]) * 1024
+                    # half: a file of a few bytes must not be able to push a shared machine into swap or the
+                    # OOM killer; a trusted big model raises the limit explicitly
+                    best = int(line.split()[1]) * 1024 // 2
                     break
     except (OSError, ValueError, IndexError):
         pass
@@ -878,7 +881,7 @@ def check_memory(nbytes: int, what: str, limits: Limits = DEFAULT_LIMITS, device
     limit = limits.max_dense_bytes if limits.max_dense_bytes is not None else available_bytes(device)
     if limit is None or nbytes <= limit:
         return
-    source = "" if limits.max_dense_bytes is not None else " (default: the memory available now)"
+    source = "" if limits.max_dense_bytes is not None else " (default: half the memory available now)"
     raise FormatError(f"{what} needs {_human_bytes(nbytes)} of memory, over the reader limit max_dense_bytes="
                       f"{limit}{source}; free memory, or if you trust this file pass "
                       "limits=freezepack.format.container.Limits(max_dense_bytes=...)", path=path, tensor=tensor)
