@@ -4,7 +4,8 @@
 when imported themselves.
 """
 from ._version import __version__
-from .api import FpkFile, convert, inspect, load, load_freezenet, load_into, open, safe_open, save, verify  # noqa: A004
+from .api import FpkFile, inspect, load, load_freezenet, load_into, open, safe_open, save, verify  # noqa: A004
+from .conversion import convert
 from .errors import (
                   DataError,
                   DistributedError,

@@ -75,6 +75,9 @@ def _check_metadata(metadata) -> dict[str, str]:
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                   for k, v in metadata.items()):
         raise UsageError("metadata must be a dict of str -> str")
+    bad = [x for kv in metadata.items() for x in kv if not container._valid_text(x)]
+    if bad:
+        raise UsageError(f"metadata text {bad[0]!r} is not valid Unicode (a lone surrogate?): it cannot be stored")
     return dict(metadata)
 
 
@@ -97,7 +100,8 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: to
     if values.numel() != k:
         raise UsageError(f"values must be {k} numbers (one per True in the mask), got {values.numel()}",
                          tensor=name)
-    if ft.stream is not None and (not isinstance(ft.stream, str) or not ft.stream):
+    if ft.stream is not None and (not isinstance(ft.stream, str) or not ft.stream
+                                  or not container._valid_text(ft.stream)):
         raise UsageError(f"stream must be a non-empty string, got {ft.stream!r}", tensor=name)
     coded = maskcode.encode(mask.numpy())
     dense = truth if truth is not None else ft.dense(seed, name, device="cpu")
@@ -125,6 +129,9 @@ def _whole_entry(name: str, t: torch.Tensor, blobs: dict) -> Entry:
     if t.dtype not in DTYPE_NAMES:
         raise UsageError(f"dtype {t.dtype} cannot be stored", tensor=name)
     data = bytes(tensor_bytes(t))
+    if t.dtype == torch.bool and data and max(data) > 1:  # a reader refuses such bytes (FORMAT.md §3)
+        raise UsageError("BOOL tensor holds a byte other than 0 or 1 (a bool tensor made by .view(torch.bool)?)",
+                         tensor=name)
     blobs[name] = (DTYPE_NAMES[t.dtype], tuple(t.shape), data)
     return Entry(name, "whole", tuple(t.shape), DTYPE_NAMES[t.dtype], hashlib.sha256(data).hexdigest(), data=name)
 
@@ -154,8 +161,8 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
     blobs: dict = {}
     entries = []
     for name in order:
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise UsageError(f"invalid tensor name {name!r}")
+        if not isinstance(name, str) or not name or name == "__metadata__" or not container._valid_text(name):
+            raise UsageError(f"invalid tensor name {name!r} (empty, reserved, or not valid Unicode text)")
         if name in record.aliases:
             target = record.aliases[name]
             first = next((e for e in entries if e.name == target), None)
@@ -185,10 +192,11 @@ def _prove(tmp_path: str, target) -> None:
     bad = [t for t in report["tensors"] if not t["ok"]]
     if bad:
         first = bad[0]
-        raise MethodError(f"not saved: the file would not reproduce the model in memory: {first['error']}"
-                          + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
-                          + ". The frozen weights in memory differ from what seed + initializer + stream regenerate "
-                          "(changed in place, or frozen by other means)", path=target, tensor=first["name"])
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        why = (". The weights in memory differ from what seed + initializer + stream regenerate (frozen values "
+               "changed in place, or frozen by other means)" if "digest" in first["error"] else "")
+        raise MethodError(f"not saved: the file would not reproduce the model in memory: {first['error']}{more}{why}",
+                          path=target, tensor=first["name"])
 
 
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
@@ -237,6 +245,13 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest."""
     path = r.path
+    if e.kind == "alias":  # a tied tensor: its target's values (the integrator's api ties them in load())
+        e = next(x for x in r.header.entries if x.name == e.of)
+    if device is not None and device.type == "meta" and out is None:  # shapes and dtypes only: nothing is read
+        return torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device="meta")
+    container.check_memory(container.work_bytes(e) + (container.dense_bytes(e) if out is None else 0),
+                           "reconstructing this tensor", r.limits, device if out is None else out.device, path,
+                           e.name)
     if e.kind == "whole":
         with _timed(timings, "read"):
             dtype = TORCH_DTYPES[e.dtype]
@@ -292,6 +307,10 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
     """
     device = _check_device(device)
     with FpkReader(path, limits) as r:
+        entries = r.header.entries
+        container.check_memory(sum(map(container.dense_bytes, entries)) + max(map(container.work_bytes, entries),
+                                                                              default=0),
+                               f"loading all {len(entries)} tensors", limits, device, r.path)
         if not verify:
             out = {}
             for e in r.header.entries:  # a tied name is the same tensor object, as in torch's state_dict
@@ -307,7 +326,7 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
                     out[e.name] = out[e.of]
                     continue
                 out[e.name] = t = _materialize(r, e, device, False, timings)
-                if e.kind == "frozen":  # a whole tensor's bytes were already checked when read
+                if e.kind == "frozen" and t.device.type != "meta":  # whole: bytes checked when read
                     pending.append((e, pool.submit(digest, t)))
             t0 = time.perf_counter()
             for e, fut in pending:
@@ -558,6 +577,8 @@ def verify(path: PathLike, device: Device = None, *, limits: Limits = DEFAULT_LI
     """
     results = []
     device = _check_device(device)
+    if device is not None and device.type == "meta":
+        raise SpecError("cannot verify on the meta device: it holds no values (use device='cpu' or a GPU)")
     with FpkReader(path, limits) as r:
         for i, e in enumerate(r.header.entries):
             try:
@@ -598,6 +619,9 @@ def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                            q=(1 - e.trainable / e.numel) if e.numel else 1.0, coder=e.coder, mask_bytes=mb,
                            mask_entropy_bytes=round(maskcode.entropy_bytes(e.numel, e.trainable), 1),
                            values_bytes=vb, stored_bytes=mb + vb)
+            elif e.kind == "alias":
+                row.update(of=e.of, stored_bytes=0, dense_bytes=0)
+                dense_bytes -= nbytes
             else:
                 row.update(stored_bytes=h.stored[e.data].nbytes)
             rows.append(row)
@@ -608,10 +632,3 @@ def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                 "header_bytes": r.data_start if r._v2 is None else  # v2: everything before the first payload
                 r.data_start + min((s.start for s in h.stored.values()), default=r.file_size - r.data_start)}
 
-
-def convert(src: PathLike, dst: PathLike, seed: int, init: str = "xavier_normal", inits: dict[str, str] | None = None,
-            metadata: dict[str, str] | None = None, progress: Progress | None = None) -> dict:
-    """Dense checkpoint + seed + initializer(s) -> the smallest exact .fpk (see :mod:`freezepack.conversion`)."""
-    from .conversion import convert_checkpoint
-
-    return convert_checkpoint(src, dst, seed, init, inits, metadata, progress)

@@ -68,7 +68,7 @@ def remove_stale_temps(directory: str, target_name: str | None = None, *, max_ag
 
 
 def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, mode: int = 0o666,
-                 clean_stale: bool = True, validate=None) -> None:
+                 clean_stale: bool = True, validate=None, make_parents: bool = True) -> None:
     """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically.
 
     ``mode`` is the file's permission before the umask, as for ``open()`` (so 0o644 under umask 022); pass
@@ -77,11 +77,13 @@ def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, mod
     files of this same target (see the module docstring); callers writing many files into one large directory
     turn it off and clean once per operation. ``validate(tmp_path)`` is called on the complete temp file before
     the rename (a writer proves what it publishes); if it raises, the temp file is removed and ``path`` untouched.
+    ``make_parents``: create missing parent directories (else a missing one is an OSError from the temp file).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    os.makedirs(directory, exist_ok=True)
+    if make_parents:
+        os.makedirs(directory, exist_ok=True)
     if clean_stale:
         remove_stale_temps(directory, base)
     tmp = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}-{base}")

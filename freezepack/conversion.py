@@ -1,54 +1,103 @@
-"""Dense checkpoint -> the smallest exact .fpk: find which entries are still frozen, pruned or trained.
+"""Dense checkpoint -> an exact .fpk, each tensor in its cheapest exact form: find which entries are still frozen,
+pruned or trained.
 
 For each float32 tensor the initial values are regenerated from (seed, initializer, name) and compared bit for
 bit: equal entries are frozen (also when all were scaled by one factor, as FreezeNet-WD leaves them), zero entries
-can be stored as pruned (the ``zeros`` initializer), the rest are trained values. Checkpoints are read without ever
-unpickling code (``torch.load(weights_only=True)``), and the written file is proven to reproduce the input.
+can be stored as pruned (the ``zeros`` initializer), the rest are trained values. Each tensor is then stored the
+way that costs the fewest file bytes, header bytes included: frozen with a coded mask, or whole. Checkpoints are
+read without ever unpickling code (``torch.load(weights_only=True)``), and the written file is read back and
+proven to reproduce the input bit for bit *before* it replaces anything at the destination.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
-from .api import load, save, tensor_bytes
-from .errors import FormatError, IntegrityError
+from .api import encode_record, load, tensor_bytes
+from .errors import FormatError, FreezepackError, IntegrityError, UsageError
 from .format import container, maskcode
+from .format.container import Entry, check_regular_file
 from .format.init import InitSpec, generate, make_init
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import check_seed
 
+# Below this share of float32 elements explained by the initializer, a conversion almost surely used the wrong
+# seed or initializer: the file is still exact, but the user should hear why it is not small.
+LOW_MATCH = 0.05
+_FAN_INITS = ("xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform", "pm_sigma")
 
-def read_dense_checkpoint(path) -> dict[str, torch.Tensor]:
-    """A dense state_dict from .safetensors, .fpk, or .pt/.pth (``torch.load(weights_only=True)`` only)."""
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def _check_state_dict(obj, path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise FormatError("checkpoint is not a dict of name -> tensor", path=path)
+    if not obj:
+        raise FormatError("checkpoint holds no tensors: nothing to convert", path=path)
+    for k, v in obj.items():
+        if not container._valid_text(k) or not k or k == "__metadata__":
+            raise FormatError(f"tensor name {k!r} cannot be stored (empty, reserved or not valid Unicode)",
+                              path=path)
+        if v.layout != torch.strided:
+            raise FormatError(f"is a {str(v.layout).replace('torch.', '')} tensor: store it dense "
+                              "(t.to_dense()) before converting", path=path, tensor=k)
+        if v.is_quantized or v.dtype not in _STORABLE:
+            raise FormatError(f"dtype {v.dtype} cannot be stored in a .fpk", path=path, tensor=k)
+    return obj
+
+
+def _storable():
+    from .api import TORCH_DTYPES
+
+    return set(TORCH_DTYPES.values())
+
+
+_STORABLE = _storable()
+
+
+def read_dense_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state_dict, metadata)`` from .safetensors, .fpk, or .pt/.pth (``torch.load(weights_only=True)`` only).
+
+    ``metadata`` is the source's own string metadata (safetensors ``__metadata__``, a .fpk's metadata), kept by
+    :func:`convert_checkpoint`.
+    """
     path = os.fspath(path)
-    container._check_regular_file(path)
+    if check_regular_file(path) == 0:
+        raise FormatError("is empty (0 bytes): not a checkpoint", path=path)
     with open(path, "rb") as f:
         head = f.read(16)
-    if path.endswith((".pt", ".pth", ".bin")) or head[:2] == b"PK":
+    if path.endswith((".pt", ".pth", ".bin")) or head[:2] == b"PK" or container.sniff(head):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad archive; never unpickle anything unsafe
-            raise FormatError(f"not a loadable weights-only torch checkpoint: {str(e).splitlines()[0][:200]}",
-                              path=path) from None
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in obj.items()):
-            raise FormatError("checkpoint is not a dict of name -> tensor", path=path)
-        return obj
+            raise FormatError(f"not a loadable weights-only torch checkpoint: {_first_line(e)}", path=path) from None
+        return _check_state_dict(obj, path), {}
     try:
-        return load(path)
+        from .api import open as fpk_open
+
+        with fpk_open(path) as f:
+            meta = f.metadata()
+        return _check_state_dict(load(path), path), meta
     except FormatError as e:
-        if "plain safetensors" not in e.reason:
+        if "plain safetensors" not in e.reason and "without a freezepack header" not in e.reason:
             raise
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FormatError(f"not a readable safetensors file: {str(e)[:200]}", path=path) from None
+        raise FormatError(f"not a readable safetensors file: {_first_line(e)}", path=path) from None
+    return _check_state_dict(sd, path), {k: v for k, v in meta.items() if isinstance(v, str)}
 
 
 def _init_for(name: str, shape, default, inits: dict | None):
@@ -59,8 +108,7 @@ def _init_for(name: str, shape, default, inits: dict | None):
         return choice
     if isinstance(choice, (tuple, list)):
         return make_init(choice[0], shape, **dict(choice[1]))
-    if len(shape) < 2 and choice in ("xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform",
-                                     "pm_sigma"):
+    if len(shape) < 2 and choice in _FAN_INITS:
         return None  # fan-based initializers need >= 2 dimensions; such tensors can still be 'pruned'
     return make_init(choice, shape)
 
@@ -83,21 +131,76 @@ def _likely_scale(t: torch.Tensor, regen: torch.Tensor) -> float | None:
     return s if s not in (0.0, 1.0) and int(counts.max()) * 2 > ratio.numel() // 10 else None
 
 
+def _header_cost(entry: Entry, parts: dict[str, tuple[str, int]]) -> int:
+    """Header bytes one tensor adds to a file: its entry and its stored parts in the freezepack header (which
+    sits escaped inside a JSON string, so every quote costs two bytes), and the parts' safetensors entries."""
+    big = 1 << 40  # offsets of a typical width; a few bytes either way do not change a choice
+    inner = container.canonical_json(entry.to_json()) + "".join(
+        container.canonical_json({k: {"dtype": dt, "shape": [n], "data_offsets": [big, big], "sha256": "0" * 64}})
+        for k, (dt, n) in parts.items())
+    outer = "".join(container.canonical_json({k: {"dtype": dt, "shape": [n], "data_offsets": [big, big]}})
+                    for k, (dt, n) in parts.items())
+    return len(json.dumps(inner)) - 2 + len(outer) + 2 * len(parts)
+
+
+def whole_cost(name: str, t: torch.Tensor) -> int:
+    from .api import DTYPE_NAMES
+
+    dtype = DTYPE_NAMES[t.dtype]
+    e = Entry(name, "whole", tuple(t.shape), dtype, "0" * 64, data=name)
+    return t.numel() * t.element_size() + _header_cost(e, {name: (dtype, t.numel())})
+
+
+def frozen_cost(name: str, ft: FrozenTensor) -> int:
+    """File bytes of ``ft`` stored frozen, with the mask coded exactly as the writer will code it."""
+    coded = maskcode.encode(ft.mask.numpy())
+    k = coded.ones
+    e = Entry(name, "frozen", tuple(ft.mask.shape), "F32", "0" * 64, init=ft.init, frozen_scale=ft.frozen_scale,
+              trainable=k, coder=coded.coder, coder_params=dict(coded.params),
+              mask=name + container.MASK_SUFFIX if coded.payload.size else None,
+              values=name + container.VALUES_SUFFIX if k else None)
+    parts = {}
+    if e.mask:
+        parts[e.mask] = ("U32", int(coded.payload.size))
+    if e.values:
+        parts[e.values] = ("F32", k)
+    return coded.nbytes + 4 * k + _header_cost(e, parts)
+
+
+def _cheaper_frozen(name: str, ft: FrozenTensor, t: torch.Tensor, seed: int, version: int | None) -> bool:
+    """Is ``ft`` (frozen) smaller in a file than ``t`` (whole)? v1: the cost model above; v2 codes values and
+    masks adaptively, so both forms are encoded for real (one-tensor files: the fixed overhead cancels out)."""
+    from .api import DEFAULT_VERSION
+
+    if (DEFAULT_VERSION if version is None else version) == 1:
+        return frozen_cost(name, ft) < whole_cost(name, t)
+    as_frozen = sum(map(len, encode_record(FreezeRecord(seed=seed, frozen={name: ft}), version=version)))
+    as_whole = sum(map(len, encode_record(FreezeRecord(seed=seed, whole={name: t}), version=version)))
+    return as_frozen < as_whole
+
+
 def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_normal", inits=None,
-                   progress=None) -> tuple[FreezeRecord, list[dict]]:
+                   progress=None, version: int | None = None) -> tuple[FreezeRecord, list[dict]]:
     """Find, per float32 tensor, the entries that equal the regenerated initial values (frozen; also when all of
     them were scaled by one factor, as FreezeNet-WD's weight decay does) or zero (pruned).
 
-    Each tensor keeps the explanation that stores it smallest; one that matches nothing is stored whole.
-    ``init``: initializer name used for every tensor; ``inits``: per-name override (a name, (name, params) or an
-    InitSpec; ``None`` = store whole).
+    Each tensor is stored in whichever exact form costs the fewest file bytes (header included): frozen with the
+    explanation that leaves the fewest trained values, or whole. ``init``: initializer name used for every
+    tensor; ``inits``: per-name override (a name, (name, params) or an InitSpec; ``None`` = store whole). A name
+    in ``inits`` that is not in ``state_dict`` is a UsageError (a typo would otherwise silently do nothing).
     """
     seed = check_seed(seed)
+    unknown = sorted(set(inits or {}) - set(state_dict))
+    if unknown:
+        known = ", ".join(list(state_dict)[:8]) + (", ..." if len(state_dict) > 8 else "")
+        raise UsageError(f"--init-for names tensors the checkpoint does not have: {', '.join(unknown)} "
+                         f"(it has: {known})")
     rec = FreezeRecord(seed=seed)
     report = []
     for i, (name, t) in enumerate(state_dict.items()):
         t = t.detach().cpu().contiguous()
-        row = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole", "trainable": t.numel()}
+        row = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole", "trainable": t.numel(),
+               "matched": None}  # entries equal to the regenerated initializer; None: no initializer was tried
         best = None
         if t.dtype == torch.float32 and t.numel() > 0:
             candidates = []
@@ -118,13 +221,14 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
                     k = int(t.numel() - same.sum())
                     if best is None or k < best[2]:
                         best = (label, spec, k, ~same, scale)
+                    if label == "frozen":
+                        row["matched"] = max(row["matched"] or 0, t.numel() - k)
         if best is not None and best[2] < t.numel():
             label, spec, k, mask, scale = best
-            n = t.numel()
-            cost = 4 * k + maskcode.entropy_bytes(n, k) * 1.01 + 16
-            if cost < 4 * n:
-                rec.frozen[name] = FrozenTensor(spec, mask, t[mask].clone(), scale)
-                row.update(stored_as=label, trainable=k, init=spec.name, q=1 - k / n)
+            ft = FrozenTensor(spec, mask, t[mask].clone(), scale)
+            if _cheaper_frozen(name, ft, t, seed, version):
+                rec.frozen[name] = ft
+                row.update(stored_as=label, trainable=k, init=spec.name, q=1 - k / t.numel())
                 if scale != 1.0:
                     row["frozen_scale"] = scale
         if name not in rec.frozen:
@@ -135,20 +239,62 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
     return rec, report
 
 
-def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None,
-                       progress=None) -> dict:
-    """Dense checkpoint (``.safetensors``, ``.pt``/``.pth``) + seed + initializer(s) -> the smallest exact .fpk.
+def _hints(rows: list[dict], state_dict, seed, init, file_bytes: int, dense: int) -> list[str]:
+    """What a user should hear when a conversion is exact but not what they hoped for."""
+    hints = []
+    candidates = [r for r in rows if r["matched"] is not None]
+    total = sum(r["numel"] for r in candidates)
+    matched = sum(r["matched"] for r in candidates)
+    if total and matched < LOW_MATCH * total:
+        hints.append(f"only {matched} of {total} float32 entries ({matched / total:.1%}) equal the initial values "
+                     f"regenerated from seed {seed} and --init {init}: the seed or the initializer is probably "
+                     "wrong (or the model was not trained by freezing); the file is exact but barely smaller")
+    if file_bytes >= dense:
+        hints.append(f"the .fpk is larger than the dense tensors ({file_bytes} vs {dense} bytes): little or nothing "
+                     "was frozen")
+    return hints
 
-    The written file is re-read and verified before this returns. Returns a report of what was found.
+
+def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None,
+                       progress=None, *, make_parents: bool = False, version: int | None = None) -> dict:
+    """Dense checkpoint (``.safetensors``, ``.pt``/``.pth``, ``.fpk``) + seed + initializer(s) -> an exact .fpk.
+
+    The source's own metadata is kept (``metadata`` entries override it). The file is written to a temporary
+    file, read back and compared with the checkpoint bit for bit, and only then renamed over ``dst``: a failed
+    proof publishes nothing. Returns a report: per tensor what was found, the sizes, and ``hints`` (e.g. when
+    almost nothing matched: a wrong seed or initializer).
     """
-    sd = read_dense_checkpoint(src)
-    rec, rows = convert_record(sd, seed, init, inits, progress)
-    save(dst, rec, metadata)
-    back = load(dst)  # prove the file reproduces the checkpoint bit for bit before reporting success
-    for name, t in sd.items():
-        if bytes(tensor_bytes(back[name])) != bytes(tensor_bytes(t.detach().cpu())):
-            raise IntegrityError("converted file does not reproduce the checkpoint", path=dst, tensor=name)
+    sd, source_meta = read_dense_checkpoint(src)
+    meta = {**source_meta, **(metadata or {})}
+    for k, v in meta.items():
+        if not (isinstance(k, str) and isinstance(v, str) and container._valid_text(k) and container._valid_text(v)):
+            raise UsageError(f"metadata {k!r}={v!r} is not valid Unicode text")
+    rec, rows = convert_record(sd, seed, init, inits, progress, version)
+    chunks = encode_record(rec, list(sd), meta, version=version)
+    size = sum(len(c) for c in chunks)
+
+    def prove(tmp):
+        try:
+            back = load(tmp)
+        except FreezepackError as e:
+            raise IntegrityError(f"not written: the converted file would be refused by its reader: {e.reason}",
+                                 path=dst, tensor=e.tensor) from None
+        for name, t in sd.items():
+            if name not in back or bytes(tensor_bytes(back[name])) != bytes(tensor_bytes(t.detach().cpu())):
+                raise IntegrityError("not written: the converted file does not reproduce the checkpoint",
+                                     path=dst, tensor=name)
+
+    container.atomic_write(dst, chunks, validate=prove, make_parents=make_parents)
     dense = sum(v.numel() * v.element_size() for v in sd.values())
-    size = os.path.getsize(dst)
     return {"source": os.fspath(src), "output": os.fspath(dst), "seed": int(seed), "tensors": rows,
-            "dense_bytes": dense, "file_bytes": size, "compression_factor": dense / size if size else 0.0}
+            "dense_bytes": dense, "file_bytes": size, "compression_factor": dense / size if size else 0.0,
+            "metadata": meta, "hints": _hints(rows, sd, seed, init, size, dense)}
+
+
+def convert(src, dst, seed: int, init: str = "xavier_normal", inits: dict[str, str] | None = None,
+            metadata: dict[str, str] | None = None, progress=None, *, version: int | None = None) -> dict:
+    """Dense checkpoint + seed + initializer(s) -> the smallest exact .fpk, proven before it is published.
+
+    ``freezepack.convert``; see :func:`convert_checkpoint` for the report it returns.
+    """
+    return convert_checkpoint(src, dst, seed, init, inits, metadata, progress, version=version)

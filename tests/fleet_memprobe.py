@@ -14,14 +14,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from test_fleet_support import HostileServer, repeat, send_body  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: tests is a package
 
 from freezepack.errors import FreezepackError  # noqa: E402
 from freezepack.fleet import safejson  # noqa: E402
 from freezepack.fleet.net import NetLimits  # noqa: E402
 from freezepack.fleet.repo import HttpStore  # noqa: E402
+from tests.fleet_support import HostileServer, repeat, send_body  # noqa: E402
 
 GIB = 1 << 30
 SHA = "ab" * 32

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from test_maskcode import reference_ans_start
 
 import freezepack
 from freezepack import api
@@ -21,6 +20,7 @@ from freezepack.format.container import Entry, FpkReader, Header
 from freezepack.format.init import InitSpec, generate, make_init
 from freezepack.format.record import FreezeRecord, FrozenTensor
 from freezepack.testing import record_for, small_record
+from tests.test_maskcode import reference_ans_start
 
 
 def _write(tmp_path, rec, name="m.fpk", version=2, metadata=None):
@@ -402,9 +402,8 @@ MANIFEST_V2 = json.load(open(os.path.join(VECTORS, "manifest_v2.json")))
 
 def _spec_v2_read(path) -> dict[str, bytes]:
     """Dense tensor bytes of a v2 file, from spec §12 (plain integers; generate_np for the generator)."""
-    from test_maskcode import reference_ans_decode, reference_gap_decode
-
     from freezepack.format.init import generate_np
+    from tests.test_maskcode import reference_ans_decode, reference_gap_decode
 
     data = open(path, "rb").read()
     n_head = struct.unpack("<Q", data[:8])[0]

@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("tuf")
 
 from click.testing import CliRunner  # noqa: E402
-from test_fleet_support import Fleet, StaticServer, record, write_fpk  # noqa: E402
 
 from freezepack.cli import cli  # noqa: E402
 from freezepack.errors import FleetError, FormatError, IntegrityError  # noqa: E402
 from freezepack.fleet import Device, Publisher, file_pieces, open_store  # noqa: E402
 from freezepack.fleet.repo import DirStore  # noqa: E402
+from tests.fleet_support import Fleet, StaticServer, record, write_fpk  # noqa: E402
 
 
 def sha(path) -> str:

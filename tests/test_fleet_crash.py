@@ -20,10 +20,9 @@ import pytest
 pytest.importorskip("tuf")
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash harness forks installs (POSIX only)")
 
-from test_fleet_support import Fleet, record, write_fpk  # noqa: E402
-
 from freezepack import api  # noqa: E402
 from freezepack.fleet import Device  # noqa: E402
+from tests.fleet_support import Fleet, record, write_fpk  # noqa: E402
 
 ZYGOTE = textwrap.dedent("""
     import json, os, signal, sys, time, traceback

@@ -19,7 +19,6 @@ hypothesis = pytest.importorskip("hypothesis")
 from click.testing import CliRunner  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_fleet_support import Fleet, HostileServer, record, write_fpk  # noqa: E402
 
 from freezepack.cli import cli  # noqa: E402
 from freezepack.errors import FleetError, FormatError, FreezepackError  # noqa: E402
@@ -27,6 +26,7 @@ from freezepack.fleet import NetLimits, safejson  # noqa: E402
 from freezepack.fleet.client import trusted_release  # noqa: E402
 from freezepack.fleet.delta import MAX_BLOB, layout_from_json  # noqa: E402
 from freezepack.fleet.repo import DirStore, HttpStore  # noqa: E402
+from tests.fleet_support import Fleet, HostileServer, record, write_fpk  # noqa: E402
 
 FUZZ = settings(max_examples=40, deadline=2000, suppress_health_check=list(HealthCheck))
 NET_FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("tuf")
 
 from click.testing import CliRunner  # noqa: E402
-from test_fleet_support import Fleet, HostileServer, StaticServer, record, repeat, send_body, write_fpk  # noqa: E402
 
 from freezepack import api  # noqa: E402
 from freezepack.atomic import STALE_TEMP_AGE, atomic_write  # noqa: E402
@@ -25,6 +24,7 @@ from freezepack.fleet import Device, NetLimits  # noqa: E402
 from freezepack.fleet.names import check_digest, check_meta_name, check_model_name  # noqa: E402
 from freezepack.fleet.net import HEADER_SLACK  # noqa: E402
 from freezepack.fleet.repo import HttpStore  # noqa: E402
+from tests.fleet_support import Fleet, HostileServer, StaticServer, record, repeat, send_body, write_fpk  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1 << 20

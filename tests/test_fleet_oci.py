@@ -13,11 +13,10 @@ import pytest
 pytest.importorskip("tuf")
 pytest.importorskip("oras")
 
-from test_fleet_support import Fleet, free_port, record, start_registry_or_skip, write_fpk  # noqa: E402
-
 from freezepack.errors import FleetError, IntegrityError  # noqa: E402
 from freezepack.fleet import file_pieces  # noqa: E402
 from freezepack.fleet.oci import ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, PIECE_MEDIA_TYPE  # noqa: E402
+from tests.fleet_support import Fleet, free_port, record, start_registry_or_skip, write_fpk  # noqa: E402
 
 
 def sha(path) -> str:

@@ -127,7 +127,86 @@ def valid_vectors():
     meta = {"arch": "tiny", "note": "caf\u00e9 \u2713 \U0001f600", "\u00e9": "key with non-ASCII"}
     v["whole_dtypes"] = (rec, meta, None, "every whole dtype, a scalar, an empty tensor, non-ASCII metadata, "
                                           "seed 2**64 - 5")
+
+    rec = FreezeRecord(seed=7)
+    rec.whole.update({"u64": torch.tensor([0, 2**64 - 1], dtype=torch.uint64),
+                      "u32": torch.tensor([[1, 2**32 - 1]], dtype=torch.uint32),
+                      "i16": torch.tensor([-32768, 0, 32767], dtype=torch.int16),
+                      "u16": torch.tensor([0, 65535], dtype=torch.uint16)})
+    v["whole_dtypes_unsigned"] = (rec, {}, None, "the whole dtypes U64, U32, I16, U16 at their extremes")
+
+    rec = FreezeRecord(seed=8)
+    rec.frozen["scalar.frozen"] = _frozen(make_init("normal", (), mean=0.5, std=2.0), torch.tensor(False), 10)
+    rec.frozen["scalar.trained"] = _frozen(make_init("normal", ()), torch.tensor(True), 11)
+    rec.frozen["empty.weight"] = _frozen(make_init("uniform", (0, 4)), torch.zeros(0, 4, dtype=torch.bool), 12)
+    v["frozen_scalars_empty"] = (rec, {}, None, "frozen scalars (all frozen, all trained) and an empty frozen tensor")
+
+    rec = FreezeRecord(seed=9)
+    shape = (32, 32)
+    m = torch.zeros(shape, dtype=torch.bool)
+    m.view(-1)[:37] = True  # the trainable entries are a prefix: every gap is 0, the stream has no words
+    rec.frozen["prefix.weight"] = _frozen(make_init("xavier_normal", shape), m, 13)
+    v["gaps_empty_stream"] = (rec, {}, "ans-gaps", "an empty 'ans-gaps' stream: \"tensor\": null (§3, §6.5)")
     return v
+
+
+def _edit_vectors(valid: dict[str, bytes]):
+    """Valid vectors made by editing a writer's file and re-signing it: x- extension members (§9)."""
+    def extend(h):
+        h["x-note"] = {"anything": [1, 2.5, None, "\u00e9"]}
+        t = h["tensors"][0]
+        t["x-origin"] = "run 7"
+        t["init"]["x-comment"] = "ignored"
+        t["mask"]["x-why"] = True
+        h["stored"][t["values"]]["x-q"] = 1
+
+    rec = FreezeRecord(seed=10)
+    rec.frozen["x-proj.weight"] = _frozen(make_init("xavier_uniform", (12, 10)), _mask((12, 10), 0.3, 14), 14)
+    rec.whole["x-proj.bias"] = torch.arange(12, dtype=torch.float32)
+    data = b"".join(encode_record(rec, metadata={"x-origin": "metadata keys are data, not extensions"}, version=1))
+    return {"extensions": (_resign(data, extend), rec.state_dict(),
+                           "x- members in the header, an entry, init, mask and a stored entry; a tensor and a "
+                           "metadata key named x-...")}
+
+
+def _stream_dtype_alias():
+    """stream / F16 / BF16 / alias (§5.1, §5.3), written by the container directly from the spec's rules, with
+    the dense tensors computed independently (numpy reference generator, torch round-to-nearest-even casts)."""
+    from freezepack.format.container import Entry, Header
+    from freezepack.format.init import generate_np
+
+    seed = 11
+    blobs, entries, dense = {}, [], {}
+    specs = [("enc.weight", "F32", "shared/emb", 1.0, 0.25), ("half.weight", "F16", None, 0.5, 0.2),
+             ("bhalf.weight", "BF16", None, 1.0, 0.1)]
+    for i, (name, dtype, stream, scale, p) in enumerate(specs):
+        shape = (6, 8)
+        init = make_init("xavier_normal", shape)
+        tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+        g = torch.from_numpy(generate_np(init, shape, seed, stream or name)).to(tdt)
+        if scale != 1.0:
+            g = (g.to(torch.float32) * np.float32(scale)).to(tdt)
+        mask = _mask(shape, p, 20 + i)
+        values = torch.randn(int(mask.sum()), generator=torch.Generator().manual_seed(30 + i)).to(tdt)
+        g[mask] = values
+        dense[name] = g
+        coded = maskcode.encode(mask.numpy())
+        e = Entry(name, "frozen", shape, dtype, hashlib.sha256(g.contiguous().view(torch.uint8).numpy()).hexdigest(),
+                  stream=stream, init=init, frozen_scale=scale, trainable=int(mask.sum()), coder=coded.coder,
+                  coder_params=dict(coded.params))
+        if coded.payload.size:
+            e.mask = name + container.MASK_SUFFIX
+            blobs[e.mask] = ("U32", (int(coded.payload.size),), coded.payload.astype("<u4").tobytes())
+        e.values = name + container.VALUES_SUFFIX
+        blobs[e.values] = (dtype, (e.trainable,), values.contiguous().view(torch.uint8).numpy().tobytes())
+        entries.append(e)
+    first = entries[0]
+    entries.append(Entry("dec.weight", "alias", first.shape, first.dtype, first.sha256, of=first.name))
+    dense["dec.weight"] = dense["enc.weight"].clone()  # the dense file stores the tied tensor twice
+    header = Header(seed=seed, entries=entries, producer="make_format_vectors")
+    data = b"".join(container.encode_file(header, blobs))
+    return {"stream_dtypes_alias": (data, dense, "a frozen tensor drawing from another stream, F16 and BF16 "
+                                                 "frozen tensors (one with frozen_scale), a tied alias entry")}
 
 
 def _split(data: bytes):
@@ -136,10 +215,11 @@ def _split(data: bytes):
     return outer, json.loads(outer["__metadata__"][container.HEADER_KEY]), data[8 + n:]
 
 
-def _resign(data: bytes, edit) -> bytes:
+def _resign(data: bytes, edit, outer_extra: dict | None = None) -> bytes:
     """Edit the freezepack header and re-sign it: a consistent file whose content lies."""
     outer, inner, body = _split(data)
     edit(inner)
+    outer.update(outer_extra or {})
     text = container.canonical_json(inner)
     outer["__metadata__"] = {container.HEADER_KEY: text,
                              container.HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
@@ -166,8 +246,8 @@ def invalid_vectors(valid: dict[str, bytes]):
     out["not_canonical"] = (struct.pack("<Q", len(spaced)) + spaced + base[8 + n:], "FormatError", "canonical",
                             "same JSON with one extra space after a colon")
     out["truncated"] = (base[:-4], "FormatError", "truncated", "last 4 bytes missing")
-    out["future_version"] = (_resign(base, lambda h: h.update(version=2)), "FormatError", "newer",
-                             "format version 2 (re-signed)")
+    out["future_version"] = (_resign(base, lambda h: h.update(version=3)), "FormatError", "newer",
+                             "format version 3 (re-signed)")
     out["unknown_coder"] = (_resign(base, lambda h: h["tensors"][0]["mask"].update(coder="ctx-model")),
                             "FormatError", "unknown mask coder", "a coder this version does not know (re-signed)")
     out["unknown_generator"] = (_resign(base, lambda h: h.update(generator="mt19937/v1")), "SpecError",
@@ -182,7 +262,66 @@ def invalid_vectors(valid: dict[str, bytes]):
                         "FormatError", "expected", "trainable count disagrees with the values tensor (re-signed)")
     out["plain_safetensors"] = (st_save({"w": torch.zeros(2, 2)}), "FormatError", "plain safetensors",
                                 "an ordinary safetensors file: refused, not misread")
+    import pickle
+
+    out["pickle"] = (pickle.dumps({"w": [0.0] * 4}, protocol=2), "FormatError", "pickle",
+                     "a pickle (as a legacy torch checkpoint starts): named, not parsed")
+    out["version_bool"] = (_resign(base, lambda h: h.update(version=True)), "FormatError", "unsupported format",
+                           "\"version\": true is not the integer 1 (§4 number types)")
+    def as_float(h):
+        h["tensors"][0]["trainable"] = float(h["tensors"][0]["trainable"])
+    out["integral_float"] = (_resign(base, as_float), "FormatError", "integer",
+                             "trainable written as a JSON float (19.0)")
+    out["scale_as_integer"] = (_resign(base, lambda h: h["tensors"][0].update(frozen_scale=1)), "FormatError",
+                               "JSON float", "frozen_scale written as the integer 1")
+    out["x_in_mask_params"] = (_resign(base, lambda h: h["tensors"][0]["mask"]["params"].update({"x-a": 1})),
+                               "FormatError", "needs parameters", "an x- member where exact keys are required")
+    out["init_params_wrong"] = (_resign(base, lambda h: h["tensors"][0]["init"]["params"].update(a=0)), "SpecError",
+                                "init params", "kaiming_uniform's float parameter a written as an integer")
+    out["lone_surrogate"] = (_resign(base, lambda h: h["tensors"][1].update(name="conv1.bias\ud800")),
+                             "FormatError", "surrogate", "a tensor name with a lone surrogate escape")
+    out["stream_is_name"] = (_resign(base, lambda h: h["tensors"][0].update(stream=h["tensors"][0]["name"])),
+                             "FormatError", "stream", "stream spelled out although it equals the name")
+    out["alias_forward"] = (_resign(base, lambda h: h["tensors"].insert(0, {"name": "tied", "kind": "alias",
+                                                                            "of": "conv1.bias"})),
+                            "FormatError", "alias", "an alias of a tensor that comes later")
+    outer, inner, body = _split(base)
+    text = json.dumps(inner, sort_keys=True, separators=(",", ": "), ensure_ascii=True)
+    out["inner_not_canonical"] = (_with_inner_text(base, text), "FormatError", "freezepack header is not in canonical",
+                                  "the inner header with a space after every colon (re-signed)")
+    flags = valid["whole_dtypes"]
+    o2, i2, b2 = _split(flags)
+    a, e = i2["stored"]["bool"]["data_offsets"]
+    bad = bytearray(b2)
+    bad[a + 1] = 2
+    digest = hashlib.sha256(bytes(bad[a:e])).hexdigest()
+
+    def resign_bool(h):
+        h["stored"]["bool"]["sha256"] = digest
+        next(t for t in h["tensors"] if t["name"] == "bool")["sha256"] = digest
+    n2 = struct.unpack("<Q", flags[:8])[0]
+    out["bool_byte"] = (_resign(flags[:8 + n2] + bytes(bad), resign_bool), "FormatError", "BOOL",
+                        "a BOOL tensor byte of 2 (re-signed)")
+    empty = valid["gaps_empty_stream"]
+
+    def add_empty_mask(h):
+        t = h["tensors"][0]
+        t["mask"]["tensor"] = t["name"] + "#mask"
+        h["stored"][t["name"] + "#mask"] = {"dtype": "U32", "shape": [0], "data_offsets": [0, 0],
+                                            "sha256": hashlib.sha256(b"").hexdigest()}
+    out["empty_mask_tensor"] = (_resign(empty, add_empty_mask, {"prefix.weight#mask": {
+        "data_offsets": [0, 0], "dtype": "U32", "shape": [0]}}), "FormatError", "zero-length mask",
+        "an empty stream stored as a zero-length U32 tensor instead of null")
     return out
+
+
+def _with_inner_text(data: bytes, text: str) -> bytes:
+    outer, _, body = _split(data)
+    outer["__metadata__"] = {container.HEADER_KEY: text,
+                             container.HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    head = container.canonical_json(outer).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+    return struct.pack("<Q", len(head)) + head + body
 
 
 def build() -> dict[str, bytes]:
@@ -195,6 +334,17 @@ def build() -> dict[str, bytes]:
         valid_bytes[name] = data
         dense = {k: v.contiguous() for k, v in rec.state_dict().items()}
         dense_bytes = st_save(dense)
+        files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
+        _, inner, _ = _split(data)
+        manifest["valid"].append({
+            "file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(),
+            "dense": f"{name}.dense.safetensors", "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(),
+            "coders": sorted({t["mask"]["coder"] for t in inner["tensors"] if t["kind"] == "frozen"}),
+            "description": desc})
+    built = {**_edit_vectors(valid_bytes), **_stream_dtype_alias()}
+    for name, (data, dense, desc) in built.items():
+        valid_bytes[name] = data
+        dense_bytes = st_save({k: v.contiguous() for k, v in dense.items()})
         files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
         _, inner, _ = _split(data)
         manifest["valid"].append({

@@ -56,6 +56,8 @@ def inspect_cmd(path, as_json):
             click.echo(f"  {t['name']:<{w}}  {'frozen':<6} {shape:<18} {t['init']:<16} {t['q']:>8.4f} "
                        f"{t['coder']:<14} {t['mask_bytes']:>9} {t['mask_entropy_bytes']:>9.0f} "
                        f"{_human(t['stored_bytes']):>10}")
+        elif t["kind"] == "alias":
+            click.echo(f"  {t['name']:<{w}}  {'alias':<6} {shape:<18} {'= ' + t['of']}")
         else:
             click.echo(f"  {t['name']:<{w}}  {'whole':<6} {shape:<18} {t['dtype']:<16} {'':>8} {'':<14} {'':>9} "
                        f"{'':>9} {_human(t['stored_bytes']):>10}")
@@ -104,9 +106,10 @@ def verify_cmd(path, device, as_json, progress):
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
 @click.option("--device", default=None, help="Regenerate on this torch device (the output is written from the CPU).")
+@click.option("--parents", is_flag=True, help="Create DST's missing parent directories (else that is an error).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @one_line_errors
-def unpack_cmd(src, dst, device, progress):
+def unpack_cmd(src, dst, device, parents, progress):
     """Expand a .fpk into a dense .safetensors file that any safetensors reader loads.
 
     \b
@@ -121,6 +124,9 @@ def unpack_cmd(src, dst, device, progress):
     from .. import api
     from ..format import container
 
+    _check_text("DST", dst)
+    if device is not None and device.split(":")[0] == "meta":
+        raise click.BadParameter("the meta device holds no values to write; use cpu or a GPU", param_hint="--device")
     bar = ProgressBar("unpacking", progress)
     with api.open(src, device) as f:
         tensors = {}
@@ -131,11 +137,21 @@ def unpack_cmd(src, dst, device, progress):
         finally:
             bar.close()
         meta = f.metadata()
-    container.atomic_write(dst, [save(tensors, metadata=meta or None)])
+    container.atomic_write(dst, [save(tensors, metadata=meta or None)], make_parents=parents)
     click.echo(f"{dst}: {len(tensors)} tensors written")
 
 
+def _check_text(what: str, value: str) -> None:
+    """Arguments come from argv, where undecodable bytes become lone surrogates: refuse them by name."""
+    from ..format.container import _valid_text
+
+    if not _valid_text(value):
+        raise click.BadParameter(f"{value!r} is not valid text in this locale", param_hint=what)
+
+
 def _parse_inits(pairs):
+    for p in pairs:
+        _check_text("--init-for", p)
     inits = parse_pairs(pairs, option="--init-for", form="NAME=INIT")
     return {name: None if init in ("whole", "none") else init for name, init in inits.items()}
 
@@ -143,50 +159,69 @@ def _parse_inits(pairs):
 @click.command("convert")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-@click.option("--seed", type=int, required=True, help="The seed the model was initialized with.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True,
+              help="The seed the model was initialized with.")
 @click.option("--init", "init", default="xavier_normal", show_default=True,
               help="Initializer every tensor started from (xavier_normal, kaiming_uniform, pm_sigma, ...).")
 @click.option("--init-for", "init_for", multiple=True, metavar="NAME=INIT",
               help="Per-tensor initializer; INIT 'whole' stores that tensor as is. Repeatable.")
-@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata to store. Repeatable.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE",
+              help="User metadata to store (added to the source's own metadata, which is kept). Repeatable.")
+@click.option("--parents", is_flag=True, help="Create DST's missing parent directories (else that is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
+@click.option("--quiet", "-q", is_flag=True, help="No per-tensor lines and no summary; warnings still go to stderr.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @one_line_errors
-def convert_cmd(src, dst, seed, init, init_for, meta, as_json, progress):
-    """Pack a dense checkpoint into the smallest exact .fpk.
+def convert_cmd(src, dst, seed, init, init_for, meta, parents, as_json, quiet, progress):
+    """Pack a dense checkpoint into an exact .fpk, each tensor in its cheapest exact form.
 
     \b
-    SRC is a .safetensors file, or a .pt/.pth state_dict (read with torch.load(weights_only=True), so no
-    code in it can run). For each float32 tensor, entries that still equal the regenerated initial values (or
-    all of them times one factor, as FreezeNet-WD leaves them) are frozen, entries that are exactly zero can be
-    stored as pruned (the zeros initializer), and the rest are kept as trained values; a tensor that matches
-    nothing is stored whole. The output is re-read and compared with the
-    input bit for bit before the command succeeds.
+    SRC is a .safetensors file, a .fpk, or a .pt/.pth state_dict (read with torch.load(weights_only=True), so
+    no code in it can run). For each float32 tensor, entries that still equal the regenerated initial values
+    (or all of them times one factor, as FreezeNet-WD leaves them) are frozen, entries that are exactly zero can
+    be stored as pruned (the zeros initializer), and the rest are kept as trained values; each tensor is then
+    stored frozen or whole, whichever takes fewer file bytes (header included). The output is read back and
+    compared with the input bit for bit before it replaces DST; the source's metadata is kept.
+
+    \b
+    When almost nothing matches, the seed or the initializer is probably wrong: convert says so (the file is
+    still exact, just not small).
 
     \b
     Example:  freezepack convert trained.safetensors model.fpk --seed 1234 --init xavier_normal
     """
-    from .. import api
-    from ..format.container import _check_regular_file
+    from ..format.container import check_regular_file
 
+    for m in meta:
+        _check_text("--meta", m)
     metadata = parse_pairs(meta, option="--meta")
     inits = _parse_inits(init_for)
-    _check_regular_file(src)
+    _check_text("DST", dst)
+    check_regular_file(src)
     bar = ProgressBar("converting", progress)
+    from ..conversion import convert_checkpoint
+
     try:
-        report = api.convert(src, dst, seed, init, inits, metadata, progress=bar)
+        report = convert_checkpoint(src, dst, seed, init, inits, metadata, progress=bar, make_parents=parents)
     finally:
         bar.close()
+    for hint in report["hints"]:
+        click.echo(f"warning: {dst}: {hint}", err=True)
     if as_json:
         click.echo(json.dumps(report, indent=1, sort_keys=True))
+        return
+    if quiet:
         return
     for t in report["tensors"]:
         extra = f" q={t['q']:.4f} ({t['init']})" if t["stored_as"] != "whole" else ""
         if "frozen_scale" in t:
             extra += f" x frozen_scale {t['frozen_scale']:.6g}"
         click.echo(f"  {t['name']}: {t['stored_as']}, {t['trainable']} of {t['numel']} stored{extra}")
+    factor = report["compression_factor"]
+    size = (f"{factor:.1f}x smaller" if factor >= 1.05 else
+            f"{1 / factor:.2f}x larger" if factor < 1 else "about the same size")
     click.echo(f"{dst}: {_human(report['file_bytes'])} from {_human(report['dense_bytes'])} dense "
-               f"({report['compression_factor']:.1f}x smaller), verified bit-exact")
+               f"({size}), verified bit-exact")
 
 
 COMMANDS = (inspect_cmd, verify_cmd, unpack_cmd, convert_cmd)

@@ -197,21 +197,25 @@ def _decode_gap_positions(n: int, ones: int, params: dict, words: np.ndarray, wh
     m = ones if value else n - ones
     if words.size and words[-1] == 0:  # (an empty stream is valid: symbols at quantile 0 can cost nothing)
         raise FormatError("'ans-gaps' stream ends in a zero word", path=where, tensor=tensor)
+    if words.size == 0:  # an empty stream decodes to all-zero symbols: the positions 0 .. m-1, no decoding
+        return np.arange(m, dtype=np.int64)
     coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
-    h = coder.decode(_h_model(phi), m).astype(np.int64)
-    n_esc = int(np.count_nonzero(h == ESCAPE))
+    gaps = coder.decode(_h_model(phi), m).astype(np.int64)  # in place from here: ~16 bytes per entry at peak
+    n_esc = int(np.count_nonzero(gaps == ESCAPE))
     if n_esc:
         pairs = coder.decode(_uniform_model(16), 2 * n_esc).astype(np.int64).reshape(-1, 2)
-        h[h == ESCAPE] += (pairs[:, 0] << 16) | pairs[:, 1]
-    gaps = h << b
+        gaps[gaps == ESCAPE] += (pairs[:, 0] << 16) | pairs[:, 1]
+    gaps <<= b
     if b:
-        gaps |= coder.decode(_uniform_model(b), m).astype(np.int64)
+        gaps |= coder.decode(_uniform_model(b), m)
     if not coder.is_empty():
         raise FormatError("'ans-gaps' stream has data left after the last entry", path=where, tensor=tensor)
     # Bound the sum before the exact cumsum, so a forged stream cannot overflow int64 into "valid" positions.
     if m and (int(gaps.max()) >= n or float(np.sum(gaps, dtype=np.float64)) + m > n):
         raise FormatError("'ans-gaps' positions run past the end of the tensor", path=where, tensor=tensor)
-    pos = np.cumsum(gaps + 1) - 1
+    gaps += 1
+    pos = np.cumsum(gaps, out=gaps)
+    pos -= 1
     if m and pos[-1] >= n:
         raise FormatError("'ans-gaps' positions run past the end of the tensor", path=where, tensor=tensor)
     return pos
@@ -277,6 +281,9 @@ def decode_indices(coder: str, n: int, ones: int, params: dict, payload: np.ndar
         return np.arange(n if ones == n else 0, dtype=np.int64)
     if coder in ("positions", "ans-gaps"):
         value = params["value"]
+        if coder == "ans-gaps" and payload.size == 0:  # all-zero gaps: the minority is a prefix (k x 8 bytes)
+            m = ones if value else n - ones
+            return np.arange(m, dtype=np.int64) if value else np.arange(m, n, dtype=np.int64)
         if coder == "positions":
             idx = payload.astype(np.int64)
             if idx.size and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0)):
