@@ -23,10 +23,11 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FleetError, FormatError
+from ..format.container import MAX_HEADER_BYTES
 from . import safejson
 
 MAX_PIECE = 4 << 20            # resume granularity and largest blob a device holds in memory
-MAX_HEADER = 100 << 20         # the safetensors reader's own limit
+MAX_HEADER = MAX_HEADER_BYTES  # one cap for every safetensors header freezepack reads (safetensors' own)
 HEADER_LABEL = "__header__"
 MAX_BLOB = 8 + MAX_HEADER      # the header piece; tensor pieces are at most MAX_PIECE, gaps/tails this
 MAX_LAYOUT_PIECES = 200_000    # about 800 GB of tensors in 4 MiB pieces
@@ -50,19 +51,30 @@ class Piece:
         return [self.sha256, self.length, self.label]
 
 
-def _ranges(path: str, size: int, head: bytes) -> list[tuple[int, int, str]]:
-    """(offset, length, label) covering the whole file, cut at the safetensors header and tensor boundaries."""
+def read_safetensors_header(f, size: int, path: str) -> tuple[int, dict]:
+    """``(N, header)`` of any safetensors file (a .fpk or a dense model), bounded before parsing: the one parser of
+    generic safetensors headers in the fleet (the .fpk reader's strict, canonical one is format.container's)."""
+    head = f.read(8)
     if size < 8 or len(head) < 8:
         raise FormatError("not a safetensors file: shorter than its 8-byte header length", path=path)
-    (n,) = struct.unpack("<Q", head[:8])
+    (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER or 8 + n > size:
-        raise FormatError(f"not a safetensors file: header length {n} does not fit in {size} bytes", path=path)
+        raise FormatError(f"not a safetensors file: header length {n} does not fit in {size} bytes (cap "
+                          f"{MAX_HEADER})", path=path)
+    raw = f.read(n)
+    if len(raw) != n:
+        raise FormatError("file shrank while being read", path=path)
     try:
-        header = safejson.loads(head[8:8 + n], HEADER_LIMITS, what="safetensors header")
+        header = safejson.loads(raw, HEADER_LIMITS, what="safetensors header")
     except FleetError as e:
         raise FormatError(f"not a safetensors file: {e.reason}", path=path) from None
     if not isinstance(header, dict):
         raise FormatError("not a safetensors file: header is not a JSON object", path=path)
+    return n, header
+
+
+def _ranges(path: str, size: int, n: int, header: dict) -> list[tuple[int, int, str]]:
+    """(offset, length, label) covering the whole file, cut at the safetensors header and tensor boundaries."""
     base = 8 + n
     spans = []
     for name, entry in header.items():
@@ -95,13 +107,9 @@ def file_pieces(path: str | os.PathLike) -> list[Piece]:
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            if n <= MAX_HEADER:
-                head += f.read(n)
+        n, header = read_safetensors_header(f, size, path)
         pieces = []
-        for off, length, label in _ranges(path, size, head):
+        for off, length, label in _ranges(path, size, n, header):
             f.seek(off)
             data = f.read(length)
             pieces.append(Piece(off, length, hashlib.sha256(data).hexdigest(), label))

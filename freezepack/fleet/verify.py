@@ -2,11 +2,11 @@
 install one): which format a file is, and whether it verifies."""
 from __future__ import annotations
 
+import os
 import struct
 
-from ..errors import FleetError, FormatError, FreezepackError, IntegrityError
-from . import safejson
-from .delta import HEADER_LIMITS, MAX_HEADER, file_pieces
+from ..errors import FreezepackError, IntegrityError
+from .delta import file_pieces, read_safetensors_header
 
 
 def verify_model_file(path: str, fmt: str | None) -> None:
@@ -33,15 +33,6 @@ def verify_model_file(path: str, fmt: str | None) -> None:
 def detect_format(path: str) -> str:
     """'fpk' when the safetensors header carries freezepack metadata, else 'safetensors'."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise FormatError("not a safetensors file: shorter than its 8-byte header length", path=path)
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER:
-            raise FormatError(f"not a safetensors file: header length {n} exceeds {MAX_HEADER}", path=path)
-        try:
-            header = safejson.loads(f.read(n), HEADER_LIMITS, what="safetensors header")
-        except FleetError as e:
-            raise FormatError(f"not a safetensors file: {e.reason}", path=path) from None
+        _, header = read_safetensors_header(f, os.fstat(f.fileno()).st_size, path)
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return "fpk" if isinstance(meta, dict) and "freezepack" in meta else "safetensors"
