@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import atomic
 from ..atomic import atomic_write, remove_stale_temps
@@ -21,10 +21,10 @@ _META_PREFIX = "fpk-store:/metadata/"   # ngclient builds URLs on it; our fetche
 
 @dataclass
 class Counter:
+    """What fetching the signed metadata cost (reported by installs)."""
+
     metadata_bytes: int = 0
-    blob_bytes: int = 0
     requests: int = 0
-    files: list = field(default_factory=list)
 
 
 def _fetcher(store: Store, counter: Counter):

@@ -70,7 +70,6 @@ class HttpStore(Store):
     """A directory repository served by any static HTTP server (read-only: publish into the directory).
     Every request runs under ``limits`` (timeouts, minimum rate) and a byte cap (see ``net``)."""
 
-    writable = False
 
     def __init__(self, url: str, limits: NetLimits = DEFAULT_LIMITS):
         import urllib3  # a dependency of tuf's client

@@ -39,7 +39,6 @@ class Store:
     """Interface of a repository back end. ``location`` names it in messages."""
 
     location: str = ""
-    writable: bool = True
     limits: NetLimits = DEFAULT_LIMITS
 
     def get_metadata(self, name: str, max_length: int) -> bytes | None:
