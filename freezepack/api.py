@@ -578,7 +578,7 @@ def verify(path: PathLike, device: Device = None, *, limits: Limits = DEFAULT_LI
     results = []
     device = _check_device(device)
     if device is not None and device.type == "meta":
-        raise SpecError("cannot verify on the meta device: it holds no values (use device='cpu' or a GPU)")
+        raise UsageError("cannot verify on the meta device: it holds no values (use device='cpu' or a GPU)")
     with FpkReader(path, limits) as r:
         for i, e in enumerate(r.header.entries):
             try:

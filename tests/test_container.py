@@ -531,7 +531,7 @@ def test_load_on_the_meta_device(fpk):
         assert got[k].is_meta and got[k].shape == want[k].shape and got[k].dtype == want[k].dtype
     with freezepack.open(fpk, device="meta") as f:
         assert f.get_tensor("conv.weight").is_meta
-    with pytest.raises(SpecError, match="meta"):
+    with pytest.raises(UsageError, match="meta"):
         freezepack.verify(fpk, device="meta")
 
 
