@@ -241,11 +241,40 @@ def _timed(timings: dict | None, key: str):
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
+def _frozen_parts(r: FpkReader, e: Entry, device, timings: dict | None = None, out: torch.Tensor | None = None):
+    """``(idx, values, G)`` of a frozen entry: the trainable positions (None when nothing is trainable), their
+    stored values, and the generator's float32 output ``G`` when decoding needed it (a v2 ``ans-ctx`` mask is
+    conditioned on |G|; ``G`` lands in ``out`` when given), else None."""
+    with _timed(timings, "read"):
+        mask_words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
+        values = r.read_bytes(e.values, e.name) if e.values else None
+    if not e.trainable:
+        return None, None, None
+    vals = torch.frombuffer(values, dtype=TORCH_DTYPES[e.dtype])
+    generated = keys = None
+    with _timed(timings, "decode"):
+        if e.trainable == e.numel:
+            return torch.arange(e.numel), vals, None
+        if e.coder == "ans-ctx":
+            with _timed(timings, "generate"):
+                generated = generate(e.init, e.shape, r.header.seed, e.stream_key, device=device, out=out)
+            keys = entropy.context_keys(generated.detach().cpu().numpy())
+        idx = torch.from_numpy(compact.mask_indices(e, mask_words, keys, where=r.path))
+    return idx, vals, generated
+
+
+def _check_digest(r: FpkReader, e: Entry, t: torch.Tensor) -> None:
+    if not container.digest_ok(e.sha256, digest(t)):
+        raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this device "
+                             f"({t.device}) or the file was written from a different generator", path=r.path,
+                             tensor=e.name)
+
+
 def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest."""
     path = r.path
-    if e.kind == "alias":  # a tied tensor: its target's values (the integrator's api ties them in load())
+    if e.kind == "alias":  # a tied tensor: its target's values (load() returns one object for both names)
         e = next(x for x in r.header.entries if x.name == e.of)
     if device is not None and device.type == "meta" and out is None:  # shapes and dtypes only: nothing is read
         return torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device="meta")
@@ -263,38 +292,17 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
             if out is not None:
                 return out.copy_(t)
             return t.to(device) if device is not None else t
-    keys = None
-    with _timed(timings, "read"):
-        mask_words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
-        values = r.read_bytes(e.values, e.name) if e.values else None
     dtype = TORCH_DTYPES[e.dtype]
-    idx = vals = generated = None
-    if e.trainable:
-        vals = torch.frombuffer(values, dtype=dtype)
-        with _timed(timings, "decode"):
-            if e.trainable == e.numel:
-                idx = torch.arange(e.numel)
-            else:
-                keys = None
-                if e.coder == "ans-ctx":  # v2 context mask: decoded from |G|, the generator's float32 output
-                    with _timed(timings, "generate"):
-                        generated = generate(e.init, e.shape, r.header.seed, e.stream_key,
-                                             device=device if out is None or dtype != torch.float32 else None,
-                                             out=out if dtype == torch.float32 else None)
-                    keys = entropy.context_keys(generated.detach().cpu().numpy())
-                idx = torch.from_numpy(compact.mask_indices(e, mask_words, keys, where=path))
+    f32_out = out if out is not None and dtype == torch.float32 else None
+    idx, vals, generated = _frozen_parts(r, e, device if f32_out is None else None, timings, out=f32_out)
     with _timed(timings, "generate"):
         t = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
-                        device=device, out=out if out is not None and dtype == torch.float32 else None,
-                        generated=generated)
+                        device=device, out=f32_out, generated=generated)
     if out is not None and t is not out:
         t = out.copy_(t)
     if check:
         with _timed(timings, "digest"):
-            if not container.digest_ok(e.sha256, digest(t)):
-                raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this device "
-                                     f"({t.device}) or the file was written from a different generator", path=path,
-                                     tensor=e.name)
+            _check_digest(r, e, t)
     return t
 
 
@@ -375,6 +383,18 @@ def _match_names(module_names, file_names, prefix_map, path) -> dict[str, str]:
     return out
 
 
+def _fit(targets: dict, entries: list[Entry], prefix_map, path, strict: bool):
+    """``(match, missing, unexpected)`` of a file's entries against a module's state_dict; with ``strict`` any
+    missing or unexpected name is a FormatError."""
+    match = _match_names(targets, [e.name for e in entries], prefix_map, path)
+    unexpected = [e.name for e in entries if e.name not in match]
+    matched = set(match.values())
+    missing = [k for k in targets if k not in matched]
+    if strict and (missing or unexpected):
+        raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}", path=path)
+    return match, missing, unexpected
+
+
 def _set_tensor(module: torch.nn.Module, name: str, value) -> None:
     mod, _, attr = name.rpartition(".")
     setattr(module.get_submodule(mod), attr, value)
@@ -394,12 +414,7 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
     targets = module.state_dict(keep_vars=True)
     with FpkReader(path, limits) as r:
         entries = r.header.entries
-        match = _match_names(targets, [e.name for e in entries], prefix_map, r.path)
-        unexpected = [e.name for e in entries if e.name not in match]
-        missing = [k for k in targets if k not in set(match.values())]
-        if strict and (missing or unexpected):
-            raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}",
-                              path=r.path)
+        match, missing, unexpected = _fit(targets, entries, prefix_map, r.path, strict)
         with torch.no_grad():
             for e in entries:
                 if e.name not in match:
@@ -439,12 +454,7 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
     targets = module.state_dict(keep_vars=True)
     with FpkReader(path, limits) as r:
         entries = r.header.entries
-        match = _match_names(targets, [e.name for e in entries], prefix_map, r.path)
-        unexpected = [e.name for e in entries if e.name not in match]
-        missing = [k for k in targets if k not in set(match.values())]
-        if missing or unexpected:
-            raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}",
-                              path=r.path)
+        match, _, _ = _fit(targets, entries, prefix_map, r.path, strict=True)
         params: dict[str, FrozenParametrization] = {}
         for e in entries:
             name = match[e.name]
@@ -466,29 +476,29 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
                 elif isinstance(targets[src], torch.nn.Parameter):
                     setattr(owner, attr, targets[src])
                 continue
-            with torch.no_grad():
-                dense = _materialize(r, e, dev, verify)
             if e.kind == "whole":
                 with torch.no_grad():
                     if dst.device != dev:
                         dst.data = dst.data.to(dev)
-                    dst.data.copy_(dense)
+                    _materialize(r, e, dev, verify, out=dst.data)
                 continue
             if not isinstance(dst, torch.nn.Parameter):
                 raise FormatError("a frozen tensor in the file is a buffer in the module, not a parameter",
                                   path=r.path, tensor=e.name)
-            g = generate(e.init, e.shape, r.header.seed, e.stream_key, device=dev)  # the generator's float32 G
-            if 0 < e.trainable < e.numel:
-                words = r.read_array(e.mask, "<u4", e.name) if e.mask else np.zeros(0, np.uint32)
-                keys = entropy.context_keys(g.cpu().numpy()) if e.coder == "ans-ctx" else None
-                idx = torch.from_numpy(compact.mask_indices(e, words, keys, where=r.path))
-            else:
-                idx = torch.arange(e.numel if e.trainable else 0)
-            mask = torch.zeros(e.numel, dtype=torch.bool)
-            mask[idx] = True
+            # one regeneration and one mask decode give both the frozen buffer (unscaled) and the dense tensor
+            idx, vals, g = _frozen_parts(r, e, dev)
+            if g is None:
+                g = generate(e.init, e.shape, r.header.seed, e.stream_key, device=dev)
             dtype = TORCH_DTYPES[e.dtype]
             frozen = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, 1.0, None, None, device=dev,
-                                 generated=g)
+                                 generated=g.clone())
+            dense = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
+                                device=dev, generated=g)
+            if verify:
+                _check_digest(r, e, dense)
+            mask = torch.zeros(e.numel, dtype=torch.bool)
+            if idx is not None:
+                mask[idx] = True
             p = FrozenParametrization(frozen, mask.view(e.shape), e.init, r.header.seed, e.stream_key)
             if e.frozen_scale != 1.0:
                 p.set_frozen_scale(e.frozen_scale)
@@ -498,7 +508,7 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
                 omod, _, oattr = other.rpartition(".")
                 setattr(module.get_submodule(omod), oattr, torch.nn.Parameter(dst.detach().clone()))
             with torch.no_grad():
-                dst.data = dense.to(dev)  # right_inverse takes the trained values from here
+                dst.data = dense  # right_inverse takes the trained values from here
             parametrize.register_parametrization(owner, attr, p, unsafe=True)
             params[name] = p
     return module

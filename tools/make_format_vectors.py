@@ -328,21 +328,8 @@ def build() -> dict[str, bytes]:
     files = {}
     manifest = {"format": "freezepack", "version": container.FORMAT_VERSION, "valid": [], "invalid": []}
     valid_bytes = {}
-    for name, (rec, meta, coder, desc) in valid_vectors().items():
-        with force_coder(coder) if coder else contextlib.nullcontext():
-            data = b"".join(encode_record(rec, metadata=meta, version=1))
-        valid_bytes[name] = data
-        dense = {k: v.contiguous() for k, v in rec.state_dict().items()}
-        dense_bytes = st_save(dense)
-        files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
-        _, inner, _ = _split(data)
-        manifest["valid"].append({
-            "file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(),
-            "dense": f"{name}.dense.safetensors", "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(),
-            "coders": sorted({t["mask"]["coder"] for t in inner["tensors"] if t["kind"] == "frozen"}),
-            "description": desc})
-    built = {**_edit_vectors(valid_bytes), **_stream_dtype_alias()}
-    for name, (data, dense, desc) in built.items():
+
+    def add_valid(name, data, dense, desc):
         valid_bytes[name] = data
         dense_bytes = st_save({k: v.contiguous() for k, v in dense.items()})
         files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
@@ -352,6 +339,13 @@ def build() -> dict[str, bytes]:
             "dense": f"{name}.dense.safetensors", "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(),
             "coders": sorted({t["mask"]["coder"] for t in inner["tensors"] if t["kind"] == "frozen"}),
             "description": desc})
+
+    for name, (rec, meta, coder, desc) in valid_vectors().items():
+        with force_coder(coder) if coder else contextlib.nullcontext():
+            data = b"".join(encode_record(rec, metadata=meta, version=1))
+        add_valid(name, data, rec.state_dict(), desc)
+    for name, (data, dense, desc) in {**_edit_vectors(valid_bytes), **_stream_dtype_alias()}.items():
+        add_valid(name, data, dense, desc)
     for name, (data, err, reason, desc) in invalid_vectors(valid_bytes).items():
         fname = f"invalid_{name}.fpk"
         files[fname] = data
