@@ -48,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--q", type=float, default=0.99)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default=None, help="load onto this device (default: cpu)")
+    ap.add_argument("--format-version", type=int, choices=(1, 2), default=None,
+                    help="file format to write (default: the writer's default, 2)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -62,7 +64,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         fpk, st = os.path.join(d, "vgg.fpk"), os.path.join(d, "vgg.safetensors")
         t0 = time.perf_counter()
-        freezepack.save(fpk, rec)
+        freezepack.save(fpk, rec, version=args.format_version)
         res["save_s"] = time.perf_counter() - t0
         save_file(dense, st)
         res["fpk_bytes"], res["safetensors_bytes"] = os.path.getsize(fpk), os.path.getsize(st)
