@@ -5,6 +5,7 @@ masks into bytes and back, ``container`` owns the file layout and checks every u
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -81,7 +82,8 @@ def _check_metadata(metadata) -> dict[str, str]:
     return dict(metadata)
 
 
-def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: torch.Tensor | None) -> Entry:
+def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: torch.Tensor | None,
+                  coding=None) -> Entry:
     if not isinstance(ft.init, InitSpec):
         raise UsageError("init must be an InitSpec (freezepack.format.init.make_init)", tensor=name)
     values = ft.values.detach().cpu().reshape(-1)
@@ -103,6 +105,15 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: to
     if ft.stream is not None and (not isinstance(ft.stream, str) or not ft.stream
                                   or not container._valid_text(ft.stream)):
         raise UsageError(f"stream must be a non-empty string, got {ft.stream!r}", tensor=name)
+    hint = {}
+    if coding is not None and k:  # lossy values: the file must reproduce the model with *these* values
+        from .method.quantize import quantize
+
+        values, hint = quantize(values, coding, name)
+        ft = dataclasses.replace(ft, values=values)
+        if truth is not None:
+            truth = truth.detach().cpu().clone()
+            truth.view(-1)[mask.reshape(-1)] = values.to(truth.dtype)
     coded = maskcode.encode(mask.numpy())
     dense = truth if truth is not None else ft.dense(seed, name, device="cpu")
     if tuple(dense.shape) != tuple(mask.shape) or dense.dtype != values.dtype:
@@ -116,7 +127,7 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: to
         blobs[e.mask] = ("U32", (int(coded.payload.size),), coded.payload.astype("<u4").tobytes())
     if k:
         e.values = name + container.VALUES_SUFFIX
-        blobs[e.values] = (dtype, (k,), bytes(tensor_bytes(values)))
+        blobs[e.values] = (dtype, (k,), bytes(tensor_bytes(values))) + ((hint,) if hint else ())
     return e
 
 
@@ -136,18 +147,37 @@ def _whole_entry(name: str, t: torch.Tensor, blobs: dict) -> Entry:
     return Entry(name, "whole", tuple(t.shape), DTYPE_NAMES[t.dtype], hashlib.sha256(data).hexdigest(), data=name)
 
 
+VALUES_KEY = "freezepack.values"  # metadata: the lossy values coding a file was written with (absent: lossless)
+
+
 def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None,
-                  truth: dict[str, torch.Tensor] | None = None, version: int | None = None) -> list:
+                  truth: dict[str, torch.Tensor] | None = None, version: int | None = None,
+                  values: str | None = None) -> list:
     """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes).
 
     ``truth``: the dense tensors the file must reproduce (a module's weights as its forward pass uses them).
     Their digests go into the header, so a reader's check compares its reconstruction with *them*, not with a
     second reconstruction; without it the record's own reconstruction is hashed. ``version``: file format 1
-    (spec/FORMAT.md §1-11) or 2 (§12, compact); default :data:`DEFAULT_VERSION`.
+    (spec/FORMAT.md §1-11) or 2 (§12, compact); default :data:`DEFAULT_VERSION`. ``values``: opt-in lossy coding
+    of the trained values (:mod:`freezepack.method.quantize`: ``f16``, ``bf16``, ``int8``, ``kmeans:K``,
+    ``uniform:K``); default lossless. It is recorded in the metadata as ``freezepack.values``.
     """
     version = DEFAULT_VERSION if version is None else version
     if version not in (1, 2):
         raise UsageError(f"format version must be 1 or 2, got {version!r}")
+    coding = None
+    metadata = _check_metadata(metadata)
+    if values is not None:
+        from .method.quantize import ValueCoding
+
+        coding = ValueCoding.parse(values)
+        if coding.lossless:
+            coding = None
+        elif version != 2:
+            raise UsageError(f"lossy values ({coding}) need format version 2 (its value coders store them compactly)")
+        else:
+            before = metadata.get(VALUES_KEY)  # re-coding a lossy file (convert): both steps are recorded
+            metadata[VALUES_KEY] = str(coding) if before in (None, str(coding)) else f"{before}, then {coding}"
     seed = check_seed(record.seed)
     truth = truth or {}
     if record.spec_version != SPEC_VERSION:
@@ -170,7 +200,7 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
                 raise UsageError(f"alias of {target!r}, which is not an earlier tensor", tensor=name)
             entries.append(Entry(name, "alias", first.shape, first.dtype, first.sha256, of=target))
         elif name in record.frozen:
-            entries.append(_frozen_entry(name, record.frozen[name], seed, blobs, truth.get(name)))
+            entries.append(_frozen_entry(name, record.frozen[name], seed, blobs, truth.get(name), coding))
         else:
             entries.append(_whole_entry(name, record.whole[name], blobs))
     keys = [e.data for e in entries if e.data] + [k for e in entries for k in (e.mask, e.values) if k]
@@ -178,7 +208,7 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
         dup = sorted({k for k in keys if keys.count(k) > 1})
         raise UsageError(f"stored tensor names collide: {', '.join(dup)} (a whole tensor named like another "
                          f"tensor's '{container.VALUES_SUFFIX}'/'{container.MASK_SUFFIX}' part)")
-    header = Header(seed=seed, entries=entries, metadata=_check_metadata(metadata),
+    header = Header(seed=seed, entries=entries, metadata=metadata,
                     producer=f"freezepack {__version__}")
     if version == 2:
         return compact.encode_file(header, blobs)
@@ -200,7 +230,7 @@ def _prove(tmp_path: str, target) -> None:
 
 
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
-         metadata: dict[str, str] | None = None, *, version: int | None = None) -> None:
+         metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
 
     ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
@@ -208,9 +238,12 @@ def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
     Before the rename the temp file is read back and every tensor regenerated and compared bit for bit with the
     model in memory; any difference is a :class:`MethodError` naming the tensor, and nothing is written.
     ``metadata``: a small str -> str map. ``version``: file format (1 or 2), default :data:`DEFAULT_VERSION`.
+    ``values``: opt-in **lossy** coding of the trained values (``"bf16"``, ``"f16"``, ``"int8"``, ``"kmeans:K"``,
+    ``"uniform:K"``; see :mod:`freezepack.method.quantize`), default lossless. The model in memory is not changed;
+    the file holds (and is proven against) the model with quantized values, and records the coding.
     """
     record, order, truth = _record_of(record_or_module)
-    chunks = encode_record(record, order, metadata, truth, version)
+    chunks = encode_record(record, order, metadata, truth, version, values)
     container.atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path)))
 
 
@@ -609,6 +642,10 @@ def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:
     with FpkReader(path, limits) as r:
         h = r.header
         rows = []
+
+        def coding(key):  # how a values/whole part is stored (v1: always raw)
+            return None if key is None else r._v2.coding(key) if r._v2 is not None else "raw"
+
         dense_bytes = frozen_elems = frozen_total = 0
         for e in h.entries:
             if e.kind == "alias":
@@ -628,14 +665,15 @@ def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:
                            trainable=e.trainable,
                            q=(1 - e.trainable / e.numel) if e.numel else 1.0, coder=e.coder, mask_bytes=mb,
                            mask_entropy_bytes=round(maskcode.entropy_bytes(e.numel, e.trainable), 1),
-                           values_bytes=vb, stored_bytes=mb + vb)
+                           values_bytes=vb, stored_bytes=mb + vb, values_coding=coding(e.values))
             elif e.kind == "alias":
                 row.update(of=e.of, stored_bytes=0, dense_bytes=0)
                 dense_bytes -= nbytes
             else:
-                row.update(stored_bytes=h.stored[e.data].nbytes)
+                row.update(stored_bytes=h.stored[e.data].nbytes, values_coding=coding(e.data))
             rows.append(row)
         return {"path": r.path, "file_bytes": r.file_size, "format_version": h.version, "producer": h.producer,
+                "values": h.metadata.get(VALUES_KEY, "f32 (lossless)"),
                 "generator": h.generator, "seed": h.seed, "metadata": dict(h.metadata), "tensors": rows,
                 "dense_bytes": dense_bytes, "compression_factor": dense_bytes / r.file_size,
                 "q": frozen_elems / frozen_total if frozen_total else 0.0,

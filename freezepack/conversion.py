@@ -256,13 +256,15 @@ def _hints(rows: list[dict], state_dict, seed, init, file_bytes: int, dense: int
 
 
 def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None,
-                       progress=None, *, make_parents: bool = False, version: int | None = None) -> dict:
+                       progress=None, *, make_parents: bool = False, version: int | None = None,
+                       values: str | None = None) -> dict:
     """Dense checkpoint (``.safetensors``, ``.pt``/``.pth``, ``.fpk``) + seed + initializer(s) -> an exact .fpk.
 
     The source's own metadata is kept (``metadata`` entries override it). The file is written to a temporary
     file, read back and compared with the checkpoint bit for bit, and only then renamed over ``dst``: a failed
     proof publishes nothing. Returns a report: per tensor what was found, the sizes, and ``hints`` (e.g. when
-    almost nothing matched: a wrong seed or initializer).
+    almost nothing matched: a wrong seed or initializer). ``values``: opt-in lossy coding of the trained values
+    (as :func:`freezepack.save`); the proof then compares with the checkpoint whose trained values are quantized.
     """
     sd, source_meta = read_dense_checkpoint(src)
     meta = {**source_meta, **(metadata or {})}
@@ -270,8 +272,17 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
         if not (isinstance(k, str) and isinstance(v, str) and container._valid_text(k) and container._valid_text(v)):
             raise UsageError(f"metadata {k!r}={v!r} is not valid Unicode text")
     rec, rows = convert_record(sd, seed, init, inits, progress, version)
-    chunks = encode_record(rec, list(sd), meta, version=version)
+    chunks = encode_record(rec, list(sd), meta, version=version, values=values)
     size = sum(len(c) for c in chunks)
+    expected = dict(sd)
+    if values is not None:  # what the file must reproduce: the checkpoint with its trained values quantized
+        from .method.quantize import quantize
+
+        for name, ft in rec.frozen.items():
+            if ft.values.numel():
+                t = sd[name].detach().cpu().clone()
+                t.view(-1)[ft.mask.reshape(-1)] = quantize(ft.values, values, name)[0].to(t.dtype)
+                expected[name] = t
 
     def prove(tmp):
         try:
@@ -279,7 +290,7 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
         except FreezepackError as e:
             raise IntegrityError(f"not written: the converted file would be refused by its reader: {e.reason}",
                                  path=dst, tensor=e.tensor) from None
-        for name, t in sd.items():
+        for name, t in expected.items():
             if name not in back or bytes(tensor_bytes(back[name])) != bytes(tensor_bytes(t.detach().cpu())):
                 raise IntegrityError("not written: the converted file does not reproduce the checkpoint",
                                      path=dst, tensor=name)
@@ -292,9 +303,10 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
 
 
 def convert(src, dst, seed: int, init: str = "xavier_normal", inits: dict[str, str] | None = None,
-            metadata: dict[str, str] | None = None, progress=None, *, version: int | None = None) -> dict:
+            metadata: dict[str, str] | None = None, progress=None, *, version: int | None = None,
+            values: str | None = None) -> dict:
     """Dense checkpoint + seed + initializer(s) -> the smallest exact .fpk, proven before it is published.
 
     ``freezepack.convert``; see :func:`convert_checkpoint` for the report it returns.
     """
-    return convert_checkpoint(src, dst, seed, init, inits, metadata, progress, version=version)
+    return convert_checkpoint(src, dst, seed, init, inits, metadata, progress, version=version, values=values)

@@ -360,7 +360,8 @@ def build() -> dict[str, bytes]:
 # Format version 2 (spec/FORMAT.md §12): v2_*.fpk, listed in manifest_v2.json. Kept apart from the v1 vectors above.
 # ===============================================================================================================
 
-def _v2_frozen(name, shape, dtype, seed, mask, init, scale=1.0, stream=None, blobs=None, dense=None):
+def _v2_frozen(name, shape, dtype, seed, mask, init, scale=1.0, stream=None, blobs=None, dense=None, vals=None,
+               hint=None):
     """A frozen v2 Entry from a mask; values 0.01 * j in the tensor's dtype; dense = the reference reconstruction
     (generator f32 output x frozen_scale in f32, rounded to dtype, values scattered in)."""
     from freezepack import api
@@ -372,7 +373,8 @@ def _v2_frozen(name, shape, dtype, seed, mask, init, scale=1.0, stream=None, blo
     t = g.to(api.TORCH_DTYPES[dtype])
     mask = np.asarray(mask, dtype=bool).reshape(-1)
     k = int(mask.sum())
-    vals = (torch.arange(k, dtype=torch.float32) * 0.01 - 0.3).to(api.TORCH_DTYPES[dtype])
+    if vals is None:
+        vals = (torch.arange(k, dtype=torch.float32) * 0.01 - 0.3).to(api.TORCH_DTYPES[dtype])
     t[torch.from_numpy(np.flatnonzero(mask))] = vals
     coded = maskcode.encode(mask)
     e = container.Entry(name, "frozen", tuple(shape), dtype, api.digest(t), stream=stream, init=init,
@@ -382,7 +384,7 @@ def _v2_frozen(name, shape, dtype, seed, mask, init, scale=1.0, stream=None, blo
         blobs[e.mask] = ("U32", (coded.payload.size,), coded.payload.astype("<u4").tobytes())
     if k:
         e.values = name + container.VALUES_SUFFIX
-        blobs[e.values] = (dtype, (k,), bytes(api.tensor_bytes(vals)))
+        blobs[e.values] = (dtype, (k,), bytes(api.tensor_bytes(vals))) + ((hint,) if hint else ())
     dense[name] = t.reshape(shape)
     return e
 
@@ -470,6 +472,42 @@ def v2_valid():
     out["v2_features"] = (container.Header(seed=seed, entries=ents, metadata=meta, producer="freezepack vectors"),
                           blobs, dense, "F16/BF16 frozen tensors, a stream key, frozen_scale, initializer params, "
                                         "every whole dtype, 0-d and empty tensors, an alias, metadata, seed 2**64-7")
+    # 4. the value coders for lossy-quantized (or naturally few-valued) values: cast, codebook table and grid
+    from freezepack.format.entropy import grid_values
+
+    blobs, dense = {}, {}
+    seed = 24
+    g = torch.Generator().manual_seed(24)
+    rng = np.random.default_rng(24)
+
+    def masked(shape, p):
+        m = rng.random(int(np.prod(shape))) < p
+        return m, int(m.sum())
+
+    m1, k1 = masked((30, 40), 0.3)
+    m2, k2 = masked((30, 40), 0.3)
+    m3, k3 = masked((30, 40), 0.2)
+    m4, k4 = masked((30, 40), 0.2)
+    m5, k5 = masked((12, 10), 0.5)
+    step = float(np.float32(0.0123))
+    levels = rng.integers(-7, 8, k4)
+    ents = [_v2_frozen("bf16.weight", (30, 40), "F32", seed, m1, make_init("xavier_normal", (30, 40)), blobs=blobs,
+                       dense=dense, vals=(torch.randn(k1, generator=g) * 0.05).bfloat16().float()),
+            _v2_frozen("f16.weight", (30, 40), "F32", seed, m2, make_init("xavier_normal", (30, 40)), blobs=blobs,
+                       dense=dense, vals=(torch.randn(k2, generator=g) * 0.05).half().float()),
+            _v2_frozen("kmeans.weight", (30, 40), "F32", seed, m3, make_init("xavier_normal", (30, 40)), blobs=blobs,
+                       dense=dense, vals=torch.tensor([-0.11, -0.04, 0.0, 0.05, 0.13])[torch.from_numpy(
+                           rng.integers(0, 5, k3))]),
+            _v2_frozen("grid.weight", (30, 40), "F32", seed, m4, make_init("xavier_normal", (30, 40)), blobs=blobs,
+                       dense=dense, vals=torch.from_numpy(grid_values(levels, step)), hint={"step": step}),
+            _v2_frozen("half.weight", (12, 10), "F16", seed, m5, make_init("xavier_uniform", (12, 10)), blobs=blobs,
+                       dense=dense, vals=torch.tensor([-0.5, 0.25, 0.375], dtype=torch.float16)[torch.from_numpy(
+                           rng.integers(0, 3, k5))])]
+    ents += [_v2_whole("labels", torch.from_numpy(rng.integers(0, 3, 500).astype(np.int32)), blobs, dense),
+             _v2_whole("zeros.bias", torch.zeros(64), blobs, dense)]
+    out["v2_values"] = (container.Header(seed=seed, entries=ents, producer="freezepack vectors"), blobs, dense,
+                        "value coders: 'cast' to BF16 and to F16, 'codebook' tables (F32, F16, I32, a one-value "
+                        "table) and a 'codebook' grid")
     return out
 
 
@@ -515,21 +553,27 @@ def build_v2() -> dict[str, bytes]:
     best = compact._best_mask
     force = {"positions.weight": "positions", "gaps.weight": "ans-gaps", "bernoulli.weight": "ans-bernoulli",
              "fc.weight": "ans-ctx"}  # every coder shown, whatever the writer's size choice
+    planes = compact._planes_block
     for name, (h, blobs, dense, desc) in v2_valid().items():
         compact._best_mask = lambda e, mask, seed: best(e, mask, seed, only=force.get(e.name))
+        if name == "v2_values":  # show 'cast': no 4-byte 'planes' (which codes F16/BF16-exact f32 about as well)
+            compact._planes_block = lambda raw, elem: None if elem == 4 else planes(raw, elem)
         try:
             data = b"".join(compact.encode_file(h, blobs))
         finally:
-            compact._best_mask = best
+            compact._best_mask, compact._planes_block = best, planes
         valid[name] = data
         dense_bytes = st_save({k: v.contiguous() for k, v in dense.items()})
         files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
         n = struct.unpack("<Q", data[:8])[0]
-        parsed = compact.Body(data[8 + n:]).header
+        body = compact.Body(data[8 + n:])
+        parsed = body.header
         manifest["valid"].append({
             "file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(), "dense": f"{name}.dense.safetensors",
             "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(),
-            "coders": sorted({e.coder for e in parsed.entries if e.kind == "frozen"}), "description": desc})
+            "coders": sorted({e.coder for e in parsed.entries if e.kind == "frozen"}),
+            "value_coders": sorted({body.coding(k) for k in body.parts if not k.endswith(container.MASK_SUFFIX)}),
+            "description": desc})
     for name, (data, err, reason, desc) in v2_invalid(valid).items():
         files[f"{name}.fpk"] = data
         manifest["invalid"].append({"file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(), "error": err,

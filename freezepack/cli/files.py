@@ -30,8 +30,9 @@ def inspect_cmd(path, as_json):
 
     \b
     Per tensor: kind (frozen = regenerated from seed + initializer, whole = stored as is), shape, initializer,
-    freezing rate q (share of entries frozen), the mask coder and its size next to the mask's entropy, and the
-    stored bytes. The last line compares the file with the dense float model.
+    freezing rate q (share of entries frozen), the mask coder and its size next to the mask's entropy, how the
+    values are stored (raw, planes, cast:BF16, codebook:N; lossy files say so on top), and the stored bytes. The
+    last line compares the file with the dense float model.
 
     \b
     Example:  freezepack inspect lenet.fpk
@@ -45,22 +46,24 @@ def inspect_cmd(path, as_json):
         return
     click.echo(f"{info['path']}: freezepack format v{info['format_version']}, {info['producer']}, "
                f"generator {info['generator']}, seed {info['seed']}")
+    if "lossless" not in info["values"]:
+        click.echo(f"  trained values: {info['values']} (lossy: quantized when saved; verified as stored)")
     for k, v in sorted(info["metadata"].items()):
         click.echo(f"  metadata {k} = {v}")
     w = max([len(t["name"]) for t in info["tensors"]] + [6])
     click.echo(f"  {'tensor':<{w}}  {'kind':<6} {'shape':<18} {'init':<16} {'q':>8} {'coder':<14} "
-               f"{'mask':>9} {'entropy':>9} {'stored':>10}")
+               f"{'mask':>9} {'entropy':>9} {'values':<14} {'stored':>10}")
     for t in info["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
         if t["kind"] == "frozen":
             click.echo(f"  {t['name']:<{w}}  {'frozen':<6} {shape:<18} {t['init']:<16} {t['q']:>8.4f} "
                        f"{t['coder']:<14} {t['mask_bytes']:>9} {t['mask_entropy_bytes']:>9.0f} "
-                       f"{_human(t['stored_bytes']):>10}")
+                       f"{t['values_coding'] or '-':<14} {_human(t['stored_bytes']):>10}")
         elif t["kind"] == "alias":
             click.echo(f"  {t['name']:<{w}}  {'alias':<6} {shape:<18} {'= ' + t['of']}")
         else:
             click.echo(f"  {t['name']:<{w}}  {'whole':<6} {shape:<18} {t['dtype']:<16} {'':>8} {'':<14} {'':>9} "
-                       f"{'':>9} {_human(t['stored_bytes']):>10}")
+                       f"{'':>9} {t['values_coding'] or '-':<14} {_human(t['stored_bytes']):>10}")
     click.echo(f"file {_human(info['file_bytes'])} (header {_human(info['header_bytes'])}), dense "
                f"{_human(info['dense_bytes'])}: compression factor {info['compression_factor']:.1f}x; frozen share q = "
                f"{info['q']:.4f}")
@@ -156,23 +159,37 @@ def _parse_inits(pairs):
     return {name: None if init in ("whole", "none") else init for name, init in inits.items()}
 
 
+def _fpk_seed(src) -> int:
+    from ..errors import UsageError
+    from ..format.container import FpkReader
+
+    with open(src, "rb") as f:
+        magic = f.read(64)
+    if b'"freezepack"' not in magic and b"__metadata__" not in magic:
+        raise UsageError("--seed is required (SRC is not a .fpk file, whose seed would be the default)", path=src)
+    with FpkReader(src) as r:
+        return r.header.seed
+
+
 @click.command("convert")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True,
-              help="The seed the model was initialized with.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="The seed the model was initialized with (required unless SRC is a .fpk: then its seed).")
 @click.option("--init", "init", default="xavier_normal", show_default=True,
               help="Initializer every tensor started from (xavier_normal, kaiming_uniform, pm_sigma, ...).")
 @click.option("--init-for", "init_for", multiple=True, metavar="NAME=INIT",
               help="Per-tensor initializer; INIT 'whole' stores that tensor as is. Repeatable.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE",
               help="User metadata to store (added to the source's own metadata, which is kept). Repeatable.")
+@click.option("--values", "values", default="f32", show_default=True, metavar="CODING",
+              help="Trained values: f32 (lossless) or, lossy and opt-in, bf16, f16, int8, kmeans:K, uniform:K.")
 @click.option("--parents", is_flag=True, help="Create DST's missing parent directories (else that is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-tensor lines and no summary; warnings still go to stderr.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @one_line_errors
-def convert_cmd(src, dst, seed, init, init_for, meta, parents, as_json, quiet, progress):
+def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, quiet, progress):
     """Pack a dense checkpoint into an exact .fpk, each tensor in its cheapest exact form.
 
     \b
@@ -188,7 +205,13 @@ def convert_cmd(src, dst, seed, init, init_for, meta, parents, as_json, quiet, p
     still exact, just not small).
 
     \b
+    --values other than f32 quantizes the trained values (never the frozen ones, biases or norms): the file is
+    then exact for the quantized model, records the coding, and is proven against it. SRC may be a .fpk, so
+    this also shrinks an existing file (its seed is the default --seed).
+
+    \b
     Example:  freezepack convert trained.safetensors model.fpk --seed 1234 --init xavier_normal
+              freezepack convert model.fpk model-k4.fpk --values kmeans:4
     """
     from ..format.container import check_regular_file
 
@@ -198,11 +221,17 @@ def convert_cmd(src, dst, seed, init, init_for, meta, parents, as_json, quiet, p
     inits = _parse_inits(init_for)
     _check_text("DST", dst)
     check_regular_file(src)
+    from ..method.quantize import ValueCoding
+
+    values = None if ValueCoding.parse(values).lossless else values
+    if seed is None:
+        seed = _fpk_seed(src)
     bar = ProgressBar("converting", progress)
     from ..conversion import convert_checkpoint
 
     try:
-        report = convert_checkpoint(src, dst, seed, init, inits, metadata, progress=bar, make_parents=parents)
+        report = convert_checkpoint(src, dst, seed, init, inits, metadata, progress=bar, make_parents=parents,
+                                    values=values)
     finally:
         bar.close()
     for hint in report["hints"]:

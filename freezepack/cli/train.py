@@ -43,11 +43,14 @@ from .common import one_line_errors
                    "--device cuda: one GPU per rank). Each rank trains on its shard of every batch; only the "
                    "trainable values' gradients are all-reduced. For several machines start this command under "
                    "torchrun instead (docs/DISTRIBUTED.md).")
+@click.option("--values", "values", default="f32", show_default=True, metavar="CODING",
+              help="How --out stores the trained values: f32 (lossless) or, lossy, bf16, f16, int8, kmeans:K, "
+                   "uniform:K (the accuracy of the stored model is then reported too).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress on stderr.")
 @one_line_errors
 def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, weight_decay, cosine, device,
-          nproc, as_json, quiet):
+          nproc, values, as_json, quiet):
     """Train a FreezeNet on MNIST and report its test accuracy.
 
     \b
@@ -60,14 +63,20 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
       freezepack train --model lenet5 --q 0.99 --seed 7 --out model.fpk
       freezepack train --method snip --q 0.999 --epochs 5 --json
       freezepack train --nproc 2 --q 0.99 --out model.fpk          (2 data-parallel ranks)
+      freezepack train --q 0.99 --values kmeans:4 --out small.fpk  (lossy values, 16 per tensor)
       torchrun --nproc-per-node 4 -m freezepack train --out model.fpk
     """
     from ..errors import DistributedError
     from ..experiments.launch import launch, under_torchrun
+    from ..method.quantize import ValueCoding
+
+    values = None if ValueCoding.parse(values).lossless else values
+    if values is not None and out is None:
+        raise click.BadParameter("--values says how --out stores the model: give --out too", param_hint="--values")
 
     opts = dict(model_name=model_name, method=method, q=q, seed=seed, data=data_dir, out=out, epochs=epochs,
                 init=init, reinit=reinit, lr=lr, weight_decay=weight_decay, cosine=cosine, device=device,
-                progress=not quiet, distributed=nproc > 1 or under_torchrun())
+                progress=not quiet, distributed=nproc > 1 or under_torchrun(), values=values)
     if under_torchrun():
         if nproc > 1:
             raise DistributedError("--nproc starts its own workers; under torchrun leave it out")
@@ -97,6 +106,9 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
     if out is not None:
         click.echo(f"saved {out}: {result['file_bytes']:,} bytes, {result['compression_factor']:.1f}x smaller "
                    f"than the dense float32 tensors")
+    if "stored_test_acc" in result:
+        click.echo(f"stored with {values} values: test accuracy {100 * result['stored_test_acc']:.2f}% "
+                   f"({100 * (result['stored_test_acc'] - r['test_acc']):+.2f} points)")
 
 
 def train_job(opts: dict) -> dict:
@@ -110,7 +122,7 @@ def train_job(opts: dict) -> dict:
     from ..experiments.train import TrainConfig, run
 
     opts = dict(opts)
-    distributed, out = opts.pop("distributed"), opts.pop("out")
+    distributed, out, values = opts.pop("distributed"), opts.pop("out"), opts.pop("values", None)
     model_name, method, q, seed = opts.pop("model_name"), opts["method"], opts["q"], opts["seed"]
     rank, world = 0, 1
     try:
@@ -136,9 +148,16 @@ def train_job(opts: dict) -> dict:
             init, reinit = opts["init"], opts["reinit"]
             meta = {"model": model_name, "method": method, "q": repr(q), "test_acc": f"{r.test_acc:.4f}",
                     "epochs": str(r.epochs), "init": init, **({"reinit": reinit} if reinit else {})}
-            api.save(out, r.model.cpu(), metadata=meta)
+            api.save(out, r.model.cpu(), metadata=meta, values=values)
             info = api.inspect(out)
             result.update(out=out, file_bytes=info["file_bytes"], compression_factor=info["compression_factor"])
+            if values is not None:  # the stored model is not the trained one: test what the file holds
+                from ..experiments.data import load_mnist
+                from ..experiments.models import make_model
+                from ..experiments.train import evaluate
+
+                stored = api.load_freezenet(make_model(model_name), out)
+                result.update(values=values, stored_test_acc=evaluate(stored, load_mnist(opts["data"])[1]))
         return result
     except FreezepackError as e:
         if not distributed:

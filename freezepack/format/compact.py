@@ -47,7 +47,7 @@ TENSOR_KEY = "freezepack"
 GENERATORS = (SPEC_VERSION,)
 DTYPES = ("F64", "I64", "U64", "F32", "I32", "U32", "F16", "BF16", "I16", "U16", "I8", "U8", "BOOL")
 MASK_CODERS = ("const", "positions", "ans-gaps", "ans-bernoulli", "ans-ctx")
-VALUE_CODERS = ("raw", "planes")
+VALUE_CODERS = ("raw", "planes", "cast", "codebook")
 KINDS = ("whole", "frozen", "alias")
 TAG_STREAM, TAG_SCALE, TAG_PARAMS = 4, 8, 16
 DIGEST_BYTES = 16          # per frozen tensor: SHA-256 of the dense bytes, truncated (see spec §12.6)
@@ -204,25 +204,111 @@ def _mask_block(coder: str, params: dict, payload: bytes) -> bytes:
     return bytes(o.b)
 
 
-def _value_block(raw: bytes, dtype: str) -> tuple[bytes, bytes, str]:
-    """(header bytes, payload, coder name) of the smaller of ``raw`` and ``planes`` for a tensor's bytes."""
+def _planes_block(raw: bytes, elem: int) -> tuple[bytes, bytes] | None:
+    if not len(raw):
+        return None
+    tables, payload = entropy.encode_planes(raw, elem)
+    o = _Out()
+    o.u8(VALUE_CODERS.index("planes"))
+    o.u8(sum(1 << (elem - 1 - i) for i, t in enumerate(tables) if t is not None))  # bit j: plane j coded
+    for t in tables:
+        if t is not None:
+            o.u8(len(t[0]) - 1)
+            o.b += bytes(t[0])
+            for c in t[1]:
+                o.var(c)
+    o.var(len(payload) - len(raw) // elem * sum(t is None for t in tables))
+    return bytes(o.b), payload
+
+
+def _cast_block(raw: bytes, dtype: str) -> tuple[bytes, bytes] | None:
+    """F32 values that are all exactly BF16 (or finite F16) numbers: their 2-byte form, itself raw or planes."""
+    if dtype != "F32" or not len(raw):
+        return None
+    a = np.frombuffer(raw, dtype="<u4")
+    if not np.any(a & 0xFFFF):  # the low half of every f32 is zero: the top half is the exact bf16
+        target, half = "BF16", (a >> 16).astype("<u2").tobytes()
+    else:
+        f = a.view("<f4")
+        h = f.astype("<f2")
+        if not np.all(np.isfinite(h)) or not np.array_equal(h.astype("<f4").view("<u4"), a):
+            return None
+        target, half = "F16", h.tobytes()
+    head, payload = _smallest([(bytes([VALUE_CODERS.index("raw")]), half), _planes_block(half, 2)])
+    return bytes([VALUE_CODERS.index("cast"), DTYPES.index(target)]) + head, payload
+
+
+def _codebook_block(raw: bytes, dtype: str, step: float | None) -> tuple[bytes, bytes] | None:
+    """Values with at most 256 distinct bit patterns: a table (or, with the quantizer's ``step``, a uniform grid)
+    plus one ANS-coded index per value."""
     elem = DTYPE_SIZES[dtype]
-    best = (bytes([VALUE_CODERS.index("raw")]), bytes(raw), "raw")
-    if len(raw):
-        tables, payload = entropy.encode_planes(raw, elem)
-        o = _Out()
-        o.u8(VALUE_CODERS.index("planes"))
-        o.u8(sum(1 << (elem - 1 - i) for i, t in enumerate(tables) if t is not None))  # bit j: plane j coded
-        for t in tables:
-            if t is not None:
-                o.u8(len(t[0]) - 1)
-                o.b += bytes(t[0])
-                for c in t[1]:
-                    o.var(c)
-        o.var(len(payload) - len(raw) // elem * sum(t is None for t in tables))
-        if len(o.b) + len(payload) < len(best[0]) + len(best[1]):
-            best = (bytes(o.b), payload, "planes")
+    n = len(raw) // elem
+    if n < 2 or elem == 1:
+        return None
+    ints = np.frombuffer(raw, dtype=f"<u{elem}")
+    if np.unique(ints[:4096]).size > entropy.MAX_CODEBOOK:  # cheap early exit for ordinary float tensors
+        return None
+    table, sym = np.unique(ints, return_inverse=True)  # ascending as unsigned integers: the canonical order
+    if table.size > entropy.MAX_CODEBOOK:
+        return None
+    counts = np.bincount(sym.reshape(-1), minlength=table.size)
+    o = _Out()
+    o.u8(VALUE_CODERS.index("codebook"))
+    grid = None
+    if step is not None and dtype == "F32" and math.isfinite(step) and step > 0:
+        f = table.view("<f4").astype(np.float64)
+        levels = np.rint(f / step).astype(np.int64)
+        order = np.argsort(levels, kind="stable")
+        if (np.abs(levels) <= entropy.MAX_GRID_LEVEL).all() and np.unique(levels).size == levels.size and \
+                np.array_equal(entropy.grid_values(levels, step).view("<u4"), table):
+            grid = levels[order]
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.size)
+            sym, counts = inverse[sym.reshape(-1)], counts[order]
+    if grid is not None:
+        o.u8(1)
+        o.u8(len(grid) - 1)
+        o.f32(step)
+        o.var(_zigzag(int(grid[0])))
+        for d in np.diff(grid):
+            o.var(int(d) - 1)
+    else:
+        o.u8(0)
+        o.u8(table.size - 1)
+        o.b += table.astype(f"<u{elem}").tobytes()
+    payload = b""
+    if table.size > 1:
+        for c in counts:
+            o.var(int(c))
+        payload = entropy.encode_symbols(sym.reshape(-1), counts)
+        o.var(len(payload))
+    return bytes(o.b), payload
+
+
+def _zigzag(v: int) -> int:
+    return 2 * v if v >= 0 else -2 * v - 1
+
+
+def _unzigzag(v: int) -> int:
+    return v // 2 if v % 2 == 0 else -(v + 1) // 2
+
+
+def _smallest(blocks):
+    best = None
+    for b in blocks:
+        if b is not None and (best is None or len(b[0]) + len(b[1]) < len(best[0]) + len(best[1])):
+            best = b
     return best
+
+
+def _value_block(raw: bytes, dtype: str, step: float | None = None) -> tuple[bytes, bytes, str]:
+    """(header bytes, payload, coder name) of the smallest lossless coding of a tensor's bytes: ``raw``,
+    ``planes``, ``cast`` (F32 values that are exactly BF16/F16) or ``codebook`` (<= 256 distinct values)."""
+    elem = DTYPE_SIZES[dtype]
+    raw = bytes(raw)
+    best = _smallest([(bytes([VALUE_CODERS.index("raw")]), raw), _planes_block(raw, elem), _cast_block(raw, dtype),
+                      _codebook_block(raw, dtype, step)])
+    return best[0], best[1], VALUE_CODERS[best[0][0]]
 
 
 # The reference writer tries ``ans-ctx`` only on tensors up to this size: its context ranks all n values of |w_init|
@@ -322,7 +408,8 @@ def encode_body(h: Header, blobs: dict) -> bytes:
         if payload:
             payloads.append((e.name + MASK_SUFFIX, payload))
         if e.trainable:
-            head, payload, _ = _value_block(blobs[e.values][2], e.dtype)
+            blob = blobs[e.values]  # (dtype, shape, bytes[, {"step": ...}]): the lossy quantizer's grid hint
+            head, payload, _ = _value_block(blob[2], e.dtype, blob[3].get("step") if len(blob) > 3 else None)
             o.b += head
             payloads.append((e.name + VALUES_SUFFIX, payload))
         o.b += bytes.fromhex(e.sha256)[:DIGEST_BYTES]
@@ -443,10 +530,9 @@ class Body:
             total += n
             if total > limits.max_total_elements:
                 raise c.err(f"tensors hold more than {limits.max_total_elements} elements in all (limit)")
-            elem = DTYPE_SIZES[dtype]
             if KINDS[kind] == "whole":
                 e = Entry(name, "whole", shape, dtype, "", data=name)
-                lengths.append((name,) + self._value_block(c, n, elem))
+                lengths.append((name,) + self._value_block(c, n, dtype))
                 h.entries.append(e)
                 continue
             if dtype not in FROZEN_DTYPES:
@@ -502,7 +588,7 @@ class Body:
             self.model_bytes["mask"] += c.i - at
             if e.trainable:
                 e.values = name + VALUES_SUFFIX
-                lengths.append((e.values,) + self._value_block(c, e.trainable, elem))
+                lengths.append((e.values,) + self._value_block(c, e.trainable, dtype))
             e.sha256 = bytes(c.take(DIGEST_BYTES)).hex()
             h.entries.append(e)
         c.tensor = None
@@ -540,22 +626,33 @@ class Body:
             return p
         return {}
 
-    def _value_block(self, c: _In, n: int, elem: int):
+    def _value_block(self, c: _In, n: int, dtype: str):
         at = c.i
         try:
-            return self._value_block_(c, n, elem)
+            return self._value_block_(c, n, dtype)
         finally:
             self.model_bytes["values"] += c.i - at
 
-    def _value_block_(self, c: _In, n: int, elem: int):
+    def _value_block_(self, c: _In, n: int, dtype: str, nested: bool = False):
+        """(coder, params, payload length) of one value block (spec §12.8)."""
+        elem = DTYPE_SIZES[dtype]
         vc = c.u8()
-        if vc >= len(VALUE_CODERS):
-            raise FormatError(f"unknown value coder code {vc}: written by a newer freezepack?", path=self.path,
-                              tensor=c.tensor)
-        if VALUE_CODERS[vc] == "raw":
+        if vc >= len(VALUE_CODERS) or (nested and VALUE_CODERS[vc] not in ("raw", "planes")):
+            raise FormatError(f"unknown value coder code {vc}" + (" inside 'cast'" if nested else
+                              ": written by a newer freezepack?"), path=self.path, tensor=c.tensor)
+        coder = VALUE_CODERS[vc]
+        if coder == "raw":
             return "raw", None, n * elem
         if n == 0:
-            raise c.err("'planes' coding of an empty tensor")
+            raise c.err(f"{coder!r} coding of an empty tensor")
+        if coder == "cast":
+            t = c.u8()
+            if dtype != "F32" or t >= len(DTYPES) or DTYPES[t] not in ("F16", "BF16"):
+                raise c.err(f"'cast' of a {dtype} tensor to dtype code {t} (only F32 to F16/BF16)")
+            inner, params, length = self._value_block_(c, n, DTYPES[t], nested=True)
+            return "cast", (DTYPES[t], inner, params, n), length
+        if coder == "codebook":
+            return self._codebook(c, n, dtype)
         tables = []
         coded = c.u8()
         if coded >> elem or not coded >> (elem - 1):
@@ -577,6 +674,42 @@ class Body:
         stream = c.var(4 * (2 + (n * elem * entropy.PRECISION + 31) // 32) + 1)
         return "planes", (tables, elem, n), stream + n * sum(t is None for t in tables)
 
+    def _codebook(self, c: _In, n: int, dtype: str):
+        elem = DTYPE_SIZES[dtype]
+        if n < 2 or elem == 1:
+            raise c.err(f"'codebook' coding of {n} {dtype} elements (needs >= 2 elements of >= 2 bytes)")
+        form, m = c.u8(), c.u8() + 1
+        if form == 0:
+            table = np.frombuffer(bytes(c.take(m * elem)), dtype=f"<u{elem}")
+            if np.any(table[1:] <= table[:-1]):
+                raise c.err("'codebook' table is not strictly increasing")
+        elif form == 1:
+            if dtype != "F32":
+                raise c.err(f"'codebook' grid on a {dtype} tensor (F32 only)")
+            step = c.f32("'codebook' grid step")
+            if not step > 0:
+                raise c.err("'codebook' grid step must be > 0")
+            levels = [_unzigzag(c.var(2 * entropy.MAX_GRID_LEVEL + 1))]
+            for _ in range(m - 1):
+                levels.append(levels[-1] + 1 + c.var(2 * entropy.MAX_GRID_LEVEL + 1))
+            if max(abs(levels[0]), abs(levels[-1])) > entropy.MAX_GRID_LEVEL:
+                raise c.err("'codebook' grid level beyond +-2^24")
+            vals = entropy.grid_values(levels, step)
+            if not np.all(np.isfinite(vals)) or np.any(vals[1:] <= vals[:-1]):
+                raise c.err("'codebook' grid values are not finite and strictly increasing")
+            table = vals.view("<u4")
+        else:
+            raise c.err(f"unknown 'codebook' form {form}")
+        counts, stream = [n], 0
+        if m > 1:
+            counts = [c.var(n + 1) for _ in range(m)]
+            if sum(counts) != n or min(counts) < 1:
+                raise c.err("'codebook' histogram does not add up to the element count")
+            stream = c.var(4 * (2 + (n * entropy.PRECISION + 31) // 32) + 1)
+            if stream % 4:
+                raise c.err("'codebook' stream is not whole 32-bit words")
+        return "codebook", (table, counts, n, elem), stream
+
     def breakdown(self) -> dict:
         """Bytes by role: structure (safetensors JSON, digest, names, shapes, ...), coder models, payloads."""
         pay = {"mask": 0, "values": 0, "whole": 0}
@@ -597,11 +730,37 @@ class Body:
     def read_bytes(self, key: str, tensor=None) -> bytearray:
         """Decoded little-endian tensor bytes of a values/whole part, or the coded payload of a mask part."""
         coder, params, start, end = self.parts[key]
+        return self._decode(coder, params, self.raw(key), tensor)
+
+    def _decode(self, coder, params, payload, tensor) -> bytearray:
         if coder == "planes":
             tables, elem, n = params
-            return entropy.decode_planes(n, elem, tables, self.raw(key), where=self.path, tensor=tensor)
-        return bytearray(self.raw(key))
+            return entropy.decode_planes(n, elem, tables, payload, where=self.path, tensor=tensor)
+        if coder == "cast":  # widening F16/BF16 -> F32 is exact
+            target, inner, inner_params, n = params
+            half = self._decode(inner, inner_params, payload, tensor)
+            if len(half) != 2 * n:
+                raise FormatError("'cast' values payload has the wrong length", path=self.path, tensor=tensor)
+            h = np.frombuffer(half, dtype="<u2")
+            wide = h.astype("<u4") << 16 if target == "BF16" else h.view("<f2").astype("<f4").view("<u4")
+            return bytearray(wide.astype("<u4").tobytes())
+        if coder == "codebook":
+            table, counts, n, elem = params
+            if len(counts) == 1:
+                return bytearray(np.repeat(table, n).astype(f"<u{elem}").tobytes())
+            words = np.frombuffer(payload, dtype="<u4")
+            sym = entropy.decode_symbols(words, counts, n, "'codebook' values", self.path, tensor)
+            return bytearray(table[sym].astype(f"<u{elem}").tobytes())
+        return bytearray(payload)
 
+    def coding(self, key: str) -> str:
+        """How a stored part is coded, for humans: ``raw``, ``planes``, ``cast:BF16``, ``codebook:16``, ..."""
+        coder, params = self.parts[key][:2]
+        if coder == "cast":
+            return f"cast:{params[0]}" + ("+planes" if params[1] == "planes" else "")
+        if coder == "codebook":
+            return f"codebook:{len(params[0])}"
+        return coder or "raw"
 
 def mask_indices(e: Entry, payload_words: np.ndarray, keys=None, where=None) -> np.ndarray:
     """Ascending positions of ``e``'s trainable entries; ``keys()`` gives the ``ans-ctx`` context (|w_init| bits)."""

@@ -313,3 +313,36 @@ def decode_planes(n: int, elem: int, tables: list, payload, where=None, tensor=N
             a[:, j] = rawp[k * n:(k + 1) * n]
             k += 1
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# codebook: values that take at most 256 distinct values, as indices into a table (or a uniform grid)
+# ---------------------------------------------------------------------------------------------------------------
+
+MAX_CODEBOOK = 256
+MAX_GRID_LEVEL = 1 << 24  # |level| <= 2**24: every level is an exact f32 integer
+
+
+def grid_values(levels, step: float) -> np.ndarray:
+    """Grid centroids: fl32(f32(level) * f32(step)), one IEEE binary32 multiply with round-to-nearest-even per
+    value (numpy's float32 multiply; no fused operation). The reader and the lossy quantizer share this."""
+    return np.asarray(levels, dtype=np.int64).astype(np.float32) * np.float32(step)
+
+
+def encode_symbols(sym: np.ndarray, counts) -> bytes:
+    """One ANS stream of ``sym`` (ints < len(counts)) under the model counts(...) (spec §12.7.1)."""
+    coder = _coder()
+    if len(counts) > 1:
+        coder.encode_reverse(np.ascontiguousarray(sym, dtype=np.int32), categorical(quantize_counts(counts)))
+    return _words(coder).tobytes()
+
+
+def decode_symbols(words: np.ndarray, counts, n: int, what: str, where=None, tensor=None) -> np.ndarray:
+    """``n`` symbols of one complete ANS stream under counts(...); the stream must end exactly (spec §6.3)."""
+    if words.size and words[-1] == 0:
+        raise FormatError(f"{what} stream ends in a zero word", path=where, tensor=tensor)
+    coder = _coder(words)
+    sym = coder.decode(categorical(quantize_counts(counts)), n)
+    if not coder.is_empty():
+        raise FormatError(f"{what} stream has data left after the last value", path=where, tensor=tensor)
+    return sym
