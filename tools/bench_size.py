@@ -6,9 +6,12 @@ at q = 0.9; SNIP masks on the shipped MNIST, trained for --epochs epochs, defaul
   dense+xz         that file through lzma (preset 9)
   packbits+vals    safetensors with each frozen tensor as an np.packbits mask (U8) + its float32 values (F32)
   packbits+gz      that file through gzip -9
+  pruned.pt+gz     torch.save of the dense state_dict with every frozen entry set to 0 (a pruned model), gzip -9
   fpk v1 / fpk v2  freezepack's format versions (v2 with its byte breakdown)
   paper count      (trainable + whole elements) x 4 bytes: the paper's size count, no mask, no header
   order-0          paper count + every mask at its order-0 entropy (what an i.i.d. mask coder could reach)
+  v2 bf16, v2 k4   opt-in LOSSY v2 files: trained values as bfloat16 / as 16 shared values per tensor (kmeans:4)
+(zstd is not in Python 3.11's standard library; lzma -9 stands for the strong general-purpose compressor.)
 Also: mask bytes v2 / order-0, value bytes v2 / raw float32, and the v2 value decoder's speed on one core.
 
     .venv/bin/python tools/bench_size.py [--epochs 1] [--json]
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import lzma
 import os
@@ -86,10 +90,17 @@ def baselines(model, rec):
         naive[k + ".mask"] = torch.from_numpy(np.packbits(ft.mask.numpy().reshape(-1)))
         naive[k + ".values"] = ft.values.contiguous()
     packed = st_save(naive)
+    pruned = {k: v.clone() for k, v in dense_state_dict(model).items()}
+    for k, ft in rec.frozen.items():
+        pruned[k] = torch.zeros_like(pruned[k]).reshape(-1).index_put_(
+            (torch.from_numpy(np.flatnonzero(ft.mask.numpy())),), ft.values).reshape(pruned[k].shape)
+    buf = io.BytesIO()
+    torch.save(pruned, buf)
     paper = 4 * (sum(int(ft.mask.sum()) for ft in rec.frozen.values()) + sum(v.numel() for v in rec.whole.values()))
     order0 = sum(maskcode.entropy_bytes(ft.mask.numel(), int(ft.mask.sum())) for ft in rec.frozen.values())
     return {"dense": len(dense), "dense+xz": len(lzma.compress(dense, preset=9)), "packbits+vals": len(packed),
-            "packbits+gz": len(gzip.compress(packed, 9)), "paper count": paper, "order-0": round(paper + order0),
+            "packbits+gz": len(gzip.compress(packed, 9)), "pruned.pt+gz": len(gzip.compress(buf.getvalue(), 9)),
+            "paper count": paper, "order-0": round(paper + order0),
             "_mask_order0": order0,
             "_values_raw": 4 * sum(int(ft.mask.sum()) for ft in rec.frozen.values())}
 
@@ -105,6 +116,8 @@ def measure(name, q, epochs, data):
     v1 = b"".join(api.encode_record(rec, order, version=1))
     v2 = b"".join(api.encode_record(rec, order, version=2))
     row["fpk v1"], row["fpk v2"] = len(v1), len(v2)
+    for col, coding in (("v2 bf16", "bf16"), ("v2 k4", "kmeans:4")):
+        row[col] = sum(map(len, api.encode_record(rec, order, version=2, values=coding)))
     n = int.from_bytes(v1[:8], "little")
     row["v1 header"] = 8 + n
     body = compact.Body(_body(v2))
@@ -112,7 +125,7 @@ def measure(name, q, epochs, data):
     row["v2 mask / order-0"] = (row["v2 mask_model"] + row["v2 mask_payload"]) / max(row["_mask_order0"], 1e-9)
     row["v2 values / raw f32"] = row["v2 values_payload"] / max(row["_values_raw"], 1)
     row["v2 structure / file"] = row["v2 structure"] / len(v2)
-    best_naive = min(row["packbits+vals"], row["packbits+gz"], row["dense+xz"])
+    best_naive = min(row["packbits+vals"], row["packbits+gz"], row["dense+xz"], row["pruned.pt+gz"])
     row["v2 / best naive"] = len(v2) / best_naive
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
@@ -137,7 +150,8 @@ def decode_speed(n=4_000_000, repeat=3):
     return {"values": n, "ratio": len(payload) / len(raw), "MB/s": len(raw) / best / 1e6}
 
 
-COLS = ["dense", "dense+xz", "packbits+vals", "packbits+gz", "fpk v1", "fpk v2", "paper count", "order-0"]
+COLS = ["dense", "dense+xz", "packbits+vals", "packbits+gz", "pruned.pt+gz", "fpk v1", "fpk v2", "paper count",
+        "order-0", "v2 bf16", "v2 k4"]
 
 
 def main(argv=None):
