@@ -95,6 +95,11 @@ def test_v2_file_is_cut_at_its_payloads(models):
     assert [(p.offset - base, p.offset - base + p.length, p.label) for p in pieces[1:]] == \
         [(s, e, k) for k, (_, _, s, e) in parts.items() if e > s]
     assert {p.label for p in pieces[1:]} >= {"fc1.weight#mask", "fc1.weight#values", "fc3.weight#values"}
+    # the layout parser reads only the body's first bytes, and refuses a head that stops inside the header
+    end, spans = compact.Body.layout(body[:first + 10], len(body))
+    assert end == first and spans == [(k, s, e) for k, (_, _, s, e) in parts.items()]
+    with pytest.raises(FormatError, match="ends early"):
+        compact.Body.layout(body[:first - 1], len(body))
 
 
 def test_v1_and_dense_files_keep_the_generic_cut(models, tmp_path):
