@@ -18,7 +18,7 @@ from freezepack.errors import FormatError  # noqa: E402
 from freezepack.fleet import delta, file_pieces  # noqa: E402
 from freezepack.format import compact  # noqa: E402
 from freezepack.format.record import FreezeRecord, FrozenTensor  # noqa: E402
-from tests.fleet_support import Fleet, record, write_fpk  # noqa: E402
+from tests.fleet_support import Fleet, record, start_registry_or_skip, write_fpk  # noqa: E402
 
 
 def sha(path) -> str:
@@ -173,6 +173,22 @@ def test_releases_published_with_the_generic_cut_still_install_and_update(tmp_pa
         f.publish(models["all"])
     r = f.install()
     assert sha(f.device.model_path("net")) == sha(models["all"]) and r.fetched_bytes == r.full_bytes
+
+
+def test_v2_delta_through_an_oci_registry(tmp_path, models):
+    pytest.importorskip("oras")
+    reg = start_registry_or_skip()
+    try:
+        f = Fleet(tmp_path, repo=reg.url("fleet/v2"))
+        f.publish(models["r1"])
+        f.install()
+        p = f.publish(models["head"])                  # the registry gets only the new pieces
+        s = sizes(models["head"])
+        assert p["uploaded_bytes"] == s["__header__"] + s["fc3.weight#values"]
+        r = f.install()
+        assert r.fetched_bytes == p["uploaded_bytes"] and sha(f.device.model_path("net")) == sha(models["head"])
+    finally:
+        reg.close()
 
 
 def test_v1_to_v2_format_switch_installs(tmp_path, models):
