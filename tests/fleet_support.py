@@ -40,8 +40,8 @@ def record(*, seed=7, mask_seed=0, value_seed=0, head_seed=None, density=0.05) -
     return FreezeRecord(seed, frozen=frozen, whole=whole)
 
 
-def write_fpk(path, rec) -> str:
-    api.save(path, rec, version=1)  # per-tensor pieces: the delta tests need v1 (v2 is one body)
+def write_fpk(path, rec, version=1) -> str:
+    api.save(path, rec, version=version)  # v1: one piece per stored tensor; v2: one per payload (test_fleet_v2)
     return os.fspath(path)
 
 

@@ -1,21 +1,28 @@
-"""Benchmark: a simulated fleet of N devices updating a model from v1 to v2 (a values-only fine-tune) over a
-loopback static HTTP server, four ways, in one run:
+"""Benchmark: a simulated fleet of N devices updating a model from release 1 to release 2 (a fine-tune) over a
+loopback static HTTP server, six ways, in one run:
 
-  dense full    the whole dense safetensors v2 file to every device (what a user would otherwise ship)
-  dense delta   dense safetensors through freezepack.fleet deltas (fine-tuning moves every weight: no gain)
-  fpk full      the whole .fpk v2 file (seed + initializer + coded mask + trained values)
-  fpk delta     .fpk through deltas: only the trained values + the header move; masks stay on the device
+  dense full      the whole dense safetensors file to every device (what a user would otherwise ship)
+  dense delta     dense safetensors through freezepack.fleet deltas (fine-tuning moves every weight: no gain)
+  fpk-v1 full     the whole .fpk, format v1 (seed + initializer + coded mask + trained values)
+  fpk-v1 delta    format v1 through deltas: one piece per stored tensor, unchanged masks stay on the device
+  fpk-v2 full     the whole .fpk, format v2 (the default writer: binary header, entropy-coded masks/values)
+  fpk-v2 delta    format v2 through deltas: cut at the payloads inside its one body tensor (docs/FLEET.md)
+
+Release 1 is a FreezeNet at freezing rate q: random masks (``--masks random``) or SNIP on one random batch
+(``--masks snip``, freezepack.make_freezenet). Release 2 keeps seed, initializers and masks and moves trained
+values: of every layer (``--update all``), of the last layer only (``--update last``), or of the named layer(s)
+(``--update conv2``); a layer's bias moves with its weight.
 
 Every device does the real work of `freezepack fleet install`: TUF refresh (signatures, versions, expiry),
 piece download with digest checks, file assembly against the signed SHA-256, model verification
 (freezepack.api.verify for .fpk, which regenerates the frozen weights; a safetensors parse for dense), atomic
 replace. Devices update one after another from their own directory (restored to its pre-update state, untimed),
-the four scenarios taking turns device by device; the server counts the bytes it sends. Reported: bytes served
+the scenarios taking turns device by device; the server counts the bytes it sends. Reported: bytes served
 (model + metadata), device wall time, and ratios to "dense full".
 
     .venv/bin/python tools/bench_fleet.py                       # N=1000, LeNet-300-100, q=0.98 (2% trained)
     .venv/bin/python tools/bench_fleet.py --devices 100 --link-mbps 10     # each device on a 10 Mbit/s link
-    .venv/bin/python tools/bench_fleet.py --devices 100 --model lenet5 --json
+    .venv/bin/python tools/bench_fleet.py --devices 20 --model lenet5 --q 0.99 --masks snip --update last
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ from freezepack.experiments import models
 from freezepack.fleet import Device, Publisher, open_store
 from freezepack.format.init import make_init
 from freezepack.format.record import FreezeRecord, FrozenTensor
+from freezepack.method.freezenet import freeze_record, make_freezenet
 
 SERVER = textwrap.dedent("""
     import functools, http.server, json, sys, threading, time
@@ -70,24 +78,43 @@ SERVER = textwrap.dedent("""
 MODELS = {"lenet300": models.LeNet300100, "lenet5": models.LeNet5Caffe, "vgg16": models.VGG16D}
 
 
-def make_records(model: str, q: float, seed: int = 2024):
-    """v1: a FreezeNet of ``model`` at freezing rate ``q`` (a fraction 1 - q of each weight trained); v2: same seed,
-    initializers and masks, every trained value moved a little (a fine-tune)."""
+INPUTS = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "vgg16": (3, 32, 32)}
+
+
+def _layer(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def make_records(model: str, q: float, seed: int = 2024, masks: str = "random", update: str = "all"):
+    """Release 1: a FreezeNet of ``model`` at freezing rate ``q``; release 2: same seed, initializers and masks,
+    the trained values (and biases) of the ``update`` layers moved a little (a fine-tune)."""
     torch.manual_seed(0)
-    sd = MODELS[model]().state_dict()
     g = torch.Generator().manual_seed(1)
-    frozen1, frozen2, whole = {}, {}, {}
-    for name, t in sd.items():
-        if t.dtype.is_floating_point and t.dim() > 1:
-            mask = torch.rand(t.shape, generator=g) < 1 - q
-            v1 = torch.randn(int(mask.sum()), generator=g) * 0.05
-            v2 = v1 + torch.randn(v1.shape, generator=g) * 1e-3
-            init = make_init("kaiming_uniform", tuple(t.shape))
-            frozen1[name] = FrozenTensor(init, mask, v1)
-            frozen2[name] = FrozenTensor(init, mask, v2)
-        else:
-            whole[name] = t.clone()
-    return FreezeRecord(seed, frozen=frozen1, whole=whole), FreezeRecord(seed, frozen=frozen2, whole=whole)
+    if masks == "snip":
+        net = MODELS[model]()
+        batch = (torch.randn((64,) + INPUTS[model], generator=g), torch.randint(0, 10, (64,), generator=g))
+        rec1 = freeze_record(make_freezenet(net, batch, q, seed))
+    else:
+        frozen, whole = {}, {}
+        for name, t in MODELS[model]().state_dict().items():
+            if t.dtype.is_floating_point and t.dim() > 1:
+                mask = torch.rand(t.shape, generator=g) < 1 - q
+                frozen[name] = FrozenTensor(make_init("kaiming_uniform", tuple(t.shape)), mask,
+                                            torch.randn(int(mask.sum()), generator=g) * 0.05)
+            else:
+                whole[name] = t.clone()
+        rec1 = FreezeRecord(seed, frozen=frozen, whole=whole)
+    layers = [_layer(n) for n in rec1.frozen]
+    chosen = set(layers) if update == "all" else {layers[-1]} if update == "last" else set(update.split(","))
+    if not chosen <= set(layers):
+        raise SystemExit(f"--update {update}: layers are {', '.join(layers)}")
+    frozen2 = {n: FrozenTensor(t.init, t.mask, t.values + torch.randn(t.values.shape, generator=g) * 1e-3
+                               if _layer(n) in chosen else t.values, frozen_scale=t.frozen_scale, stream=t.stream)
+               for n, t in rec1.frozen.items()}
+    whole2 = {n: t + torch.randn(t.shape, generator=g) * 1e-3
+              if _layer(n) in chosen and t.dtype.is_floating_point and "running_" not in n else t
+              for n, t in rec1.whole.items()}
+    return rec1, FreezeRecord(rec1.seed, frozen=frozen2, whole=whole2, aliases=rec1.aliases)
 
 
 def served(url: str) -> dict:
@@ -127,17 +154,23 @@ def main(argv=None) -> int:
     ap.add_argument("--q", type=float, default=0.98, help="freezing rate: 1 - q of each weight tensor is trained")
     ap.add_argument("--link-mbps", type=float, default=0.0,
                     help="limit each connection to this many Mbit/s (a device's link); default: loopback, no limit")
+    ap.add_argument("--masks", choices=("random", "snip"), default="random",
+                    help="release 1's masks: random at rate q, or SNIP on one random batch (make_freezenet)")
+    ap.add_argument("--update", default="all",
+                    help="layers whose trained values release 2 moves: all, last, or comma-separated layer names")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     base = tempfile.mkdtemp(prefix="fpk-bench-fleet-")
     server = None
     try:
-        rec1, rec2 = make_records(args.model, args.q)
-        files = {"fpk": (os.path.join(base, "v1.fpk"), os.path.join(base, "v2.fpk")),
-                 "dense": (os.path.join(base, "v1.safetensors"), os.path.join(base, "v2.safetensors"))}
-        api.save(files["fpk"][0], rec1)
-        api.save(files["fpk"][1], rec2)
+        rec1, rec2 = make_records(args.model, args.q, masks=args.masks, update=args.update)
+        files = {"dense": (os.path.join(base, "r1.safetensors"), os.path.join(base, "r2.safetensors"))}
+        for version in (1, 2):
+            files[f"fpk-v{version}"] = (os.path.join(base, f"r1-v{version}.fpk"),
+                                        os.path.join(base, f"r2-v{version}.fpk"))
+            api.save(files[f"fpk-v{version}"][0], rec1, version=version)
+            api.save(files[f"fpk-v{version}"][1], rec2, version=version)
         save_file(rec1.state_dict(), files["dense"][0])
         save_file(rec2.state_dict(), files["dense"][1])
 
@@ -166,30 +199,30 @@ def main(argv=None) -> int:
         for kind, (_, v2) in files.items():
             Publisher(open_store(repo), keys).load().publish(v2, f"{args.model}-{kind}")
         scenarios = {f"{kind} {mode}": (pristine[(kind, mode)], f"{args.model}-{kind}")
-                     for kind in ("dense", "fpk") for mode in ("full", "delta")}
+                     for kind in files for mode in ("full", "delta")}
         results = run_fleet(url, scenarios, os.path.join(base, "work"), args.devices)
         ref = results["dense full"]
         for r in results.values():
             r["bytes_ratio_vs_dense_full"] = r["bytes_served"] / ref["bytes_served"]
             r["time_ratio_vs_dense_full"] = r["wall_s"] / ref["wall_s"]
-        out = {"model": args.model, "q": args.q, "devices": args.devices, "link_mbps": args.link_mbps or None,
-               "file_bytes": {"dense": os.path.getsize(files["dense"][1]), "fpk": os.path.getsize(files["fpk"][1])},
+        out = {"model": args.model, "q": args.q, "masks": args.masks, "update": args.update,
+               "devices": args.devices, "link_mbps": args.link_mbps or None,
+               "file_bytes": {kind: os.path.getsize(r2) for kind, (_, r2) in files.items()},
                "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
                "torch": torch.__version__, "results": results}
         if args.json:
             print(json.dumps(out, indent=1))
         else:
             link = f"{args.link_mbps:g} Mbit/s per device link" if args.link_mbps else "no link limit"
-            print(f"{args.model}, q={args.q:g} ({1 - args.q:.0%} trained), {args.devices} devices v1 -> v2 "
-                  "(values-only), loopback HTTP "
-                  f"({link}); "
-                  f"v2 file: dense {out['file_bytes']['dense']:,} B, .fpk {out['file_bytes']['fpk']:,} B")
-            print(f"{'':12s} {'bytes served':>14s} {'per device':>11s} {'vs dense full':>14s} "
+            print(f"{args.model}, q={args.q:g} ({1 - args.q:.0%} trained, {args.masks} masks), {args.devices} "
+                  f"devices release 1 -> 2 (fine-tune of {args.update} layers' values), loopback HTTP ({link}); "
+                  "release 2 file: " + ", ".join(f"{k} {n:,} B" for k, n in out["file_bytes"].items()))
+            print(f"{'':12s} {'model B/device':>14s} {'bytes served':>14s} {'per device':>11s} {'vs dense full':>14s} "
                   f"{'device wall s':>14s} {'ms/device':>10s} {'vs dense full':>14s}")
             for k, r in results.items():
-                print(f"{k:12s} {r['bytes_served']:>14,d} {r['bytes_served'] // args.devices:>11,d} "
-                      f"{r['bytes_ratio_vs_dense_full']:>13.4f}x {r['wall_s']:>14.2f} {r['per_device_ms']:>10.2f} "
-                      f"{r['time_ratio_vs_dense_full']:>13.3f}x")
+                print(f"{k:12s} {r['model_bytes'] // args.devices:>14,d} {r['bytes_served']:>14,d} "
+                      f"{r['bytes_served'] // args.devices:>11,d} {r['bytes_ratio_vs_dense_full']:>13.4f}x "
+                      f"{r['wall_s']:>14.2f} {r['per_device_ms']:>10.2f} {r['time_ratio_vs_dense_full']:>13.3f}x")
         return 0
     finally:
         if server is not None:

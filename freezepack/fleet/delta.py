@@ -9,10 +9,15 @@ already holds the previous file rebuilds the new one from the pieces it has and 
 * fine-tuning (same seed, generator, masks; new trained values): only the values tensors + the new header move;
 * a mask change: only the tensors whose bytes changed move.
 
-This works on the generic safetensors layout, so it does not depend on the .fpk header's details, and it works
-the same for dense safetensors files (where fine-tuning changes every byte and the delta is the whole file).
-The assembled file is always checked against the full-file hash in the signed target, so a wrong piece can never
-produce a silently wrong model.
+Format v1 .fpk files and dense safetensors files are cut on the generic safetensors layout (for a dense file
+fine-tuning changes every byte and the delta is the whole file). A format v2 .fpk (spec/FORMAT.md §12) is one
+``U8`` tensor whose body is digest || binary header || payloads back to back, which that layout would ship whole;
+it is cut inside the body instead (``_v2_ranges``): one ``__header__`` piece up to the first payload
+(safetensors JSON, body digest, v2 header), then one piece per payload (a mask, a values or a whole tensor),
+labelled with its stored key (``conv1.weight#values``). The cut parses the v2 header with the format's own
+parser under its limits, from at most ``MAX_PIECE`` bytes; anything unexpected falls back to the generic cut.
+The assembled file is always checked against the full-file hash in the signed target, so a wrong piece (or a
+lying file) can never produce a silently wrong model: the cut only decides how much is reused.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import re
 import struct
 from dataclasses import dataclass
 
-from ..errors import FleetError, FormatError
+from ..errors import FleetError, FormatError, FreezepackError
+from ..format import compact
 from ..format.container import MAX_HEADER_BYTES
 from . import safejson
 
@@ -102,14 +108,47 @@ def _ranges(path: str, size: int, n: int, header: dict) -> list[tuple[int, int, 
     return out
 
 
+def _v2_ranges(f, size: int, n: int, header: dict) -> list[tuple[int, int, str]] | None:
+    """(offset, length, label) of a format v2 .fpk cut at its payloads, or None when the file is not exactly one.
+
+    Never trusts the file: the safetensors part must be byte-identical to the one its length implies, the v2
+    header is parsed by ``compact.Body.layout`` (every structural check and the reader's limits) from at most
+    ``MAX_PIECE`` bytes, and the payloads must tile the body exactly. Any failure means "cut it generically"."""
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("freezepack") != str(compact.VERSION):
+        return None
+    base = 8 + n
+    body_len = size - base
+    f.seek(0)
+    if body_len < 32 or f.read(base) != compact.outer_header(body_len):
+        return None
+    head = f.read(min(body_len, MAX_PIECE))
+    if len(head) != min(body_len, MAX_PIECE):
+        return None
+    try:
+        header_end, parts = compact.Body.layout(head, body_len)
+    except (FreezepackError, ValueError, IndexError, KeyError, TypeError, OverflowError, RecursionError):
+        return None         # not a v2 file we understand (hostile, newer, or a header over MAX_PIECE): generic cut
+    out = [(0, base + header_end, HEADER_LABEL)]
+    pos = header_end
+    for key, start, end in parts:
+        if start != pos or end < start:
+            return None
+        for s in range(start, end, MAX_PIECE):
+            out.append((base + s, min(MAX_PIECE, end - s), key[:MAX_LABEL]))
+        pos = end
+    return out if pos == body_len else None
+
+
 def file_pieces(path: str | os.PathLike) -> list[Piece]:
     """The file's pieces in order, each hashed. Raises ``FormatError`` when it is not a safetensors layout."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n, header = read_safetensors_header(f, size, path)
+        ranges = _v2_ranges(f, size, n, header) or _ranges(path, size, n, header)
         pieces = []
-        for off, length, label in _ranges(path, size, n, header):
+        for off, length, label in ranges:
             f.seek(off)
             data = f.read(length)
             pieces.append(Piece(off, length, hashlib.sha256(data).hexdigest(), label))

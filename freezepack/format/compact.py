@@ -474,9 +474,26 @@ class Body:
         if len(body) < 32 or hashlib.sha256(memoryview(body)[32:]).digest() != body[:32]:
             raise IntegrityError("file is corrupted (v2 body SHA-256 mismatch)", path=path)
         self.body = body
+        self.body_len = len(body)
         self.parts: dict[str, tuple] = {}
         self.model_bytes = {"mask": 0, "values": 0}  # header bytes that are coder parameters (for accounting)
         self.header = self._parse(_In(memoryview(body)[32:], path), limits)
+
+    @classmethod
+    def layout(cls, head: bytes, body_len: int, path=None, limits: Limits = DEFAULT_LIMITS) -> tuple[int, list]:
+        """``(header_end, [(key, start, end), ...])``: where the header ends and each payload lies in a body of
+        ``body_len`` bytes, parsed from its first bytes ``head`` only (every structural check, every length
+        against ``body_len``; a header longer than ``head`` is a FormatError). The digest is NOT checked: this
+        is for cutting a file whose bytes something else checks (freezepack.fleet.delta, against a signed
+        full-file hash), and must not read a whole large body to find its payload boundaries."""
+        self = cls.__new__(cls)
+        self.path, self.body, self.body_len = path, None, body_len
+        self.parts, self.model_bytes = {}, {"mask": 0, "values": 0}
+        if len(head) < 32 or body_len < len(head):
+            raise FormatError("v2 body is shorter than its digest", path=path)
+        c = _In(memoryview(head)[32:], path)
+        self._parse(c, limits)
+        return 32 + c.i, [(key, start, end) for key, (_, _, start, end) in self.parts.items()]
 
     def _parse(self, c: _In, limits: Limits) -> Header:
         g = c.u8()
@@ -572,7 +589,7 @@ class Body:
             e.coder = MASK_CODERS[mc]
             e.coder_params = self._mask_params(c, e)
             if e.coder != "const":
-                mlen = c.var(len(self.body) + 1)
+                mlen = c.var(self.body_len + 1)
                 if mlen % 4:
                     raise c.err("mask payload is not whole 32-bit words")
                 words = mlen // 4
@@ -594,14 +611,14 @@ class Body:
         c.tensor = None
         pos = 32 + c.i
         for key, coder, params, length in lengths:
-            if length > len(self.body) - pos:
+            if length > self.body_len - pos:
                 raise FormatError("v2 payloads run past the end of the file (truncated or lying lengths)",
                                   path=self.path)
             h.stored[key] = Stored(key, "U8", (length,), pos, pos + length, "")
             self.parts[key] = (coder, params, pos, pos + length)
             pos += length
-        if pos != len(self.body):
-            raise FormatError(f"v2 body has {len(self.body) - pos} bytes after the last payload", path=self.path)
+        if pos != self.body_len:
+            raise FormatError(f"v2 body has {self.body_len - pos} bytes after the last payload", path=self.path)
         return h
 
     def _mask_params(self, c: _In, e: Entry) -> dict:
