@@ -476,8 +476,27 @@ def _spec_v2_read(path) -> dict[str, bytes]:
             assert self.state == 0 and not self.stack
 
     def value_block(n, e):
-        if u8() == 0:
-            return ("raw", n * e)
+        """(coder, payload length, what decoding needs) of a §12.8 value block."""
+        c = u8()
+        if c == 0:
+            return ("raw", n * e, None)
+        if c == 2:  # cast: target dtype code, then a nested block of 2-byte elements
+            target = u8()
+            inner = value_block(n, 2)
+            return ("cast", inner[1], (target, inner))
+        if c == 3:  # codebook: table or grid, counts, stream
+            form, m = u8(), u8() + 1
+            if form == 0:
+                table = [bytes(take(e)) for _ in range(m)]
+            else:
+                step = np.float32(f32())
+                z = var()
+                levels = [z // 2 if z % 2 == 0 else -(z + 1) // 2]
+                for _ in range(m - 1):
+                    levels.append(levels[-1] + 1 + var())
+                table = [np.float32(np.float32(lv) * step).tobytes() for lv in levels]  # one binary32 multiply
+            counts = [var() for _ in range(m)] if m > 1 else None
+            return ("codebook", var() if m > 1 else 0, (table, counts, n))
         tables = []
         coded = u8()
         for i in range(e):  # top plane first
@@ -488,12 +507,29 @@ def _spec_v2_read(path) -> dict[str, bytes]:
             else:
                 tables.append(None)
         stream = var()
-        return ("planes", tables, stream, n, e, stream + n * sum(t is None for t in tables))
+        return ("planes", stream + n * sum(t is None for t in tables), (tables, stream, n, e))
 
     def value_bytes(block, payload):
-        if block[0] == "raw":
+        kind, _, p = block
+        if kind == "raw":
             return payload
-        _, tables, stream, n, e, _ = block
+        if kind == "cast":
+            target, inner = p
+            half = np.frombuffer(value_bytes(inner, payload), "<u2")
+            if target == 7:  # BF16: the f32 with bits h << 16
+                return (half.astype("<u4") << 16).astype("<u4").tobytes()
+            assert target == 6
+            return half.view("<f2").astype("<f4").tobytes()
+        if kind == "codebook":
+            table, counts, n = p
+            if counts is None:
+                return table[0] * n
+            st = Stream(np.frombuffer(payload, "<u4"))
+            probs = models_counts(counts)
+            syms = [st.pop(probs) for _ in range(n)]
+            st.done()
+            return b"".join(table[s] for s in syms)
+        tables, stream, n, e = p
         st = Stream(np.frombuffer(payload[:stream], "<u4"))
         planes = {}
         for i, t in enumerate(tables):
@@ -559,8 +595,7 @@ def _spec_v2_read(path) -> dict[str, bytes]:
         if e["kind"] == 2:
             continue
         if e["kind"] == 0:
-            ln = e["block"][1] if e["block"][0] == "raw" else e["block"][5]
-            out[e["name"]] = value_bytes(e["block"], take(ln))
+            out[e["name"]] = value_bytes(e["block"], take(e["block"][1]))
             continue
         shape, n, k = e["shape"], math.prod(e["shape"]), e["k"]
         words = np.frombuffer(take(e["mlen"]), "<u4")
@@ -605,9 +640,7 @@ def _spec_v2_read(path) -> dict[str, bytes]:
             u = g.view(np.uint32).astype(np.uint64)
             dense = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").view(np.uint8).reshape(n, 2).copy()
         if k:
-            blk = e["block"]
-            ln = blk[1] if blk[0] == "raw" else blk[5]
-            vals = np.frombuffer(value_bytes(blk, take(ln)), np.uint8).reshape(k, -1)
+            vals = np.frombuffer(value_bytes(e["block"], take(e["block"][1])), np.uint8).reshape(k, -1)
             dense[np.flatnonzero(mask)] = vals
         raw = dense.tobytes()
         assert hashlib.sha256(raw).digest()[:16] == e["digest"], e["name"]
@@ -647,6 +680,10 @@ def test_invalid_v2_vectors_are_rejected_for_their_reason(v):
 def test_v2_vectors_cover_every_coder():
     coders = {c for v in MANIFEST_V2["valid"] for c in v["coders"]}
     assert coders == set(compact.MASK_CODERS)
+    values = {c.split(":")[0] for v in MANIFEST_V2["valid"] for c in v["value_coders"]}
+    assert values == set(compact.VALUE_CODERS)
+    shown = {c for v in MANIFEST_V2["valid"] for c in v["value_coders"]}
+    assert {"cast:BF16+planes", "cast:F16+planes", "codebook:1"} <= shown
     with FpkReader(os.path.join(VECTORS, "v2_ctx.fpk")) as r:
         e = r.header.entries[0]
         assert e.coder == "ans-ctx" and e.coder_params["flags"] == 3
