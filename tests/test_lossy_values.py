@@ -310,3 +310,30 @@ def test_cli_convert_values_shrinks_a_file_without_a_seed_and_inspect_says_lossy
 def test_cli_train_values_needs_out():
     r = CliRunner().invoke(cli, ["train", "--values", "bf16", "--epochs", "1"])
     assert r.exit_code != 0 and "--out" in r.output
+
+
+def test_fuzzed_value_blocks_never_escape_as_other_errors(tmp_path):
+    """Random bytes changed in the body of the value-coder vector (re-digested, so only the semantic checks can
+    refuse it): loading either works or raises a FreezepackError, never anything else."""
+    import hashlib
+    import os
+    import random
+
+    from freezepack import FreezepackError
+
+    data = open(os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "fpk", "v2_values.fpk"),
+                "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    rest = data[8 + n + 32:]
+    rnd = random.Random(11)
+    p = tmp_path / "f.fpk"
+    for _ in range(300):
+        bad = bytearray(rest)
+        for _ in range(rnd.randint(1, 3)):
+            bad[rnd.randrange(len(bad))] = rnd.randrange(256)
+        body = hashlib.sha256(bad).digest() + bytes(bad)
+        p.write_bytes(compact.outer_header(len(body)) + body)
+        try:
+            freezepack.load(p)
+        except FreezepackError:
+            pass

@@ -115,7 +115,8 @@ def report(rows, dense: int, args) -> None:
     base = {(q, seed): acc for q, coding, seed, size, acc in rows if coding == "f32"}
     print(f"LeNet-5-Caffe on the shipped MNIST subset, {args.seeds} seeds, {args.epochs} epochs; dense float32 "
           f"safetensors tensors {dense:,} B\n")
-    print("| q | values | file bytes (mean) | x smaller than dense | test accuracy % (mean ± sd) | drop vs lossless (pp) |")
+    print("| q | values | file bytes (mean) | x smaller than dense | test accuracy % (mean ± sd) "
+          "| drop vs lossless (pp) |")
     print("|---|---|---|---|---|---|")
     points = []
     for (q, coding), xs in by.items():
