@@ -107,7 +107,7 @@ def _private_dir(path: str) -> None:
         raise OSError(f"{os.path.dirname(path)} could be changed by other users")
 
 
-def _build(source: bytes, cc: str, *, rebuild: bool = False) -> str:
+def _build(source: bytes, cc: str, *, rebuild: bool = False, name: str = "philox") -> str:
     tag = "\0".join([hashlib.sha256(source).hexdigest(), cc, *CFLAGS, platform.machine(), sys.platform])
     key = hashlib.sha256(tag.encode()).hexdigest()[:24]
     errors = []
@@ -119,14 +119,14 @@ def _build(source: bytes, cc: str, *, rebuild: bool = False) -> str:
             errors.append(f"{directory}: {e}")
     else:
         raise OSError("no usable cache directory for the compiled kernel (" + "; ".join(errors) + ")")
-    target = os.path.join(directory, f"philox-{key}.so")
+    target = os.path.join(directory, f"{name}-{key}.so")
     if os.path.exists(target) and not rebuild:
         return target
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        src = os.path.join(tmp, "_philox.c")
+        src = os.path.join(tmp, f"_{name}.c")
         with open(src, "wb") as f:
             f.write(source)
-        lib = os.path.join(tmp, "philox.so")
+        lib = os.path.join(tmp, f"{name}.so")
         proc = subprocess.run([cc, *CFLAGS, "-o", lib, src], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise OSError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -179,6 +179,23 @@ def _self_check(lib) -> None:
         raise OSError("compiled normal conversion differs from the numpy reference in the tails")
 
 
+def build_and_load(name: str, bind, self_check):
+    """Compile ``_<name>.c`` (shipped with the package) if its cached library is missing, load it with ``bind(path)``
+    and run ``self_check(lib)``; raises on any failure (no compiler, failed build, wrong bits): callers fall back."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC, or install cc/gcc/clang)")
+    source = resources.files("freezepack.format").joinpath(f"_{name}.c").read_bytes()
+    path = _build(source, cc, name=name)
+    try:
+        lib = bind(path)
+    except OSError as e:  # a damaged cached library (e.g. a full disk long ago): build it afresh once
+        log.debug("rebuilding %s: %s", path, e)
+        lib = bind(_build(source, cc, rebuild=True, name=name))
+    self_check(lib)
+    return lib
+
+
 def _load():
     global _lib, _failure
     if _lib is not None or _failure is not None:
@@ -187,18 +204,7 @@ def _load():
         if _lib is not None or _failure is not None:
             return _lib
         try:
-            cc = _compiler()
-            if cc is None:
-                raise OSError("no C compiler found (set CC, or install cc/gcc/clang)")
-            source = resources.files("freezepack.format").joinpath("_philox.c").read_bytes()
-            path = _build(source, cc)
-            try:
-                lib = _bind(path)
-            except OSError as e:  # a damaged cached library (e.g. a full disk long ago): build it afresh once
-                log.debug("rebuilding %s: %s", path, e)
-                lib = _bind(_build(source, cc, rebuild=True))
-            _self_check(lib)
-            _lib = lib
+            _lib = build_and_load("philox", _bind, _self_check)
             log.debug("freezepack native kernel loaded")
         except Exception as e:  # any failure here only means "use the torch path"
             _failure = f"{type(e).__name__}: {e}"
