@@ -28,9 +28,13 @@
 
 int fp_ans_abi_version(void) { return FP_ANS_ABI_VERSION; }
 
+/* words[1 .. left] is the rest of the stream (popped from the end), words[0] a readable pad: the refill is a
+ * conditional move, not a branch that mispredicts every few symbols. */
 static inline uint64_t refill(uint64_t state, const uint32_t *words, uint64_t *left) {
-    if (state < ((uint64_t)1 << 32) && *left) state = (state << 32) | words[--*left];
-    return state;
+    uint64_t l = *left, need = (state < ((uint64_t)1 << 32)) & (l != 0);
+    uint64_t refilled = (state << 32) | words[l];
+    *left = l - need;
+    return need ? refilled : state;
 }
 
 /* the largest s in [lo, hi] with cdf[s] <= q (the caller guarantees cdf[lo] <= q) */
@@ -46,16 +50,19 @@ static inline uint32_t find(const uint32_t *cdf, uint32_t q, uint32_t lo, uint32
     return lo;
 }
 
-static inline void put(uint8_t *out, int64_t i, int64_t stride, int width, const uint8_t *values, uint32_t s) {
-    if (width == 1) out[i * stride] = values ? values[s] : (uint8_t)s;
-    else *(int64_t *)(out + i * stride) = (int64_t)s;
+static inline void put(uint8_t *out, uint64_t i, const uint32_t *index, int64_t stride, int width,
+                       const uint8_t *values, uint32_t s) {
+    int64_t at = (int64_t)(index ? index[i] : i) * stride;
+    if (width == 1) out[at] = values ? values[s] : (uint8_t)s;
+    else *(int64_t *)(out + at) = (int64_t)s;
 }
 
-/* Decode n symbols with the model cdf[0..m] into out (element i at out + i*stride bytes; width 1: a byte, values[s]
- * when values is given, else s; width 8: an int64 s). io = {words left, state}, updated.
- * Returns 0, or -1 for an invalid model or output description (nothing decoded then). */
+/* Decode n symbols with the model cdf[0..m] into out: symbol i goes to element index[i] (or i when index is NULL)
+ * at out + element*stride bytes; width 1: a byte, values[s] when values is given, else s; width 8: an int64 s.
+ * io = {words left, state}, updated; words as refill() says. Returns 0, or -1 for an invalid model or output description (nothing
+ * decoded then). */
 int fp_ans_decode(const uint32_t *words, uint64_t *io, const uint32_t *cdf, uint32_t m, uint64_t n,
-                  uint8_t *out, int64_t stride, int width, const uint8_t *values) {
+                  uint8_t *out, int64_t stride, int width, const uint8_t *values, const uint32_t *index) {
     if (m < 1 || m > MAX_SYMBOLS || cdf[0] != 0 || cdf[m] != (1u << PRECISION)) return -1;
     for (uint32_t s = 0; s < m; s++)
         if (cdf[s + 1] <= cdf[s]) return -1;
@@ -68,14 +75,14 @@ int fp_ans_decode(const uint32_t *words, uint64_t *io, const uint32_t *cdf, uint
             uint32_t s = q >= c1;
             uint32_t lo = s ? c1 : 0, prob = s ? (1u << PRECISION) - c1 : c1;
             state = refill((state >> PRECISION) * prob + (q - lo), words, &left);
-            put(out, (int64_t)i, stride, width, values, s);
+            put(out, i, index, stride, width, values, s);
         }
     } else if (n < 256) {  /* a few symbols: not worth the table */
         for (uint64_t i = 0; i < n; i++) {
             uint32_t q = (uint32_t)state & QMASK;
             uint32_t s = find(cdf, q, 0, m - 1);
             state = refill((state >> PRECISION) * (cdf[s + 1] - cdf[s]) + (q - cdf[s]), words, &left);
-            put(out, (int64_t)i, stride, width, values, s);
+            put(out, i, index, stride, width, values, s);
         }
     } else {
         /* lut[j] = the symbol holding quantile j << SLOT_SHIFT; the symbol of q lies in [lut[j], lut[j + 1]] */
@@ -91,7 +98,7 @@ int fp_ans_decode(const uint32_t *words, uint64_t *io, const uint32_t *cdf, uint
             uint32_t q = (uint32_t)state & QMASK, j = q >> SLOT_SHIFT;
             uint32_t t = find(cdf, q, lut[j], lut[j + 1]);
             state = refill((state >> PRECISION) * (cdf[t + 1] - cdf[t]) + (q - cdf[t]), words, &left);
-            put(out, (int64_t)i, stride, width, values, t);
+            put(out, i, index, stride, width, values, t);
         }
     }
     io[0] = left;
@@ -153,4 +160,26 @@ int fp_ctx_bins(const uint32_t *keys, uint64_t n, uint32_t bins, uint8_t *bins_o
     }
     free(idx);
     return 0;
+}
+
+/* order: the positions i < n with active[i] (all when active is NULL), grouped by key[i] < groups, ascending i
+ * within a group (a stable counting sort); sizes[g] = the group's size. Returns the number of positions, or -1 when
+ * a key is out of range or n > 2^32. */
+int64_t fp_group(const uint8_t *key, const uint8_t *active, uint64_t n, uint32_t groups, uint32_t *order,
+                 uint64_t *sizes) {
+    if (groups < 1 || groups > 256 || n > ((uint64_t)1 << 32)) return -1;
+    uint64_t at[256] = {0};
+    for (uint64_t i = 0; i < n; i++)
+        if (!active || active[i]) at[key[i]]++;
+    uint64_t sum = 0;
+    for (uint32_t g = 0; g < 256; g++) {
+        if (g >= groups && at[g]) return -1;
+        uint64_t c = at[g];
+        if (g < groups) sizes[g] = c;
+        at[g] = sum;
+        sum += c;
+    }
+    for (uint64_t i = 0; i < n; i++)
+        if (!active || active[i]) order[at[key[i]]++] = (uint32_t)i;
+    return (int64_t)sum;
 }

@@ -104,9 +104,11 @@ def _bind(path: str):
         raise OSError(f"{path} has ABI {lib.fp_ans_abi_version()}, expected {ABI_VERSION}")
     ptr, u32, u64, i64, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int
     lib.fp_ans_decode.restype = i32
-    lib.fp_ans_decode.argtypes = [ptr, ptr, ptr, u32, u64, ptr, i64, i32, ptr]
+    lib.fp_ans_decode.argtypes = [ptr, ptr, ptr, u32, u64, ptr, i64, i32, ptr, ptr]
     lib.fp_ctx_bins.restype = i32
     lib.fp_ctx_bins.argtypes = [ptr, u64, u32, ptr]
+    lib.fp_group.restype = i64
+    lib.fp_group.argtypes = [ptr, ptr, u64, u32, ptr, ptr]
     return lib
 
 
@@ -184,22 +186,26 @@ class Decoder:
     not end in a zero word: ValueError, as constriction). ``lib=False`` forces constriction (tests, self-check)."""
 
     def __init__(self, words, *, lib=None):
-        self._words = np.ascontiguousarray(np.asarray(words).reshape(-1), dtype=np.uint32)
+        words = np.asarray(words).reshape(-1)
+        # the C decoder reads the stream as padded[1 .. left]; padded[0] is a pad it may read but never uses
+        self._padded = np.zeros(words.size + 1, dtype=np.uint32)
+        self._padded[1:] = words
+        self._words = self._padded[1:]
         if self._words.size and self._words[-1] == 0:
             raise ValueError("an ANS stream never ends in a zero word")
         self._lib = _lib_or_none(lib)
         if self._lib is None:
             import constriction
 
-            self._coder = constriction.stream.stack.AnsCoder(self._words)
+            self._coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(self._words))
             return
         left, state = self._words.size, 0
         if left:  # the spec's start: pop words until the state holds at least 2**32 (or none are left)
+            state = int(self._padded[left])
             left -= 1
-            state = int(self._words[left])
             if left and state < 1 << 32:
+                state = (state << 32) | int(self._padded[left])
                 left -= 1
-                state = (state << 32) | int(self._words[left])
         self._io = np.array([left, state], dtype=np.uint64)
 
     @property
@@ -207,15 +213,25 @@ class Decoder:
         return self._lib is not None
 
     def decode(self, m: Model, n: int, *, out: np.ndarray | None = None, dtype=np.uint8,
-               values: np.ndarray | None = None) -> np.ndarray:
+               values: np.ndarray | None = None, index: np.ndarray | None = None) -> np.ndarray:
         """Decode ``n`` symbols with model ``m`` into ``out`` (a 1-D uint8 or int64 array of ``n`` elements, any
         stride; by default a new ``dtype`` array) and return it; with ``values`` (uint8, one per symbol) write
-        ``values[s]`` instead of ``s``."""
+        ``values[s]`` instead of ``s``; with ``index`` (uint32, ``n`` positions in ``out``, which may then have
+        any size) symbol i goes to ``out[index[i]]``."""
         n = int(n)
         if out is None:
             out = np.empty(n, dtype=dtype)
-        if out.ndim != 1 or out.shape[0] != n or out.dtype not in (np.uint8, np.int64):
+        if out.ndim != 1 or (index is None and out.shape[0] != n) or out.dtype not in (np.uint8, np.int64):
             raise ValueError("out must be a 1-D uint8 or int64 array of n elements")
+        if index is not None:
+            index = np.asarray(index)
+            if index.shape != (n,) or index.dtype.kind not in "iu" or (
+                    n and (int(index.min()) < 0 or int(index.max()) >= out.shape[0])):
+                raise ValueError("index needs n positions inside out")
+            if self._lib is None or out.shape[0] > 1 << 32:  # (positions past uint32: scatter in numpy)
+                out[index] = self.decode(m, n, dtype=out.dtype, values=values)
+                return out
+            index = np.ascontiguousarray(index, dtype=np.uint32)
         if values is not None:
             values = np.ascontiguousarray(values, dtype=np.uint8)
             if values.size != m.size:
@@ -226,9 +242,10 @@ class Decoder:
             return out
         if m.size > 256 and out.dtype == np.uint8 and values is None:
             raise ValueError("symbols above 255 need an int64 output")
-        rc = self._lib.fp_ans_decode(self._words.ctypes.data, self._io.ctypes.data, m.cdf.ctypes.data, m.size, n,
+        rc = self._lib.fp_ans_decode(self._padded.ctypes.data, self._io.ctypes.data, m.cdf.ctypes.data, m.size, n,
                                      out.ctypes.data, out.strides[0], out.itemsize,
-                                     None if values is None else values.ctypes.data)
+                                     None if values is None else values.ctypes.data,
+                                     None if index is None else index.ctypes.data)
         if rc != 0:
             raise RuntimeError(f"compiled ANS decoder rejected its arguments (rc={rc})")
         return out
@@ -264,3 +281,30 @@ def ctx_bins(keys: np.ndarray, bins: int, *, lib=None) -> np.ndarray:
         return out
     out[key_order(k)] = (np.arange(n, dtype=np.int64) * bins // max(n, 1)).astype(np.uint8)
     return out
+
+
+def group(keys: np.ndarray, groups: int, active: np.ndarray | None = None, *, lib=None):
+    """(order, sizes): the positions ``i`` with ``active[i]`` (all when None) grouped by ``keys[i]`` (uint8,
+    ``< groups``), ascending ``i`` within a group (uint32; int64 past 2**32 entries), and each group's size."""
+    k = np.ascontiguousarray(np.asarray(keys).reshape(-1), dtype=np.uint8)
+    n = k.size
+    act = None if active is None else np.ascontiguousarray(active, dtype=np.bool_).reshape(-1)
+    if not 1 <= groups <= 256 or (act is not None and act.size != n):
+        raise ValueError("groups must be in 1..256 and active one flag per key")
+    lib = _lib_or_none(lib)
+    if lib is not None and n <= 1 << 32:
+        order = np.empty(n if act is None else int(np.count_nonzero(act)), dtype=np.uint32)
+        sizes = np.zeros(groups, dtype=np.uint64)
+        got = lib.fp_group(k.ctypes.data, None if act is None else act.ctypes.data, n, groups, order.ctypes.data,
+                           sizes.ctypes.data)
+        if got < 0:
+            raise ValueError(f"a key is not below {groups}")
+        return order, sizes.astype(np.int64)
+    sel = None if act is None else np.flatnonzero(act)
+    b = k if sel is None else k[sel]
+    if b.size and int(b.max()) >= groups:
+        raise ValueError(f"a key is not below {groups}")
+    order = np.argsort(b, kind="stable")
+    if sel is not None:
+        order = sel[order]
+    return order.astype(np.uint32 if n <= 1 << 32 else np.int64), np.bincount(b, minlength=groups).astype(np.int64)

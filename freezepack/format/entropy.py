@@ -197,36 +197,28 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
 
     colflag = flags_of("col_ones", g[1]) if flags & FLAG_COLS else None
     rowflag = flags_of("row_ones", g[0]) if flags & FLAG_ROWS else None
-    sel = np.flatnonzero(_active(g, colflag, rowflag, n)) if flags else None
-    b = context_bins(keys, nb)
-    if sel is not None:
-        b = b[sel]
-    order = np.argsort(b, kind="stable")  # uint8: numpy's radix sort, O(n)
-    sizes = np.bincount(b, minlength=nb)
-    sym = np.empty(b.size, dtype=np.uint8)
+    # the active entries grouped by bin, ascending i within a bin: the order their symbols come in
+    order, sizes = ans.group(context_bins(keys, nb), nb, _active(g, colflag, rowflag, n) if flags else None)
+    m = np.zeros(n, dtype=np.uint8)
     pos = 0
     for j in range(nb):
         s, c = int(sizes[j]), counts[j]
         if c > s:
             raise FormatError(f"'ans-ctx' bin {j} declares {c} trainable entries among {s}", path=where,
                               tensor=tensor)
-        if c == 0 or c == s:
-            sym[pos:pos + s] = c != 0
-        else:
-            dec.decode(ans.binary(binary_cdf1(s, c)), s, out=sym[pos:pos + s])
+        if c == s:
+            m[order[pos:pos + s]] = 1
+        elif c:
+            dec.decode(ans.binary(binary_cdf1(s, c)), s, out=m, index=order[pos:pos + s])
         pos += s
     if not dec.is_empty():
         raise FormatError("'ans-ctx' stream has data left after the last entry", path=where, tensor=tensor)
-    picked = order[sym.view(np.bool_)]
-    idx = np.sort(picked if sel is None else sel[picked])
+    m = m.view(np.bool_)
+    idx = np.flatnonzero(m)
     if idx.size != ones:
         raise FormatError(f"mask decodes to {idx.size} trainable entries, the header says {ones}", path=where,
                           tensor=tensor)
-    if not flags:
-        return idx
     # flags say "this row/column has a trainable entry": a set flag over an empty row/column is not canonical
-    m = np.zeros(n, dtype=np.bool_)
-    m[idx] = True
     if (colflag is not None and not np.array_equal(m.reshape(g).any(axis=0), colflag)) or \
             (rowflag is not None and not np.array_equal(m.reshape(g).any(axis=1), rowflag)):
         raise FormatError("'ans-ctx' row/column flags disagree with the decoded mask", path=where, tensor=tensor)
