@@ -205,6 +205,39 @@ def test_context_bins_on_generator_like_keys(n, bins):
     assert np.array_equal(entropy.context_rank(keys), reference_bins(keys, n))
 
 
+@given(n=st.integers(0, 500), groups=st.integers(1, 256), seed=st.integers(0, 2**32 - 1), flags=st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_group_is_a_stable_sort_of_the_active_entries(n, groups, seed, flags):
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, groups, size=n).astype(np.uint8)
+    active = rng.random(n) < 0.7 if flags else None
+    sel = np.arange(n) if active is None else np.flatnonzero(active)
+    want = sel[np.argsort(keys[sel], kind="stable")]
+    for lib in ((None, False) if HAVE_NATIVE else (False,)):
+        order, sizes = ans.group(keys, groups, active, lib=lib)
+        assert order.dtype == np.uint32 and np.array_equal(order, want)
+        assert np.array_equal(sizes, np.bincount(keys[sel], minlength=groups))
+    if groups < 256 and sel.size:
+        keys[sel[0]] = groups  # an active key out of range is an error; an inactive one is never looked at
+        for lib in ((None, False) if HAVE_NATIVE else (False,)):
+            with pytest.raises(ValueError):
+                ans.group(keys, groups, active, lib=lib)
+
+
+@needs_native
+def test_decode_into_positions():
+    rng = np.random.default_rng(9)
+    m = ans.binary(ONE // 5)
+    words, (syms,) = encode(rng, [(m, 300)])
+    index = rng.permutation(1000)[:300].astype(np.uint32)
+    for lib in (None, False):
+        out = np.full(1000, 7, np.uint8)
+        ans.Decoder(words, lib=lib).decode(m, 300, out=out, index=index)
+        assert np.array_equal(out[index], syms) and (np.delete(out, index) == 7).all()
+    with pytest.raises(ValueError):
+        ans.Decoder(words).decode(m, 300, out=np.zeros(500, np.uint8), index=index)
+
+
 def test_context_bins_refuse_bad_bins():
     for bins in (0, 257):
         with pytest.raises(ValueError):

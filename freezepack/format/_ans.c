@@ -84,6 +84,32 @@ int fp_ans_decode(const uint32_t *words, uint64_t *io, const uint32_t *cdf, uint
             state = refill((state >> PRECISION) * (cdf[s + 1] - cdf[s]) + (q - cdf[s]), words, &left);
             put(out, i, index, stride, width, values, s);
         }
+    } else if (m <= 256) {
+        /* slot[j] describes quantiles [j << SLOT_SHIFT, (j + 1) << SLOT_SHIFT): when one symbol s holds them all,
+         * cdf[s] | s << 24 and prob[s] (one load instead of table, then cdf); else IMPURE | the first symbol, and
+         * the symbol is searched between it and the next slot's first symbol. */
+        uint64_t slot[SLOTS + 1];
+        const uint64_t IMPURE = (uint64_t)1 << 63;
+        uint32_t s = 0;
+        for (uint32_t j = 0; j <= SLOTS; j++) {
+            uint32_t q = j < SLOTS ? j << SLOT_SHIFT : (1u << PRECISION) - 1;
+            while (cdf[s + 1] <= q) s++;
+            uint64_t first = cdf[s] | (uint64_t)s << 24;
+            uint32_t last_q = j < SLOTS ? q + (1u << SLOT_SHIFT) - 1 : q;
+            slot[j] = cdf[s + 1] > last_q ? first | (uint64_t)(cdf[s + 1] - cdf[s]) << 32 : IMPURE | first;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t q = (uint32_t)state & QMASK;
+            uint64_t e = slot[q >> SLOT_SHIFT];
+            uint32_t t = (uint32_t)(e >> 24) & 255u, lo = (uint32_t)e & QMASK, prob = (uint32_t)(e >> 32);
+            if (e & IMPURE) {
+                t = find(cdf, q, t, (uint32_t)(slot[(q >> SLOT_SHIFT) + 1] >> 24) & 255u);
+                lo = cdf[t];
+                prob = cdf[t + 1] - lo;
+            }
+            state = refill((state >> PRECISION) * prob + (q - lo), words, &left);
+            put(out, i, index, stride, width, values, t);
+        }
     } else {
         /* lut[j] = the symbol holding quantile j << SLOT_SHIFT; the symbol of q lies in [lut[j], lut[j + 1]] */
         uint16_t lut[SLOTS + 1];
