@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from freezepack.errors import FormatError
 from freezepack.format import ans, entropy, maskcode, native
 from tests.test_maskcode import reference_ans_start
+from tests.test_native import fresh_native  # noqa: F401  (a fixture fresh_ans builds on)
 
 ONE = 1 << 24
 HAVE_NATIVE = native._compiler() is not None and not native.disabled() and ans.available()
@@ -341,12 +342,11 @@ def test_v1_ans_masks_same_with_and_without_native(monkeypatch, p):
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def fresh_ans(monkeypatch, tmp_path):
+def fresh_ans(fresh_native, monkeypatch):  # noqa: F811  (the imported fixture)
+    """ans with nothing loaded yet, its cache (like native's) in a fresh directory."""
     monkeypatch.setattr(ans, "_lib", None)
     monkeypatch.setattr(ans, "_failure", None)
-    monkeypatch.setenv("FREEZEPACK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("FREEZEPACK_NO_NATIVE", raising=False)
-    return tmp_path
+    return fresh_native
 
 
 def _decodes_anyway():

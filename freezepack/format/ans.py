@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import threading
+import sys
 
 import numpy as np
 
 from . import native
 
-log = logging.getLogger(__name__)
-
 PRECISION = 24
 ONE = 1 << PRECISION
 ABI_VERSION = 1
 
-_lock = threading.Lock()
-_lib = None
-_failure: str | None = None
+_lib = None                  # the loaded, checked library (native.load_once)
+_failure: str | None = None  # why it is unavailable
 
 
 class Model:
@@ -97,11 +93,7 @@ def unavailable_reason() -> str | None:
 
 
 def _bind(path: str):
-    lib = ctypes.CDLL(path)
-    lib.fp_ans_abi_version.restype = ctypes.c_int
-    lib.fp_ans_abi_version.argtypes = []
-    if lib.fp_ans_abi_version() != ABI_VERSION:
-        raise OSError(f"{path} has ABI {lib.fp_ans_abi_version()}, expected {ABI_VERSION}")
+    lib = native.open_library(path, "fp_ans_abi_version", ABI_VERSION)
     ptr, u32, u64, i64, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int
     lib.fp_ans_decode.restype = i32
     lib.fp_ans_decode.argtypes = [ptr, ptr, ptr, u32, u64, ptr, i64, i32, ptr, ptr]
@@ -161,18 +153,7 @@ def _self_check(lib) -> None:
 
 
 def _load():
-    global _lib, _failure
-    if _lib is not None or _failure is not None:
-        return _lib
-    with _lock:
-        if _lib is not None or _failure is not None:
-            return _lib
-        try:
-            _lib = native.build_and_load("ans", _bind, _self_check)
-        except Exception as e:  # only means "decode with constriction"
-            _failure = f"{type(e).__name__}: {e}"
-            log.debug("compiled ANS decoder unavailable, using constriction: %s", _failure)
-    return _lib
+    return native.load_once(sys.modules[__name__], "ans", _bind, _self_check)
 
 
 def _lib_or_none(lib):
