@@ -21,8 +21,7 @@
 #define FP_ANS_ABI_VERSION 1
 #define PRECISION 24
 #define QMASK ((1u << PRECISION) - 1u)
-#define SLOT_BITS 12                       /* quantile -> first candidate symbol, 4096 slots (8 KiB, in L1) */
-#define SLOT_SHIFT (PRECISION - SLOT_BITS)
+#define SLOT_BITS 12                       /* quantile -> symbol table: at most 4096 slots (32 KiB) */
 #define SLOTS (1u << SLOT_BITS)
 #define MAX_SYMBOLS 65536u
 
@@ -59,8 +58,8 @@ static inline void put(uint8_t *out, uint64_t i, const uint32_t *index, int64_t 
 
 /* Decode n symbols with the model cdf[0..m] into out: symbol i goes to element index[i] (or i when index is NULL)
  * at out + element*stride bytes; width 1: a byte, values[s] when values is given, else s; width 8: an int64 s.
- * io = {words left, state}, updated; words as refill() says. Returns 0, or -1 for an invalid model or output description (nothing
- * decoded then). */
+ * io = {words left, state}, updated; words as refill() says. Returns 0, or -1 for an invalid model or output
+ * description (nothing decoded then). */
 int fp_ans_decode(const uint32_t *words, uint64_t *io, const uint32_t *cdf, uint32_t m, uint64_t n,
                   uint8_t *out, int64_t stride, int width, const uint8_t *values, const uint32_t *index) {
     if (m < 1 || m > MAX_SYMBOLS || cdf[0] != 0 || cdf[m] != (1u << PRECISION)) return -1;
@@ -68,6 +67,10 @@ int fp_ans_decode(const uint32_t *words, uint64_t *io, const uint32_t *cdf, uint
         if (cdf[s + 1] <= cdf[s]) return -1;
     if (!(width == 1 || width == 8) || (width == 1 && !values && m > 256)) return -1;
     uint64_t left = io[0], state = io[1];
+    /* the slot tables below: no larger than the run, so a short run does not pay for 4096 slots */
+    uint32_t bits = SLOT_BITS;
+    while (bits > 4 && ((uint64_t)1 << bits) > n) bits--;
+    const uint32_t shift = PRECISION - bits, slots = 1u << bits;
     if (m == 2) {  /* binary models (every mask symbol): one comparison */
         const uint32_t c1 = cdf[1];
         for (uint64_t i = 0; i < n; i++) {
@@ -77,33 +80,26 @@ int fp_ans_decode(const uint32_t *words, uint64_t *io, const uint32_t *cdf, uint
             state = refill((state >> PRECISION) * prob + (q - lo), words, &left);
             put(out, i, index, stride, width, values, s);
         }
-    } else if (n < 256) {  /* a few symbols: not worth the table */
-        for (uint64_t i = 0; i < n; i++) {
-            uint32_t q = (uint32_t)state & QMASK;
-            uint32_t s = find(cdf, q, 0, m - 1);
-            state = refill((state >> PRECISION) * (cdf[s + 1] - cdf[s]) + (q - cdf[s]), words, &left);
-            put(out, i, index, stride, width, values, s);
-        }
     } else if (m <= 256) {
-        /* slot[j] describes quantiles [j << SLOT_SHIFT, (j + 1) << SLOT_SHIFT): when one symbol s holds them all,
+        /* slot[j] describes quantiles [j << shift, (j + 1) << shift): when one symbol s holds them all,
          * cdf[s] | s << 24 and prob[s] (one load instead of table, then cdf); else IMPURE | the first symbol, and
          * the symbol is searched between it and the next slot's first symbol. */
         uint64_t slot[SLOTS + 1];
         const uint64_t IMPURE = (uint64_t)1 << 63;
         uint32_t s = 0;
-        for (uint32_t j = 0; j <= SLOTS; j++) {
-            uint32_t q = j < SLOTS ? j << SLOT_SHIFT : (1u << PRECISION) - 1;
+        for (uint32_t j = 0; j <= slots; j++) {
+            uint32_t q = j < slots ? j << shift : (1u << PRECISION) - 1;
             while (cdf[s + 1] <= q) s++;
             uint64_t first = cdf[s] | (uint64_t)s << 24;
-            uint32_t last_q = j < SLOTS ? q + (1u << SLOT_SHIFT) - 1 : q;
+            uint32_t last_q = j < slots ? q + (1u << shift) - 1 : q;
             slot[j] = cdf[s + 1] > last_q ? first | (uint64_t)(cdf[s + 1] - cdf[s]) << 32 : IMPURE | first;
         }
         for (uint64_t i = 0; i < n; i++) {
             uint32_t q = (uint32_t)state & QMASK;
-            uint64_t e = slot[q >> SLOT_SHIFT];
+            uint64_t e = slot[q >> shift];
             uint32_t t = (uint32_t)(e >> 24) & 255u, lo = (uint32_t)e & QMASK, prob = (uint32_t)(e >> 32);
             if (e & IMPURE) {
-                t = find(cdf, q, t, (uint32_t)(slot[(q >> SLOT_SHIFT) + 1] >> 24) & 255u);
+                t = find(cdf, q, t, (uint32_t)(slot[(q >> shift) + 1] >> 24) & 255u);
                 lo = cdf[t];
                 prob = cdf[t + 1] - lo;
             }
@@ -111,17 +107,17 @@ int fp_ans_decode(const uint32_t *words, uint64_t *io, const uint32_t *cdf, uint
             put(out, i, index, stride, width, values, t);
         }
     } else {
-        /* lut[j] = the symbol holding quantile j << SLOT_SHIFT; the symbol of q lies in [lut[j], lut[j + 1]] */
+        /* lut[j] = the symbol holding quantile j << shift; the symbol of q lies in [lut[j], lut[j + 1]] */
         uint16_t lut[SLOTS + 1];
         uint32_t s = 0;
-        for (uint32_t j = 0; j < SLOTS; j++) {
-            uint32_t q = j << SLOT_SHIFT;
+        for (uint32_t j = 0; j < slots; j++) {
+            uint32_t q = j << shift;
             while (cdf[s + 1] <= q) s++;
             lut[j] = (uint16_t)s;
         }
-        lut[SLOTS] = (uint16_t)(m - 1);
+        lut[slots] = (uint16_t)(m - 1);
         for (uint64_t i = 0; i < n; i++) {
-            uint32_t q = (uint32_t)state & QMASK, j = q >> SLOT_SHIFT;
+            uint32_t q = (uint32_t)state & QMASK, j = q >> shift;
             uint32_t t = find(cdf, q, lut[j], lut[j + 1]);
             state = refill((state >> PRECISION) * (cdf[t + 1] - cdf[t]) + (q - cdf[t]), words, &left);
             put(out, i, index, stride, width, values, t);

@@ -31,7 +31,7 @@ _failure: str | None = None  # why it is unavailable
 class Model:
     """An integer model of the ANS core: ``probs[s] >= 1`` summing to 2**24; symbol s owns [cdf[s], cdf[s+1])."""
 
-    __slots__ = ("probs", "cdf", "_constriction")
+    __slots__ = ("probs", "cdf", "_cdf_ptr", "_constriction")
 
     def __init__(self, probs):
         p = np.asarray(probs, dtype=np.int64).reshape(-1)
@@ -39,6 +39,8 @@ class Model:
             raise ValueError("an ANS model needs 1 to 65536 probabilities >= 1 summing to 2**24")
         self.probs = p
         self.cdf = np.concatenate([[0], np.cumsum(p)]).astype(np.uint32)
+        self.cdf.flags.writeable = False
+        self._cdf_ptr = self.cdf.ctypes.data  # (reading .ctypes costs microseconds a call; models are cached)
         self._constriction = None
 
     @property
@@ -189,6 +191,7 @@ class Decoder:
                 state = (state << 32) | int(self._padded[left])
                 left -= 1
         self._io = np.array([left, state], dtype=np.uint64)
+        self._ptrs = self._padded.ctypes.data, self._io.ctypes.data
 
     @property
     def native(self) -> bool:
@@ -224,8 +227,7 @@ class Decoder:
             return out
         if m.size > 256 and out.dtype == np.uint8 and values is None:
             raise ValueError("symbols above 255 need an int64 output")
-        rc = self._lib.fp_ans_decode(self._padded.ctypes.data, self._io.ctypes.data, m.cdf.ctypes.data, m.size, n,
-                                     out.ctypes.data, out.strides[0], out.itemsize,
+        rc = self._lib.fp_ans_decode(*self._ptrs, m._cdf_ptr, m.size, n, out.ctypes.data, out.strides[0], out.itemsize,
                                      None if values is None else values.ctypes.data,
                                      None if index is None else index.ctypes.data)
         if rc != 0:
