@@ -160,6 +160,8 @@ def test_output_layouts():
     with pytest.raises(ValueError):
         d.decode(m, 10, out=np.empty(10, np.int32))
     with pytest.raises(ValueError):
+        d.decode(m, 4, out=np.frombuffer(b"abcd", np.uint8))  # read-only memory is never written
+    with pytest.raises(ValueError):
         d.decode(m, 10, values=np.arange(3, dtype=np.uint8))
     with pytest.raises(ValueError):
         d.decode(ans.uniform(16), 10)  # 65536 symbols do not fit a byte

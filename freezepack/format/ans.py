@@ -206,8 +206,9 @@ class Decoder:
         n = int(n)
         if out is None:
             out = np.empty(n, dtype=dtype)
-        if out.ndim != 1 or (index is None and out.shape[0] != n) or out.dtype not in (np.uint8, np.int64):
-            raise ValueError("out must be a 1-D uint8 or int64 array of n elements")
+        if out.ndim != 1 or (index is None and out.shape[0] != n) or out.dtype not in (np.uint8, np.int64) or \
+                not out.flags.writeable:
+            raise ValueError("out must be a writeable 1-D uint8 or int64 array of n elements")
         if index is not None:
             index = np.asarray(index)
             if index.shape != (n,) or index.dtype.kind not in "iu" or (
