@@ -190,6 +190,7 @@ def test_context_bins_equal_the_sort_definition(keys, bins, native_):
     k = np.array(keys, dtype=np.uint32)
     got = ans.ctx_bins(k, bins, lib=None if native_ else False)
     assert got.dtype == np.uint8 and np.array_equal(got, reference_bins(k, bins))
+    assert np.array_equal(entropy.context_rank(k), reference_bins(k, k.size))  # the writer's full rank
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 1000, 200_003])
