@@ -16,11 +16,10 @@ is exactly ``weight + 1``, as for the v1 gap table):
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from ..errors import FormatError
+from . import ans
 
 PRECISION = 24
 ONE = 1 << PRECISION
@@ -50,21 +49,14 @@ def binary_cdf1(size: int, ones: int) -> int:
     return min(max(((size - ones) * ONE + size // 2) // size, 1), ONE - 1)
 
 
-@functools.lru_cache(maxsize=512)
-def _categorical(probs: tuple):
-    import constriction
-
-    return constriction.stream.model.Categorical(np.array(probs, dtype=np.float64) - 1.0, perfect=False)
-
-
 def categorical(probs) -> object:
-    """constriction model with exactly the integer probabilities ``probs`` (sum 2**24, each >= 1)."""
-    return _categorical(tuple(int(p) for p in probs))
+    """constriction model (for the encoders) with exactly the integer probabilities ``probs`` (sum 2**24, each
+    >= 1); decoders use ``ans.model(probs)`` itself."""
+    return ans.model(probs).constriction()
 
 
 def binary(size: int, ones: int):
-    c = binary_cdf1(size, ones)
-    return categorical((c, ONE - c))
+    return ans.binary(binary_cdf1(size, ones)).constriction()
 
 
 def _coder(words=None):
@@ -89,13 +81,16 @@ def context_keys(frozen_f32) -> np.ndarray:
     return a.view(np.uint32) & np.uint32(0x7FFFFFFF)
 
 
-def context_bins(keys: np.ndarray, bins: int) -> np.ndarray:
-    """bin[i] = rank[i] * bins // n, rank = position of i when sorted by (key, i): equal-size classes."""
-    n = keys.size
-    order = np.argsort(keys, kind="stable")
-    out = np.empty(n, dtype=np.int64)
-    out[order] = np.arange(n, dtype=np.int64) * bins // max(n, 1)
+def context_rank(keys: np.ndarray) -> np.ndarray:
+    """int64 rank[i] = position of i when sorted by (key, i)."""
+    out = np.empty(keys.size, dtype=np.int64)
+    out[ans.key_order(keys)] = np.arange(keys.size, dtype=np.int64)
     return out
+
+
+def context_bins(keys: np.ndarray, bins: int) -> np.ndarray:
+    """uint8 bin[i] = rank[i] * bins // n (1 <= bins <= 64), rank by (key, i): equal-size classes, in O(n)."""
+    return ans.ctx_bins(keys, bins)
 
 
 def grid(shape) -> tuple[int, int] | None:
@@ -125,7 +120,7 @@ def encode_ctx(mask: np.ndarray, keys: np.ndarray, shape) -> list[tuple[dict, np
     g = grid(shape)
     flag_sets = [0] + ([FLAG_COLS, FLAG_ROWS, FLAG_COLS | FLAG_ROWS] if g else [])
     out = []
-    rank = context_bins(keys, n)  # bins = rank * nb // n for every nb: one sort
+    rank = context_rank(keys)  # bins = rank * nb // n for every nb: one sort
     for flags in flag_sets:
         colflag = rowflag = None
         if flags & FLAG_COLS:
@@ -192,21 +187,19 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
         raise FormatError("'ans-ctx' context has the wrong size", path=where, tensor=tensor)
     nb, flags, counts = params["bins"], params["flags"], params["counts"]
     g = grid(shape)
-    coder = _coder(words)
+    dec = ans.Decoder(words)
 
     def flags_of(key, size):
         c = params[key]
         if c == size:
             return np.ones(size, dtype=np.bool_)
-        return coder.decode(binary(size, c), size).astype(np.bool_)
+        return dec.decode(ans.binary(binary_cdf1(size, c)), size).view(np.bool_)
 
     colflag = flags_of("col_ones", g[1]) if flags & FLAG_COLS else None
     rowflag = flags_of("row_ones", g[0]) if flags & FLAG_ROWS else None
-    sel = np.flatnonzero(_active(g, colflag, rowflag, n)) if flags else np.arange(n, dtype=np.int64)
-    b = context_bins(keys, nb)[sel]
-    order = np.argsort(b, kind="stable")
-    sizes = np.bincount(b, minlength=nb)
-    sym = np.zeros(sel.size, dtype=np.bool_)
+    # the active entries grouped by bin, ascending i within a bin: the order their symbols come in
+    order, sizes = ans.group(context_bins(keys, nb), nb, _active(g, colflag, rowflag, n) if flags else None)
+    m = np.zeros(n, dtype=np.uint8)
     pos = 0
     for j in range(nb):
         s, c = int(sizes[j]), counts[j]
@@ -214,19 +207,18 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
             raise FormatError(f"'ans-ctx' bin {j} declares {c} trainable entries among {s}", path=where,
                               tensor=tensor)
         if c == s:
-            sym[pos:pos + s] = True
+            m[order[pos:pos + s]] = 1
         elif c:
-            sym[pos:pos + s] = coder.decode(binary(s, c), s).astype(np.bool_)
+            dec.decode(ans.binary(binary_cdf1(s, c)), s, out=m, index=order[pos:pos + s])
         pos += s
-    if not coder.is_empty():
+    if not dec.is_empty():
         raise FormatError("'ans-ctx' stream has data left after the last entry", path=where, tensor=tensor)
-    idx = np.sort(sel[order[sym]])
+    m = m.view(np.bool_)
+    idx = np.flatnonzero(m)
     if idx.size != ones:
         raise FormatError(f"mask decodes to {idx.size} trainable entries, the header says {ones}", path=where,
                           tensor=tensor)
     # flags say "this row/column has a trainable entry": a set flag over an empty row/column is not canonical
-    m = np.zeros(n, dtype=np.bool_)
-    m[idx] = True
     if (colflag is not None and not np.array_equal(m.reshape(g).any(axis=0), colflag)) or \
             (rowflag is not None and not np.array_equal(m.reshape(g).any(axis=1), rowflag)):
         raise FormatError("'ans-ctx' row/column flags disagree with the decoded mask", path=where, tensor=tensor)
@@ -292,7 +284,7 @@ def decode_planes(n: int, elem: int, tables: list, payload, where=None, tensor=N
     words = np.frombuffer(mv[:stream_len], dtype="<u4")
     if words.size and words[-1] == 0:
         raise FormatError("'planes' values stream ends in a zero word", path=where, tensor=tensor)
-    coder = _coder(words)
+    dec = ans.Decoder(words)
     out = bytearray(n * elem)
     a = np.frombuffer(out, dtype=np.uint8).reshape(n, elem)
     for i, t in enumerate(tables):
@@ -301,10 +293,9 @@ def decode_planes(n: int, elem: int, tables: list, payload, where=None, tensor=N
         used, counts = t
         if len(used) == 1:
             a[:, elem - 1 - i] = used[0]
-        else:
-            idx = coder.decode(categorical(quantize_counts(counts)), n)
-            a[:, elem - 1 - i] = np.asarray(used, dtype=np.uint8)[idx]
-    if not coder.is_empty():
+        else:  # decoded straight into the plane's strided bytes, each symbol mapped to its byte
+            dec.decode(ans.model(quantize_counts(counts)), n, out=a[:, elem - 1 - i], values=np.asarray(used))
+    if not dec.is_empty():
         raise FormatError("'planes' values stream has data left after the last value", path=where, tensor=tensor)
     rawp = np.frombuffer(mv[stream_len:], dtype=np.uint8)
     k = 0

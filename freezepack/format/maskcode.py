@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import FormatError
+from . import ans
 
 PRECISION = 24                    # bits of the ANS probability quantization (constriction's default)
 ANS_WORD_BITS = 32
@@ -144,21 +145,16 @@ def _fixed32(x: float) -> int:
     return min(max(int(round(x * 2.0**32)), 1), (1 << 32) - 1)
 
 
-# Integer-valued float64 weights summing to 2**24 - N: constriction's quantization is then exactly weight + 1.
+# ans.Model: integer probabilities; .constriction() is the float64 weights prob - 1 (summing to 2**24 - N), whose
+# quantization is then exactly prob.
 @functools.lru_cache(maxsize=64)
-def _h_model(phi: int):
-    import constriction
-
-    return constriction.stream.model.Categorical((geometric_table(phi) - 1).astype(np.float64), perfect=False)
+def _h_model(phi: int) -> ans.Model:
+    return ans.Model(geometric_table(phi))
 
 
-@functools.lru_cache(maxsize=32)
-def _uniform_model(bits: int):
+def _uniform_model(bits: int) -> ans.Model:
     """Uniform on [0, 2**bits): every symbol's quantized probability is 2**(24 - bits)."""
-    import constriction
-
-    return constriction.stream.model.Categorical(np.full(1 << bits, float((1 << (PRECISION - bits)) - 1)),
-                                                 perfect=False)
+    return ans.uniform(bits)
 
 
 def _encode_gaps(flat: np.ndarray, n: int, k: int) -> list[CodedMask]:
@@ -180,34 +176,32 @@ def _encode_gaps(flat: np.ndarray, n: int, k: int) -> list[CodedMask]:
             continue
         coder = constriction.stream.stack.AnsCoder()
         if b:  # pushed first, decoded last (a stack): h, then escapes, then r
-            coder.encode_reverse((gaps & ((1 << b) - 1)).astype(np.int32), _uniform_model(b))
+            coder.encode_reverse((gaps & ((1 << b) - 1)).astype(np.int32), _uniform_model(b).constriction())
         if esc.size:
             coder.encode_reverse(np.stack([esc >> 16, esc & 0xFFFF], 1).reshape(-1).astype(np.int32),
-                                 _uniform_model(16))
-        coder.encode_reverse(np.minimum(h, ESCAPE).astype(np.int32), h_model)
+                                 _uniform_model(16).constriction())
+        coder.encode_reverse(np.minimum(h, ESCAPE).astype(np.int32), h_model.constriction())
         words = np.asarray(coder.get_compressed(), dtype=np.uint32).astype("<u4")
         out.append(CodedMask("ans-gaps", k, {"value": value, "b": b, "phi": phi}, words))
     return out
 
 
 def _decode_gap_positions(n: int, ones: int, params: dict, words: np.ndarray, where, tensor) -> np.ndarray:
-    import constriction
-
     value, b, phi = params["value"], params["b"], params["phi"]
     m = ones if value else n - ones
     if words.size and words[-1] == 0:  # (an empty stream is valid: symbols at quantile 0 can cost nothing)
         raise FormatError("'ans-gaps' stream ends in a zero word", path=where, tensor=tensor)
     if words.size == 0:  # an empty stream decodes to all-zero symbols: the positions 0 .. m-1, no decoding
         return np.arange(m, dtype=np.int64)
-    coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
-    gaps = coder.decode(_h_model(phi), m).astype(np.int64)  # in place from here: ~16 bytes per entry at peak
+    coder = ans.Decoder(words)
+    gaps = coder.decode(_h_model(phi), m, dtype=np.int64)  # in place from here: ~16 bytes per entry at peak
     n_esc = int(np.count_nonzero(gaps == ESCAPE))
     if n_esc:
-        pairs = coder.decode(_uniform_model(16), 2 * n_esc).astype(np.int64).reshape(-1, 2)
+        pairs = coder.decode(_uniform_model(16), 2 * n_esc, dtype=np.int64).reshape(-1, 2)
         gaps[gaps == ESCAPE] += (pairs[:, 0] << 16) | pairs[:, 1]
     gaps <<= b
     if b:
-        gaps |= coder.decode(_uniform_model(b), m)
+        gaps |= coder.decode(_uniform_model(b), m, dtype=np.int64)
     if not coder.is_empty():
         raise FormatError("'ans-gaps' stream has data left after the last entry", path=where, tensor=tensor)
     # Bound the sum before the exact cumsum, so a forged stream cannot overflow int64 into "valid" positions.
@@ -312,16 +306,14 @@ def decode(coder: str, n: int, ones: int, params: dict, payload: np.ndarray, *, 
 
 
 def _decode_bernoulli(n, ones, params, payload, where, tensor) -> np.ndarray:
-    import constriction
-
     words = payload.astype(np.uint32)
     if words[-1] == 0:
         raise FormatError("'ans-bernoulli' stream ends in a zero word", path=where, tensor=tensor)
-    coder_ = constriction.stream.stack.AnsCoder(words)
-    symbols = coder_.decode(constriction.stream.model.Bernoulli(ones / n, perfect=False), n)
+    coder_ = ans.Decoder(words)
+    # constriction's Bernoulli(k / n, perfect=False) is this two-symbol model: check_params compared cdf1 with it
+    out = coder_.decode(ans.binary(params["cdf1"]), n).view(np.bool_)
     if not coder_.is_empty():  # a valid stream is consumed exactly: anything left means it was not ours
         raise FormatError("'ans-bernoulli' stream has data left after the last entry", path=where, tensor=tensor)
-    out = symbols.astype(np.bool_)
     got = int(np.count_nonzero(out))
     if got != ones:
         raise FormatError(f"mask decodes to {got} trainable entries, the header says {ones}", path=where,

@@ -37,7 +37,7 @@ ABI_VERSION = 1
 CFLAGS = ("-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread")
 DISTS = {"normal": 0, "uniform": 1, "sign": 2}
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _lib = None            # the loaded, checked library
 _failure: str | None = None  # why it is unavailable (set once; a failed build is not retried in this process)
 
@@ -107,7 +107,7 @@ def _private_dir(path: str) -> None:
         raise OSError(f"{os.path.dirname(path)} could be changed by other users")
 
 
-def _build(source: bytes, cc: str, *, rebuild: bool = False) -> str:
+def _build(source: bytes, cc: str, *, rebuild: bool = False, name: str = "philox") -> str:
     tag = "\0".join([hashlib.sha256(source).hexdigest(), cc, *CFLAGS, platform.machine(), sys.platform])
     key = hashlib.sha256(tag.encode()).hexdigest()[:24]
     errors = []
@@ -119,14 +119,14 @@ def _build(source: bytes, cc: str, *, rebuild: bool = False) -> str:
             errors.append(f"{directory}: {e}")
     else:
         raise OSError("no usable cache directory for the compiled kernel (" + "; ".join(errors) + ")")
-    target = os.path.join(directory, f"philox-{key}.so")
+    target = os.path.join(directory, f"{name}-{key}.so")
     if os.path.exists(target) and not rebuild:
         return target
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        src = os.path.join(tmp, "_philox.c")
+        src = os.path.join(tmp, f"_{name}.c")
         with open(src, "wb") as f:
             f.write(source)
-        lib = os.path.join(tmp, "philox.so")
+        lib = os.path.join(tmp, f"{name}.so")
         proc = subprocess.run([cc, *CFLAGS, "-o", lib, src], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise OSError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -134,12 +134,19 @@ def _build(source: bytes, cc: str, *, rebuild: bool = False) -> str:
     return target
 
 
-def _bind(path: str):
+def open_library(path: str, abi_function: str, abi_version: int):
+    """ctypes handle of ``path`` after checking that ``abi_function()`` returns ``abi_version`` (a stale or damaged
+    cached library raises OSError)."""
     lib = ctypes.CDLL(path)
-    lib.fp_abi_version.restype = ctypes.c_int
-    lib.fp_abi_version.argtypes = []
-    if lib.fp_abi_version() != ABI_VERSION:
-        raise OSError(f"{path} has ABI {lib.fp_abi_version()}, expected {ABI_VERSION}")
+    abi = getattr(lib, abi_function)
+    abi.restype, abi.argtypes = ctypes.c_int, []
+    if abi() != abi_version:
+        raise OSError(f"{path} has ABI {abi()}, expected {abi_version}")
+    return lib
+
+
+def _bind(path: str):
+    lib = open_library(path, "fp_abi_version", ABI_VERSION)
     u64, f32, ptr, i32 = ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     lib.fp_fill.restype = i32
     lib.fp_fill.argtypes = [ptr, u64, u64, u64, u64, i32, f32, f32, i32, f32, ptr, ptr, i32]
@@ -179,31 +186,42 @@ def _self_check(lib) -> None:
         raise OSError("compiled normal conversion differs from the numpy reference in the tails")
 
 
-def _load():
-    global _lib, _failure
-    if _lib is not None or _failure is not None:
-        return _lib
+def build_and_load(name: str, bind, self_check):
+    """Compile ``_<name>.c`` (shipped with the package) if its cached library is missing, load it with ``bind(path)``
+    and run ``self_check(lib)``; raises on any failure (no compiler, failed build, wrong bits): callers fall back."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC, or install cc/gcc/clang)")
+    source = resources.files("freezepack.format").joinpath(f"_{name}.c").read_bytes()
+    path = _build(source, cc, name=name)
+    try:
+        lib = bind(path)
+    except OSError as e:  # a damaged cached library (e.g. a full disk long ago): build it afresh once
+        log.debug("rebuilding %s: %s", path, e)
+        lib = bind(_build(source, cc, rebuild=True, name=name))
+    self_check(lib)
+    return lib
+
+
+def load_once(mod, name: str, bind, self_check):
+    """``mod._lib``: ``_<name>.c`` built, loaded and checked once per process; None after a failure, whose reason
+    stays in ``mod._failure`` (not retried: any failure only means "use the fallback")."""
+    if mod._lib is not None or mod._failure is not None:
+        return mod._lib
     with _lock:
-        if _lib is not None or _failure is not None:
-            return _lib
+        if mod._lib is not None or mod._failure is not None:
+            return mod._lib
         try:
-            cc = _compiler()
-            if cc is None:
-                raise OSError("no C compiler found (set CC, or install cc/gcc/clang)")
-            source = resources.files("freezepack.format").joinpath("_philox.c").read_bytes()
-            path = _build(source, cc)
-            try:
-                lib = _bind(path)
-            except OSError as e:  # a damaged cached library (e.g. a full disk long ago): build it afresh once
-                log.debug("rebuilding %s: %s", path, e)
-                lib = _bind(_build(source, cc, rebuild=True))
-            _self_check(lib)
-            _lib = lib
-            log.debug("freezepack native kernel loaded")
-        except Exception as e:  # any failure here only means "use the torch path"
-            _failure = f"{type(e).__name__}: {e}"
-            log.debug("freezepack native kernel unavailable, using torch: %s", _failure)
-    return _lib
+            mod._lib = build_and_load(name, bind, self_check)
+            log.debug("freezepack compiled %s loaded", name)
+        except Exception as e:
+            mod._failure = f"{type(e).__name__}: {e}"
+            log.debug("freezepack compiled %s unavailable, using the fallback: %s", name, mod._failure)
+    return mod._lib
+
+
+def _load():
+    return load_once(sys.modules[__name__], "philox", _bind, _self_check)
 
 
 def _require():
