@@ -332,8 +332,8 @@ def decode_symbols(words: np.ndarray, counts, n: int, what: str, where=None, ten
     """``n`` symbols of one complete ANS stream under counts(...); the stream must end exactly (spec §6.3)."""
     if words.size and words[-1] == 0:
         raise FormatError(f"{what} stream ends in a zero word", path=where, tensor=tensor)
-    coder = _coder(words)
-    sym = coder.decode(categorical(quantize_counts(counts)), n)
-    if not coder.is_empty():
+    dec = ans.Decoder(words)
+    sym = dec.decode(ans.model(quantize_counts(counts)), n, dtype=np.uint8 if len(counts) <= 256 else np.int64)
+    if not dec.is_empty():
         raise FormatError(f"{what} stream has data left after the last value", path=where, tensor=tensor)
     return sym
