@@ -20,7 +20,7 @@ from freezepack import FormatError, MethodError, UsageError
 from freezepack.cli import cli
 from freezepack.format import compact, entropy
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations
-from freezepack.method.quantize import ValueCoding, quantize, quantize_model, tie_to_clusters
+from freezepack.method.quantize import ValueCoding, finetune_clusters, quantize, quantize_model
 
 from .test_any_model import trained
 
@@ -157,13 +157,9 @@ def test_lossy_save_still_proves_the_frozen_part(bag, tmp_path):
 def test_finetuned_clusters_are_stored_exactly_and_resaving_is_lossless(bag, tmp_path):
     model = copy.deepcopy(bag[0]).train()
     clusters = quantize_model(model, "kmeans:2")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = bag[1]
-    for _ in range(3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        tie_to_clusters(model, clusters)
+    before = copy.deepcopy(model)
+    finetune_clusters(model, clusters, [bag[1]] * 3, lr=0.05)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))  # it moved
     for name in clusters:
         mod, attr = name.rpartition(".")[0], name.rpartition(".")[2]
         values = model.get_submodule(mod).parametrizations[attr].original
@@ -337,3 +333,27 @@ def test_fuzzed_value_blocks_never_escape_as_other_errors(tmp_path):
             freezepack.load(p)
         except FreezepackError:
             pass
+
+
+def test_cli_finetune_needs_kmeans(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "--values", "bf16", "--finetune", "1", "--out", str(tmp_path / "x.fpk")])
+    assert r.exit_code != 0 and "kmeans" in r.output and not (tmp_path / "x.fpk").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_with_kmeans_and_finetuning_stores_what_it_tested(tmp_path):
+    out = tmp_path / "k3.fpk"
+    r = CliRunner().invoke(cli, ["train", "--q", "0.99", "--epochs", "1", "--values", "kmeans:3", "--finetune", "1",
+                                 "--out", str(out), "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["values"] == "kmeans:3" and 0.5 < res["stored_test_acc"] <= 1.0
+    assert freezepack.verify(out)["ok"] and freezepack.inspect(out)["values"] == "kmeans:3"
+    from freezepack.experiments.models import make_model
+
+    m = freezepack.load_freezenet(make_model("lenet5"), out)
+    for name in frozen_parametrizations(m):
+        mod, _, attr = name.rpartition(".")
+        assert torch.unique(m.get_submodule(mod).parametrizations[attr].original).numel() <= 8

@@ -25,12 +25,11 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 import freezepack
 from freezepack.experiments.data import load_mnist, split_train_val
 from freezepack.experiments.train import TrainConfig, evaluate, run
-from freezepack.method.quantize import quantize_model, tie_to_clusters
+from freezepack.method.quantize import finetune_clusters, quantize_model
 
 CODINGS = ["f32", "bf16", "int8", "kmeans:5", "kmeans:4", "kmeans:3", "kmeans:2"]
 FINETUNED = ["kmeans:4", "kmeans:3", "kmeans:2"]
@@ -39,20 +38,17 @@ NNC = [("nncodec (DeepCABAC) qp -38, SNIP q=0.99", 11_360, 0.9575), ("nncodec (D
 
 
 def finetune(model, clusters, data, seed: int, epochs: int = 1, lr: float = 0.01, batch_size: int = 100):
-    """Deep Compression's shared-value fine-tuning: SGD steps, each value reset to its cluster's mean after a step
-    (with plain SGD that is the step of the shared value along the cluster's mean gradient)."""
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    """One epoch of Deep Compression's shared-value fine-tuning on the training split (freezepack's own)."""
     g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=g)
-        for i in range(0, len(data), batch_size):
-            idx = order[i:i + batch_size]
-            opt.zero_grad()
-            F.cross_entropy(model(data.images[idx]), data.labels[idx]).backward()
-            opt.step()
-            tie_to_clusters(model, clusters)
-    return model.eval()
+
+    def batches():
+        for _ in range(epochs):
+            order = torch.randperm(len(data), generator=g)
+            for i in range(0, len(data), batch_size):
+                idx = order[i:i + batch_size]
+                yield data.images[idx], data.labels[idx]
+
+    return finetune_clusters(model, clusters, batches(), lr=lr)
 
 
 def measure(model, coding: str, test, tmp: str, tag: str) -> tuple[int, float]:

@@ -46,11 +46,13 @@ from .common import one_line_errors
 @click.option("--values", "values", default="f32", show_default=True, metavar="CODING",
               help="How --out stores the trained values: f32 (lossless) or, lossy, bf16, f16, int8, kmeans:K, "
                    "uniform:K (the accuracy of the stored model is then reported too).")
+@click.option("--finetune", type=click.IntRange(0), default=0, show_default=True, metavar="EPOCHS",
+              help="With --values kmeans:K: epochs of Deep Compression's shared-value fine-tuning before saving.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress on stderr.")
 @one_line_errors
 def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, weight_decay, cosine, device,
-          nproc, values, as_json, quiet):
+          nproc, values, finetune, as_json, quiet):
     """Train a FreezeNet on MNIST and report its test accuracy.
 
     \b
@@ -64,6 +66,7 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
       freezepack train --method snip --q 0.999 --epochs 5 --json
       freezepack train --nproc 2 --q 0.99 --out model.fpk          (2 data-parallel ranks)
       freezepack train --q 0.99 --values kmeans:4 --out small.fpk  (lossy values, 16 per tensor)
+      freezepack train --values kmeans:3 --finetune 1 --out tiny.fpk (+ 1 epoch of shared-value fine-tuning)
       torchrun --nproc-per-node 4 -m freezepack train --out model.fpk
     """
     from ..errors import DistributedError
@@ -73,10 +76,14 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
     values = None if ValueCoding.parse(values).lossless else values
     if values is not None and out is None:
         raise click.BadParameter("--values says how --out stores the model: give --out too", param_hint="--values")
+    if finetune and (values is None or ValueCoding.parse(values).kind != "kmeans"):
+        raise click.BadParameter("fine-tuning shares values within k-means clusters: use it with --values kmeans:K",
+                                 param_hint="--finetune")
 
     opts = dict(model_name=model_name, method=method, q=q, seed=seed, data=data_dir, out=out, epochs=epochs,
                 init=init, reinit=reinit, lr=lr, weight_decay=weight_decay, cosine=cosine, device=device,
-                progress=not quiet, distributed=nproc > 1 or under_torchrun(), values=values)
+                progress=not quiet, distributed=nproc > 1 or under_torchrun(), values=values,
+                finetune=finetune)
     if under_torchrun():
         if nproc > 1:
             raise DistributedError("--nproc starts its own workers; under torchrun leave it out")
@@ -107,7 +114,8 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
         click.echo(f"saved {out}: {result['file_bytes']:,} bytes, {result['compression_factor']:.1f}x smaller "
                    f"than the dense float32 tensors")
     if "stored_test_acc" in result:
-        click.echo(f"stored with {values} values: test accuracy {100 * result['stored_test_acc']:.2f}% "
+        tuned = f" after {finetune} epoch(s) of fine-tuning" if finetune else ""
+        click.echo(f"stored with {values} values{tuned}: test accuracy {100 * result['stored_test_acc']:.2f}% "
                    f"({100 * (result['stored_test_acc'] - r['test_acc']):+.2f} points)")
 
 
@@ -123,6 +131,7 @@ def train_job(opts: dict) -> dict:
 
     opts = dict(opts)
     distributed, out, values = opts.pop("distributed"), opts.pop("out"), opts.pop("values", None)
+    finetune = opts.pop("finetune", 0)
     model_name, method, q, seed = opts.pop("model_name"), opts["method"], opts["q"], opts["seed"]
     rank, world = 0, 1
     try:
@@ -148,6 +157,8 @@ def train_job(opts: dict) -> dict:
             init, reinit = opts["init"], opts["reinit"]
             meta = {"model": model_name, "method": method, "q": repr(q), "test_acc": f"{r.test_acc:.4f}",
                     "epochs": str(r.epochs), "init": init, **({"reinit": reinit} if reinit else {})}
+            if finetune:  # Deep Compression: quantize, then train the shared values (clusters fixed)
+                _finetune(r.model.cpu(), values, finetune, opts["data"], seed)
             api.save(out, r.model.cpu(), metadata=meta, values=values)
             info = api.inspect(out)
             result.update(out=out, file_bytes=info["file_bytes"], compression_factor=info["compression_factor"])
@@ -169,3 +180,22 @@ def train_job(opts: dict) -> dict:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _finetune(model, values: str, epochs: int, data_dir, seed: int) -> None:
+    import torch
+
+    from ..experiments.data import load_mnist, split_train_val
+    from ..method.quantize import finetune_clusters, quantize_model
+
+    train_split, _ = split_train_val(load_mnist(data_dir)[0], seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        for _ in range(epochs):
+            order = torch.randperm(len(train_split), generator=g)
+            for i in range(0, len(order), 100):
+                idx = order[i:i + 100]
+                yield train_split.images[idx], train_split.labels[idx]
+
+    finetune_clusters(model, quantize_model(model, values), batches())

@@ -158,3 +158,28 @@ def tie_to_clusters(model: torch.nn.Module, clusters: dict[str, torch.Tensor]) -
             sums = torch.zeros(k, dtype=torch.float64, device=flat.device).index_add_(0, idx, flat.double())
             sizes = torch.bincount(idx, minlength=k).clamp_min(1)
             flat.copy_((sums / sizes).to(flat.dtype)[idx])
+
+
+def finetune_clusters(model: torch.nn.Module, clusters: dict[str, torch.Tensor], batches, *, lr: float = 0.01,
+                      loss_fn=None) -> torch.nn.Module:
+    """Deep Compression's fine-tuning of shared values: one plain-SGD step per batch on the trainable parameters,
+    then :func:`tie_to_clusters` (each value = its cluster's mean). ``clusters`` comes from :func:`quantize_model`;
+    ``loss_fn(model, batch)`` defaults to cross-entropy of ``model(batch[0])`` against ``batch[1]``. Biases and
+    norms train freely (they are stored exactly). Returns the model in eval mode; save it with the same coding and
+    the file holds exactly these values."""
+    import torch.nn.functional as F
+
+    from ..errors import MethodError
+
+    loss_fn = loss_fn or (lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for batch in batches:
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise MethodError(f"fine-tuning the shared values diverged (loss {float(loss)}): lower the learning rate")
+        loss.backward()
+        opt.step()
+        tie_to_clusters(model, clusters)
+    return model.eval()
