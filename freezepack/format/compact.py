@@ -9,7 +9,9 @@ the tensor (the *body*) holds a binary header and every payload back to back:
 
 One SHA-256 covers every stored byte (header, masks, values, whole tensors); each frozen tensor keeps a 128-bit
 digest of its reconstructed dense bytes (the proof of bit-exact regeneration). Masks may use the v1 coders or
-``ans-ctx``, values and whole tensors ``raw`` or ``planes`` (freezepack.format.entropy).
+``ans-ctx``; values and whole tensors ``raw``, ``planes``, ``cast`` (F32 values that are exactly F16/BF16) or
+``codebook`` (at most 256 distinct values: a table or a uniform grid, plus ANS-coded indices); see
+freezepack.format.entropy. The writer keeps the smallest coding of each; every coding is lossless.
 
 The reader produces the same :class:`~freezepack.format.container.Header` / ``Entry`` objects as v1, so everything
 above the container is version-blind; :class:`freezepack.format.container.FpkReader` dispatches here.
