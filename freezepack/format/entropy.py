@@ -1,6 +1,6 @@
 """Format-v2 entropy coders (spec/FORMAT.md §12): integer-only models on constriction's stack ANS coder.
 
-Two coders live here, both exact and platform-independent because every probability is an integer computed
+The coders live here, all exact and platform-independent because every probability is an integer computed
 with integer arithmetic (the float64 weights handed to constriction are integers below 2**24 whose quantization
 is exactly ``weight + 1``, as for the v1 gap table):
 
@@ -13,6 +13,10 @@ is exactly ``weight + 1``, as for the v1 gap table):
              for F32/BF16) is coded with a stored histogram, lower planes too when that pays (zeros, integers),
              the rest raw. Trained weights use few octaves, so the top byte costs ~2.5 bits instead of 8:
              ~0.83x raw float32; an all-zero tensor costs a few header bytes.
+codebook     the symbol stream of values with at most 256 distinct values (quantized by ``--values kmeans:K``,
+             ``int8``, or naturally few-valued): one ANS symbol per value under the counts model; the table or
+             uniform grid itself is part of the header (freezepack.format.compact).
+Decoding goes through the compiled ANS decoder (freezepack.format.ans), encoding through constriction.
 """
 from __future__ import annotations
 
