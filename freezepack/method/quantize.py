@@ -73,15 +73,17 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
     v = values.detach().cpu()
     if c.lossless or v.numel() == 0:
         return v, {}
+    # Every lossy coding refuses non-finite values: a NaN has no nearest centroid, and with one inf already
+    # present an f16 overflow (1e6 -> inf) could not be told apart from it.
+    if not torch.isfinite(v).all():
+        raise UsageError(f"values hold a NaN or an infinity: they cannot be quantized ({c})", tensor=name)
     if c.kind in ("f16", "bf16"):
-        target = torch.float16 if c.kind == "f16" else torch.bfloat16
-        q = v.to(target)
-        if not torch.isfinite(q).all() and torch.isfinite(v).all():
-            raise UsageError(f"a value is outside the {c.kind} range (|v| > 65504): use bf16", tensor=name)
+        q = v.to(torch.float16 if c.kind == "f16" else torch.bfloat16)
+        if not torch.isfinite(q).all():
+            limit = "|v| >= 65520: use bf16" if c.kind == "f16" else "|v| > 3.3961e38"
+            raise UsageError(f"a value rounds outside the {c.kind} range ({limit})", tensor=name)
         return q.to(v.dtype), {}
     x = v.double().numpy().reshape(-1)
-    if not np.isfinite(x).all():
-        raise UsageError("values hold a NaN or an infinity: they cannot be quantized", tensor=name)
     if c.kind == "uniform":
         top = (1 << (c.bits - 1)) - 1
         amax = float(np.abs(x).max())
@@ -100,8 +102,7 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
 def _kmeans(v: torch.Tensor, x: np.ndarray, k: int) -> torch.Tensor:
     """Deterministic 1-D Lloyd: linear init over [min, max], nearest-centroid assignment by midpoints, centroids
     rounded to the tensor's dtype at the end (so every stored value is exactly a centroid)."""
-    uniq = np.unique(v.numpy().reshape(-1))
-    if uniq.size <= k:  # already few values (e.g. quantized before and fine-tuned): keep them exactly
+    if torch.unique(v).numel() <= k:  # (torch: numpy has no bfloat16)  # already few values (e.g. quantized before and fine-tuned): keep them exactly
         return v.clone()
     lo, hi = float(x.min()), float(x.max())
     cent = np.linspace(lo, hi, k)
