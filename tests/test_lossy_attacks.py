@@ -66,3 +66,93 @@ def test_non_finite_values_are_refused_by_every_lossy_coding_and_nothing_is_writ
     assert not list(tmp_path.iterdir())
     freezepack.save(tmp_path / "m.fpk", model)  # lossless keeps what it is given
     assert freezepack.verify(tmp_path / "m.fpk")["ok"]
+
+
+# ------------------------------------------------------------------------------------------------ hostile files
+def _hostile(tmp_path, block, payload=b"", dtype="F32", n=8):
+    from .test_lossy_values import _body_with_whole
+
+    p = tmp_path / "t.fpk"
+    p.write_bytes(_body_with_whole(block, payload, dtype, n))
+    return p
+
+
+def _zz(*vs):
+    from freezepack.format import compact
+
+    o = compact._Out()
+    for i, v in enumerate(vs):
+        o.var(compact._zigzag(v) if i == 0 else v)
+    return bytes(o.b)
+
+
+def test_grid_whose_values_overflow_is_a_quiet_format_error(tmp_path):
+    import struct
+    import warnings
+
+    from freezepack import FormatError
+
+    from .test_lossy_values import _codebook_head
+
+    p = _hostile(tmp_path, _codebook_head(1, 2, struct.pack("<f", 3e38) + _zz(1, 0), [4, 4], 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was a numpy RuntimeWarning (an exception under -W error)
+        with pytest.raises(FormatError, match="not finite") as err:
+            freezepack.load(p)
+    assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("case", ["grid256_edge", "grid_gaps_past_2_24", "counts_overflow", "stream_past_end",
+                                  "stream_not_words", "huge_n"])
+def test_hostile_codebook_blocks_are_format_errors_naming_the_file(case, tmp_path):
+    import struct
+
+    import numpy as np
+
+    from freezepack import FormatError
+
+    from .test_lossy_values import _codebook_head
+
+    M, n = 1 << 24, 8
+    half = struct.pack("<ff", 0.5, 1.0)
+    block = {
+        # 256 levels ending at 2^24 + 1: the last one is out of range
+        "grid256_edge": _codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(M - 254, *[0] * 255), [1] * 256, 0),
+        "grid_gaps_past_2_24": _codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(-M, *[2 * M] * 255), [1] * 256),
+        "counts_overflow": _codebook_head(0, 256, np.arange(256, dtype="<u4").tobytes(), [(1 << 64) - 1] * 256),
+        "stream_past_end": _codebook_head(0, 2, half, [4, 4], 32),
+        "stream_not_words": _codebook_head(0, 2, half, [4, 4], 3),
+        "huge_n": _codebook_head(0, 1, struct.pack("<f", 0.5)),
+    }[case]
+    if case.startswith("grid256") or case.startswith("grid_gaps"):
+        n = 256
+    if case == "huge_n":
+        n = 1 << 33
+    p = _hostile(tmp_path, block, b"\x01\x02\x03" if case == "stream_not_words" else b"", n=n)
+    with pytest.raises(FormatError) as err:
+        freezepack.load(p)
+    assert err.value.path is not None and str(p) in str(err.value)
+    try:  # verify: a header that cannot be trusted raises, a tensor that fails is reported
+        assert not freezepack.verify(p)["ok"]
+    except FormatError as e:
+        assert str(p) in str(e)
+
+
+def test_stored_nan_codebooks_and_f16_nan_payloads_are_kept_bit_exact(tmp_path):
+    """A table of NaN bit patterns and F16 NaN/inf payloads under 'cast' are legal: the reader must return them
+    bit for bit (a float compare would lose them)."""
+    import numpy as np
+
+    from freezepack.format import compact, entropy
+
+    from .test_lossy_values import _codebook_head
+
+    table = np.array([0x7FC00000, 0x7FC00001], dtype="<u4")
+    sym = np.array([0, 1, 1, 0, 0, 1, 0, 1])
+    pay = entropy.encode_symbols(sym, [4, 4])
+    got = freezepack.load(_hostile(tmp_path, _codebook_head(0, 2, table.tobytes(), [4, 4], len(pay)), pay))["x"]
+    assert got.numpy().view("<u4").tolist() == table[sym].tolist()
+    h = np.array([0x7E01, 0x7C01, 0xFC00, 0x7C00] * 2, dtype="<u2")
+    cast = bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index("F16"), 0])
+    got = freezepack.load(_hostile(tmp_path, cast, h.tobytes()))["x"]
+    assert got.numpy().view("<u4").tolist() == h.view("<f2").astype("<f4").view("<u4").tolist()
