@@ -156,3 +156,32 @@ def test_stored_nan_codebooks_and_f16_nan_payloads_are_kept_bit_exact(tmp_path):
     cast = bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index("F16"), 0])
     got = freezepack.load(_hostile(tmp_path, cast, h.tobytes()))["x"]
     assert got.numpy().view("<u4").tolist() == h.view("<f2").astype("<f4").view("<u4").tolist()
+
+
+# ------------------------------------------------------------------------------------------------ re-coding
+@pytest.mark.parametrize("coding", ["int8", "uniform:3", "kmeans:3", "bf16", "f16"])
+def test_recoding_a_lossy_file_with_its_own_coding_changes_nothing(bag, coding, tmp_path):
+    from freezepack.conversion import convert_checkpoint
+
+    a, b, c = tmp_path / "a.fpk", tmp_path / "b.fpk", tmp_path / "c.fpk"
+    freezepack.save(a, bag, values=coding)
+    convert_checkpoint(a, b, freezepack.inspect(a)["seed"], values=coding)
+    assert b.read_bytes() == a.read_bytes()  # same values, and the metadata does not say "int8, then int8"
+    from .test_any_model import BagModel
+
+    fresh = freezepack.load_freezenet(BagModel(), a)
+    freezepack.save(c, fresh, values=coding)  # load, then re-save: a quantized model is a fixed point
+    assert c.read_bytes() == a.read_bytes()
+
+
+def test_recoding_chain_records_each_different_step_once(bag, tmp_path):
+    from freezepack.conversion import convert_checkpoint
+
+    src = tmp_path / "0.fpk"
+    freezepack.save(src, bag, values="kmeans:4")
+    for i, coding in enumerate(["int8", "int8", None, "bf16", "bf16"]):
+        dst = tmp_path / f"{i + 1}.fpk"
+        convert_checkpoint(src, dst, freezepack.inspect(src)["seed"], values=coding)
+        src = dst
+    assert freezepack.inspect(src)["values"] == "kmeans:4, then uniform:8, then bf16"
+    assert freezepack.verify(src)["ok"]
