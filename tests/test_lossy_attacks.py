@@ -185,3 +185,11 @@ def test_recoding_chain_records_each_different_step_once(bag, tmp_path):
         src = dst
     assert freezepack.inspect(src)["values"] == "kmeans:4, then uniform:8, then bf16"
     assert freezepack.verify(src)["ok"]
+
+
+def test_bf16_coding_of_a_float16_tensor_never_makes_an_infinity():
+    v = torch.tensor([65504.0, 1.0], dtype=torch.float16)  # bf16 rounds 65504 to 65536: inf as float16
+    with pytest.raises(UsageError, match="bf16 range"):
+        quantize(v, "bf16")
+    q, _ = quantize(torch.tensor([65000.0, -3.0], dtype=torch.float16), "bf16")
+    assert q.dtype == torch.float16 and torch.isfinite(q).all()

@@ -78,11 +78,12 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
     if not torch.isfinite(v).all():
         raise UsageError(f"values hold a NaN or an infinity: they cannot be quantized ({c})", tensor=name)
     if c.kind in ("f16", "bf16"):
-        q = v.to(torch.float16 if c.kind == "f16" else torch.bfloat16)
-        if not torch.isfinite(q).all():
-            limit = "|v| >= 65520: use bf16" if c.kind == "f16" else "|v| > 3.3961e38"
+        q = v.to(torch.float16 if c.kind == "f16" else torch.bfloat16).to(v.dtype)
+        if not torch.isfinite(q).all():  # also an F16 tensor's 65504 that bf16 rounds to 65536
+            limit = "|v| >= 65520" if c.kind == "f16" else "|v| > 3.3961e38" if v.dtype != torch.float16 else \
+                "bf16 rounds it beyond the tensor's float16 maximum 65504"
             raise UsageError(f"a value rounds outside the {c.kind} range ({limit})", tensor=name)
-        return q.to(v.dtype), {}
+        return q, {}
     x = v.double().numpy().reshape(-1)
     if c.kind == "uniform":
         top = (1 << (c.bits - 1)) - 1
