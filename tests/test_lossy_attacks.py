@@ -193,3 +193,25 @@ def test_bf16_coding_of_a_float16_tensor_never_makes_an_infinity():
         quantize(v, "bf16")
     q, _ = quantize(torch.tensor([65000.0, -3.0], dtype=torch.float16), "bf16")
     assert q.dtype == torch.float16 and torch.isfinite(q).all()
+
+
+# ------------------------------------------------------------------------------------------------ fleet
+def test_fleet_ships_lossy_releases_bit_exact_and_fetches_only_changed_payloads(tmp_path):
+    pytest.importorskip("tuf")
+    import hashlib
+
+    from .fleet_support import Fleet, record
+
+    fleet = Fleet(tmp_path / "fleet")
+    a, b = tmp_path / "a.fpk", tmp_path / "b.fpk"
+    freezepack.save(a, record(), version=2, values="int8")
+    freezepack.save(b, record(head_seed=1), version=2, values="int8")  # only fc3's values differ
+    for path, fetched_most in ((a, None), (b, 0.5)):
+        fleet.publish(path)
+        r = fleet.install()
+        assert r.status == "installed"
+        got = open(r.path, "rb").read()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(path.read_bytes()).digest()
+        assert freezepack.inspect(r.path)["values"] == "uniform:8" and freezepack.verify(r.path)["ok"]
+        if fetched_most is not None:
+            assert r.fetched_bytes < fetched_most * r.full_bytes
