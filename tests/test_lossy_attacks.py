@@ -215,3 +215,39 @@ def test_fleet_ships_lossy_releases_bit_exact_and_fetches_only_changed_payloads(
         assert freezepack.inspect(r.path)["values"] == "uniform:8" and freezepack.verify(r.path)["ok"]
         if fetched_most is not None:
             assert r.fetched_bytes < fetched_most * r.full_bytes
+
+
+def test_kmeans_counts_signed_zeros_as_two_stored_values():
+    v = torch.tensor([-0.0, 0.0, 0.5, 0.5])
+    q, _ = quantize(v, "kmeans:1")  # 3 bit patterns > 2: clustered, not kept
+    assert torch.unique(q.view(torch.int32)).numel() <= 2
+
+
+def test_writer_tries_cast_on_values_beyond_f16_without_warnings():
+    import warnings
+
+    import numpy as np
+
+    from freezepack.format import compact
+
+    v = np.array([3e38, 1.0, 0.5, float("nan")], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was "overflow encountered in cast": an exception under -W error
+        head, payload, coder = compact._value_block(v.tobytes(), "F32")
+    assert coder != "cast" or head[1] == compact.DTYPES.index("BF16")
+
+
+@pytest.mark.parametrize("coding", ["bf16", "int8", "uniform:3", "kmeans:3"])
+def test_freezenet_wd_scale_and_float16_models_store_exactly_the_quantized_model(bag, coding, tmp_path):
+    for dtype in (torch.float32, torch.float16):
+        model = copy.deepcopy(bag).to(dtype)
+        for p in frozen_parametrizations(model).values():
+            p.set_frozen_scale(0.75)  # FreezeNet-WD: frozen part decayed
+        path = tmp_path / f"{dtype}.fpk"
+        freezepack.save(path, model, values=coding)
+        want = copy.deepcopy(model)
+        quantize_model(want, coding)
+        sd, ref = freezepack.load(path), dense_state_dict(want)
+        assert all(torch.equal(sd[k], ref[k]) for k in ref) and freezepack.verify(path)["ok"]
+        info = freezepack.inspect(path)
+        assert {t["frozen_scale"] for t in info["tensors"] if t["kind"] == "frozen"} == {0.75}
