@@ -232,7 +232,8 @@ def _cast_block(raw: bytes, dtype: str) -> tuple[bytes, bytes] | None:
         target, half = "BF16", (a >> 16).astype("<u2").tobytes()
     else:
         f = a.view("<f4")
-        h = f.astype("<f2")
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond F16 become inf, and are refused below
+            h = f.astype("<f2")
         if not np.all(np.isfinite(h)) or not np.array_equal(h.astype("<f4").view("<u4"), a):
             return None
         target, half = "F16", h.tobytes()

@@ -103,7 +103,9 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
 def _kmeans(v: torch.Tensor, x: np.ndarray, k: int) -> torch.Tensor:
     """Deterministic 1-D Lloyd: linear init over [min, max], nearest-centroid assignment by midpoints, centroids
     rounded to the tensor's dtype at the end (so every stored value is exactly a centroid)."""
-    if torch.unique(v).numel() <= k:  # (torch: numpy has no bfloat16)  # already few values (e.g. quantized before and fine-tuned): keep them exactly
+    # Already few values (e.g. quantized before and fine-tuned): keep them exactly. Counted as bit patterns
+    # (-0.0 and 0.0 are two stored values) with torch (numpy has no bfloat16).
+    if torch.unique(v.view({torch.float32: torch.int32}.get(v.dtype, torch.int16))).numel() <= k:
         return v.clone()
     lo, hi = float(x.min()), float(x.max())
     cent = np.linspace(lo, hi, k)
