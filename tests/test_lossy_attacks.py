@@ -251,3 +251,43 @@ def test_freezenet_wd_scale_and_float16_models_store_exactly_the_quantized_model
         assert all(torch.equal(sd[k], ref[k]) for k in ref) and freezepack.verify(path)["ok"]
         info = freezepack.inspect(path)
         assert {t["frozen_scale"] for t in info["tensors"] if t["kind"] == "frozen"} == {0.75}
+
+
+@pytest.mark.parametrize("coder", ["codebook", "codebook1", "cast:BF16", "cast:F16"])
+def test_value_decoders_write_the_dense_bytes_once(coder, tmp_path):
+    """A tiny file can expand up to the reader's max_dense_bytes: decoding must not need several times that
+    (was 2-4x: widened temporaries, astype/tobytes/bytearray copies, 8-byte take() indices)."""
+    import struct
+    import tracemalloc
+
+    import numpy as np
+
+    from freezepack.format import compact, entropy
+    from freezepack.format.container import FpkReader
+
+    from .test_lossy_values import _codebook_head
+
+    n = 1 << 22
+    if coder == "codebook":
+        sym = np.random.default_rng(0).integers(0, 2, n)
+        counts = np.bincount(sym).tolist()
+        payload = entropy.encode_symbols(sym, counts)
+        block = _codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), counts, len(payload))
+    elif coder == "codebook1":
+        block, payload = _codebook_head(0, 1, struct.pack("<f", 0.5)), b""
+    else:
+        block = bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index(coder[5:]), 0])
+        payload = np.full(n, 0x3C00, "<u2").tobytes()  # 1.0 as F16, 1.875 as BF16 (before widening)
+    p = _hostile(tmp_path, block, payload, n=n)
+    with FpkReader(p) as r:
+        key = next(iter(r.header.stored))
+        tracemalloc.start()
+        try:
+            got = r.read_bytes(key, "x")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert len(got) == 4 * n and peak < 1.6 * 4 * n  # the dense bytes + (cast) the 2-byte half
+    if coder.startswith("cast"):
+        want = np.float32(1.0) if coder == "cast:F16" else np.uint32(0x3C00 << 16).view(np.float32)
+        assert (np.frombuffer(got, "<f4") == want).all()
