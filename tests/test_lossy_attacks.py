@@ -9,7 +9,7 @@ import torch
 import freezepack
 from freezepack import UsageError
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations
-from freezepack.method.quantize import quantize, quantize_model
+from freezepack.method.quantize import ValueCoding, quantize, quantize_model
 
 from .test_any_model import trained
 
@@ -291,3 +291,14 @@ def test_value_decoders_write_the_dense_bytes_once(coder, tmp_path):
     if coder.startswith("cast"):
         want = np.float32(1.0) if coder == "cast:F16" else np.uint32(0x3C00 << 16).view(np.float32)
         assert (np.frombuffer(got, "<f4") == want).all()
+
+
+@pytest.mark.parametrize("coding", [ValueCoding("uniform", 30), ValueCoding("foo"), ValueCoding("kmeans", 0),
+                                    ValueCoding("kmeans", 20)])
+def test_hand_made_value_codings_are_checked_like_text(coding, bag, tmp_path):
+    with pytest.raises(UsageError, match="unknown values coding"):
+        quantize(torch.randn(10), coding)  # was an AssertionError, or a silent 2-value k-means
+    with pytest.raises(UsageError):
+        freezepack.save(tmp_path / "m.fpk", bag, values=coding)
+    assert not list(tmp_path.iterdir())
+    assert ValueCoding.parse(ValueCoding("uniform", 8)) == ValueCoding.parse("int8")

@@ -41,8 +41,8 @@ class ValueCoding:
 
     @classmethod
     def parse(cls, text: str | None | ValueCoding) -> ValueCoding:
-        if isinstance(text, ValueCoding):
-            return text
+        if isinstance(text, ValueCoding):  # a hand-made one is checked like its text (ValueCoding("uniform", 30))
+            text = str(text)
         if text is None:
             return cls("f32")
         if not isinstance(text, str):
