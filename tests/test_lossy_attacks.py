@@ -302,3 +302,49 @@ def test_hand_made_value_codings_are_checked_like_text(coding, bag, tmp_path):
         freezepack.save(tmp_path / "m.fpk", bag, values=coding)
     assert not list(tmp_path.iterdir())
     assert ValueCoding.parse(ValueCoding("uniform", 8)) == ValueCoding.parse("int8")
+
+
+# ------------------------------------------------------------------------------------------------ odd tensors
+def _odd_record():
+    from freezepack.format.init import make_init
+    from freezepack.format.record import FreezeRecord, FrozenTensor
+
+    shape = (6, 10)
+    masks = {"empty": torch.zeros(shape, dtype=torch.bool), "one": torch.zeros(shape, dtype=torch.bool),
+             "equal": torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.5,
+             "few": torch.rand(shape, generator=torch.Generator().manual_seed(2)) < 0.3}
+    masks["one"][2, 3] = True
+    vals = {"empty": torch.zeros(0), "one": torch.tensor([0.3]),
+            "equal": torch.full((int(masks["equal"].sum()),), -0.0625),
+            "few": torch.tensor([0.1, -0.2, 0.1])[torch.arange(int(masks["few"].sum())) % 3]}  # 2 values, K = 8
+    frozen = {k: FrozenTensor(make_init("kaiming_uniform", shape), masks[k], vals[k]) for k in masks}
+    return FreezeRecord(11, frozen=frozen, whole={"bias": torch.zeros(6)})
+
+
+@pytest.mark.parametrize("coding", ["bf16", "f16", "int8", "uniform:2", "kmeans:1", "kmeans:8"])
+def test_empty_single_all_equal_and_few_valued_tensors_with_every_coding(coding, tmp_path):
+    rec = _odd_record()
+    a, b = tmp_path / "a.fpk", tmp_path / "b.fpk"
+    freezepack.save(a, rec, values=coding)
+    freezepack.save(b, rec, values=coding)
+    assert a.read_bytes() == b.read_bytes()  # deterministic
+    assert freezepack.verify(a)["ok"]
+    sd = freezepack.load(a)
+    for name, ft in rec.frozen.items():
+        got = sd[name][ft.mask]
+        want = quantize(ft.values, coding)[0]
+        assert torch.equal(got, want), name
+    if coding.startswith("kmeans"):  # 2 distinct values <= 2**K: kept exactly
+        assert torch.equal(sd["few"][rec.frozen["few"].mask], rec.frozen["few"].values)
+    assert torch.unique(sd["equal"][rec.frozen["equal"].mask]).numel() == 1
+
+
+def test_lossy_save_through_data_parallel_and_compile_wrappers(bag, tmp_path):
+    want = copy.deepcopy(bag)
+    quantize_model(want, "kmeans:3")
+    ref = dense_state_dict(want)
+    for i, wrapped in enumerate((torch.nn.DataParallel(bag), torch.compile(bag))):
+        p = tmp_path / f"{i}.fpk"
+        freezepack.save(p, wrapped, values="kmeans:3")
+        sd = freezepack.load(p)
+        assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
