@@ -636,9 +636,10 @@ def verify(path: PathLike, device: Device = None, *, limits: Limits = DEFAULT_LI
                 results.append({"name": e.name, "ok": False, "error": err.reason})
             if progress is not None:
                 progress(i + 1, len(r.header.entries))
+        lossy = r.header.metadata.get(VALUES_KEY)  # the file is checked against what it holds: say if that is lossy
     bad = [x for x in results if not x["ok"]]
     return {"path": os.fspath(path), "ok": not bad, "tensors": results, "checked": len(results), "failed": len(bad),
-            "device": str(torch.device(device)) if device is not None else "cpu"}
+            "device": str(torch.device(device)) if device is not None else "cpu", "values": lossy}
 
 
 def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:

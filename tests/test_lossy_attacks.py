@@ -348,3 +348,28 @@ def test_lossy_save_through_data_parallel_and_compile_wrappers(bag, tmp_path):
         freezepack.save(p, wrapped, values="kmeans:3")
         sd = freezepack.load(p)
         assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def test_verify_and_convert_reports_say_when_values_are_lossy(bag, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from freezepack.cli import cli
+    from freezepack.conversion import convert_checkpoint
+
+    src, dst = tmp_path / "m.fpk", tmp_path / "k.fpk"
+    freezepack.save(src, bag)
+    assert freezepack.verify(src)["values"] is None
+    report = convert_checkpoint(src, dst, freezepack.inspect(src)["seed"], values="int8")
+    assert report["values"] == "uniform:8" and freezepack.verify(dst)["values"] == "uniform:8"
+    assert convert_checkpoint(src, tmp_path / "f.fpk", 7, values="f32")["values"] is None
+    r = CliRunner().invoke(cli, ["verify", str(dst)])
+    assert r.exit_code == 0 and "lossy: uniform:8" in r.output
+    r = CliRunner().invoke(cli, ["verify", "--json", str(dst)])
+    assert json.loads(r.stdout)["values"] == "uniform:8"
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "c.fpk"), "--values", "kmeans:2"])
+    assert r.exit_code == 0 and "quantized (kmeans:2, lossy)" in r.output  # not a bare "verified bit-exact"
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "d.fpk")])
+    assert r.exit_code == 0 and "lossy" not in r.output and "verified bit-exact" in r.output
