@@ -373,3 +373,25 @@ def test_verify_and_convert_reports_say_when_values_are_lossy(bag, tmp_path):
     assert r.exit_code == 0 and "quantized (kmeans:2, lossy)" in r.output  # not a bare "verified bit-exact"
     r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "d.fpk")])
     assert r.exit_code == 0 and "lossy" not in r.output and "verified bit-exact" in r.output
+
+
+@pytest.mark.parametrize("coding,top", [("int8", 127), ("uniform:4", 7)])
+def test_values_already_on_a_foreign_grid_are_kept_exactly(coding, top, tmp_path):
+    """A grid whose step s is not a fixed point of step = fl32(fl32(top * s) / top) (e.g. int8 from another
+    quantizer) used to move by an ulp on every re-quantization; it is kept, and stored as that grid."""
+    import numpy as np
+
+    from freezepack.format import entropy
+
+    cand = (np.random.default_rng(0).random(20000) + 1.0).astype(np.float32) * np.float32(2 ** -8)
+    amax = (np.float32(top) * cand).astype(np.float32)
+    foreign = cand[(amax.astype(np.float64) / top).astype(np.float32) != cand]
+    assert foreign.size  # such steps exist
+    levels = np.random.default_rng(1).integers(-top, top + 1, 500)
+    levels[0] = top
+    for s in foreign[:20]:
+        v = torch.from_numpy(entropy.grid_values(levels, float(s)))
+        q, hint = quantize(v, coding)
+        assert torch.equal(q.view(torch.int32), v.view(torch.int32)) and hint == {"step": float(s)}
+    block = freezepack.format.compact._value_block(v.numpy().tobytes(), "F32", hint["step"])
+    assert block[2] == "codebook" and block[0][1] == 1  # the grid form

@@ -94,6 +94,17 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
         if not step > 0 or v.dtype != torch.float32:  # F16/BF16 tensors: grid rounded to the dtype (a table)
             q = np.clip(np.rint(x / (step or 1.0)), -top, top) * step
             return torch.from_numpy(q).to(v.dtype).reshape(v.shape), {}
+        f32 = v.numpy().reshape(-1)
+        # Values already on a grid whose step is within an ulp of ours (int8 from another quantizer, whose step
+        # fl32(fl32(127 * s) / 127) need not give back s): kept exactly, stored as that grid.
+        for s in (step, float(np.nextafter(np.float32(step), np.float32(np.inf))),
+                  float(np.nextafter(np.float32(step), np.float32(0)))):
+            if not s > 0:  # (the smallest subnormal step has no lower neighbour)
+                continue
+            levels = np.rint(x / s)
+            if np.abs(levels).max() <= top and np.array_equal(
+                    grid_values(levels.astype(np.int64), s).view(np.uint32), f32.view(np.uint32)):
+                return v.clone(), {"step": s}
         levels = np.clip(np.rint(x / step), -top, top).astype(np.int64)
         assert np.abs(levels).max() <= MAX_GRID_LEVEL
         return torch.from_numpy(grid_values(levels, step)).reshape(v.shape), {"step": step}
