@@ -395,3 +395,18 @@ def test_values_already_on_a_foreign_grid_are_kept_exactly(coding, top, tmp_path
         assert torch.equal(q.view(torch.int32), v.view(torch.int32)) and hint == {"step": float(s)}
     block = freezepack.format.compact._value_block(v.numpy().tobytes(), "F32", hint["step"])
     assert block[2] == "codebook" and block[0][1] == 1  # the grid form
+
+
+def test_convert_says_when_values_had_nothing_to_quantize(bag, tmp_path):
+    from safetensors.torch import save_file
+
+    from freezepack.conversion import convert_checkpoint
+
+    src = tmp_path / "half.safetensors"  # a float16 checkpoint: nothing is found frozen, so nothing to quantize
+    save_file({k: v.half().contiguous() for k, v in dense_state_dict(bag).items()}, src)
+    report = convert_checkpoint(src, tmp_path / "h.fpk", 7, values="kmeans:3")
+    assert any("changed nothing" in h for h in report["hints"])
+    f32 = tmp_path / "m.fpk"
+    freezepack.save(f32, bag)
+    report = convert_checkpoint(f32, tmp_path / "k.fpk", freezepack.inspect(f32)["seed"], values="kmeans:3")
+    assert not any("changed nothing" in h for h in report["hints"])
