@@ -18,7 +18,8 @@ Codings (``ValueCoding.parse``):
 ``int8``       ``uniform:8``: 255 levels, the usual symmetric int8 quantizer.
 
 Only the trained values of frozen tensors are quantized; whole tensors (biases, norms, unfrozen layers) stay
-exact. Everything is deterministic: the same values give the same file.
+exact. Everything is deterministic: the same values give the same file, and re-coding values a quantizer already
+produced (a loaded lossy file) changes nothing. NaN and infinite values are refused by every lossy coding.
 """
 from __future__ import annotations
 
