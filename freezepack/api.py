@@ -176,8 +176,12 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
         elif version != 2:
             raise UsageError(f"lossy values ({coding}) need format version 2 (its value coders store them compactly)")
         else:
-            before = metadata.get(VALUES_KEY)  # re-coding a lossy file (convert): both steps are recorded
-            metadata[VALUES_KEY] = str(coding) if before in (None, str(coding)) else f"{before}, then {coding}"
+            # Re-coding a lossy file (convert): both steps are recorded, but the same coding again is one step (the
+            # quantizers keep values they already produced, so it changes nothing).
+            before = metadata.get(VALUES_KEY)
+            last = before.rpartition(", then ")[2] if before else None
+            metadata[VALUES_KEY] = str(coding) if before is None else \
+                before if last == str(coding) else f"{before}, then {coding}"
     seed = check_seed(record.seed)
     truth = truth or {}
     if record.spec_version != SPEC_VERSION:
@@ -632,9 +636,10 @@ def verify(path: PathLike, device: Device = None, *, limits: Limits = DEFAULT_LI
                 results.append({"name": e.name, "ok": False, "error": err.reason})
             if progress is not None:
                 progress(i + 1, len(r.header.entries))
+        lossy = r.header.metadata.get(VALUES_KEY)  # the file is checked against what it holds: say if that is lossy
     bad = [x for x in results if not x["ok"]]
     return {"path": os.fspath(path), "ok": not bad, "tensors": results, "checked": len(results), "failed": len(bad),
-            "device": str(torch.device(device)) if device is not None else "cpu"}
+            "device": str(torch.device(device)) if device is not None else "cpu", "values": lossy}
 
 
 def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:

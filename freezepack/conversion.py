@@ -299,7 +299,26 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
     dense = sum(v.numel() * v.element_size() for v in sd.values())
     return {"source": os.fspath(src), "output": os.fspath(dst), "seed": int(seed), "tensors": rows,
             "dense_bytes": dense, "file_bytes": size, "compression_factor": dense / size if size else 0.0,
-            "metadata": meta, "hints": _hints(rows, sd, seed, init, size, dense)}
+            "metadata": meta, "hints": _hints(rows, sd, seed, init, size, dense) + _values_hint(rec, values),
+            "values": _lossy(values)}
+
+
+def _values_hint(rec: FreezeRecord, values) -> list[str]:
+    """--values quantizes only the trained values of frozen tensors: say so when there were none (a half-precision
+    or wrongly seeded checkpoint), rather than let a lossless file look quantized."""
+    coding = _lossy(values)
+    if coding is None or any(ft.values.numel() for ft in rec.frozen.values()):
+        return []
+    return [f"--values {coding} changed nothing: it quantizes the trained values of frozen tensors, and no tensor "
+            "was found frozen (only float32 tensors whose other entries equal the regenerated initial values are)"]
+
+
+def _lossy(values) -> str | None:
+    """The lossy coding a conversion applied (its report's ``values``), None when lossless."""
+    from .method.quantize import ValueCoding
+
+    coding = ValueCoding.parse(values)
+    return None if coding.lossless else str(coding)
 
 
 def convert(src, dst, seed: int, init: str = "xavier_normal", inits: dict[str, str] | None = None,

@@ -100,7 +100,8 @@ def verify_cmd(path, device, as_json, progress):
             if not t["ok"]:
                 click.echo(f"error: {path}: tensor {t['name']!r}: {t['error']}", err=True)
         if report["ok"]:
-            click.echo(f"{path}: OK, {report['checked']} tensors bit-exact on {report['device']}")
+            lossy = f" (trained values lossy: {report['values']}, as stored)" if report.get("values") else ""
+            click.echo(f"{path}: OK, {report['checked']} tensors bit-exact on {report['device']}{lossy}")
     if not report["ok"]:
         sys.exit(1)
 
@@ -249,8 +250,10 @@ def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, 
     factor = report["compression_factor"]
     size = (f"{factor:.1f}x smaller" if factor >= 1.05 else
             f"{1 / factor:.2f}x larger" if factor < 1 else "about the same size")
+    proof = "verified bit-exact" if report.get("values") is None else \
+        f"trained values quantized ({report['values']}, lossy), verified bit-exact against the quantized checkpoint"
     click.echo(f"{dst}: {_human(report['file_bytes'])} from {_human(report['dense_bytes'])} dense "
-               f"({size}), verified bit-exact")
+               f"({size}), {proof}")
 
 
 COMMANDS = (inspect_cmd, verify_cmd, unpack_cmd, convert_cmd)

@@ -232,7 +232,8 @@ def _cast_block(raw: bytes, dtype: str) -> tuple[bytes, bytes] | None:
         target, half = "BF16", (a >> 16).astype("<u2").tobytes()
     else:
         f = a.view("<f4")
-        h = f.astype("<f2")
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond F16 become inf, and are refused below
+            h = f.astype("<f2")
         if not np.all(np.isfinite(h)) or not np.array_equal(h.astype("<f4").view("<u4"), a):
             return None
         target, half = "F16", h.tobytes()
@@ -761,15 +762,27 @@ class Body:
             if len(half) != 2 * n:
                 raise FormatError("'cast' values payload has the wrong length", path=self.path, tensor=tensor)
             h = np.frombuffer(half, dtype="<u2")
-            wide = h.astype("<u4") << 16 if target == "BF16" else h.view("<f2").astype("<f4").view("<u4")
-            return bytearray(wide.astype("<u4").tobytes())
-        if coder == "codebook":
+            out = bytearray(4 * n)  # widened in place: the dense bytes once, not three temporaries of them
+            wide = np.frombuffer(out, dtype="<u4")
+            if target == "BF16":
+                wide[:] = h
+                wide <<= 16
+            else:
+                wide.view("<f4")[:] = h.view("<f2")
+            return out
+        if coder == "codebook":  # the dense bytes are written once (a tiny file may expand to the reader's limit)
             table, counts, n, elem = params
+            out = bytearray(n * elem)
+            dense = np.frombuffer(out, dtype=f"<u{elem}")
+            table = table.astype(dense.dtype, copy=False)
             if len(counts) == 1:
-                return bytearray(np.repeat(table, n).astype(f"<u{elem}").tobytes())
+                dense[:] = table[0]
+                return out
             words = np.frombuffer(payload, dtype="<u4")
             sym = entropy.decode_symbols(words, counts, n, "'codebook' values", self.path, tensor)
-            return bytearray(table[sym].astype(f"<u{elem}").tobytes())
+            for i in range(0, n, 1 << 16):  # in chunks: take() widens the uint8 symbols to 8-byte indices
+                np.take(table, sym[i:i + (1 << 16)], out=dense[i:i + (1 << 16)], mode="clip")  # all < m
+            return out
         return bytearray(payload)
 
     def coding(self, key: str) -> str:

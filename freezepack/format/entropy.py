@@ -321,7 +321,8 @@ MAX_GRID_LEVEL = 1 << 24  # |level| <= 2**24: every level is an exact f32 intege
 def grid_values(levels, step: float) -> np.ndarray:
     """Grid centroids: fl32(f32(level) * f32(step)), one IEEE binary32 multiply with round-to-nearest-even per
     value (numpy's float32 multiply; no fused operation). The reader and the lossy quantizer share this."""
-    return np.asarray(levels, dtype=np.int64).astype(np.float32) * np.float32(step)
+    with np.errstate(over="ignore"):  # a hostile step may overflow to inf: the reader refuses it, quietly
+        return np.asarray(levels, dtype=np.int64).astype(np.float32) * np.float32(step)
 
 
 def encode_symbols(sym: np.ndarray, counts) -> bytes:

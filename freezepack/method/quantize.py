@@ -18,7 +18,8 @@ Codings (``ValueCoding.parse``):
 ``int8``       ``uniform:8``: 255 levels, the usual symmetric int8 quantizer.
 
 Only the trained values of frozen tensors are quantized; whole tensors (biases, norms, unfrozen layers) stay
-exact. Everything is deterministic: the same values give the same file.
+exact. Everything is deterministic: the same values give the same file, and re-coding values a quantizer already
+produced (a loaded lossy file) changes nothing. NaN and infinite values are refused by every lossy coding.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ class ValueCoding:
 
     @classmethod
     def parse(cls, text: str | None | ValueCoding) -> ValueCoding:
-        if isinstance(text, ValueCoding):
-            return text
+        if isinstance(text, ValueCoding):  # a hand-made one is checked like its text (ValueCoding("uniform", 30))
+            text = str(text)
         if text is None:
             return cls("f32")
         if not isinstance(text, str):
@@ -73,15 +74,18 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
     v = values.detach().cpu()
     if c.lossless or v.numel() == 0:
         return v, {}
+    # Every lossy coding refuses non-finite values: a NaN has no nearest centroid, and with one inf already
+    # present an f16 overflow (1e6 -> inf) could not be told apart from it.
+    if not torch.isfinite(v).all():
+        raise UsageError(f"values hold a NaN or an infinity: they cannot be quantized ({c})", tensor=name)
     if c.kind in ("f16", "bf16"):
-        target = torch.float16 if c.kind == "f16" else torch.bfloat16
-        q = v.to(target)
-        if not torch.isfinite(q).all() and torch.isfinite(v).all():
-            raise UsageError(f"a value is outside the {c.kind} range (|v| > 65504): use bf16", tensor=name)
-        return q.to(v.dtype), {}
+        q = v.to(torch.float16 if c.kind == "f16" else torch.bfloat16).to(v.dtype)
+        if not torch.isfinite(q).all():  # also an F16 tensor's 65504 that bf16 rounds to 65536
+            limit = "|v| >= 65520" if c.kind == "f16" else "|v| > 3.3961e38" if v.dtype != torch.float16 else \
+                "bf16 rounds it beyond the tensor's float16 maximum 65504"
+            raise UsageError(f"a value rounds outside the {c.kind} range ({limit})", tensor=name)
+        return q, {}
     x = v.double().numpy().reshape(-1)
-    if not np.isfinite(x).all():
-        raise UsageError("values hold a NaN or an infinity: they cannot be quantized", tensor=name)
     if c.kind == "uniform":
         top = (1 << (c.bits - 1)) - 1
         amax = float(np.abs(x).max())
@@ -91,6 +95,17 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
         if not step > 0 or v.dtype != torch.float32:  # F16/BF16 tensors: grid rounded to the dtype (a table)
             q = np.clip(np.rint(x / (step or 1.0)), -top, top) * step
             return torch.from_numpy(q).to(v.dtype).reshape(v.shape), {}
+        f32 = v.numpy().reshape(-1)
+        # Values already on a grid whose step is within an ulp of ours (int8 from another quantizer, whose step
+        # fl32(fl32(127 * s) / 127) need not give back s): kept exactly, stored as that grid.
+        for s in (step, float(np.nextafter(np.float32(step), np.float32(np.inf))),
+                  float(np.nextafter(np.float32(step), np.float32(0)))):
+            if not s > 0:  # (the smallest subnormal step has no lower neighbour)
+                continue
+            levels = np.rint(x / s)
+            if np.abs(levels).max() <= top and np.array_equal(
+                    grid_values(levels.astype(np.int64), s).view(np.uint32), f32.view(np.uint32)):
+                return v.clone(), {"step": s}
         levels = np.clip(np.rint(x / step), -top, top).astype(np.int64)
         assert np.abs(levels).max() <= MAX_GRID_LEVEL
         return torch.from_numpy(grid_values(levels, step)).reshape(v.shape), {"step": step}
@@ -100,8 +115,9 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
 def _kmeans(v: torch.Tensor, x: np.ndarray, k: int) -> torch.Tensor:
     """Deterministic 1-D Lloyd: linear init over [min, max], nearest-centroid assignment by midpoints, centroids
     rounded to the tensor's dtype at the end (so every stored value is exactly a centroid)."""
-    uniq = np.unique(v.numpy().reshape(-1))
-    if uniq.size <= k:  # already few values (e.g. quantized before and fine-tuned): keep them exactly
+    # Already few values (e.g. quantized before and fine-tuned): keep them exactly. Counted as bit patterns
+    # (-0.0 and 0.0 are two stored values) with torch (numpy has no bfloat16).
+    if torch.unique(v.view({torch.float32: torch.int32}.get(v.dtype, torch.int16))).numel() <= k:
         return v.clone()
     lo, hi = float(x.min()), float(x.max())
     cent = np.linspace(lo, hi, k)
