@@ -88,17 +88,22 @@ def render_markdown(res: Table2Result) -> str:
         "",
         "### Real files (ours)",
         "",
-        "| q | .fpk bytes on disk | mask share | dense safetensors bytes | real factor | verify (bit-exact) |",
-        "|---|---|---|---|---|---|",
+        "| q | .fpk bytes on disk | paper's count (bytes) | file / paper count | mask share "
+        "| dense safetensors bytes | real factor | verify (bit-exact) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in cmp:
         real = f"{dense_bytes / c['file_bytes']:.1f}" if dense_bytes else "–"
-        lines.append(f"| {c['q']:g} | {c['file_bytes']:,} | {100 * c['mask_bytes'] / c['file_bytes']:.1f} % | "
+        count = round(c["size_kb"] * 1024)
+        lines.append(f"| {c['q']:g} | {c['file_bytes']:,} | {count:,} | {c['file_bytes'] / count:.2f} | "
+                     f"{100 * c['mask_bytes'] / c['file_bytes']:.1f} % | "
                      f"{dense_bytes:,} | {real} | {'yes' if c['verified'] else 'NO'} |")
     lines += [
         "",
-        "The .fpk holds the trained values (float32), the ANS/gap-coded mask, the seed, initializer records, "
-        "per-tensor digests and the header; the paper's size counts float32 trained numbers only.",
+        "The .fpk (format v2) holds the trained values (losslessly coded float32), the coded "
+        "mask, the seed, initializer records, per-tensor digests and the header; the paper's size counts float32 "
+        "trained numbers (and biases) only, at 4 bytes each, with no mask and no header. Smaller still with opt-in "
+        "lossy values: docs/PARETO.md.",
         "",
         "### Accuracy (%), mean ± std over seeds",
         "",
