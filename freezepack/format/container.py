@@ -880,11 +880,16 @@ def work_bytes(e: Entry) -> int:
     return stored + 16 * m + 8 * k + (0 if e.coder_params.get("value") == 1 else n)
 
 
+_ALWAYS_ALLOWED = 4 << 20  # a materialization this small is never refused for lack of system memory
+
+
 def check_memory(nbytes: int, what: str, limits: Limits = DEFAULT_LIMITS, device=None, path=None,
                  tensor=None) -> None:
     """Refuse, before allocating, to materialize more than ``limits.max_dense_bytes`` (default: the memory
     available now on ``device``). A .fpk legitimately regenerates gigabytes from a few bytes, so the file size
     cannot bound this; a FormatError naming the limit is better than an out-of-memory kill."""
+    if limits.max_dense_bytes is None and nbytes <= _ALWAYS_ALLOWED:
+        return  # asking the system costs ~0.2 ms (a /proc read): not worth it for a small tensor
     limit = limits.max_dense_bytes if limits.max_dense_bytes is not None else available_bytes(device)
     if limit is None or nbytes <= limit:
         return
