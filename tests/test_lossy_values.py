@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import freezepack
 from freezepack import FormatError, MethodError, UsageError
 from freezepack.cli import cli
-from freezepack.format import compact, entropy
+from freezepack.format import compact, container, entropy
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations
 from freezepack.method.quantize import ValueCoding, finetune_clusters, quantize, quantize_model
 
@@ -239,11 +239,14 @@ def test_value_blocks_are_lossless_on_random_inputs(tmp_path):
         assert got.numpy().tobytes() == v.tobytes(), (trial, coder)
 
 
-def test_grid_block_round_trips_and_beats_a_table(tmp_path):
+def test_grid_block_round_trips_and_beats_a_table(tmp_path, monkeypatch):
     step = float(np.float32(0.0123))
     v = entropy.grid_values(np.random.default_rng(1).integers(-127, 128, 5000), step)
     grid = compact._codebook_block(v.tobytes(), "F32", step)
+    assert compact._codebook_block(v.tobytes(), "F32", None) == grid  # found without the quantizer's hint
+    monkeypatch.setattr(compact, "_grid_step", lambda values: None)
     table = compact._codebook_block(v.tobytes(), "F32", None)
+    assert grid[0][1] == 1 and table[0][1] == 0
     assert len(grid[0]) + 600 < len(table[0])  # 255 f32 entries vs a step and small gaps
     assert _read(tmp_path, _body_with_whole(*grid, "F32", 5000)).numpy().tobytes() == v.tobytes()
 
@@ -357,3 +360,20 @@ def test_cli_train_with_kmeans_and_finetuning_stores_what_it_tested(tmp_path):
     for name in frozen_parametrizations(m):
         mod, _, attr = name.rpartition(".")
         assert torch.unique(m.get_submodule(mod).parametrizations[attr].original).numel() <= 8
+
+
+@pytest.mark.parametrize("coding", ["int8", "uniform:4", "kmeans:4", "bf16"])
+def test_resaving_a_lossy_model_without_values_keeps_its_size(bag, coding, tmp_path):
+    """The writer finds the codebook (and a uniform grid) by itself: a loaded lossy file re-saved losslessly is
+    the same model and no larger (only the metadata record of the coding is gone)."""
+    from .test_any_model import BagModel
+
+    a, b = tmp_path / "a.fpk", tmp_path / "b.fpk"
+    freezepack.save(a, bag[0], values=coding)
+    freezepack.save(b, freezepack.load_freezenet(BagModel(), a))
+    assert b.stat().st_size <= a.stat().st_size
+    sa, sb = freezepack.load(a), freezepack.load(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    if coding in ("int8", "uniform:4"):
+        with container.FpkReader(b) as r:
+            assert any(p[0] == "codebook" for p in r._v2.parts.values())

@@ -258,6 +258,8 @@ def _codebook_block(raw: bytes, dtype: str, step: float | None) -> tuple[bytes, 
     o = _Out()
     o.u8(VALUE_CODERS.index("codebook"))
     grid = None
+    if step is None and dtype == "F32" and table.size > 1:
+        step = _grid_step(table.view("<f4"))
     if step is not None and dtype == "F32" and math.isfinite(step) and step > 0:
         f = table.view("<f4").astype(np.float64)
         levels = np.rint(f / step).astype(np.int64)
@@ -286,6 +288,26 @@ def _codebook_block(raw: bytes, dtype: str, step: float | None) -> tuple[bytes, 
         payload = entropy.encode_symbols(sym.reshape(-1), counts)
         o.var(len(payload))
     return bytes(o.b), payload
+
+
+def _grid_step(values: np.ndarray) -> float | None:
+    """The step of a symmetric uniform grid the values lie on (uniform:K / int8 quantizers, ours or another's: the
+    largest |value| is level +-(2**(K-1) - 1)), or None. Lets a model re-saved without its quantizer's hint keep
+    the grid form. Only candidates are tried; the caller checks the grid bit for bit."""
+    with np.errstate(all="ignore"):
+        amax = float(np.abs(values.astype(np.float64)).max())
+        if not math.isfinite(amax) or amax == 0.0:
+            return None
+        for top in (1, 3, 7, 15, 31, 63, 127):
+            s0 = np.float32(amax / top)
+            for s in (s0, np.nextafter(s0, np.float32(np.inf)), np.nextafter(s0, np.float32(0))):
+                if not s > 0:
+                    continue
+                levels = np.rint(values.astype(np.float64) / float(s))
+                if np.abs(levels).max() <= top and np.array_equal(entropy.grid_values(levels.astype(np.int64), s),
+                                                                  values):
+                    return float(s)
+    return None
 
 
 def _zigzag(v: int) -> int:
