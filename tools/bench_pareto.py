@@ -24,31 +24,14 @@ import sys
 import tempfile
 import time
 
-import torch
-
 import freezepack
 from freezepack.experiments.data import load_mnist, split_train_val
-from freezepack.experiments.train import TrainConfig, evaluate, run
-from freezepack.method.quantize import finetune_clusters, quantize_model
+from freezepack.experiments.train import TrainConfig, evaluate, finetune_quantized, run
 
 CODINGS = ["f32", "bf16", "int8", "kmeans:5", "kmeans:4", "kmeans:3", "kmeans:2"]
 FINETUNED = ["kmeans:4", "kmeans:3", "kmeans:2"]
 NNC = [("nncodec (DeepCABAC) qp -38, SNIP q=0.99", 11_360, 0.9575), ("nncodec (DeepCABAC) qp -26, SNIP q=0.99",
                                                                        9_646, 0.9550)]
-
-
-def finetune(model, clusters, data, seed: int, epochs: int = 1, lr: float = 0.01, batch_size: int = 100):
-    """One epoch of Deep Compression's shared-value fine-tuning on the training split (freezepack's own)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def batches():
-        for _ in range(epochs):
-            order = torch.randperm(len(data), generator=g)
-            for i in range(0, len(data), batch_size):
-                idx = order[i:i + batch_size]
-                yield data.images[idx], data.labels[idx]
-
-    return finetune_clusters(model, clusters, batches(), lr=lr)
 
 
 def measure(model, coding: str, test, tmp: str, tag: str) -> tuple[int, float]:
@@ -88,7 +71,7 @@ def main(argv=None) -> None:
                 tr, _ = split_train_val(train_full, seed)
                 for coding in FINETUNED:
                     m = copy.deepcopy(r.model)
-                    finetune(m, quantize_model(m, coding), tr, seed)
+                    finetune_quantized(m, coding, tr, seed=seed)
                     size, acc = measure(m, coding, test, tmp, f"{q}-{seed}-{coding}-ft")
                     rows.append((q, coding + "+ft", seed, size, acc))
                 print(f"  q={q} seed={seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

@@ -182,20 +182,10 @@ def train_job(opts: dict) -> dict:
                 dist.destroy_process_group()
 
 
-def _finetune(model, values: str, epochs: int, data_dir, seed: int) -> None:
-    import torch
 
+def _finetune(model, values: str, epochs: int, data_dir, seed: int) -> None:
     from ..experiments.data import load_mnist, split_train_val
-    from ..method.quantize import finetune_clusters, quantize_model
+    from ..experiments.train import finetune_quantized
 
     train_split, _ = split_train_val(load_mnist(data_dir)[0], seed)
-    g = torch.Generator().manual_seed(seed)
-
-    def batches():
-        for _ in range(epochs):
-            order = torch.randperm(len(train_split), generator=g)
-            for i in range(0, len(order), 100):
-                idx = order[i:i + 100]
-                yield train_split.images[idx], train_split.labels[idx]
-
-    finetune_clusters(model, quantize_model(model, values), batches())
+    finetune_quantized(model, values, train_split, epochs=epochs, seed=seed)

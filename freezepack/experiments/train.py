@@ -306,6 +306,25 @@ def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset
                      seconds=time.perf_counter() - t0, model=net, history=history)
 
 
+def finetune_quantized(model: nn.Module, coding: str, data: Dataset, *, epochs: int = 1, seed: int = 0,
+                       lr: float = 0.01, batch_size: int = 100) -> nn.Module:
+    """Quantize ``model``'s trained values in place (``coding``, e.g. ``kmeans:4``), then fine-tune the shared
+    values for ``epochs`` over shuffled batches of ``data`` (Deep Compression; freezepack.method.quantize)."""
+    from ..method.quantize import finetune_clusters, quantize_model
+
+    clusters = quantize_model(model, coding)
+    g = torch.Generator().manual_seed(int(seed))
+
+    def batches():
+        for _ in range(epochs):
+            order = torch.randperm(len(data), generator=g)
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                yield data.images[idx], data.labels[idx]
+
+    return finetune_clusters(model, clusters, batches(), lr=lr)
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value), as the paper reports over seeds."""
     values = [float(v) for v in values]
