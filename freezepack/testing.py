@@ -86,3 +86,13 @@ def rewrite(data: bytes, edit_inner=None, edit_outer=None) -> bytes:
     head = container.canonical_json(outer).encode()
     head += b" " * (-(8 + len(head)) % 8)
     return struct.pack("<Q", len(head)) + head + body
+
+
+def with_inner_text(data: bytes, inner_text: str) -> bytes:
+    """Put an arbitrary (already canonical) inner header text into a file, signed and canonically wrapped."""
+    outer, _, body = split_file(data)
+    outer["__metadata__"] = {container.HEADER_KEY: inner_text,
+                             container.HEADER_DIGEST_KEY: hashlib.sha256(inner_text.encode()).hexdigest()}
+    head = container.canonical_json(outer).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+    return struct.pack("<Q", len(head)) + head + body

@@ -5,10 +5,8 @@ Shared by test_container.py and test_fuzz_files.py. Every builder returns the by
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 
@@ -16,7 +14,7 @@ import torch
 
 from freezepack.api import encode_record
 from freezepack.format import container
-from freezepack.testing import rewrite, small_record, split_file
+from freezepack.testing import rewrite, small_record, split_file, with_inner_text
 
 
 def base_file() -> bytes:
@@ -25,16 +23,6 @@ def base_file() -> bytes:
 
 def _entry(inner, name):
     return next(t for t in inner["tensors"] if t["name"] == name)
-
-
-def with_inner_text(data: bytes, inner_text: str) -> bytes:
-    """Put an arbitrary (already canonical) inner header text into a file, signed and canonically wrapped."""
-    outer, _, body = split_file(data)
-    outer["__metadata__"] = {container.HEADER_KEY: inner_text,
-                             container.HEADER_DIGEST_KEY: hashlib.sha256(inner_text.encode()).hexdigest()}
-    head = container.canonical_json(outer).encode()
-    head += b" " * (-(8 + len(head)) % 8)
-    return struct.pack("<Q", len(head)) + head + body
 
 
 def x_member(data: bytes, json_text: str) -> bytes:

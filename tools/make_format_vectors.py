@@ -30,6 +30,7 @@ from freezepack.api import encode_record  # noqa: E402
 from freezepack.format import container, maskcode  # noqa: E402
 from freezepack.format.init import make_init  # noqa: E402
 from freezepack.format.record import FreezeRecord, FrozenTensor  # noqa: E402
+from freezepack.testing import rewrite, split_file, with_inner_text  # noqa: E402
 
 OUT = os.path.join(ROOT, "spec", "vectors", "fpk")
 
@@ -209,23 +210,9 @@ def _stream_dtype_alias():
                                                  "frozen tensors (one with frozen_scale), a tied alias entry")}
 
 
-def _split(data: bytes):
-    n = struct.unpack("<Q", data[:8])[0]
-    outer = json.loads(data[8:8 + n])
-    return outer, json.loads(outer["__metadata__"][container.HEADER_KEY]), data[8 + n:]
-
-
 def _resign(data: bytes, edit, outer_extra: dict | None = None) -> bytes:
     """Edit the freezepack header and re-sign it: a consistent file whose content lies."""
-    outer, inner, body = _split(data)
-    edit(inner)
-    outer.update(outer_extra or {})
-    text = container.canonical_json(inner)
-    outer["__metadata__"] = {container.HEADER_KEY: text,
-                             container.HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    head = container.canonical_json(outer).encode()
-    head += b" " * (-(8 + len(head)) % 8)
-    return struct.pack("<Q", len(head)) + head + body
+    return rewrite(data, edit, (lambda outer: outer.update(outer_extra)) if outer_extra else None)
 
 
 def invalid_vectors(valid: dict[str, bytes]):
@@ -285,12 +272,12 @@ def invalid_vectors(valid: dict[str, bytes]):
     out["alias_forward"] = (_resign(base, lambda h: h["tensors"].insert(0, {"name": "tied", "kind": "alias",
                                                                             "of": "conv1.bias"})),
                             "FormatError", "alias", "an alias of a tensor that comes later")
-    outer, inner, body = _split(base)
+    outer, inner, body = split_file(base)
     text = json.dumps(inner, sort_keys=True, separators=(",", ": "), ensure_ascii=True)
-    out["inner_not_canonical"] = (_with_inner_text(base, text), "FormatError", "freezepack header is not in canonical",
+    out["inner_not_canonical"] = (with_inner_text(base, text), "FormatError", "freezepack header is not in canonical",
                                   "the inner header with a space after every colon (re-signed)")
     flags = valid["whole_dtypes"]
-    o2, i2, b2 = _split(flags)
+    o2, i2, b2 = split_file(flags)
     a, e = i2["stored"]["bool"]["data_offsets"]
     bad = bytearray(b2)
     bad[a + 1] = 2
@@ -315,15 +302,6 @@ def invalid_vectors(valid: dict[str, bytes]):
     return out
 
 
-def _with_inner_text(data: bytes, text: str) -> bytes:
-    outer, _, body = _split(data)
-    outer["__metadata__"] = {container.HEADER_KEY: text,
-                             container.HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    head = container.canonical_json(outer).encode()
-    head += b" " * (-(8 + len(head)) % 8)
-    return struct.pack("<Q", len(head)) + head + body
-
-
 def build() -> dict[str, bytes]:
     files = {}
     manifest = {"format": "freezepack", "version": container.FORMAT_VERSION, "valid": [], "invalid": []}
@@ -333,7 +311,7 @@ def build() -> dict[str, bytes]:
         valid_bytes[name] = data
         dense_bytes = st_save({k: v.contiguous() for k, v in dense.items()})
         files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
-        _, inner, _ = _split(data)
+        _, inner, _ = split_file(data)
         manifest["valid"].append({
             "file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(),
             "dense": f"{name}.dense.safetensors", "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(),
