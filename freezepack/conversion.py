@@ -272,17 +272,19 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
         if not (isinstance(k, str) and isinstance(v, str) and container._valid_text(k) and container._valid_text(v)):
             raise UsageError(f"metadata {k!r}={v!r} is not valid Unicode text")
     rec, rows = convert_record(sd, seed, init, inits, progress, version)
-    chunks = encode_record(rec, list(sd), meta, version=version, values=values)
-    size = sum(len(c) for c in chunks)
     expected = dict(sd)
-    if values is not None:  # what the file must reproduce: the checkpoint with its trained values quantized
+    if values is not None:  # quantize once; the file must reproduce the checkpoint with these values
         from .method.quantize import quantize
 
         for name, ft in rec.frozen.items():
             if ft.values.numel():
+                ft.values = quantize(ft.values, values, name)[0]
                 t = sd[name].detach().cpu().clone()
-                t.view(-1)[ft.mask.reshape(-1)] = quantize(ft.values, values, name)[0].to(t.dtype)
+                t.view(-1)[ft.mask.reshape(-1)] = ft.values.to(t.dtype)
                 expected[name] = t
+    # (encode_record's own quantization of already quantized values keeps them: it records the coding)
+    chunks = encode_record(rec, list(sd), meta, version=version, values=values)
+    size = sum(len(c) for c in chunks)
 
     def prove(tmp):
         try:
