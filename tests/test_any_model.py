@@ -344,10 +344,10 @@ def test_compile_and_export_of_a_freezenet_forward():
     with torch.no_grad():
         want = model(x)
         got = torch.compile(model, backend="aot_eager")(x)
-    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got, want)  # aot_eager runs the same aten kernels: exact, not close
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
-        assert torch.allclose(exported.module()(x), want, atol=1e-6)
+        assert torch.equal(exported.module()(x), want)
 
 
 @pytest.mark.slow
@@ -355,7 +355,10 @@ def test_compile_inductor_of_a_freezenet_forward():
     model, batch = trained("resnet", steps=2)
     x = batch[0][:4]
     with torch.no_grad():
-        assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-5)
+        got, want = torch.compile(model)(x), model(x)
+    # inductor fuses and reorders float32 sums: a bound relative to the outputs' magnitude, far above reordering
+    # error (~depth * fan-in * 2^-24) and far below what a wrong frozen weight would give (O(1) of the scale)
+    assert float((got - want).abs().max()) <= 1e-3 * float(want.abs().max())
 
 
 @pytest.mark.parametrize("trial", [*range(3), *(pytest.param(t, marks=pytest.mark.slow) for t in range(3, 16))])

@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
-import time
 
 import pytest
 
@@ -133,13 +131,11 @@ def test_mutated_tuf_metadata_is_refused_or_correct(published, tmp_path_factory,
     try:
         with open(path, "wb") as fh:
             fh.write(_mutate(original, how, pos, value))
-        t0 = time.monotonic()
         try:
             info = trusted_release(DirStore(f.repo), device_tuf, "net", root_file=f.root_file)
             assert info == expected          # a mutation TUF ignores (e.g. whitespace) changes nothing
         except FreezepackError:
             pass
-        assert time.monotonic() - t0 < 5
     finally:
         if role == "root":
             os.unlink(path)
@@ -194,7 +190,6 @@ def test_any_http_response_is_an_error_or_the_exact_bytes(scripted, raw):
     store = HttpStore(scripted.srv.url, LIMITS)
     sha = hashlib.sha256(b"").hexdigest()
     try:
-        t0 = time.monotonic()
         try:
             data = store.get_metadata("timestamp.json", 1000)
             assert data is None or (isinstance(data, bytes) and len(data) <= 1000)
@@ -204,7 +199,6 @@ def test_any_http_response_is_an_error_or_the_exact_bytes(scripted, raw):
             assert store.get_blob(sha, 0) == b""       # only an empty body can match this digest
         except FreezepackError:
             pass
-        assert time.monotonic() - t0 < 4
     finally:
         store.close()
 
@@ -258,13 +252,11 @@ def test_any_oci_manifest_is_an_error_or_the_verified_blob(registry_script, mani
     state["blob"] = blob
     store = OciStore(f"oci+http://{srv.host}/fleet/models", LIMITS)
     try:
-        t0 = time.monotonic()
         try:
             data = store.get_metadata("timestamp.json", 1000)
             assert data == b"meta"                   # the only bytes that match any digest offered
         except FreezepackError:
             pass
-        assert time.monotonic() - t0 < 4
     finally:
         store.close()
 
@@ -334,7 +326,3 @@ def test_install_from_a_server_with_hostile_blobs_keeps_the_device_clean(publish
         srv.close()
         shutil.rmtree(work, ignore_errors=True)
 
-
-def test_servers_leave_no_threads_running():
-    time.sleep(0.2)
-    assert threading.active_count() < 50
