@@ -126,7 +126,7 @@ def unpack_cmd(src, dst, device, parents, progress):
     from safetensors.torch import save
 
     from .. import api
-    from ..format import container
+    from ..format.io import atomic_write
 
     _check_text("DST", dst)
     if device is not None and device.split(":")[0] == "meta":
@@ -141,15 +141,15 @@ def unpack_cmd(src, dst, device, parents, progress):
         finally:
             bar.close()
         meta = f.metadata()
-    container.atomic_write(dst, [save(tensors, metadata=meta or None)], make_parents=parents)
+    atomic_write(dst, [save(tensors, metadata=meta or None)], make_parents=parents)
     click.echo(f"{dst}: {len(tensors)} tensors written")
 
 
 def _check_text(what: str, value: str) -> None:
     """Arguments come from argv, where undecodable bytes become lone surrogates: refuse them by name."""
-    from ..format.container import _valid_text
+    from ..format.strictjson import valid_text
 
-    if not _valid_text(value):
+    if not valid_text(value):
         raise click.BadParameter(f"{value!r} is not valid text in this locale", param_hint=what)
 
 
@@ -162,13 +162,13 @@ def _parse_inits(pairs):
 
 def _fpk_seed(src) -> int:
     from ..errors import UsageError
-    from ..format.container import FpkReader
+    from ..format.reader import open_file
 
     with open(src, "rb") as f:
         magic = f.read(64)
     if b'"freezepack"' not in magic and b"__metadata__" not in magic:
         raise UsageError("--seed is required (SRC is not a .fpk file, whose seed would be the default)", path=src)
-    with FpkReader(src) as r:
+    with open_file(src) as r:
         return r.header.seed
 
 
@@ -214,7 +214,7 @@ def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, 
     Example:  freezepack convert trained.safetensors model.fpk --seed 1234 --init xavier_normal
               freezepack convert model.fpk model-k4.fpk --values kmeans:4
     """
-    from ..format.container import check_regular_file
+    from ..format.io import check_regular_file
 
     for m in meta:
         _check_text("--meta", m)

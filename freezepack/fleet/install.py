@@ -142,7 +142,7 @@ class Device:
     def _write_state(self, st: dict) -> None:
         import json
 
-        atomic_write(self.state_path, json.dumps(st, indent=1, sort_keys=True).encode())
+        atomic_write(self.state_path, json.dumps(st, indent=1, sort_keys=True).encode(), make_parents=True)
 
     def status(self, name: str) -> dict:
         """What is installed, from the file itself: its SHA-256 matched against the releases this device
