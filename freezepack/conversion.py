@@ -11,6 +11,7 @@ proven to reproduce the input bit for bit *before* it replaces anything at the d
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -154,8 +155,9 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
     report = []
     for i, (name, t) in enumerate(state_dict.items()):
         t = t.detach().cpu().contiguous()
-        row = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole", "trainable": t.numel(),
-               "matched": None}  # entries equal to the regenerated initializer; None: no initializer was tried
+        # "matched": entries equal to the regenerated initializer; None: no initializer was tried
+        row: dict[str, Any] = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole",
+                               "trainable": t.numel(), "matched": None}
         best = None
         if t.dtype == torch.float32 and t.numel() > 0:
             candidates = []
@@ -165,7 +167,7 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
             candidates.append(("pruned", make_init("zeros", tuple(t.shape))))
             for label, spec in candidates:
                 regen = generate(spec, tuple(t.shape), seed, name)
-                scales = [1.0]
+                scales: list[float | None] = [1.0]
                 if label == "frozen":
                     scales.append(_likely_scale(t, regen))
                 for scale in scales:

@@ -278,7 +278,7 @@ def _spec_only_read(path):
     import math
 
     from freezepack.format.init import InitSpec, generate_np
-    from tests.test_maskcode import reference_ans_decode, reference_gap_decode
+    from freezepack.testing.reference import reference_ans_decode, reference_gap_decode
 
     data = open(path, "rb").read()
     n_head = struct.unpack("<Q", data[:8])[0]
@@ -407,7 +407,7 @@ def test_numbers_have_types(fpk, edit):
 def test_non_canonical_inner_header_is_refused(fpk):
     outer, inner, body = split_file(fpk.read_bytes())
     text = json.dumps(inner, sort_keys=True, separators=(",", ": "), ensure_ascii=True)  # one space after colons
-    from tests.hostile import with_inner_text
+    from freezepack.testing.hostile import with_inner_text
 
     fpk.write_bytes(with_inner_text(fpk.read_bytes(), text))
     with pytest.raises(FormatError, match="freezepack header is not in canonical form"):
@@ -496,7 +496,7 @@ def test_header_cap_is_the_safetensors_cap():
 
 
 def test_mask_tensor_exists_exactly_when_the_stream_has_words(tmp_path, fpk):
-    from tests.hostile import gaps_prefix_file
+    from freezepack.testing.hostile import gaps_prefix_file
 
     p = tmp_path / "prefix.fpk"
     p.write_bytes(gaps_prefix_file(1000, 10))  # the minority is a prefix: an empty 'ans-gaps' stream
@@ -625,7 +625,7 @@ def test_check_regular_file_is_public():
 
 
 def test_memory_limit_is_checked_before_allocating(fpk, monkeypatch):
-    from tests.hostile import frozen_bomb
+    from freezepack.testing.hostile import frozen_bomb
 
     fpk.write_bytes(frozen_bomb(fpk.read_bytes()))
     sizes = []

@@ -26,8 +26,7 @@ from freezepack.cli import cli
 from freezepack.errors import FreezepackError
 from freezepack.format import framing, maskcode, strictjson
 from freezepack.format.v1 import reader as v1_reader
-from freezepack.testing import rewrite, small_record, split_file
-from tests import hostile
+from freezepack.testing import hostile, rewrite, small_record, split_file
 
 BASE = hostile.base_file()
 BASE_DENSE = None

@@ -20,6 +20,8 @@ Decoding goes through the compiled ANS decoder (freezepack.format.ans), encoding
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..errors import FormatError
@@ -110,8 +112,8 @@ def _active(flat_shape, colflag, rowflag, n):
 def encode_ctx(mask: np.ndarray, keys: np.ndarray, shape) -> list[tuple[dict, np.ndarray]]:
     """Candidate ``ans-ctx`` codings of a flat bool mask (0 < k < n): [(params, words)], one per choice."""
     n = mask.size
-    g = grid(shape)
-    flag_sets = [0] + ([FLAG_COLS, FLAG_ROWS, FLAG_COLS | FLAG_ROWS] if g else [])
+    g = grid(shape) or (0, 0)  # (0, 0): no rows and columns, so no row/column flags
+    flag_sets = [0] + ([FLAG_COLS, FLAG_ROWS, FLAG_COLS | FLAG_ROWS] if g != (0, 0) else [])
     out = []
     rank = context_rank(keys)  # bins = rank * nb // n for every nb: one sort
     for flags in flag_sets:
@@ -136,12 +138,12 @@ def encode_ctx(mask: np.ndarray, keys: np.ndarray, shape) -> list[tuple[dict, np
                 s, c = int(sizes[j]), int(counts[j])
                 if 0 < c < s:
                     coder.encode_reverse(sym[starts[j]:starts[j + 1]].astype(np.int32), binary(s, c))
-            params = {"bins": nb, "flags": flags, "counts": [int(c) for c in counts]}
-            if flags & FLAG_ROWS:
+            params: dict[str, Any] = {"bins": nb, "flags": flags, "counts": [int(c) for c in counts]}
+            if flags & FLAG_ROWS and rowflag is not None:
                 params["row_ones"] = int(rowflag.sum())
                 if 0 < params["row_ones"] < g[0]:
                     coder.encode_reverse(rowflag.astype(np.int32), binary(g[0], params["row_ones"]))
-            if flags & FLAG_COLS:
+            if flags & FLAG_COLS and colflag is not None:
                 params["col_ones"] = int(colflag.sum())
                 if 0 < params["col_ones"] < g[1]:
                     coder.encode_reverse(colflag.astype(np.int32), binary(g[1], params["col_ones"]))
@@ -160,7 +162,7 @@ def check_ctx(n: int, ones: int, shape, params: dict, words: int, where=None, te
     if not 0 < ones < n or sum(counts) != ones or min(counts) < 0:
         raise FormatError(f"'ans-ctx' bin counts sum to {sum(counts)}, the header says {ones} of {n}", path=where,
                           tensor=tensor)
-    g = grid(shape)
+    g = grid(shape) or (0, 0)
     for key, flag, dim in (("col_ones", FLAG_COLS, 1), ("row_ones", FLAG_ROWS, 0)):
         if flags & flag and not 1 <= params[key] <= g[dim]:
             raise FormatError(f"'ans-ctx' {key} out of range", path=where, tensor=tensor)
@@ -179,7 +181,7 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
     if keys.size != n:
         raise FormatError("'ans-ctx' context has the wrong size", path=where, tensor=tensor)
     nb, flags, counts = params["bins"], params["flags"], params["counts"]
-    g = grid(shape)
+    g = grid(shape) or (0, 0)  # (check_ctx: flags only on a tensor with rows and columns)
     dec = ans.Decoder(words)
 
     def flags_of(key, size):
@@ -244,7 +246,8 @@ def encode_planes(raw: bytes, elem: int) -> tuple[list, bytes]:
     integer tensors). Payload = one ANS stream (coded planes, top first) then the raw planes, lowest first.
     """
     a = np.frombuffer(raw, dtype=np.uint8).reshape(-1, elem)
-    tables, coded = [], []
+    tables: list[tuple[list[int], list[int]] | None] = []
+    coded = []
     for j in range(elem - 1, -1, -1):
         plane = np.ascontiguousarray(a[:, j])
         hist = np.bincount(plane, minlength=256)

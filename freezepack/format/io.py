@@ -50,7 +50,7 @@ def remove_stale_temps(directory: str, target_name: str | None = None, *, max_ag
     files, never through a symlink, only those older than ``max_age``). Returns the names removed."""
     max_age = STALE_TEMP_AGE if max_age is None else max_age
     now = time.time()
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(directory if dir_fd is None else dir_fd))
     except (FileNotFoundError, NotADirectoryError):

@@ -128,7 +128,7 @@ def is_canonical(value, text: str, pad: int = 0, hole: str | None = None, hole_k
         for chunk in _ENCODER.iterencode(value):
             hole_here = hole is not None and chunk == hole_chunk and last == (key_chunk, ":")
             last = (last[1], chunk)
-            if hole_here:  # only as the value of __metadata__.freezepack, never a key or another string
+            if hole_here and hole is not None:  # only as the value of __metadata__.freezepack, never a key or string
                 if not text.startswith('"', pos):
                     return False
                 pos += 1

@@ -231,7 +231,7 @@ class _Parser:
             return "cast", (DTYPES[t], inner, params, n), length
         if coder == "codebook":
             return self._codebook(c, n, dtype)
-        tables = []
+        tables: list[tuple[list[int], list[int]] | None] = []
         coded = c.u8()
         if coded >> elem or not coded >> (elem - 1):
             raise c.err(f"'planes' coded-plane mask {coded} is invalid for {elem}-byte elements")

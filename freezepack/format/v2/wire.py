@@ -120,7 +120,7 @@ class In:
             raise self.err(f"v2 number {v} out of range (< {hi})")
         return v
 
-    def take(self, n: int) -> bytes:
+    def take(self, n: int) -> bytes | memoryview:
         if n > len(self.d) - self.i:
             raise self.err("v2 header ends early (truncated or corrupted)")
         self.i += n
