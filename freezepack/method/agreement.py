@@ -145,13 +145,14 @@ def describe_disagreement(reference: dict, others: Mapping[int, dict], stage: st
         ref = reference["data"].get(name)
         sets = {r: fp["data"].get(name) for r, fp in others.items()}
         size = (lambda s: None if s is None else s["size"])  # noqa: E731
-        sizes = {r: size(s) for r, s in sets.items()}
-        if any(v != size(ref) for v in sizes.values()):
-            differ(f"{name} size", size(ref), sizes, show=lambda n: "nothing" if n is None else f"{n:,}",
-                   unit=" examples" if ref is not None else "")
+        differ(f"{name} size", size(ref), {r: size(s) for r, s in sets.items()},
+               show=lambda n: "nothing" if n is None else f"{n:,}", unit=" examples" if ref is not None else "")
+        if ref is None:
             continue
         changed: dict[tuple, list[int]] = {}  # same size: which parts differ in contents (or shape/dtype)
         for r, s in sets.items():
+            if s is None or size(s) != size(ref):
+                continue
             parts = tuple(p for p in sorted(set(ref["parts"]) | set(s["parts"]))
                           if ref["parts"].get(p) != s["parts"].get(p))
             if parts:
