@@ -14,9 +14,10 @@ Weight decay applies to trainable numbers only (values, biases, BatchNorm), exce
 ``freezenet-wd``. Early stopping keeps the weights of the epoch with the best validation accuracy.
 
 Data-parallel: ``run(..., distributed=True)`` inside an initialised torch.distributed group (torchrun,
-``freezepack train --nproc``) computes the mask on rank 0, shares it, regenerates the frozen weights on every rank
-and trains under DistributedDataParallel (:mod:`freezepack.method.distributed`), each rank on its shard of every
-global batch. ``shards=N`` in one process takes the same step from N shards: for N = 2 it is the 2-rank run bit
+``freezepack train --nproc``) first proves that every rank has the same configuration and data (one error line on
+every rank otherwise, before anything is trained), computes the mask on rank 0, shares it, regenerates the frozen
+weights on every rank and trains under DistributedDataParallel (:mod:`freezepack.method.distributed`), each rank
+on its shard of every global batch. ``shards=N`` in one process takes the same step from N shards: for N = 2 it is the 2-rank run bit
 for bit (docs/DISTRIBUTED.md).
 """
 from __future__ import annotations
@@ -217,10 +218,10 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
                 dist.all_reduce(t)
                 total_loss = float(t) / parts
                 average_buffers(model)  # BatchNorm running statistics: the ranks' mean, so every rank evaluates alike
-            val = evaluate(model, val_data)
+            val = evaluate(model, val_data) if rank == 0 else 0.0
             if distributed:
-                # rank 0's accuracy decides best epoch and early stop on every rank: the ranks' models and data are
-                # identical, but a last-bit difference in evaluation must not make one rank stop before the others
+                # rank 0's accuracy decides best epoch and early stop on every rank (the others need not evaluate):
+                # the models and data are identical, but no rank may stop on a last-bit difference of its own
                 v = torch.tensor([val], dtype=torch.float64, device=comm_device(model))
                 dist.broadcast(v, 0)
                 val = float(v)
@@ -339,9 +340,12 @@ def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset
             first = dist.get_rank() == 0
             scored = together("scoring the mask on rank 0", lambda: build(c.model, c.method, c.q, c.seed, batch,
                                                                           **kw) if first else None, timeout=timeout)
-            masks = share_masks(trainable_masks(scored) if first else None, template)
-            net = together("regenerating the frozen weights", lambda: scored if first else build(
-                c.model, c.method, c.q, c.seed, batch, masks=masks, **kw), timeout=timeout)
+
+            def regenerate():  # every rank takes share_masks' broadcasts; a failure after them reaches all ranks
+                masks = share_masks(trainable_masks(scored) if first else None, template)
+                return scored if first else build(c.model, c.method, c.q, c.seed, batch, masks=masks, **kw)
+
+            net = together("receiving the mask and regenerating the frozen weights", regenerate, timeout=timeout)
     else:
         train_full, test = prepare()
         tr, va = split_train_val(train_full, c.seed)

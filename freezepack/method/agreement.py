@@ -41,7 +41,7 @@ def _require_group() -> None:
 def _sha256(t: torch.Tensor) -> bytes:
     """SHA-256 of a tensor's little-endian C-order bytes (the same bytes ``freezepack.api.digest`` hashes)."""
     t = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").digest()
+    return hashlib.sha256(t.view(torch.uint8).numpy() if t.numel() else b"").digest()  # the buffer, no copy
 
 
 def _ranks(ranks) -> str:
