@@ -17,8 +17,8 @@ Data-parallel: ``run(..., distributed=True)`` inside an initialised torch.distri
 ``freezepack train --nproc``) first proves that every rank has the same configuration and data (one error line on
 every rank otherwise, before anything is trained), computes the mask on rank 0, shares it, regenerates the frozen
 weights on every rank and trains under DistributedDataParallel (:mod:`freezepack.method.distributed`), each rank
-on its shard of every global batch. ``shards=N`` in one process takes the same step from N shards: for N = 2 it is the 2-rank run bit
-for bit (docs/DISTRIBUTED.md).
+on its shard of every global batch. ``shards=N`` in one process takes the same step from N shards: for N = 2 it
+is the 2-rank run bit for bit (docs/DISTRIBUTED.md).
 """
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
     (None: off). ``distributed``: train under DistributedDataParallel in the current process group, each rank on
     its shard of every global batch of ``batch_size``; before the first step the ranks prove they share these
     arguments, the data and the model (:func:`freezepack.method.distributed.agree`, ``timeout`` seconds to wait
-    for each other, default 300). ``shards``: in one process, take each step from that many shards the way
+    for each other, default 300; the collectives of training are bounded by the process group's own timeout, see
+    ``init_worker(timeout=...)``). ``shards``: in one process, take each step from that many shards the way
     ``shards`` ranks would.
     """
     if epochs < 1 or batch_size < 1 or shards < 1:
@@ -305,8 +306,8 @@ def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset
     a data-parallel run (the process group must be initialised). Before anything is built the ranks prove they
     share the config, the model's architecture, ``shared`` (more settings that change the result, e.g. the CLI's
     ``--values``) and the data's contents; a difference, or a failure on any rank, is one DistributedError on
-    every rank. ``timeout``: seconds a rank waits for the others at each such step (default 300). ``shards``:
-    see :func:`train`.
+    every rank. ``timeout``: seconds a rank waits for the others at each such step (default 300; collectives are
+    bounded by the process group's timeout). ``shards``: see :func:`train`.
     """
     c = config if config is not None else TrainConfig()
     t0 = time.perf_counter()
