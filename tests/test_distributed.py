@@ -258,6 +258,19 @@ def test_describe_disagreement_names_fields_data_sets_size_or_contents_and_ranks
     assert {"freezepack version", "torch version"} <= set(ref["config"])
 
 
+def test_files_and_bytes_are_fingerprinted_by_content_not_by_path(tmp_path):
+    a, b, c = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
+    a.write_bytes(b"abc")
+    b.write_bytes(b"abd")
+    c.write_bytes(b"abc")
+    ref = fingerprint({}, {"weights": a})
+    assert describe_disagreement(ref, {1: fingerprint({}, {"weights": c}),
+                                       2: fingerprint({}, {"weights": b"abc"})}) is None  # other path, same bytes
+    assert describe_disagreement(ref, {1: fingerprint({}, {"weights": b}), 2: fingerprint({}, {"weights": b"abcd"})}) \
+        == ("ranks 1, 2 disagree with rank 0 before training, nothing was trained: weights size: rank 0 has 3 bytes, "
+            "rank 2 has 4; weights: same size (3 bytes), different contents on rank 1")
+
+
 def _in_threads(world: int, fn, store=None) -> dict:
     """``fn(rendezvous)`` on ranks 0..world-1 (one thread each, one shared store); {rank: result or exception}."""
     store = store if store is not None else dist.HashStore()
@@ -330,7 +343,8 @@ def test_agree_and_together_in_a_real_process_group(one_rank_group):
         together("loading", refused)
     with pytest.raises(ZeroDivisionError):  # a bug keeps its own type and traceback on the rank it happened
         together("dividing", lambda: 1 // 0)
-    with pytest.raises(DistributedError, match="cannot fingerprint data of type int"):
+    with pytest.raises(DistributedError, match="^rank 0 failed fingerprinting its configuration and data: cannot "
+                                               "fingerprint data of type int"):
         agree({}, {"x": 3})
 
 

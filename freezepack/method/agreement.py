@@ -81,7 +81,7 @@ def _part(value) -> dict:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
                 n += len(chunk)
-        return {"size": n, "type": "file bytes", "sha256": h.hexdigest()}
+        return {"size": n, "type": "bytes", "sha256": h.hexdigest()}  # a file is its bytes: same as bytes(...)
     raise DistributedError(f"cannot fingerprint data of type {type(value).__name__}: pass tensors, bytes or paths")
 
 
@@ -110,7 +110,9 @@ def fingerprint(config: Mapping[str, object], data: Mapping[str, object] | None 
     sets = {}
     for name, value in (data or {}).items():
         parts = {str(k): _part(v) for k, v in value.items()} if isinstance(value, Mapping) else {"": _part(value)}
-        sets[str(name)] = {"size": next(iter(parts.values()))["size"] if parts else 0, "parts": parts}
+        first = next(iter(parts.values()), {"size": 0, "type": "bytes"})
+        sets[str(name)] = {"size": first["size"], "unit": "examples" if "bytes" not in first["type"] else "bytes",
+                           "parts": parts}
     return {"config": cfg, "data": sets}
 
 
@@ -145,8 +147,9 @@ def describe_disagreement(reference: dict, others: Mapping[int, dict], stage: st
         ref = reference["data"].get(name)
         sets = {r: fp["data"].get(name) for r, fp in others.items()}
         size = (lambda s: None if s is None else s["size"])  # noqa: E731
+        unit = "" if ref is None else " " + ref.get("unit", "examples")
         differ(f"{name} size", size(ref), {r: size(s) for r, s in sets.items()},
-               show=lambda n: "nothing" if n is None else f"{n:,}", unit=" examples" if ref is not None else "")
+               show=lambda n: "nothing" if n is None else f"{n:,}", unit=unit)
         if ref is None:
             continue
         changed: dict[tuple, list[int]] = {}  # same size: which parts differ in contents (or shape/dtype)
@@ -160,7 +163,7 @@ def describe_disagreement(reference: dict, others: Mapping[int, dict], stage: st
         for parts, rs in changed.items():
             odd.update(rs)
             what = ", ".join(p for p in parts if p) or "contents"
-            items.append(f"{name}: same size ({size(ref):,} examples), different {what} on {_ranks(rs)}")
+            items.append(f"{name}: same size ({size(ref):,}{unit}), different {what} on {_ranks(rs)}")
     if not items:
         return None
     odd_ranks = sorted(odd)
@@ -297,8 +300,10 @@ def agree(config: Mapping[str, object], data: Mapping[str, object] | None = None
     ``rank 1 disagrees with rank 0 before training, nothing was trained: epochs: rank 0 has 2, rank 1 has 3``.
     ``timeout``: seconds to wait for the other ranks (default 300). Returns the agreed fingerprint's SHA-256.
     """
-    fp = fingerprint(config, data)
-    return Rendezvous.of_default_group(timeout).agree(fp, stage)
+    rendezvous = Rendezvous.of_default_group(timeout)
+    # hashing reads files / tensors, which can fail on one rank only: then every rank says so
+    fp = rendezvous.together("fingerprinting its configuration and data", lambda: fingerprint(config, data))
+    return rendezvous.agree(fp, stage)
 
 
 def together(stage: str, fn: Callable[[], object], *, timeout: float | None = None):
