@@ -464,3 +464,19 @@ def test_a_collective_one_rank_never_reaches_ends_with_a_distributed_error_not_a
     assert res[1] == "waited"
     assert res[0].startswith("rank 0: training: a collective did not complete (Timed out waiting 2000ms")
     assert res[0].endswith("the wait is bounded by --collective-timeout / init_worker(timeout=)")
+
+
+def test_a_rank_whose_peers_never_join_gets_a_one_line_error_after_its_timeout(monkeypatch):
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(DistributedError, match=r"^rank 0 could not join the process group at "
+                                                   r"127\.0\.0\.1:\d+ within 1 s: "):
+            init_worker(threads=1, timeout=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert not dist.is_initialized()
+    with pytest.raises(DistributedError, match="positive number of seconds"):
+        init_worker(timeout=0)
