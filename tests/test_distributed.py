@@ -354,6 +354,11 @@ def test_collective_errors_turn_only_communication_failures_into_one_line():
         with collective_errors("training"):
             raise RuntimeError("[/gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 3000ms for send "
                                "operation to complete")
+    with pytest.raises(DistributedError, match=r"^rank \?: training: a collective did not complete \(Connection "
+                                               r"closed by peer \[127.0.0.1\]:23700\): another rank stopped"):
+        with collective_errors("training"):  # a peer that crashed: the fact, without gloo's advice after it
+            raise RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:23700. This "
+                               "is typically caused by a remote worker crashing. GLHF!")
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):  # a model bug stays one
         with collective_errors("training"):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")

@@ -332,6 +332,7 @@ def collective_errors(stage: str):
         reason = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         if reason.startswith("[") and "] " in reason:  # gloo prefixes its source location: "[.../pair.cc:553] "
             reason = reason.split("] ", 1)[1]
+        reason = reason.split(". ", 1)[0]  # the fact, not gloo's advice that follows it
         rank = dist.get_rank() if dist.is_initialized() else "?"
         raise DistributedError(f"rank {rank}: {stage}: a collective did not complete ({reason}): another rank "
                                f"stopped, failed or is waiting elsewhere; the wait is bounded by "
