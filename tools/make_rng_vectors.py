@@ -122,7 +122,9 @@ def _resolution_cases():
                     if nl == "leaky_relu" or a == 0.0:
                         cases.append(("kaiming_uniform" if mode == "fan_in" else "kaiming_normal",
                                       {"a": a, "mode": mode, "nonlinearity": nl}, shape))
-    for lo, hi in [(-0.1, 0.3), (0.1, 0.7), (-2.5, -0.3), (1e-8, 3.3)]:
+    # the last five: f32(hi - lo) differs from f32(f32(hi) - f32(lo)) (the difference is taken in binary64)
+    for lo, hi in [(-0.1, 0.3), (0.1, 0.7), (-2.5, -0.3), (1e-8, 3.3), (-3.0, -2.9), (-2.98, -1.68), (-2.97, -2.27),
+                   (-0.61, 0.09), (1.37, 2.07)]:
         cases.append(("uniform", {"a": lo, "b": hi}, (4,)))
     for mean, std in [(0.1, 0.3), (-7.7, 1e-3)]:
         cases.append(("normal", {"mean": mean, "std": std}, (4,)))

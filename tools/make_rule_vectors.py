@@ -84,17 +84,37 @@ FLOAT_TENSORS = {
             ("half.mean", "F16", "normal", {"mean": 0.3, "std": 0.7}, (16, 32), 0.6875, 0.8),
             ("half.overflow", "F16", "normal", {"std": 30000.0}, (16, 16), 1.5, 0.9),
             ("half.tiny", "F16", "normal", {"std": 2e-6}, (16, 16), 0.75, 0.9),
-            ("half.plain", "F16", "uniform", {"a": -0.37, "b": 0.02}, (24, 10), 1.0, 0.9)],
+            ("half.plain", "F16", "uniform", {"a": -0.37, "b": 0.02}, (24, 10), 1.0, 0.9),
+            ("ctx.narrow.f16", "F16", "uniform", {"a": 1.0, "b": 1.0 + 2 ** -9}, (24, 32), 0.75, 0.8)],
     "bf16": [("bf.scaled", "BF16", "uniform", {"a": -0.37, "b": 0.39}, (32, 24), 0.75, 0.9),
              ("bf.mean", "BF16", "normal", {"mean": 0.3, "std": 0.7}, (16, 32), 0.6875, 0.8),
              ("bf.kaiming", "BF16", "kaiming_normal", {"nonlinearity": "relu"}, (20, 20), 1.25, 0.9),
              ("bf.overflow", "BF16", "uniform", {"a": 3.38e38, "b": 3.402e38}, (16, 16), 1.0, 0.9),
-             ("bf.overflow_scaled", "BF16", "uniform", {"a": 2.0e38, "b": 3.4e38}, (16, 16), 1.5, 0.9)],
+             ("bf.overflow_scaled", "BF16", "uniform", {"a": 2.0e38, "b": 3.4e38}, (16, 16), 1.5, 0.9),
+             ("ctx.narrow.bf16", "BF16", "uniform", {"a": -1.0, "b": -1.0 + 2 ** -6}, (24, 32), 0.75, 0.8)],
     "mixed": [("f32.offset", "F32", "normal", {"mean": 7.25, "std": 2.2}, (24, 24), 1.0, 0.9),
               ("f32.uniform", "F32", "uniform", {"a": 2.0, "b": 4.5}, (24, 24), 0.8123, 0.9),
               ("half.k", "F16", "kaiming_uniform", {}, (24, 20), 0.8125, 0.85),
-              ("bf.x", "BF16", "xavier_normal", {"gain": 1.3}, (20, 24), 0.5625, 0.85)],
+              ("half.overflow", "F16", "normal", {"mean": 1000.0, "std": 40000.0}, (16, 16), 0.75, 0.9),
+              ("half.tiny", "F16", "uniform", {"a": -3e-6, "b": 3e-6}, (16, 16), 1.25, 0.9),
+              ("bf.x", "BF16", "xavier_normal", {"gain": 1.3}, (20, 24), 0.5625, 0.85),
+              ("ctx.narrow.bf16", "BF16", "uniform", {"a": 0.5, "b": 0.5 + 2 ** -8}, (24, 32), 1.0, 0.8)],
 }
+
+
+def _snip_like(init, shape, seed, name, q, g) -> np.ndarray:
+    """A mask chosen like SNIP: the largest |G| x a random factor per row and column, the first row and column
+    dead, so that 'ans-ctx' picks several bins and row/column flags (and its context is what decodes it). A
+    ``ctx.narrow`` tensor's mask is the largest |G| alone: its G round to a few F16/BF16 values, so ranking the
+    rounded (or scaled) values instead of G's f32 bits puts entries in other bins."""
+    a = np.abs(generate_np(init, shape, seed, name).astype(np.float64)).reshape(shape[0], -1)
+    narrow = name.startswith("ctx.narrow")
+    score = a if narrow else a * g.random((shape[0], 1)) * g.random((1, a.shape[1]))
+    if not narrow:
+        score[0] = score[:, 0] = 0
+    mask = np.zeros(a.size, bool)
+    mask[np.argsort(-score.reshape(-1), kind="stable")[:int(round((1 - q) * a.size))]] = True
+    return mask
 
 
 def _record(kind: str, seed: int):
@@ -105,7 +125,7 @@ def _record(kind: str, seed: int):
     for i, (name, dtype, iname, params, shape, scale, q) in enumerate(specs):
         scale = float(np.float32(scale))
         init = make_init(iname, shape, **params)
-        mask = g.random(int(np.prod(shape))) >= q
+        mask = _snip_like(init, shape, seed, name, q, g)
         k = int(mask.sum())
         vals = round_to((g.standard_normal(k) * 0.05).astype(np.float32), dtype)
         if kind == "f16" and i == 0:
@@ -141,7 +161,8 @@ def _record(kind: str, seed: int):
 METADATA = {PRIVATE: "private use (U+E000)", ASTRAL: "beyond U+FFFF", "plain": "ascii"}
 SETS = {"f16": 31, "bf16": 32, "mixed": 33}
 # v2: these tensors' masks are coded 'ans-ctx' whatever the writer's size choice (context on scaled F16/BF16)
-CTX = {"half.scaled", "half.mean", "bf.scaled", "bf.mean", "bf.kaiming", "half.k", "bf.x", "f32.offset"}
+CTX = {"half.scaled", "half.mean", "bf.scaled", "bf.mean", "bf.kaiming", "half.k", "bf.x", "f32.offset",
+       "ctx.narrow.f16", "ctx.narrow.bf16"}
 
 
 def valid(version: int):
