@@ -160,3 +160,101 @@ def test_v1_refuses_unknown_params_keys_today(tmp_path):
     p.write_bytes(rewrite(data, lambda h: h["tensors"][0]["init"]["params"].update(scale=1.0)))
     with pytest.raises(FreezepackError, match="init params"):
         freezepack.load(p)
+
+
+def _ans_words(steps) -> list[int]:
+    """Words of a §6.3 stream that decodes ``steps`` = [(symbol, cdf, prob), ...] in order and ends in state 0:
+    each decode step inverted, last symbol first; fits when the whole message is under 64 bits (no refills)."""
+    state = 0
+    for _, c, p in reversed(steps):
+        state = ((state // p) << 24) | (c + state % p)
+    assert 0 < state < 1 << 64
+    return [state] if state < 1 << 32 else [state & 0xFFFFFFFF, state >> 32]
+
+
+def _binary(size, ones, bit):
+    cdf1 = min(max(((size - ones) * (1 << 24) + size // 2) // size, 1), (1 << 24) - 1)  # §12.7.1
+    return (bit, 0, cdf1) if bit == 0 else (bit, cdf1, (1 << 24) - cdf1)
+
+
+def _ctx_file(shape, mask, params: bytes, steps) -> bytes:
+    """A v2 file of one frozen F32 xavier_normal tensor 'w' with an 'ans-ctx' mask (``params`` = the bytes after
+    the coder code), raw values 1.0, 2.0, ... and the true dense digest."""
+    import numpy as np
+
+    from freezepack.format.init import generate_np
+
+    init = make_init("xavier_normal", shape)
+    k = int(np.sum(mask))
+    dense = generate_np(init, shape, 5, "w").reshape(-1)
+    dense[np.flatnonzero(mask)] = np.arange(1, k + 1, dtype=np.float32)
+    words = b"".join(struct.pack("<I", w) for w in _ans_words(steps))
+    entry = (_var(0) + _var(1) + b"w" + bytes([1, 3]) + _var(len(shape)) + b"".join(map(_var, shape)) + bytes([0])
+             + struct.pack("<ff", init.a, init.b) + _var(k) + bytes([4]) + params + _var(len(words)) + bytes([0])
+             + hashlib.sha256(dense.astype("<f4").tobytes()).digest()[:16])
+    head = bytes([0]) + _var(5) + _var(0) + _var(0) + _var(1) + entry
+    return _v2(head + words + np.arange(1, k + 1, dtype="<f4").tobytes())
+
+
+def _bins(shape, nb):
+    import numpy as np
+
+    from freezepack.format.init import generate_np
+
+    keys = generate_np(make_init("xavier_normal", shape), shape, 5, "w").reshape(-1).view(np.uint32) & 0x7FFFFFFF
+    n = keys.size
+    rank = np.empty(n, np.int64)
+    rank[np.lexsort((np.arange(n), keys))] = np.arange(n)
+    return rank * nb // n
+
+
+def _bin_file(tmp_path, counts):
+    """Both ones of the mask in bin 1 of 2, coded with per-bin ``counts`` (their sum is k = 2 either way)."""
+    import numpy as np
+
+    bins = _bins((2, 4), 2)
+    members = [np.flatnonzero(bins == b) for b in (0, 1)]
+    mask = np.zeros(8, bool)
+    mask[members[1][:2]] = True
+    steps = [_binary(len(members[b]), counts[b], int(mask[i])) for b in (0, 1) if 0 < counts[b] < len(members[b])
+             for i in members[b]]
+    p = tmp_path / "ctx.fpk"
+    p.write_bytes(_ctx_file((2, 4), mask, bytes([2, 0]) + _var(counts[0]) + _var(counts[1]), steps))
+    return p, mask
+
+
+def _flag_file(tmp_path, col_ones):
+    """Column flags [1, 1, 1, 0] (3 set) coded with binary(4, ``col_ones``), one trainable entry per flagged
+    column."""
+    import numpy as np
+
+    colflag = [1, 1, 1, 0]
+    mask = np.zeros(8, bool)
+    mask[[0, 5, 2]] = True  # row-major 2 x 4: columns 0, 1, 2
+    active = [i for i in range(8) if colflag[i % 4]]
+    steps = [_binary(4, col_ones, b) for b in colflag] + [_binary(len(active), 3, int(mask[i])) for i in active]
+    p = tmp_path / "flags.fpk"
+    p.write_bytes(_ctx_file((2, 4), mask, bytes([1, 1]) + _var(col_ones) + _var(3), steps))
+    return p, mask
+
+
+def test_the_ctx_fixtures_are_valid_with_true_counts(tmp_path):
+    for p, mask in (_bin_file(tmp_path, (0, 2)), _flag_file(tmp_path, 3)):
+        assert (freezepack.load(p)["w"].reshape(-1).numpy() >= 1).tolist() == mask.tolist()
+
+
+@gap(NOT_RAISED)
+def test_ctx_bin_counts_must_be_what_each_bin_decodes(tmp_path):
+    """FORMAT.md §12.7.2: bin b decodes exactly count_b ones. Counts [1, 1] sum to k = 2 but the stream decodes
+    0 ones in bin 0 and 2 in bin 1 (today's reader checks only the sum)."""
+    p, _ = _bin_file(tmp_path, (1, 1))
+    with pytest.raises(FormatError):
+        freezepack.load(p)
+
+
+@gap(NOT_RAISED)
+def test_ctx_flag_counts_must_be_what_the_flags_decode(tmp_path):
+    """FORMAT.md §12.7.2: exactly col_ones column flags are set. col_ones = 2, but 3 flags decode (not checked)."""
+    p, _ = _flag_file(tmp_path, 2)
+    with pytest.raises(FormatError):
+        freezepack.load(p)
