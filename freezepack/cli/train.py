@@ -14,7 +14,8 @@ from .common import one_line_errors
 @click.option("--model", "model_name", default="lenet5", show_default=True, metavar="NAME|module:Class",
               help="Architecture: lenet5 (LeNet-5-Caffe), lenet300 (LeNet-300-100), or your own model as "
                    "package.module:Class (a class or factory called with no arguments; it gets MNIST batches "
-                   "(N, 1, 28, 28) and must return 10 logits).")
+                   "(N, 1, 28, 28) and must return 10 logits). module:Class IMPORTS AND RUNS that module's code "
+                   "with your permissions, like `python -c 'import module'`: use only code you trust.")
 @click.option("--method", type=click.Choice(["freezenet", "freezenet-wd", "random", "snip", "grasp", "dense"]),
               default="freezenet", show_default=True,
               help="freezenet: SNIP mask, frozen weights kept at their random init. freezenet-wd: also decays the "
