@@ -379,6 +379,10 @@ import os  # noqa: E402
 
 VECTORS = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "fpk")
 MANIFEST_V2 = json.load(open(os.path.join(VECTORS, "manifest_v2.json")))
+# the third set (FORMAT.md §11.1): version-2 items of manifest_rules.json, in the same form
+RULES = json.load(open(os.path.join(VECTORS, "manifest_rules.json")))
+RULES_V2 = [v for v in RULES["valid"] if v["version"] == 2]
+RULES_V2_INVALID = [v for v in RULES["invalid"] if v["version"] == 2]
 
 
 def _spec_v2_read(path) -> dict[str, bytes]:
@@ -611,15 +615,21 @@ def _spec_v2_read(path) -> dict[str, bytes]:
                 for i in members:
                     mask[i] = c == s if c in (0, s) else bool(st.pop([cdf1(s, c), (1 << 24) - cdf1(s, c)]))
             st.done()
-        if e["scale"] != 1.0:
-            g = (g * np.float32(e["scale"])).astype(np.float32)
-        if e["dtype"] == 3:
-            dense = g.view(np.uint8).copy().reshape(n, 4)
-        elif e["dtype"] == 6:
-            dense = g.astype(np.float16).view(np.uint8).reshape(n, 2).copy()
-        else:  # BF16: round to nearest even on the f32 bits
-            u = g.view(np.uint32).astype(np.uint64)
-            dense = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").view(np.uint8).reshape(n, 2).copy()
+        def round_to(x, code=e["dtype"]):  # R of §5.3: f32 -> the dtype, round to nearest even, overflow to +-inf
+            if code == 3:
+                return x.astype(np.float32)
+            if code == 6:
+                with np.errstate(over="ignore"):
+                    return x.astype(np.float16)
+            u = x.view(np.uint32).astype(np.uint64)  # BF16: round to nearest even on the f32 bits
+            return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+
+        d = round_to(g)
+        if e["scale"] != 1.0:  # R(f32(R(G) x frozen_scale)): G is rounded to the dtype first (§5.3, §12.5)
+            wide = (d.astype(np.uint32) << 16).view(np.float32) if e["dtype"] == 7 else d.astype(np.float32)
+            with np.errstate(over="ignore"):
+                d = round_to(wide * np.float32(e["scale"]))
+        dense = d.view(np.uint8).reshape(n, -1).copy()
         if k:
             vals = np.frombuffer(value_bytes(e["block"], take(e["block"][1])), np.uint8).reshape(k, -1)
             dense[np.flatnonzero(mask)] = vals
@@ -633,7 +643,7 @@ def _spec_v2_read(path) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("v", MANIFEST_V2["valid"], ids=lambda v: v["file"])
+@pytest.mark.parametrize("v", MANIFEST_V2["valid"] + RULES_V2, ids=lambda v: v["file"])
 def test_v2_vectors_decode_by_the_spec_alone_and_by_freezepack(v):
     from safetensors.torch import load_file
 
@@ -650,7 +660,18 @@ def test_v2_vectors_decode_by_the_spec_alone_and_by_freezepack(v):
         _same({k: want[k] for k in freezepack.load(path)}, freezepack.load(path))
 
 
-@pytest.mark.parametrize("v", MANIFEST_V2["invalid"], ids=lambda v: v["file"])
+@pytest.mark.parametrize("v", RULES_V2, ids=lambda v: v["file"])
+def test_rule_vectors_load_with_freezepack_f16_bf16_and_aliases_included(v):
+    from safetensors.torch import load_file
+
+    want = load_file(os.path.join(VECTORS, v["dense"]))
+    got = freezepack.load(os.path.join(VECTORS, v["file"]))
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and bytes(api.tensor_bytes(got[name])) == bytes(api.tensor_bytes(t)), name
+
+
+@pytest.mark.parametrize("v", MANIFEST_V2["invalid"] + RULES_V2_INVALID, ids=lambda v: v["file"])
 def test_invalid_v2_vectors_are_rejected_for_their_reason(v):
     import freezepack.errors as errors
 

@@ -35,6 +35,9 @@ from freezepack.format.v1 import writer as v1_writer  # noqa: E402
 from freezepack.format.v1.layout import FORMAT_VERSION  # noqa: E402
 from freezepack.testing import rewrite, split_file, with_inner_text  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_rule_vectors  # noqa: E402  (tools/, next to this script)
+
 OUT = os.path.join(ROOT, "spec", "vectors", "fpk")
 
 
@@ -330,6 +333,7 @@ def build() -> dict[str, bytes]:
                                     "reason": reason, "description": desc})
     files["manifest.json"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     files.update(build_v2())  # format version 2: its own function and manifest, below
+    files.update(make_rule_vectors.build())  # the third set (FORMAT.md §11.1): tools/make_rule_vectors.py
     return files
 
 
@@ -340,14 +344,14 @@ def build() -> dict[str, bytes]:
 def _v2_frozen(name, shape, dtype, seed, mask, init, scale=1.0, stream=None, blobs=None, dense=None, vals=None,
                hint=None):
     """A frozen v2 Entry from a mask; values 0.01 * j in the tensor's dtype; dense = the reference reconstruction
-    (generator f32 output x frozen_scale in f32, rounded to dtype, values scattered in)."""
+    (generator f32 output rounded to dtype, x frozen_scale in f32, rounded to dtype again, values scattered in)."""
     from freezepack import api
     from freezepack.format.init import generate
 
     g = generate(init, shape, seed, stream or name).reshape(-1)
-    if scale != 1.0:
-        g = g * scale
     t = g.to(api.TORCH_DTYPES[dtype])
+    if scale != 1.0:  # §5.3: R(f32(R(G) x frozen_scale)), G rounded to the dtype first
+        t = (t.to(torch.float32) * np.float32(scale)).to(api.TORCH_DTYPES[dtype])
     mask = np.asarray(mask, dtype=bool).reshape(-1)
     k = int(mask.sum())
     if vals is None:

@@ -45,7 +45,14 @@ def verify(path: PathLike, device: Device = None, *, limits: Limits = DEFAULT_LI
 
 
 def inspect(path: PathLike, *, limits: Limits = DEFAULT_LIMITS) -> dict:
-    """Header facts without regenerating anything: per-tensor q, coder, sizes, and the compression factor."""
+    """Header facts without regenerating anything: per-tensor q, coder, sizes, and the compression factor.
+
+    ``header_bytes`` is every byte before the first payload: v1, the 8-byte length and the safetensors JSON (the
+    freezepack header inside it); v2, the 8-byte length, the fixed safetensors JSON, the 32-byte body digest and
+    the binary header *including* the coder models (``ans-ctx`` bin counts, value histograms and codebooks).
+    spec/FORMAT.md §12.11's "structure" (the README's ~400 B for LeNet-5-Caffe) is the same bytes *without* the
+    coder models.
+    """
     with open_file(path, limits) as r:
         h = r.header
         rows: list[dict] = []
