@@ -168,15 +168,16 @@ def test_unknown_initializer(tmp_path, monkeypatch, version):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_metadata_is_measured_one_way(tmp_path, monkeypatch, version):
-    """Canonical JSON bytes for both versions: non-ASCII text counts as its \\uXXXX escapes (v2 used to count UTF-8
-    bytes, so a limit between the two measures accepted a file v1 refused)."""
-    meta = {"k": "\u00e9" * 100}
+    """The UTF-8 bytes of every key and value, in both versions (spec §5): non-ASCII text counts its UTF-8 bytes, not
+    the \\uXXXX escapes of v1's JSON (v1 used to measure those, so a limit between the two measures refused a v1
+    file whose v2 twin loaded)."""
+    meta = {"k": "\u00e9" * 100, "\u20ac": "x"}
     size = rules.metadata_bytes(meta)
-    assert size == len('{"k":""}') + 6 * 100 > len("k") + 200
+    assert size == 1 + 200 + 3 + 1
     p = write(tmp_path / "f.fpk", version, [frozen()], monkeypatch, metadata=meta)
     with open_file(p, Limits(max_metadata_bytes=size)):
         pass
-    refused(p, FormatError, "metadata: canonical bytes", limits=Limits(max_metadata_bytes=size - 1))
+    refused(p, FormatError, "metadata: UTF-8 bytes", limits=Limits(max_metadata_bytes=size - 1))
 
 
 def test_a_newer_version_says_upgrade(tmp_path):
@@ -195,13 +196,24 @@ def test_a_newer_version_says_upgrade(tmp_path):
 
 
 def test_which_error_wins_is_the_rules_order():
-    """Which error wins with two defects is the rules' order (module docstring): the name comes before the dtype."""
+    """Of two defects the rules' order decides (module docstring, spec §12.9): name, shape, then the frozen dtype."""
     h = Header(seed=1, entries=(frozen("", dtype="I32"),), version=2)
     with pytest.raises(FormatError, match="invalid tensor name"):
         rules.check_header(h, Limits())
     h = Header(seed=1, entries=(frozen("w", dtype="I32", shape=(0, 1 << 60)),), version=2)
-    with pytest.raises(FormatError, match="not allowed"):
+    with pytest.raises(FormatError, match="a dimension"):
         rules.check_header(h, Limits())
+    h = Header(seed=1, entries=(frozen("w", dtype="I32", stream=""),), version=2)
+    with pytest.raises(FormatError, match="not allowed for a frozen tensor"):
+        rules.check_header(h, Limits())
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_first_entry_s_defect_wins(tmp_path, monkeypatch, version):
+    """v2 applies each rule as it reads the field (byte order), v1 after its JSON, in entry order: either way the
+    earlier entry's defect is the one reported."""
+    p = write(tmp_path / "f.fpk", version, [frozen("a", stream=""), frozen("b", dtype="I32")], monkeypatch)
+    refused(p, FormatError, "stream must be given", tensor="a")
 
 
 # ------------------------------------------------------------------------------------------------ hostile input

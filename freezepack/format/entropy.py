@@ -192,6 +192,10 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
 
     colflag = flags_of("col_ones", g[1]) if flags & FLAG_COLS else None
     rowflag = flags_of("row_ones", g[0]) if flags & FLAG_ROWS else None
+    for key, f in (("col_ones", colflag), ("row_ones", rowflag)):  # exactly the declared number set (§12.7.2)
+        if f is not None and int(np.count_nonzero(f)) != params[key]:
+            raise FormatError(f"'ans-ctx' {key}={params[key]} but {int(np.count_nonzero(f))} flags decode",
+                              path=where, tensor=tensor)
     # the active entries grouped by bin, ascending i within a bin: the order their symbols come in
     order, sizes = ans.group(context_bins(keys, nb), nb, _active(g, colflag, rowflag, n) if flags else None)
     m = np.zeros(n, dtype=np.uint8)
@@ -205,6 +209,10 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
             m[order[pos:pos + s]] = 1
         elif c:
             dec.decode(ans.binary(binary_cdf1(s, c)), s, out=m, index=order[pos:pos + s])
+            got = int(np.count_nonzero(m[order[pos:pos + s]]))
+            if got != c:  # each bin decodes exactly its declared count (§12.7.2)
+                raise FormatError(f"'ans-ctx' bin {j} declares {c} trainable entries but decodes {got}",
+                                  path=where, tensor=tensor)
         pos += s
     if not dec.is_empty():
         raise FormatError("'ans-ctx' stream has data left after the last entry", path=where, tensor=tensor)
@@ -291,6 +299,7 @@ def decode_planes(n: int, elem: int, tables: list, payload, where=None, tensor=N
             a[:, elem - 1 - i] = used[0]
         else:  # decoded straight into the plane's strided bytes, each symbol mapped to its byte
             dec.decode(ans.model(quantize_counts(counts)), n, out=a[:, elem - 1 - i], values=np.asarray(used))
+            check_histogram(a[:, elem - 1 - i], used, counts, "'planes'", where, tensor)
     if not dec.is_empty():
         raise FormatError("'planes' values stream has data left after the last value", path=where, tensor=tensor)
     rawp = np.frombuffer(mv[stream_len:], dtype=np.uint8)
@@ -333,4 +342,17 @@ def decode_symbols(words: np.ndarray, counts, n: int, what: str, where=None, ten
     sym = dec.decode(ans.model(quantize_counts(counts)), n, dtype=np.uint8 if len(counts) <= 256 else np.int64)
     if not dec.is_empty():
         raise FormatError(f"{what} stream has data left after the last value", path=where, tensor=tensor)
+    check_histogram(sym, range(len(counts)), counts, what, where, tensor)
     return sym
+
+
+def check_histogram(symbols: np.ndarray, used, counts, what: str, where=None, tensor=None) -> None:
+    """Decoded ``symbols`` (byte or index values) occur exactly as the stored histogram says: ``used[j]`` exactly
+    ``counts[j]`` times (spec §12.8: one spelling per tensor). Counted in slices: a few KB besides the input."""
+    hist = np.zeros(256 if symbols.dtype == np.uint8 else max(len(counts), 1), dtype=np.int64)
+    step = 1 << 16
+    for i in range(0, symbols.shape[0], step):
+        hist += np.bincount(symbols[i:i + step], minlength=hist.size)[:hist.size]
+    if hist[np.asarray(list(used), dtype=np.int64)].tolist() != [int(c) for c in counts]:
+        raise FormatError(f"{what} stream decodes to another histogram than the one stored", path=where,
+                          tensor=tensor)
