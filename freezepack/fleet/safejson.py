@@ -33,7 +33,7 @@ class JsonLimits:
 
 
 # Sized for real repositories (ngclient's own download caps for the TUF roles; a targets file of ~25 models with
-# ~1,000 tensors each) while keeping a refused or an accepted parse under 64 MiB (tests/fleet_memprobe.py).
+# ~1,000 tensors each) while keeping a refused or an accepted parse under 64 MiB (freezepack/testing/fleet_memprobe.py).
 TUF_LIMITS = {"root": JsonLimits(512_000), "timestamp": JsonLimits(16_384),
               "snapshot": JsonLimits(2_000_000, max_values=500_000),
               "targets": JsonLimits(5_000_000, max_values=500_000)}
