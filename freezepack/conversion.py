@@ -21,6 +21,7 @@ from .errors import FormatError, FreezepackError, IntegrityError, UsageError
 from .format.dtypes import TORCH_DTYPES
 from .format.framing import sniff
 from .format.init import InitSpec, generate, make_init
+from .format.initializers import TABLE
 from .format.io import atomic_write, check_regular_file
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import check_seed
@@ -29,7 +30,7 @@ from .format.strictjson import valid_text
 # Below this share of float32 elements explained by the initializer, a conversion almost surely used the wrong
 # seed or initializer: the file is still exact, but the user should hear why it is not small.
 LOW_MATCH = 0.05
-_FAN_INITS = ("xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform", "pm_sigma")
+_FAN_INITS = tuple(name for name, ini in TABLE.items() if ini.fan)  # need >= 2 dimensions
 
 
 def _first_line(e: BaseException) -> str:
