@@ -99,8 +99,8 @@ def test_values_count_matches_a_real_parse():
             v = stack.pop()
             n += 1
             stack.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else [])
-        assert strictjson._values_outside_strings(t, step=3) >= n
-        assert strictjson._values_outside_strings(t, step=3) == strictjson._values_outside_strings(t)
+        assert strictjson.scan_text(t, step=3).values >= n
+        assert strictjson.scan_text(t, step=3) == strictjson.scan_text(t) == strictjson.scan(t.encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------
