@@ -7,7 +7,8 @@ import os
 
 PKG = os.path.join(os.path.dirname(__file__), "..", "freezepack")
 # rank of each layer (README's table, top = highest); a module may import only from its own rank or lower
-RANKS = {"errors": 0, "atomic": 0, "_version": 0, "format": 1, "method": 2, "api": 3, "conversion": 3,
+# atomic re-exports format.io (the one atomic_write), so it sits on the format layer
+RANKS = {"errors": 0, "atomic": 1, "_version": 0, "format": 1, "method": 2, "api": 3, "conversion": 3,
          "experiments": 4, "fleet": 5, "cli": 6}
 
 
@@ -50,4 +51,5 @@ def test_imports_point_down_the_layer_table():
 def test_the_checker_sees_lazy_and_relative_imports():
     found = set(_imports())
     assert ("freezepack.cli.demo", "freezepack.experiments.demo") in found          # lazy, relative
-    assert ("freezepack.api", "freezepack.method.freezenet") in found               # lazy, relative
+    assert any(mod.startswith("freezepack.api") and target == "freezepack.method.freezenet"
+               for mod, target in found)                                           # lazy, relative

@@ -167,7 +167,7 @@ CTX = {"half.scaled", "half.mean", "bf.scaled", "bf.mean", "bf.kaiming", "half.k
 
 def valid(version: int):
     """file name -> (bytes, dense tensors, description)."""
-    from freezepack.format import compact
+    from freezepack.format.v2 import writer as compact
 
     out = {}
     best = compact._best_mask
@@ -202,7 +202,7 @@ def _str(s: str) -> bytes:
 
 
 def _v2_file(entries: bytes, count: int, payload: bytes = b"", meta=()) -> bytes:
-    from freezepack.format.compact import outer_header
+    from freezepack.format.v2.wire import outer_header
 
     head = bytes([0]) + _var(5) + _str("hand-made") + _var(len(meta)) + b"".join(_str(k) + _str(v) for k, v in meta)
     r = head + _var(count) + entries + payload
@@ -282,7 +282,8 @@ def invalid(v1_base: bytes):
 
 def build() -> dict[str, bytes]:
     """Every rules_* file and manifest_rules.json."""
-    from freezepack.format import compact
+    from freezepack.format.model import MASK_SUFFIX
+    from freezepack.format.v2.reader import coding_name, parse_body
 
     files = {}
     manifest = {"format": "freezepack", "valid": [], "invalid": []}
@@ -296,9 +297,10 @@ def build() -> dict[str, bytes]:
                     "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(), "description": desc}
             if version == 2:
                 n = struct.unpack("<Q", data[:8])[0]
-                body = compact.Body(data[8 + n:])
-                item["coders"] = sorted({e.coder for e in body.header.entries if e.kind == "frozen"})
-                item["value_coders"] = sorted({body.coding(k) for k in body.parts if not k.endswith("#mask")})
+                parsed, parts, _ = parse_body(data[8 + n:])
+                item["coders"] = sorted({e.coder for e in parsed.entries if e.kind == "frozen"})
+                item["value_coders"] = sorted({coding_name(c, p) for k, (c, p, _, _) in parts.items()
+                                               if not k.endswith(MASK_SUFFIX)})
             else:
                 inner = json.loads(json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"][
                     "freezepack"])

@@ -118,6 +118,8 @@ def check_header(h: Header, limits: Limits, path=None) -> None:
         if name in seen:
             raise FormatError("tensor name appears twice", path=path, tensor=name)
         if isinstance(e, AliasEntry):
+            if seen.get(e.of) is True:
+                raise FormatError(f"alias of {short(e.of)}, itself an alias", path=path, tensor=name)
             if seen.get(e.of) is not False:
                 raise FormatError(f"alias of {short(e.of)}: not an earlier non-alias tensor", path=path, tensor=name)
             seen[name] = True
