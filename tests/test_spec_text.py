@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from freezepack.format import init, rng
-from freezepack.format.v2 import wire
+from freezepack.format.v2.wire import outer_header
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "spec")
 FORMAT = open(os.path.join(SPEC, "FORMAT.md"), encoding="utf-8").read()
@@ -19,7 +19,7 @@ RNG = open(os.path.join(SPEC, "RNG.md"), encoding="utf-8").read()
 
 def test_v2_outer_header_example_is_the_writers_text():
     example = re.search(r"for `L = 1234` the text is\n`([^`]+)`, (\d+)\nbytes, then (\d) spaces", FORMAT)
-    raw = wire.outer_header(1234)[8:]
+    raw = outer_header(1234)[8:]
     assert raw.rstrip(b" ").decode() == example.group(1)
     assert len(example.group(1)) == int(example.group(2)) and raw.count(b" ") == int(example.group(3))
 

@@ -282,6 +282,7 @@ def invalid(v1_base: bytes):
 
 def build() -> dict[str, bytes]:
     """Every rules_* file and manifest_rules.json."""
+    from freezepack.format.model import MASK_SUFFIX
     from freezepack.format.v2.reader import coding_name, parse_body
 
     files = {}
@@ -296,10 +297,10 @@ def build() -> dict[str, bytes]:
                     "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(), "description": desc}
             if version == 2:
                 n = struct.unpack("<Q", data[:8])[0]
-                header, parts, _ = parse_body(data[8 + n:])
-                item["coders"] = sorted({e.coder for e in header.entries if e.kind == "frozen"})
+                parsed, parts, _ = parse_body(data[8 + n:])
+                item["coders"] = sorted({e.coder for e in parsed.entries if e.kind == "frozen"})
                 item["value_coders"] = sorted({coding_name(c, p) for k, (c, p, _, _) in parts.items()
-                                               if not k.endswith("#mask")})
+                                               if not k.endswith(MASK_SUFFIX)})
             else:
                 inner = json.loads(json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"][
                     "freezepack"])
