@@ -215,14 +215,15 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
 
 def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.Tensor, torch.Tensor], *,
           init: str = "xavier_normal", init_params: dict | None = None, reinit: str | None = None,
-          device=None, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
+          device=None, masks: dict[str, torch.Tensor] | None = None, widths: dict | None = None) -> nn.Module:
     """A fresh model for ``method`` at freezing rate ``q`` (``q`` ignored for dense), weights from the generator.
 
     ``masks`` (``{name: trainable}``, e.g. computed on another rank) skips the scoring and freezes with those.
+    ``widths``: the model's layer-width arguments (a narrow baseline, :mod:`.narrow`); default its full widths.
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-    model = make_model(model_name).to(device)
+    model = make_model(model_name, **(widths or {})).to(device)
     if method == "dense":
         return init_weights(model, seed, init, init_params)
     if masks is not None:  # make_freezenet's freeze step with a given mask
@@ -259,6 +260,7 @@ class TrainConfig:
     init: str = "xavier_normal"
     init_params: dict | None = None
     reinit: str | None = None
+    widths: dict | None = None  # layer-width constructor arguments (narrow baselines, .narrow); None: full width
 
     @property
     def label(self) -> str:
@@ -281,7 +283,7 @@ def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset
     train_full, test = datasets if datasets is not None else load_mnist(data)
     tr, va = split_train_val(train_full, c.seed)
     batch = (tr.images[:SNIP_BATCH], tr.labels[:SNIP_BATCH])
-    kw = dict(init=c.init, init_params=c.init_params, reinit=c.reinit, device=device)
+    kw = dict(init=c.init, init_params=c.init_params, reinit=c.reinit, device=device, widths=c.widths)
     if distributed and c.method != "dense":
         import torch.distributed as dist
 
@@ -289,7 +291,7 @@ def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset
 
         # the mask is scored once, on rank 0; the others get k indices per tensor and regenerate the rest
         net = build(c.model, c.method, c.q, c.seed, batch, **kw) if dist.get_rank() == 0 else None
-        masks = share_masks(trainable_masks(net) if net is not None else None, make_model(c.model))
+        masks = share_masks(trainable_masks(net) if net is not None else None, make_model(c.model, **(c.widths or {})))
         if net is None:
             net = build(c.model, c.method, c.q, c.seed, batch, masks=masks, **kw)
     else:
