@@ -1,0 +1,199 @@
+"""When do FreezeNets pay off? Each FreezeNet beside the dense baseline a skeptic asks for, in one run.
+
+Per model (LeNet-5-Caffe, LeNet-300-100), freezing rate q and seed, on the shipped MNIST subset, all trained with
+the same recipe (freezepack.experiments.train: SGD lr 0.1, momentum 0.9, cosine, weight decay 5e-4, gradient
+norm 1, 9/1 split with early stopping) and the same seed:
+
+  freezenet   the paper's FreezeNet (SNIP mask, frozen weights at their generator values)
+  narrow      dense, same depth, every width scaled by one factor: the widest model with at most the FreezeNet's
+              trainable numbers (trainable weight entries + biases; freezepack train --method narrow)
+  narrow=B    dense, narrowed to the widest model whose lossless file is at most the FreezeNet's lossless file
+              (its budget from the narrow run's bytes per number, 2 % margin; bytes as measured)
+  dense       (--full-dense) the full-width dense model: what a runtime with a fixed architecture would store
+
+Each trained model is saved as .fpk with each value coding (f32 = lossless; int8, kmeans:K lossy: a FreezeNet's
+trained values, a dense model's Linear/Conv weights; biases exact), verified, loaded back and tested: "bytes" and
+"acc" are of the real files. Also reported: trainable numbers, multiply-adds of one inference (Linear/Conv, by
+hooks; a FreezeNet computes with all its weights) and training seconds (this machine, one thread, one run).
+
+--fleet: the bytes a fleet ships per update (freezepack.fleet deltas between two releases; release 2 = release
+1 fine-tuned for one epoch at lr 0.01): FreezeNet vs narrow.
+
+    .venv/bin/python tools/bench_baseline.py                          # LeNet-5 + LeNet-300, q 0.9/0.99/0.999, 3 seeds
+    .venv/bin/python tools/bench_baseline.py --models lenet300 --q 0.99 --seeds 1 --epochs 2    (a quick look)
+    .venv/bin/python tools/bench_baseline.py --from-json runs/baseline.json     (re-render a previous run)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import freezepack  # noqa: E402
+from freezepack.experiments.data import load_mnist, split_train_val  # noqa: E402
+from freezepack.experiments.models import INPUT_SHAPES, make_model  # noqa: E402
+from freezepack.experiments.narrow import count_macs, plan, plan_for  # noqa: E402
+from freezepack.experiments.train import TrainConfig, evaluate, run, train  # noqa: E402
+
+NAMES = {"lenet5": "LeNet-5-Caffe", "lenet300": "LeNet-300-100"}
+
+
+def stored(model, name: str, widths, coding: str, test, tmp: str) -> tuple[int, float]:
+    """(file bytes, test accuracy of what the file holds): save, verify, load into a fresh plain model, test."""
+    path = os.path.join(tmp, "m.fpk")
+    freezepack.save(path, model, values=None if coding == "f32" else coding)
+    if not freezepack.verify(path)["ok"]:
+        raise SystemExit(f"{path} does not verify")
+    net = make_model(name, **(widths or {}))
+    freezepack.load_into(net, path)
+    return os.path.getsize(path), evaluate(net, test)
+
+
+def one(cfg: TrainConfig, variant: str, datasets, codings, tmp: str, extra=None) -> dict:
+    r = run(cfg, datasets=datasets)
+    row = {"model": cfg.model, "q": cfg.q, "seed": cfg.seed, "variant": variant, "widths": cfg.widths,
+           "trainable": r.trainable, "macs": count_macs(r.model, INPUT_SHAPES[cfg.model]),
+           "seconds": round(r.seconds, 2), "acc": r.test_acc, "files": {}, **(extra or {})}
+    for c in codings:
+        row["files"][c] = stored(r.model, cfg.model, cfg.widths, c, datasets[1], tmp)
+    row["_model"] = r.model
+    return row
+
+
+def delta_bytes(old: str, new: str) -> int:
+    from freezepack.fleet import file_pieces
+
+    have = {p.sha256 for p in file_pieces(old)}
+    return sum(p.length for p in file_pieces(new) if p.sha256 not in have)
+
+
+def fleet_update(row: dict, datasets, tmp: str) -> dict:
+    """Release 1 = the trained model; release 2 = it fine-tuned one epoch (lr 0.01, constant): bytes shipped."""
+    model = row["_model"]
+    r1, r2 = os.path.join(tmp, "r1.fpk"), os.path.join(tmp, "r2.fpk")
+    freezepack.save(r1, model)
+    tr, va = split_train_val(datasets[0], row["seed"] + 1000)
+    train(model, tr, va, epochs=1, lr=0.01, cosine=False, seed=row["seed"] + 1000)
+    freezepack.save(r2, model)
+    return {"model": row["model"], "q": row["q"], "variant": row["variant"], "trainable": row["trainable"],
+            "release_bytes": os.path.getsize(r2), "delta_bytes": delta_bytes(r1, r2),
+            "acc_after": evaluate(model, datasets[1])}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["lenet5", "lenet300"], choices=sorted(NAMES))
+    ap.add_argument("--q", type=float, nargs="+", default=[0.9, 0.99, 0.999])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--codings", nargs="+", default=["f32", "int8", "kmeans:4"])
+    ap.add_argument("--full-dense", action="store_true", help="also the full-width dense model (fixed architecture)")
+    ap.add_argument("--dense-codings", nargs="+", default=["f32", "kmeans:4", "kmeans:2", "kmeans:1"])
+    ap.add_argument("--fleet", action="store_true", help="also per-update bytes of a fine-tune (seed 0, each q)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the raw rows here")
+    ap.add_argument("--from-json", default=None, help="re-render the tables of a previous --json run")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        report(saved["rows"], saved["fleet"], saved["settings"])
+        return
+    torch.set_num_threads(args.threads)
+    datasets = load_mnist()
+    rows, fleet, t0 = [], [], time.perf_counter()
+    settings = {"epochs": args.epochs, "seeds": list(range(args.seeds)), "threads": args.threads,
+                "torch": torch.__version__, "train_images": len(datasets[0]), "test_images": len(datasets[1])}
+
+    def say(row):
+        print(f"  {row['model']} q={row['q']} seed={row['seed']} {row['variant']}: {100 * row['acc']:.2f} %, "
+              f"{row['trainable']:,} numbers, {row['files'].get('f32', (0,))[0]:,} B ({row['seconds']:.0f} s; "
+              f"{time.perf_counter() - t0:.0f} s so far)", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            if args.full_dense:
+                for seed in range(args.seeds):
+                    rows.append(one(TrainConfig(name, "dense", 0.0, seed, epochs=args.epochs), "dense", datasets,
+                                    args.dense_codings, tmp))
+                    say(rows[-1])
+            for q in args.q:
+                for seed in range(args.seeds):
+                    cfg = TrainConfig(name, "freezenet", q, seed, epochs=args.epochs)
+                    fz = one(cfg, "freezenet", datasets, args.codings, tmp)
+                    p, facts = plan_for(cfg, datasets=datasets)
+                    assert facts["max_trainable"] == fz["trainable"], "the budget is the trained FreezeNet's count"
+                    nw = one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=p.widths), "narrow",
+                             datasets, args.codings, tmp, {"budget": facts["max_trainable"],
+                                                          "next_trainable": p.next_trainable})
+                    per_number = nw["files"]["f32"][0] / nw["trainable"]
+                    pb = plan(name, int(0.98 * fz["files"]["f32"][0] / per_number))
+                    nb = one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=pb.widths), "narrow=B",
+                             datasets, args.codings, tmp, {"budget": pb.max_trainable})
+                    for r in (fz, nw, nb):
+                        say(r)
+                    rows += [fz, nw, nb]
+                    if args.fleet and seed == 0:
+                        fleet += [fleet_update(fz, datasets, tmp), fleet_update(nw, datasets, tmp)]
+    for r in rows:
+        r.pop("_model")
+    settings["seconds"] = round(time.perf_counter() - t0)
+    report(rows, fleet, settings)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"settings": settings, "rows": rows, "fleet": fleet}, f, indent=1)
+
+
+def _pm(xs) -> str:
+    xs = [100 * x for x in xs]
+    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
+
+
+def _widths(w) -> str:
+    if not w:
+        return "full"
+    return ", ".join(f"{k} {'/'.join(map(str, v)) if isinstance(v, list | tuple) else v}" for k, v in w.items())
+
+
+def report(rows, fleet, settings) -> None:
+    print(f"Shipped MNIST subset ({settings['train_images']:,} training / {settings['test_images']:,} test digits), "
+          f"{settings['epochs']} epochs, seeds {settings['seeds']}, torch {settings['torch']}, "
+          f"{settings['threads']} thread(s); {settings.get('seconds', 0)} s in all.\n")
+    codings = list(next(iter(rows))["files"]) if rows else []
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["q"] if r["variant"] != "dense" else None, r["variant"]), []).append(r)
+    print("| model | q | variant | widths | trainable numbers | multiply-adds | train s | "
+          + " | ".join(f"{c} bytes | {c} acc %" for c in codings) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|---|" * len(codings))
+    for (model, q, variant), rs in groups.items():
+        cells = []
+        for c in codings:
+            got = [r["files"][c] for r in rs if c in r["files"]]
+            cells += [f"{statistics.fmean(b for b, _ in got):,.0f}", _pm([a for _, a in got])] if got else ["", ""]
+        ws = {json.dumps(r["widths"]) for r in rs}
+        tr = sorted({r["trainable"] for r in rs})
+        print(f"| {NAMES.get(model, model)} | {'–' if q is None else f'{q:g}'} | {variant} | "
+              f"{_widths(rs[0]['widths']) if len(ws) == 1 else 'per seed'} | "
+              f"{tr[0]:,}{'' if len(tr) == 1 else f'–{tr[-1]:,}'} | {rs[0]['macs']:,} | "
+              f"{statistics.fmean(r['seconds'] for r in rs):.0f} | " + " | ".join(cells) + " |")
+    if fleet:
+        print("\nPer-update bytes a fleet ships (freezepack.fleet deltas; release 2 = one epoch of fine-tuning at "
+              "lr 0.01, seed 0):\n")
+        print("| model | q | variant | trainable numbers | release file bytes | update (delta) bytes | acc after % |")
+        print("|---|---|---|---|---|---|---|")
+        for f in fleet:
+            print(f"| {NAMES.get(f['model'], f['model'])} | {f['q']:g} | {f['variant']} | {f['trainable']:,} | "
+                  f"{f['release_bytes']:,} | {f['delta_bytes']:,} | {100 * f['acc_after']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
