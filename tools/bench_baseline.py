@@ -9,6 +9,8 @@ norm 1, 9/1 split with early stopping) and the same seed:
               trainable numbers (trainable weight entries + biases; freezepack train --method narrow)
   narrow=B    dense, narrowed to the widest model whose lossless file is at most the FreezeNet's lossless file
               (its budget from the narrow run's bytes per number, 2 % margin; bytes as measured)
+  freezenet xK  (--wider K) a FreezeNet of the K-times-wider model (every width x K) at the q' that gives it the
+              same trainable numbers: do more frozen random weights buy accuracy at equal trainable numbers?
   dense       (--full-dense) the full-width dense model: what a runtime with a fixed architecture would store
 
 Each trained model is saved as .fpk with each value coding (f32 = lossless; int8, kmeans:K lossy: a FreezeNet's
@@ -39,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import freezepack  # noqa: E402
 from freezepack.experiments.data import load_mnist, split_train_val  # noqa: E402
-from freezepack.experiments.models import INPUT_SHAPES, make_model  # noqa: E402
+from freezepack.experiments.models import INPUT_SHAPES, WIDTHS, make_model  # noqa: E402
 from freezepack.experiments.narrow import count_macs, plan, plan_for  # noqa: E402
 from freezepack.experiments.train import TrainConfig, evaluate, run, train  # noqa: E402
 
@@ -66,6 +68,17 @@ def one(cfg: TrainConfig, variant: str, datasets, codings, tmp: str, extra=None)
         row["files"][c] = stored(r.model, cfg.model, cfg.widths, c, datasets[1], tmp)
     row["_model"] = r.model
     return row
+
+
+def wider_q(name: str, widths: dict, budget: int) -> float:
+    """The freezing rate at which the model at ``widths`` trains about ``budget`` numbers (floor((1-q)|W|) weights
+    + its biases; freezepack.method.saliency)."""
+    from freezepack.method.saliency import prunable_weights
+
+    m = make_model(name, **widths)
+    weights = sum(w.numel() for w in prunable_weights(m).values())
+    others = sum(p.numel() for p in m.parameters()) - weights
+    return float(f"{1 - (budget - others) / weights:.9f}")
 
 
 def delta_bytes(old: str, new: str) -> int:
@@ -97,6 +110,9 @@ def main(argv=None) -> None:
     ap.add_argument("--codings", nargs="+", default=["f32", "int8", "kmeans:4"])
     ap.add_argument("--full-dense", action="store_true", help="also the full-width dense model (fixed architecture)")
     ap.add_argument("--dense-codings", nargs="+", default=["f32", "kmeans:4", "kmeans:2", "kmeans:1"])
+    ap.add_argument("--wider", type=int, default=0, metavar="K", help="also a K-times-wider FreezeNet, same budget")
+    ap.add_argument("--variants", nargs="+", default=["freezenet", "narrow", "narrow=B"],
+                    help="which of freezenet, narrow, narrow=B to run (the narrow ones need freezenet)")
     ap.add_argument("--fleet", action="store_true", help="also per-update bytes of a fine-tune (seed 0, each q)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", dest="json_out", default=None, help="also write the raw rows here")
@@ -129,18 +145,29 @@ def main(argv=None) -> None:
                 for seed in range(args.seeds):
                     cfg = TrainConfig(name, "freezenet", q, seed, epochs=args.epochs)
                     fz = one(cfg, "freezenet", datasets, args.codings, tmp)
-                    p, facts = plan_for(cfg, datasets=datasets)
-                    assert facts["max_trainable"] == fz["trainable"], "the budget is the trained FreezeNet's count"
-                    nw = one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=p.widths), "narrow",
-                             datasets, args.codings, tmp, {"budget": facts["max_trainable"],
-                                                          "next_trainable": p.next_trainable})
-                    per_number = nw["files"]["f32"][0] / nw["trainable"]
-                    pb = plan(name, int(0.98 * fz["files"]["f32"][0] / per_number))
-                    nb = one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=pb.widths), "narrow=B",
-                             datasets, args.codings, tmp, {"budget": pb.max_trainable})
-                    for r in (fz, nw, nb):
+                    new = [fz]
+                    if "narrow" in args.variants:
+                        p, facts = plan_for(cfg, datasets=datasets)
+                        assert facts["max_trainable"] == fz["trainable"], "the budget is the FreezeNet's count"
+                        nw = one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=p.widths), "narrow",
+                                 datasets, args.codings, tmp, {"budget": facts["max_trainable"],
+                                                              "next_trainable": p.next_trainable})
+                        new.append(nw)
+                    if "narrow=B" in args.variants and "narrow" in args.variants:
+                        per_number = nw["files"]["f32"][0] / nw["trainable"]
+                        pb = plan(name, int(0.98 * fz["files"]["f32"][0] / per_number))
+                        new.append(one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=pb.widths),
+                                       "narrow=B", datasets, args.codings, tmp, {"budget": pb.max_trainable}))
+                    if args.wider:
+                        wide = {k: tuple(args.wider * x for x in v) if isinstance(v, tuple) else args.wider * v
+                                for k, v in WIDTHS[name].items()}
+                        qw = wider_q(name, wide, fz["trainable"])
+                        new.append(one(TrainConfig(name, "freezenet", qw, seed, epochs=args.epochs, widths=wide),
+                                       f"freezenet x{args.wider} (q={qw:.5g})",
+                                       datasets, args.codings, tmp, {"budget": fz["trainable"], "q_of": q}))
+                    for r in new:
                         say(r)
-                    rows += [fz, nw, nb]
+                    rows += new
                     if args.fleet and seed == 0:
                         fleet += [fleet_update(fz, datasets, tmp), fleet_update(nw, datasets, tmp)]
     for r in rows:
@@ -170,7 +197,8 @@ def report(rows, fleet, settings) -> None:
     codings = list(next(iter(rows))["files"]) if rows else []
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["model"], r["q"] if r["variant"] != "dense" else None, r["variant"]), []).append(r)
+        q = r.get("q_of", r["q"]) if r["variant"] != "dense" else None
+        groups.setdefault((r["model"], q, r["variant"]), []).append(r)
     print("| model | q | variant | widths | trainable numbers | multiply-adds | train s | "
           + " | ".join(f"{c} bytes | {c} acc %" for c in codings) + " |")
     print("|---|---|---|---|---|---|---|" + "---|---|" * len(codings))
