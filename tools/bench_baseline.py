@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from fractions import Fraction
 
 import torch
 
@@ -42,7 +43,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import freezepack  # noqa: E402
 from freezepack.experiments.data import load_mnist, split_train_val  # noqa: E402
 from freezepack.experiments.models import INPUT_SHAPES, WIDTHS, make_model  # noqa: E402
-from freezepack.experiments.narrow import count_macs, plan, plan_for  # noqa: E402
+from freezepack.experiments.narrow import (  # noqa: E402
+    base_widths,
+    count_macs,
+    count_trainable,
+    plan,
+    plan_for,
+    scale,
+)
 from freezepack.experiments.train import TrainConfig, evaluate, run, train  # noqa: E402
 
 NAMES = {"lenet5": "LeNet-5-Caffe", "lenet300": "LeNet-300-100"}
@@ -68,6 +76,14 @@ def one(cfg: TrainConfig, variant: str, datasets, codings, tmp: str, extra=None)
         row["files"][c] = stored(r.model, cfg.model, cfg.widths, c, datasets[1], tmp)
     row["_model"] = r.model
     return row
+
+
+def narrowest_bytes(name: str, tmp: str) -> int:
+    from freezepack.method.freezenet import init_weights
+
+    path = os.path.join(tmp, "narrowest.fpk")
+    freezepack.save(path, init_weights(make_model(name, **scale(base_widths(name), Fraction(0))), 0))
+    return os.path.getsize(path)
 
 
 def wider_q(name: str, widths: dict, budget: int) -> float:
@@ -109,6 +125,7 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--codings", nargs="+", default=["f32", "int8", "kmeans:4"])
     ap.add_argument("--full-dense", action="store_true", help="also the full-width dense model (fixed architecture)")
+    ap.add_argument("--dense-seeds", type=int, default=None, help="seeds of the full dense model (default --seeds)")
     ap.add_argument("--dense-codings", nargs="+", default=["f32", "kmeans:4", "kmeans:2", "kmeans:1"])
     ap.add_argument("--wider", type=int, default=0, metavar="K", help="also a K-times-wider FreezeNet, same budget")
     ap.add_argument("--variants", nargs="+", default=["freezenet", "narrow", "narrow=B"],
@@ -137,27 +154,40 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             if args.full_dense:
-                for seed in range(args.seeds):
+                for seed in range(args.seeds if args.dense_seeds is None else args.dense_seeds):
                     rows.append(one(TrainConfig(name, "dense", 0.0, seed, epochs=args.epochs), "dense", datasets,
                                     args.dense_codings, tmp))
                     say(rows[-1])
+                    dump(args.json_out, settings, rows, fleet)
             for q in args.q:
                 for seed in range(args.seeds):
                     cfg = TrainConfig(name, "freezenet", q, seed, epochs=args.epochs)
                     fz = one(cfg, "freezenet", datasets, args.codings, tmp)
                     new = [fz]
-                    if "narrow" in args.variants:
+                    narrowest = count_trainable(name, scale(base_widths(name), Fraction(0)))
+                    if "narrow" in args.variants and narrowest > fz["trainable"]:  # no dense model of this depth fits
+                        new.append({"model": name, "q": q, "seed": seed, "variant": "narrow", "widths": None,
+                                    "infeasible": narrowest, "trainable": narrowest, "files": {}})
+                    elif "narrow" in args.variants:
                         p, facts = plan_for(cfg, datasets=datasets)
                         assert facts["max_trainable"] == fz["trainable"], "the budget is the FreezeNet's count"
                         nw = one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=p.widths), "narrow",
                                  datasets, args.codings, tmp, {"budget": facts["max_trainable"],
                                                               "next_trainable": p.next_trainable})
                         new.append(nw)
-                    if "narrow=B" in args.variants and "narrow" in args.variants:
-                        per_number = nw["files"]["f32"][0] / nw["trainable"]
-                        pb = plan(name, int(0.98 * fz["files"]["f32"][0] / per_number))
-                        new.append(one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=pb.widths),
-                                       "narrow=B", datasets, args.codings, tmp, {"budget": pb.max_trainable}))
+                    if "narrow=B" in args.variants:
+                        # bytes per number of the narrow file (no narrow: of the narrowest model, untrained)
+                        per_number = narrowest_bytes(name, tmp) / narrowest if "infeasible" in new[-1] else \
+                            nw["files"]["f32"][0] / nw["trainable"]
+                        budget = int(0.98 * fz["files"]["f32"][0] / per_number)
+                        if budget < narrowest:
+                            new.append({"model": name, "q": q, "seed": seed, "variant": "narrow=B", "widths": None,
+                                        "infeasible": narrowest, "trainable": narrowest, "files": {}})
+                        else:
+                            pb = plan(name, budget)
+                            new.append(one(TrainConfig(name, "dense", q, seed, epochs=args.epochs,
+                                                       widths=pb.widths), "narrow=B", datasets, args.codings, tmp,
+                                           {"budget": pb.max_trainable}))
                     if args.wider:
                         wide = {k: tuple(args.wider * x for x in v) if isinstance(v, tuple) else args.wider * v
                                 for k, v in WIDTHS[name].items()}
@@ -166,17 +196,26 @@ def main(argv=None) -> None:
                                        f"freezenet x{args.wider} (q={qw:.5g})",
                                        datasets, args.codings, tmp, {"budget": fz["trainable"], "q_of": q}))
                     for r in new:
-                        say(r)
+                        if "infeasible" not in r:
+                            say(r)
                     rows += new
                     if args.fleet and seed == 0:
-                        fleet += [fleet_update(fz, datasets, tmp), fleet_update(nw, datasets, tmp)]
-    for r in rows:
-        r.pop("_model")
+                        fleet += [fleet_update(r, datasets, tmp) for r in new[:2] if "infeasible" not in r]
+                    for r in new:
+                        r.pop("_model", None)
+                    dump(args.json_out, settings, rows, fleet)
     settings["seconds"] = round(time.perf_counter() - t0)
     report(rows, fleet, settings)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"settings": settings, "rows": rows, "fleet": fleet}, f, indent=1)
+    dump(args.json_out, settings, rows, fleet)
+
+
+def dump(path, settings, rows, fleet) -> None:
+    """Write what is measured so far (a long run that fails late keeps its rows)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"settings": settings, "rows": [{k: v for k, v in r.items() if k != "_model"} for r in rows],
+                       "fleet": fleet}, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def _pm(xs) -> str:
@@ -203,6 +242,10 @@ def report(rows, fleet, settings) -> None:
           + " | ".join(f"{c} bytes | {c} acc %" for c in codings) + " |")
     print("|---|---|---|---|---|---|---|" + "---|---|" * len(codings))
     for (model, q, variant), rs in groups.items():
+        if "infeasible" in rs[0]:
+            print(f"| {NAMES.get(model, model)} | {q:g} | {variant} | none fits: every width 1 trains "
+                  f"{rs[0]['infeasible']:,} numbers, more than the FreezeNet's | | | |" + " | |" * len(codings))
+            continue
         cells = []
         for c in codings:
             got = [r["files"][c] for r in rs if c in r["files"]]
