@@ -94,7 +94,11 @@ def wider_q(name: str, widths: dict, budget: int) -> float:
     m = make_model(name, **widths)
     weights = sum(w.numel() for w in prunable_weights(m).values())
     others = sum(p.numel() for p in m.parameters()) - weights
-    return float(f"{1 - (budget - others) / weights:.9f}")
+    return float(f"{1 - (budget - others) / weights:.9f}") if budget > others else None  # None: biases alone exceed
+
+
+def _wide(name: str, k: int) -> dict:
+    return {n: tuple(k * x for x in v) if isinstance(v, tuple) else k * v for n, v in WIDTHS[name].items()}
 
 
 def delta_bytes(old: str, new: str) -> int:
@@ -188,9 +192,8 @@ def main(argv=None) -> None:
                             new.append(one(TrainConfig(name, "dense", q, seed, epochs=args.epochs,
                                                        widths=pb.widths), "narrow=B", datasets, args.codings, tmp,
                                            {"budget": pb.max_trainable}))
-                    if args.wider:
-                        wide = {k: tuple(args.wider * x for x in v) if isinstance(v, tuple) else args.wider * v
-                                for k, v in WIDTHS[name].items()}
+                    if args.wider and wider_q(name, _wide(name, args.wider), fz["trainable"]) is not None:
+                        wide = _wide(name, args.wider)
                         qw = wider_q(name, wide, fz["trainable"])
                         new.append(one(TrainConfig(name, "freezenet", qw, seed, epochs=args.epochs, widths=wide),
                                        f"freezenet x{args.wider} (q={qw:.5g})",
@@ -233,7 +236,7 @@ def report(rows, fleet, settings) -> None:
     print(f"Shipped MNIST subset ({settings['train_images']:,} training / {settings['test_images']:,} test digits), "
           f"{settings['epochs']} epochs, seeds {settings['seeds']}, torch {settings['torch']}, "
           f"{settings['threads']} thread(s); {settings.get('seconds', 0)} s in all.\n")
-    codings = list(next(iter(rows))["files"]) if rows else []
+    codings = list(dict.fromkeys(c for r in rows for c in r["files"]))  # every coding, in order of appearance
     groups: dict = {}
     for r in rows:
         q = r.get("q_of", r["q"]) if r["variant"] != "dense" else None
