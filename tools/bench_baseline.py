@@ -235,7 +235,8 @@ def _widths(w) -> str:
 def report(rows, fleet, settings) -> None:
     print(f"Shipped MNIST subset ({settings['train_images']:,} training / {settings['test_images']:,} test digits), "
           f"{settings['epochs']} epochs, seeds {settings['seeds']}, torch {settings['torch']}, "
-          f"{settings['threads']} thread(s); {settings.get('seconds', 0)} s in all.\n")
+          f"{settings['threads']} thread(s)" + (f"; {settings['seconds']} s in all" if settings.get("seconds") else "")
+          + ".\n")
     codings = list(dict.fromkeys(c for r in rows for c in r["files"]))  # every coding, in order of appearance
     groups: dict = {}
     for r in rows:
