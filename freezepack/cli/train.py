@@ -78,7 +78,8 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
       freezepack train --q 0.99 --values kmeans:4 --out small.fpk  (lossy values, 16 per tensor)
       freezepack train --values kmeans:3 --finetune 1 --out tiny.fpk (+ 1 epoch of shared-value fine-tuning)
       torchrun --nproc-per-node 4 -m freezepack train --out model.fpk
-    
+
+    \b
     The baseline to compare with (same recipe, seed, and at most the FreezeNet's trainable numbers):
       freezepack train --method narrow --q 0.99 --out narrow.fpk       (LeNet-5 at 0.1x width, dense)
       freezepack train --method narrow --q 0.99 --values kmeans:4 --out narrow-k4.fpk
