@@ -134,6 +134,9 @@ def main(argv=None) -> None:
     ap.add_argument("--wider", type=int, default=0, metavar="K", help="also a K-times-wider FreezeNet, same budget")
     ap.add_argument("--variants", nargs="+", default=["freezenet", "narrow", "narrow=B"],
                     help="which of freezenet, narrow, narrow=B to run (the narrow ones need freezenet)")
+    ap.add_argument("--hand-picked", nargs=2, action="append", default=[], metavar=("Q", "WIDTHS"),
+                    help="also a dense model of these widths beside the FreezeNet at Q, e.g. "
+                         "--hand-picked 0.99 conv1=6,conv2=8,fc3=24 (refused if it trains more numbers)")
     ap.add_argument("--fleet", action="store_true", help="also per-update bytes of a fine-tune (seed 0, each q)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", dest="json_out", default=None, help="also write the raw rows here")
@@ -192,6 +195,13 @@ def main(argv=None) -> None:
                             new.append(one(TrainConfig(name, "dense", q, seed, epochs=args.epochs,
                                                        widths=pb.widths), "narrow=B", datasets, args.codings, tmp,
                                            {"budget": pb.max_trainable}))
+                    for hq, text in args.hand_picked:
+                        if float(hq) == q:
+                            w = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+                            if count_trainable(name, w) > fz["trainable"]:
+                                raise SystemExit(f"--hand-picked {text}: more trainable numbers than the FreezeNet")
+                            new.append(one(TrainConfig(name, "dense", q, seed, epochs=args.epochs, widths=w),
+                                           "narrow, hand-picked", datasets, args.codings, tmp))
                     if args.wider and wider_q(name, _wide(name, args.wider), fz["trainable"]) is not None:
                         wide = _wide(name, args.wider)
                         qw = wider_q(name, wide, fz["trainable"])
