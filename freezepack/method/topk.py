@@ -1,0 +1,93 @@
+"""The top ``k`` of many score tensors at once, by radix selection: O(n) passes, no sort, no concatenated copy.
+
+The result equals a stable descending sort of all scores (tensors in the given order, each flattened in C order)
+followed by "keep the first k": scores compare as their values do, ties are broken by position (earlier first).
+Values are compared exactly as ``torch.sort`` compared them after the historic preprocessing
+``nan_to_num(float64(x), nan=-inf)``: NaN below -inf, -inf below every finite value, +inf above them, +0.0 = -0.0.
+
+How: each score becomes an unsigned integer key whose order is that comparison (float bits with the sign folded;
+float32/float16/bfloat16 scores are exactly float32 and use 32-bit keys, any float64 score makes all keys 64-bit).
+The k-th largest key is found 16 bits at a time from the top, one histogram pass over all scores per 16 bits;
+a last pass marks every key above it and the first few (by position) equal to it. Work happens in chunks, so the
+only full-size memory is the masks themselves.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+CHUNK = 1 << 22  # elements per pass step: bounded temporaries (~50 MB) whatever the model size
+_DIGIT = 16
+
+
+def _wide(scores: list[torch.Tensor]) -> bool:
+    """64-bit keys unless every score is exactly a float32 (the old code compared everything as float64)."""
+    return any(s.dtype not in (torch.float32, torch.float16, torch.bfloat16) for s in scores)
+
+
+def _keys(x: torch.Tensor, wide: bool) -> np.ndarray:
+    """Order-preserving unsigned keys (uint32 or uint64) of a flat CPU chunk of scores."""
+    if wide:
+        v = torch.nan_to_num(x.to(torch.float64), nan=-np.inf).numpy()  # the historic preprocessing, exactly
+        v = v + 0.0  # -0.0 + 0.0 = +0.0: the two zeros compare equal
+        bits = v.view(np.uint64)
+        return bits ^ ((v.view(np.int64) >> 63).view(np.uint64) | np.uint64(1 << 63))
+    v = x.to(torch.float32).numpy()  # exact for float32, float16, bfloat16
+    nan = np.isnan(v)
+    v = v + np.float32(0.0)
+    bits = v.view(np.uint32)
+    u = bits ^ ((v.view(np.int32) >> 31).view(np.uint32) | np.uint32(1 << 31))
+    if nan.any():
+        u[nan] = 0  # below -inf (whose key is 0x007fffff): nan_to_num made NaN -inf and -inf the lowest float
+    return u
+
+
+def _chunks(scores: list[torch.Tensor], wide: bool):
+    """(tensor index, offset, keys) over every score, in order."""
+    for i, s in enumerate(scores):
+        flat = s.detach().reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            part = flat[start:start + CHUNK]
+            yield i, start, _keys(part.cpu() if part.device.type != "cpu" else part, wide)
+
+
+def threshold(scores: list[torch.Tensor], k: int) -> tuple[int, int, bool]:
+    """(T, r, wide): the key of the k-th largest score (1 <= k <= total) and how many of the scores equal to it
+    are kept (the first r by position)."""
+    wide = _wide(scores)
+    bits, dt = (64, np.uint64) if wide else (32, np.uint32)
+    prefix, need = 0, k
+    for level in range(bits // _DIGIT):
+        shift = bits - _DIGIT * (level + 1)
+        hist = np.zeros(1 << _DIGIT, np.int64)
+        for _, _, u in _chunks(scores, wide):
+            if level:
+                u = u[(u >> dt(shift + _DIGIT)) == dt(prefix)]
+            digits = (u >> dt(shift)) & dt(0xFFFF)
+            hist += np.bincount(digits.astype(np.intp), minlength=1 << _DIGIT)
+        above = np.cumsum(hist[::-1])[::-1] - hist  # elements in higher buckets
+        b = int(np.nonzero((above < need) & (above + hist >= need))[0][-1])
+        need -= int(above[b])
+        prefix = (prefix << _DIGIT) | b
+    return prefix, need, wide
+
+
+def top_k_masks(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Boolean CPU masks, one per score tensor (same shapes): True for the k highest scores over all tensors,
+    ties by position; exactly what a stable descending sort of the concatenated scores keeps."""
+    total = sum(s.numel() for s in scores)
+    if not 0 <= k <= total:
+        raise ValueError(f"k={k} outside [0, {total}]")
+    masks = [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
+    if k == 0:
+        return masks
+    t, left, wide = threshold(scores, k)
+    key_t = np.uint64(t) if wide else np.uint32(t)
+    for i, start, u in _chunks(scores, wide):
+        m = masks[i].view(-1).numpy()[start:start + u.size]
+        np.greater(u, key_t, out=m)
+        if left:
+            eq = np.flatnonzero(u == key_t)[:left]
+            m[eq] = True
+            left -= eq.size
+    return masks
