@@ -58,16 +58,27 @@ def _record_of(obj) -> tuple[FreezeRecord, list[str], dict[str, torch.Tensor]]:
         order = list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
         return obj, order + [k for k in obj.aliases if k not in order], {}
     if isinstance(obj, torch.nn.Module):
-        from .method.freezenet import dense_state_dict, freeze_record, unwrap  # the method: only for a module
+        from .method.freezenet import dense_tensors, freeze_record, unwrap  # the method: only for a module
 
         model = unwrap(obj)
         rec = freeze_record(model)
-        # What the model computes with, right now: the file is proven against these before it is published.
-        truth = dense_state_dict(model)
+        # What the model computes with, right now: the file is proven against these before it is published. Each
+        # is made dense when its entry is written, and dropped after: no second dense copy of the model.
+        truth = _Lazy(dense_tensors(model))
         names = list(rec.frozen) + list(rec.whole) + list(rec.aliases)
         order = [k for k in truth if k in set(names)]
         return rec, order + [k for k in names if k not in order], truth
     raise UsageError(f"save() takes a FreezeRecord or an nn.Module, got {type(obj).__name__}")
+
+
+class _Lazy(dict):
+    """``{name: () -> value}`` read as ``{name: value}``: each value computed on access, never kept."""
+
+    def get(self, key, default=None):
+        return super().get(key, lambda: default)()
+
+    def __getitem__(self, key):
+        return super().__getitem__(key)()
 
 
 def _check_metadata(metadata) -> dict[str, str]:
@@ -98,7 +109,7 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: to
     mask = ft.mask.detach().cpu()
     if mask.dtype != torch.bool:
         raise UsageError(f"mask must be a bool tensor, got {mask.dtype}", tensor=name)
-    k = int(mask.sum())
+    k = int(np.count_nonzero(mask.numpy()))  # (a torch bool sum widens every entry to int64 first)
     if values.numel() != k:
         raise UsageError(f"values must be {k} numbers (one per True in the mask), got {values.numel()}",
                          tensor=name)

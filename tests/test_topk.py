@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from freezepack.format import rng
 from freezepack.method import topk
 from freezepack.method.saliency import global_mask, random_scores, weights_to_train
-from freezepack.format import rng
 
 
 def sorted_top_k(scores, k):

@@ -84,11 +84,30 @@ def _as_flat_bool(mask) -> np.ndarray:
 
 def encode(mask) -> CodedMask:
     """Code a boolean mask (any shape, read in C order) with the smallest applicable coder."""
+    return encode_candidates(mask)[0]
+
+
+# 'ans-bernoulli' codes every entry (O(n), the dearest coder by far on big tensors) and can only win when the gap
+# code is more than 1 % above it. An ANS stream under the empirical Bernoulli model is never meaningfully below the
+# order-0 entropy (the quantized model costs more, never less; the coder's rounding moves a stream by ~2**-25 bits
+# per symbol on average), so a gap code within 0.4 % of that entropy on a large tensor makes computing it useless.
+BERNOULLI_SKIP_MIN_BYTES = 4096
+BERNOULLI_SKIP_RATIO = 1.004
+
+
+def bernoulli_cannot_win(n: int, k: int, gap_bytes: int) -> bool:
+    """Whether a gap code of ``gap_bytes`` makes the 'ans-bernoulli' coding of this mask pointless to compute."""
+    e = entropy_bytes(n, k)
+    return e >= BERNOULLI_SKIP_MIN_BYTES and gap_bytes <= BERNOULLI_SKIP_RATIO * e
+
+
+def encode_candidates(mask) -> tuple[CodedMask, list[CodedMask]]:
+    """(the coding :func:`encode` picks, every coding it considered) for a boolean mask."""
     flat = _as_flat_bool(mask)
     n = int(flat.size)
     k = int(np.count_nonzero(flat))
     if k == 0 or k == n:
-        return CodedMask("const", k)
+        return CodedMask("const", k), []
     candidates = []
     minority = min(k, n - k)
     if n <= 1 << 32 and minority <= 4096:  # few positions can beat the ANS stream's fixed tail: try, keep smaller
@@ -97,7 +116,13 @@ def encode(mask) -> CodedMask:
         candidates.append(CodedMask("positions", k, {"value": value}, idx))
     if n <= 1 << 32:
         candidates.extend(_encode_gaps(flat, n, k))
-    candidates.append(_encode_ans(flat, n, k))
+    gap_bytes = min((c.nbytes for c in candidates if c.coder == "ans-gaps"), default=None)
+    if gap_bytes is None or not bernoulli_cannot_win(n, k, gap_bytes):
+        candidates.append(_encode_ans(flat, n, k))
+    return _pick(candidates, n, k), candidates
+
+
+def _pick(candidates: list[CodedMask], n: int, k: int) -> CodedMask:
     best = min(candidates, key=lambda c: c.nbytes)
     # Decoding 'ans-gaps' costs time per minority entry, 'ans-bernoulli' per entry (~100x more at q = 0.99): take
     # the gap code when it is within 1 % of the smallest and still inside the entropy bound.

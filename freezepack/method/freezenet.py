@@ -286,6 +286,12 @@ def apply_frozen_decay(model: nn.Module, lr: float, weight_decay: float, momentu
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state_dict under the plain model's names (``conv1.weight``), frozen tensors made dense: exactly
     the weights the forward pass uses."""
+    return {name: get() for name, get in dense_tensors(model).items()}
+
+
+def dense_tensors(model: nn.Module) -> dict:
+    """``{name: () -> tensor}`` in :func:`dense_state_dict` order: each frozen tensor made dense only when asked
+    for, so a caller that walks a big model tensor by tensor never holds a second dense copy of it."""
     out = {}
     for key, t in model.state_dict().items():
         head, sep, rest = key.partition("parametrizations.")
@@ -293,9 +299,9 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             attr, _, tail = rest.partition(".")
             if tail == "original":
                 module = model.get_submodule(head[:-1]) if head else model
-                out[head + attr] = getattr(module, attr).detach()
+                out[head + attr] = lambda module=module, attr=attr: getattr(module, attr).detach()
             continue  # the parametrization's own buffers are not part of the plain model
-        out[key] = t
+        out[key] = lambda t=t: t
     return out
 
 
@@ -348,7 +354,7 @@ def freeze_record(model: nn.Module, seed: int | None = None) -> FreezeRecord:
         frozen[name] = FrozenTensor(init=p.init, mask=p.mask.detach().cpu().clone(),
                                     values=values.to("cpu").clone(), frozen_scale=float(p.frozen_scale),
                                     stream=None if p.stream == name else p.stream)
-    whole = {k: v.detach().cpu().clone() for k, v in dense_state_dict(model).items()
+    whole = {k: get().detach().cpu().clone() for k, get in dense_tensors(model).items()
              if k not in frozen and k not in aliases}
     return FreezeRecord(seed=int(seed or 0), frozen=frozen, whole=whole, aliases=aliases)
 
