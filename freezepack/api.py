@@ -163,7 +163,7 @@ VALUES_KEY = "freezepack.values"  # metadata: the lossy values coding a file was
 
 def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None,
                   truth: dict[str, torch.Tensor] | None = None, version: int | None = None,
-                  values: str | None = None) -> list:
+                  values: str | None = None, progress: Progress | None = None) -> list:
     """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes).
 
     ``truth``: the dense tensors the file must reproduce (a module's weights as its forward pass uses them).
@@ -172,6 +172,7 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
     (spec/FORMAT.md §1-11) or 2 (§12, compact); default :data:`DEFAULT_VERSION`. ``values``: opt-in lossy coding
     of the trained values (:mod:`freezepack.method.quantize`: ``f16``, ``bf16``, ``int8``, ``kmeans:K``,
     ``uniform:K``); default lossless. It is recorded in the metadata as ``freezepack.values``.
+    ``progress(done, total)`` is called after each tensor.
     """
     version = DEFAULT_VERSION if version is None else version
     if version not in (1, 2):
@@ -205,7 +206,9 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
         raise UsageError(f"tensors both frozen and whole: {', '.join(sorted(both))}")
     blobs: dict = {}
     entries = []
-    for name in order:
+    for i, name in enumerate(order):
+        if progress is not None and i:
+            progress(i, len(order))
         if not isinstance(name, str) or not name or name == "__metadata__" or not container._valid_text(name):
             raise UsageError(f"invalid tensor name {name!r} (empty, reserved, or not valid Unicode text)")
         if name in record.aliases:
@@ -225,15 +228,17 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
                          f"tensor's '{container.VALUES_SUFFIX}'/'{container.MASK_SUFFIX}' part)")
     header = Header(seed=seed, entries=entries, metadata=metadata,
                     producer=f"freezepack {__version__}")
-    if version == 2:
-        return compact.encode_file(header, blobs)
-    return container.encode_file(header, blobs)
+    chunks = compact.encode_file(header, blobs) if version == 2 else container.encode_file(header, blobs)
+    if progress is not None:
+        progress(len(order), len(order))
+    return chunks
 
 
-def _prove(tmp_path: str, target) -> None:
+def _prove(tmp_path: str, target, progress: Progress | None = None) -> None:
     """Read the written temp file back as any reader will, before it is published: every tensor must decode,
-    and every reconstruction must match the digest of what the model holds in memory."""
-    report = verify(tmp_path)
+    and every reconstruction must match the digest of what the model holds in memory. One tensor at a time:
+    the proof never holds more than one regenerated tensor."""
+    report = verify(tmp_path, progress=progress)
     bad = [t for t in report["tensors"] if not t["ok"]]
     if bad:
         first = bad[0]
@@ -245,7 +250,8 @@ def _prove(tmp_path: str, target) -> None:
 
 
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
-         metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None) -> None:
+         metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None,
+         progress: Progress | None = None) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
 
     ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
@@ -256,10 +262,14 @@ def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
     ``values``: opt-in **lossy** coding of the trained values (``"bf16"``, ``"f16"``, ``"int8"``, ``"kmeans:K"``,
     ``"uniform:K"``; see :mod:`freezepack.method.quantize`), default lossless. The model in memory is not changed;
     the file holds (and is proven against) the model with quantized values, and records the coding.
+    ``progress(done, total)``: called as each tensor is coded, then as each is proven (total = twice the tensors).
     """
     record, order, truth = _record_of(record_or_module)
-    chunks = encode_record(record, order, metadata, truth, version, values)
-    container.atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path)))
+    steps = len(order)
+    coded = None if progress is None else lambda done, total: progress(done, 2 * steps)
+    proven = None if progress is None else lambda done, total: progress(steps + done, 2 * steps)
+    chunks = encode_record(record, order, metadata, truth, version, values, progress=coded)
+    container.atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path), proven))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,11 +365,12 @@ def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | No
 
 
 def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
-         timings: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+         timings: dict[str, float] | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Dense state_dict of a .fpk file; frozen parts are regenerated straight on ``device``.
 
     Stored bytes are always checked against their digests. With ``verify`` (default) every reconstructed tensor is
     checked too (a device->host copy per tensor on GPUs). ``timings``: pass a dict to get seconds per phase.
+    ``progress(done, total)`` is called after each tensor.
     """
     device = _check_device(device)
     with FpkReader(path, limits) as r:
@@ -367,17 +378,22 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
         container.check_memory(sum(map(container.dense_bytes, entries)) + max(map(container.work_bytes, entries),
                                                                               default=0),
                                f"loading all {len(entries)} tensors", limits, device, r.path)
+        total = len(entries)
         if not verify:
             out = {}
-            for e in r.header.entries:  # a tied name is the same tensor object, as in torch's state_dict
+            for i, e in enumerate(entries):  # a tied name is the same tensor object, as in torch's state_dict
                 out[e.name] = out[e.of] if e.kind == "alias" else _materialize(r, e, device, False, timings)
+                if progress is not None:
+                    progress(i + 1, total)
             return out
         # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
         from concurrent.futures import ThreadPoolExecutor
 
         out, pending = {}, []
         with ThreadPoolExecutor(max_workers=1) as pool:
-            for e in r.header.entries:
+            for i, e in enumerate(entries):
+                if progress is not None and i:
+                    progress(i, total)
                 if e.kind == "alias":
                     out[e.name] = out[e.of]
                     continue
@@ -392,6 +408,8 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
                                          "generator", path=r.path, tensor=e.name)
             if timings is not None:
                 timings["digest_wait"] = timings.get("digest_wait", 0.0) + time.perf_counter() - t0
+            if progress is not None and total:
+                progress(total, total)
         return out
 
 
@@ -448,9 +466,22 @@ def _set_tensor(module: torch.nn.Module, name: str, value) -> None:
     setattr(module.get_submodule(mod), attr, value)
 
 
+def _materialize_meta(module: torch.nn.Module, targets: dict, name: str, device) -> torch.Tensor:
+    """Give the meta tensor ``targets[name]`` real (uninitialised) storage on ``device``, in every module slot that
+    holds it (a tied Parameter stays one Parameter); returns the new tensor, for the caller to fill in place."""
+    old = targets[name]
+    new = torch.empty(old.shape, dtype=old.dtype, device=device)
+    if isinstance(old, torch.nn.Parameter):
+        new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    for other in [n for n, t in targets.items() if t is old]:
+        _set_tensor(module, other, new)
+        targets[other] = new
+    return new
+
+
 def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, verify: bool = True,
-              limits: Limits = DEFAULT_LIMITS,
-              prefix_map: dict[str, str] | None = None) -> torch.nn.modules.module._IncompatibleKeys:
+              limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None, device: Device = None,
+              progress: Progress | None = None) -> torch.nn.modules.module._IncompatibleKeys:
     """Fill ``module``'s parameters and buffers from a .fpk in place, regenerating into their own storage.
 
     Names match exactly, or with the wrapper prefixes ``module.`` / ``_orig_mod.`` stripped on either side, so
@@ -458,13 +489,22 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
     (``{"old.prefix.": "new.prefix."}``) renames file tensors. Tied tensors (alias entries) are tied again in
     ``module`` when they are not already. Returns torch's ``(missing_keys, unexpected_keys)`` named tuple; with
     ``strict`` either is an error.
+
+    A module built on the meta device (``with torch.device("meta"): model = Net()``, no initialisation at all)
+    gets each of its meta tensors allocated on ``device`` (default CPU) and regenerated there once, straight into
+    its final storage: a GPU target never sees a dense CPU copy. ``progress(done, total)`` is called per tensor.
     """
     targets = module.state_dict(keep_vars=True)
+    meta_device = _check_device(device) or torch.device("cpu")
+    if meta_device.type == "meta":
+        raise UsageError("load_into(device=...) is where meta tensors are materialised; it cannot be 'meta'")
     with FpkReader(path, limits) as r:
         entries = r.header.entries
         match, missing, unexpected = _fit(targets, entries, prefix_map, r.path, strict)
         with torch.no_grad():
-            for e in entries:
+            for i, e in enumerate(entries):
+                if progress is not None and i:
+                    progress(i, len(entries))
                 if e.name not in match:
                     continue
                 dst = targets[match[e.name]]
@@ -477,13 +517,19 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
                         _set_tensor(module, match[e.name], src)  # re-tie: one Parameter, as when saved
                         targets[match[e.name]] = src
                     elif src is not None and src is not dst:
+                        if dst.is_meta:
+                            dst = _materialize_meta(module, targets, match[e.name], src.device)
                         dst.data.copy_(src.data)
                     continue
+                if dst.is_meta:
+                    dst = _materialize_meta(module, targets, match[e.name], meta_device)
                 direct = e.kind == "frozen" and dst.dtype == torch.float32 and dst.is_contiguous()
                 if direct:
                     _materialize(r, e, dst.device, verify, out=dst.data)
                 else:
                     dst.data.copy_(_materialize(r, e, dst.device, verify))
+            if progress is not None:
+                progress(len(entries), len(entries))
     return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 

@@ -218,8 +218,9 @@ int fp_fill(float *out, uint64_t start, uint64_t count, uint64_t seed, uint64_t 
     fp_job jobs[MAX_THREADS];
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS];
-    /* Pieces are multiples of WORDS elements so every thread but the last runs whole batches. */
-    uint64_t per = (count / (uint64_t)nthreads + WORDS - 1) / WORDS * WORDS;
+    /* Pieces are multiples of WORDS elements so every thread but the last runs whole batches; ceil(count / n)
+     * rounded up, so the n pieces always cover count (a floor here once left up to n - 1 elements unwritten). */
+    uint64_t per = ((count + (uint64_t)nthreads - 1) / (uint64_t)nthreads + WORDS - 1) / WORDS * WORDS;
     uint64_t pos = 0;
     int n = 0;
     for (; n < nthreads && pos < count; n++) {

@@ -180,15 +180,18 @@ def init_weights(model: nn.Module, seed: int, init="xavier_normal", init_params:
 
 def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xavier_normal",
            init_params: dict | None = None, *, frozen_init: str | None = None,
-           frozen_init_params: dict | None = None, select=None) -> nn.Module:
+           frozen_init_params: dict | None = None, select=None, progress=None) -> nn.Module:
     """Freeze ``model`` in place: every tensor in ``masks`` (True = trainable) becomes a FrozenParametrization.
 
     Its weights are swapped to the generator's ``init`` values for (seed, name); the trainable entries start
     from those. The frozen entries are the ``frozen_init`` values when given (``"zeros"`` = SNIP pruning),
     else the same ``init`` values. A tied tensor is frozen once and stays tied. Returns the model.
+    ``progress(done, total)`` is called after each tensor.
     """
     groups = tensor_groups(model, select if select is not None else (lambda n, t: True))
-    for name, mask in masks.items():
+    for i, (name, mask) in enumerate(masks.items()):
+        if progress is not None and i:
+            progress(i, len(masks))
         if name not in groups:
             hint = " (already frozen?)" if name in frozen_parametrizations(model) else ""
             raise MethodError(f"not a freezable tensor of the model{hint}", tensor=name)
@@ -219,12 +222,15 @@ def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xa
             amod, aattr = _module(model, alias)
             parametrize.register_parametrization(amod, aattr, p, unsafe=True)
             amod.parametrizations[aattr].original = values
+    if progress is not None and masks:
+        progress(len(masks), len(masks))
     return model
 
 
 def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "snip", init="xavier_normal",
                    init_params: dict | None = None, *, reinit: str | None = None, reinit_params: dict | None = None,
-                   prune: bool = False, one_per_layer: bool = True, select=None, loss_fn=None) -> nn.Module:
+                   prune: bool = False, one_per_layer: bool = True, select=None, loss_fn=None,
+                   progress=None) -> nn.Module:
     """The paper's Algorithm 1 on a plain model, in place: init, score one batch, threshold, freeze.
 
     ``method`` picks the scores (``snip``, ``grasp``, ``random``). ``select`` picks the tensors to freeze (default:
@@ -233,6 +239,7 @@ def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "
     any model (default: cross-entropy of ``model(batch[0])`` against ``batch[1]``). ``init``: an initializer name
     or ``{glob: name}``. ``reinit`` re-initialises all weights with another initializer after the mask is chosen
     (paper sect. 4.5). ``prune=True`` makes the frozen part zero: SNIP/GraSP pruning as a baseline.
+    ``progress(done, total)``: called after initialising, scoring and thresholding, then per frozen tensor.
     """
     if method not in METHODS:
         raise UsageError(f"unknown mask method {method!r} (known: {', '.join(METHODS)})")
@@ -241,6 +248,9 @@ def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "
         raise MethodError(f"{type(target).__name__} is already a FreezeNet; make_freezenet takes a plain model "
                           "(to continue training from a file use freezepack.load_freezenet)")
     init_weights(target, seed, init, init_params, select=select)
+    total = 3 + len(prunable_weights(target, select))
+    step = (lambda done: None) if progress is None else (lambda done: progress(done, total))
+    step(1)
     if method == "snip":
         scores = snip_scores(model, batch, loss_fn=loss_fn, select=select)
     elif method == "grasp":
@@ -248,9 +258,12 @@ def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "
     else:
         scores = random_scores(target, seed, select=select)
     scores = {_strip(n, model, target): s for n, s in scores.items()}
+    step(2)
     masks = global_mask(scores, q, seed, one_per_layer=one_per_layer)
+    del scores
+    step(3)
     freeze(target, masks, seed, reinit or init, reinit_params if reinit else init_params,
-           frozen_init="zeros" if prune else None)
+           frozen_init="zeros" if prune else None, progress=lambda done, _: step(3 + done))
     return model
 
 

@@ -1,0 +1,128 @@
+"""Big-model paths: meta-device load_into, progress callbacks, thread-count independence, the mask-coder shortcut."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import freezepack
+from freezepack.format import init, maskcode, native, rng
+from freezepack.method.freezenet import dense_state_dict, make_freezenet
+
+
+class TiedLM(nn.Module):
+    def __init__(self, vocab=50, d=16):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        return self.head(self.ln(torch.relu(self.fc(self.wte(idx)))))
+
+
+def lm_loss(model, batch):
+    return nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = TiedLM()
+    make_freezenet(model, torch.randint(0, 50, (2, 9)), q=0.9, seed=3, loss_fn=lm_loss)
+    path = str(tmp_path / "lm.fpk")
+    freezepack.save(path, model)
+    return path, {k: v.clone() for k, v in dense_state_dict(model).items()}
+
+
+def test_load_into_meta_model_equals_a_normal_load(saved):
+    path, truth = saved
+    with torch.device("meta"):
+        model = TiedLM()
+    assert model.fc.weight.is_meta
+    freezepack.load_into(model, path)
+    loaded = freezepack.load(path)
+    sd = model.state_dict()
+    assert sd.keys() == loaded.keys() == truth.keys()
+    for k in sd:
+        assert sd[k].device.type == "cpu" and torch.equal(sd[k], loaded[k]) and torch.equal(sd[k], truth[k]), k
+    assert model.head.weight is model.wte.weight  # still one Parameter
+    assert model.fc.weight.requires_grad and isinstance(model.fc.weight, nn.Parameter)
+
+
+def test_load_into_meta_model_without_the_tie_is_tied_by_the_file(saved):
+    path, truth = saved
+    with torch.device("meta"):
+        model = TiedLM()
+    model.head.weight = nn.Parameter(torch.empty(50, 16, device="meta"))  # untied
+    freezepack.load_into(model, path)
+    assert model.head.weight is model.wte.weight
+    assert torch.equal(model.head.weight, truth["head.weight"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU twin: test_load_into_meta_model_equals_a_"
+                                                            "normal_load)")
+def test_load_into_meta_model_on_cuda(saved):
+    path, truth = saved
+    with torch.device("meta"):
+        model = TiedLM()
+    freezepack.load_into(model, path, device="cuda")
+    for k, v in model.state_dict().items():
+        assert v.device.type == "cuda" and torch.equal(v.cpu(), truth[k]), k
+
+
+def _monotone(calls):
+    assert calls, "progress was never called"
+    done = [d for d, _ in calls]
+    totals = {t for _, t in calls}
+    assert len(totals) == 1 and done == sorted(done) and done[-1] == calls[-1][1] and done[0] >= 1
+    return calls[-1][1]
+
+
+def test_progress_callbacks_are_monotone_and_end_at_the_total(tmp_path):
+    torch.manual_seed(0)
+    model = TiedLM()
+    calls = []
+    make_freezenet(model, torch.randint(0, 50, (2, 9)), q=0.9, seed=3, loss_fn=lm_loss,
+                   progress=lambda d, t: calls.append((d, t)))
+    assert _monotone(calls) == 3 + 2  # init, score, threshold, then the two frozen tensors (wte/head once, fc)
+    path = str(tmp_path / "p.fpk")
+    calls = []
+    freezepack.save(path, model, progress=lambda d, t: calls.append((d, t)))
+    n = len(freezepack.inspect(path)["tensors"])
+    assert _monotone(calls) == 2 * n
+    for verify in (True, False):
+        calls = []
+        freezepack.load(path, verify=verify, progress=lambda d, t: calls.append((d, t)))
+        assert _monotone(calls) == n
+    calls = []
+    freezepack.load_into(TiedLM(), path, progress=lambda d, t: calls.append((d, t)))
+    assert _monotone(calls) == n
+
+
+@pytest.mark.parametrize("dist", ["normal", "uniform", "sign"])
+def test_generator_is_bit_identical_for_1_2_and_4_threads(dist):
+    if not native.available():
+        pytest.skip(f"compiled kernel unavailable: {native.unavailable_reason()}")
+    n = (1 << 18) + 4 * 64 + 3  # several threads' worth, and a ragged end
+    outs = []
+    for threads in (1, 2, 4):
+        out = torch.empty(n)
+        native.fill(out, dist, -0.25, 0.5, seed=2**63 + 5, stream=rng.stream_id("t"), start=3, threads=threads)
+        outs.append(out.view(torch.int32))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    ref = init.generate_np(init.InitSpec("x", dist, -0.25, 0.5), (n + 3,), 2**63 + 5, "t")[3:]
+    assert torch.equal(outs[0], torch.from_numpy(ref).view(torch.int32))
+
+
+def test_bernoulli_shortcut_picks_what_computing_every_coder_picks():
+    gen = np.random.default_rng(0)
+    for p in (0.01, 0.05, 0.2):
+        mask = gen.random(1 << 20) < p
+        n, k = mask.size, int(mask.sum())
+        chosen, tried = maskcode.encode_candidates(mask)
+        assert not any(c.coder == "ans-bernoulli" for c in tried)  # the shortcut applied
+        full = maskcode._pick(tried + [maskcode._encode_ans(mask, n, k)], n, k)
+        assert (chosen.coder, chosen.params) == (full.coder, full.params)
+        assert np.array_equal(chosen.payload, full.payload)
