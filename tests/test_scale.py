@@ -93,9 +93,9 @@ def test_progress_callbacks_are_monotone_and_end_at_the_total(tmp_path):
     n = len(freezepack.inspect(path)["tensors"])
     assert _monotone(calls) == 2 * n
     for verify in (True, False):
-        calls = []
-        freezepack.load(path, verify=verify, progress=lambda d, t: calls.append((d, t)))
-        assert _monotone(calls) == n
+        seen = []
+        freezepack.load(path, verify=verify, progress=lambda d, t, seen=seen: seen.append((d, t)))
+        assert _monotone(seen) == n
     calls = []
     freezepack.load_into(TiedLM(), path, progress=lambda d, t: calls.append((d, t)))
     assert _monotone(calls) == n
