@@ -27,6 +27,13 @@
 
 int fp_ans_abi_version(void) { return FP_ANS_ABI_VERSION; }
 
+/* sha256 of this file as it was built by the package installer (setup.py passes it), "" when built elsewhere: a
+ * library installed with the package is only used while it matches the installed source. */
+#ifndef FP_SOURCE_SHA256
+#define FP_SOURCE_SHA256 ""
+#endif
+const char *fp_ans_source_sha256(void) { return FP_SOURCE_SHA256; }
+
 /* words[1 .. left] is the rest of the stream (popped from the end), words[0] a readable pad: the refill is a
  * conditional move, not a branch that mispredicts every few symbols. */
 static inline uint64_t refill(uint64_t state, const uint32_t *words, uint64_t *left) {

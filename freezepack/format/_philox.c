@@ -197,6 +197,13 @@ static void *run_job(void *arg) {
 
 int fp_abi_version(void) { return FP_ABI_VERSION; }
 
+/* sha256 of this file as it was built by the package installer (setup.py passes it), "" when built elsewhere: a
+ * library installed with the package is only used while it matches the installed source. */
+#ifndef FP_SOURCE_SHA256
+#define FP_SOURCE_SHA256 ""
+#endif
+const char *fp_source_sha256(void) { return FP_SOURCE_SHA256; }
+
 /* out[i] = element (start + i) for i < count. dist: 0 normal, 1 uniform, 2 sign. Returns 0, or -1 on bad args.
  * nthreads <= 1 runs on the calling thread; thread creation failure falls back to the calling thread. */
 int fp_fill(float *out, uint64_t start, uint64_t count, uint64_t seed, uint64_t stream, int dist, float a, float b,
