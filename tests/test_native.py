@@ -399,3 +399,36 @@ def test_an_installed_library_from_another_source_is_never_used(fresh_native, mo
     monkeypatch.delenv("CC")
     assert native.available(), native.unavailable_reason()
     assert native._lib._name != lib and native._lib._name.startswith(native.cache_dir())
+
+
+@needs_cc
+def test_vector_and_scalar_paths_agree(monkeypatch):
+    """Where the CPU has a vector path (AVX2), it gives the scalar path's bits: many words, every distribution,
+    and every octave of the normal table through the conversion alone."""
+    monkeypatch.delenv("FREEZEPACK_NO_NATIVE", raising=False)
+    if not native.available():
+        pytest.skip(native.unavailable_reason())
+    lib = native._lib
+    best = lib.fp_simd(-1)
+    if best == 0:
+        pytest.skip("no vector path on this CPU")
+    edges = np.array([v for e in range(32) for v in ((1 << e) >> 1, max((1 << e) - 1, 0), (3 << e) >> 2)],
+                     dtype=np.uint64).astype(np.uint32)
+    words = np.concatenate([edges, edges | np.uint32(0x80000000), native.words(3, 4, 1, 100_003)])
+    try:
+        outs = {}
+        for mode in (0, best):
+            lib.fp_simd(mode)
+            outs[mode] = [native.convert(words, d, -0.5, 0.75, scale=1.5).view(np.uint32)
+                          for d in ("normal", "uniform", "sign")]
+            out = torch.empty(200_001)
+            native.fill(out, "normal", 0.0, 1.0, 9, 10, start=7, threads=1)
+            outs[mode].append(out.view(torch.int32).numpy().copy())
+            outs[mode].append(native.words(9, 10, 7, 200_001))
+    finally:
+        lib.fp_simd(best)
+    for a, b in zip(outs[0], outs[best]):
+        assert np.array_equal(a, b)
+    assert np.array_equal(outs[0][0][:edges.size * 2],
+                          (np.float32(-0.5) + np.float32(0.75) * rng.normal_np(words[:edges.size * 2])).astype(
+                              np.float32).__mul__(np.float32(1.5)).view(np.uint32))
