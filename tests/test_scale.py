@@ -126,3 +126,22 @@ def test_bernoulli_shortcut_picks_what_computing_every_coder_picks():
         full = maskcode._pick(tried + [maskcode._encode_ans(mask, n, k)], n, k)
         assert (chosen.coder, chosen.params) == (full.coder, full.params)
         assert np.array_equal(chosen.payload, full.payload)
+
+
+@pytest.mark.parametrize("method", ["snip", "random"])
+def test_made_freezenet_holds_the_generator_values_unaliased(method):
+    torch.manual_seed(0)
+    model = TiedLM()
+    make_freezenet(model, torch.randint(0, 50, (2, 9)), q=0.9, seed=3, loss_fn=lm_loss, method=method)
+    from freezepack.method.freezenet import frozen_parametrizations
+
+    for name, p in frozen_parametrizations(model).items():
+        want = init.generate(p.init, p.frozen.shape, 3, p.stream)
+        assert torch.equal(p.frozen.view(torch.int32), want.view(torch.int32)), name
+        mod, _, attr = name.rpartition(".")
+        values = model.get_submodule(mod).parametrizations[attr].original
+        assert values.data_ptr() != p.frozen.data_ptr() and values.numel() == int(p.mask.sum())
+        with torch.no_grad():
+            values.add_(1.0)  # training the values never moves a frozen entry
+        assert torch.equal(p.frozen.view(torch.int32), want.view(torch.int32)), name
+        assert torch.equal(p.index, p.mask.reshape(-1).nonzero().squeeze(1))

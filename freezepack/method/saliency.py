@@ -219,7 +219,7 @@ def global_mask(scores: dict[str, torch.Tensor], q: float, seed: int = 0,
     masks = dict(zip(names, top_k_masks([scores[n] for n in names], k)))
     for name, m in masks.items():
         flat = m.view(-1)
-        if one_per_layer and flat.numel() and not flat.any():
+        if one_per_layer and flat.numel() and not flat.numpy().any():  # (numpy's any stops at the first True)
             flat[_one_per_layer_index(seed, name, flat.numel())] = True
     return masks
 
