@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from freezepack.format import rng
+from freezepack.format import ans, rng
 from freezepack.method import topk
 from freezepack.method.saliency import global_mask, random_scores, weights_to_train
 
@@ -28,16 +28,26 @@ def _special(n, gen, dtype):
     return x.to(dtype)
 
 
+def _paths():
+    """The numpy twin always; the compiled kernels where they are built."""
+    lib = ans.compiled()
+    return [False] + ([lib] if lib is not None else [])
+
+
+@pytest.mark.parametrize("path", range(2), ids=["numpy", "compiled"])
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16, torch.bfloat16, torch.float32),
                                     (torch.float32, torch.float64), (torch.float64,), (torch.int64, torch.float32)])
-def test_selection_equals_stable_sort_with_ties_and_specials(monkeypatch, dtypes):
+def test_selection_equals_stable_sort_with_ties_and_specials(monkeypatch, dtypes, path):
+    if path >= len(_paths()):
+        pytest.skip(f"compiled kernels unavailable: {ans.unavailable_reason()}")
+    lib = _paths()[path]
     monkeypatch.setattr(topk, "CHUNK", 97)  # many chunks per tensor, boundaries everywhere
     gen = torch.Generator().manual_seed(len(dtypes))
     shapes = [(13, 7), (300,), (1,), (5, 4, 3)]
     scores = [_special(math.prod(sh), gen, dtypes[i % len(dtypes)]).view(sh) for i, sh in enumerate(shapes)]
     total = sum(s.numel() for s in scores)
     for k in sorted({0, 1, 2, 7, total // 3, total // 2, total - 1, total}):
-        got = topk.top_k_masks(scores, k)
+        got = topk.top_k_masks(scores, k, lib=lib)
         want = sorted_top_k(scores, k)
         assert all(torch.equal(g, w) for g, w in zip(got, want)), k
         assert sum(int(g.sum()) for g in got) == k

@@ -101,7 +101,7 @@ class FrozenParametrization(nn.Module):
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Dense weight -> its trainable entries (used when the parametrization is installed or assigned)."""
-        return weight.detach().reshape(-1)[self.index].clone()
+        return weight.detach().reshape(-1)[self.index]  # (advanced indexing: already a fresh tensor)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,10 @@ def init_weights(model: nn.Module, seed: int, init="xavier_normal", init_params:
         spec = _resolve_init(init, name, w.shape, init_params)
         module, attr = _module(model, name)
         with torch.no_grad():
-            w.copy_(generate(spec, w.shape, seed, name, device=w.device))  # rounds to w's dtype (RNE)
+            if w.dtype == torch.float32 and w.is_contiguous():
+                generate(spec, w.shape, seed, name, out=w.detach())  # straight into the weight's storage
+            else:
+                w.copy_(generate(spec, w.shape, seed, name, device=w.device))  # rounds to w's dtype (RNE)
             bias = getattr(module, "bias", None) if attr == "weight" else None
             if isinstance(bias, torch.Tensor) and bias is not w:
                 bias.zero_()

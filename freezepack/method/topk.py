@@ -51,16 +51,37 @@ def _chunks(scores: list[torch.Tensor], wide: bool):
             yield i, start, _keys(part.cpu() if part.device.type != "cpu" else part, wide)
 
 
-def threshold(scores: list[torch.Tensor], k: int) -> tuple[int, int, bool]:
+def _f32_chunks(scores: list[torch.Tensor]):
+    """(tensor index, offset, contiguous float32 CPU chunk) over every score, in order (for the compiled kernels)."""
+    for i, s in enumerate(scores):
+        flat = s.detach().reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            yield i, start, flat[start:start + CHUNK].to("cpu", torch.float32).contiguous()
+
+
+def _kernels(scores: list[torch.Tensor]):
+    """The compiled score kernels (freezepack/format/_ans.c) when they apply (32-bit keys), else None."""
+    if _wide(scores):
+        return None
+    from ..format import ans
+
+    return ans.compiled()
+
+
+def threshold(scores: list[torch.Tensor], k: int, *, lib=None) -> tuple[int, int, bool]:
     """(T, r, wide): the key of the k-th largest score (1 <= k <= total) and how many of the scores equal to it
-    are kept (the first r by position)."""
+    are kept (the first r by position). ``lib``: the compiled kernels (False: the numpy twin)."""
     wide = _wide(scores)
+    lib = None if lib is False or wide else lib or _kernels(scores)
     bits, dt = (64, np.uint64) if wide else (32, np.uint32)
     prefix, need = 0, k
     for level in range(bits // _DIGIT):
         shift = bits - _DIGIT * (level + 1)
         hist = np.zeros(1 << _DIGIT, np.int64)
-        for _, _, u in _chunks(scores, wide):
+        if lib is not None:
+            for _, _, x in _f32_chunks(scores):
+                lib.fp_score_hist(x.data_ptr(), x.numel(), shift, prefix, hist.ctypes.data)
+        for _, _, u in _chunks(scores, wide) if lib is None else ():
             if level:
                 u = u[(u >> dt(shift + _DIGIT)) == dt(prefix)]
             digits = (u >> dt(shift)) & dt(0xFFFF)
@@ -72,16 +93,23 @@ def threshold(scores: list[torch.Tensor], k: int) -> tuple[int, int, bool]:
     return prefix, need, wide
 
 
-def top_k_masks(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+def top_k_masks(scores: list[torch.Tensor], k: int, *, lib=None) -> list[torch.Tensor]:
     """Boolean CPU masks, one per score tensor (same shapes): True for the k highest scores over all tensors,
-    ties by position; exactly what a stable descending sort of the concatenated scores keeps."""
+    ties by position; exactly what a stable descending sort of the concatenated scores keeps. ``lib``: the
+    compiled kernels (default: when built; False: the numpy twin)."""
     total = sum(s.numel() for s in scores)
     if not 0 <= k <= total:
         raise ValueError(f"k={k} outside [0, {total}]")
-    masks = [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
     if k == 0:
+        return [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
+    masks = [torch.empty(s.shape, dtype=torch.bool) for s in scores]  # every entry is written below
+    lib = None if lib is False or _wide(scores) else lib or _kernels(scores)
+    t, left, wide = threshold(scores, k, lib=lib if lib is not None else False)
+    if lib is not None:
+        for i, start, x in _f32_chunks(scores):
+            m = masks[i].view(-1)[start:start + x.numel()]
+            left = lib.fp_score_mask(x.data_ptr(), x.numel(), t, left, m.data_ptr())
         return masks
-    t, left, wide = threshold(scores, k)
     key_t = np.uint64(t) if wide else np.uint32(t)
     for i, start, u in _chunks(scores, wide):
         m = masks[i].view(-1).numpy()[start:start + u.size]
