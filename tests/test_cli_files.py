@@ -143,10 +143,10 @@ def test_convert_publishes_nothing_its_reader_refuses(tmp_path, monkeypatch):
     dst = tmp_path / "out"
     dst.mkdir()
 
-    def refusing_load(path, *a, **k):
+    def refusing_reader(path, *a, **k):
         raise FormatError("refused for the test", path=path)
 
-    monkeypatch.setattr(conversion, "load", refusing_load)
+    monkeypatch.setattr(conversion, "safe_open", refusing_reader)  # the proof's reader
     r = run("convert", src, dst / "m.fpk", "--seed", 4)
     assert r.exit_code == 1 and "not written" in r.output and "refused for the test" in r.output
     assert os.listdir(dst) == []  # neither the file nor a temp file

@@ -145,3 +145,17 @@ def test_made_freezenet_holds_the_generator_values_unaliased(method):
             values.add_(1.0)  # training the values never moves a frozen entry
         assert torch.equal(p.frozen.view(torch.int32), want.view(torch.int32)), name
         assert torch.equal(p.index, p.mask.reshape(-1).nonzero().squeeze(1))
+
+
+def test_convert_progress_covers_converting_coding_and_proving(tmp_path):
+    from safetensors.torch import save_file
+
+    from freezepack.conversion import convert_checkpoint
+    from freezepack.testing import record_for
+
+    sd = record_for({"a.weight": (50, 40), "a.bias": (50,), "b.weight": (30, 50)}, 0.95, seed=9).state_dict()
+    src = str(tmp_path / "dense.safetensors")
+    save_file(sd, src)
+    calls = []
+    convert_checkpoint(src, str(tmp_path / "c.fpk"), 9, progress=lambda d, t: calls.append((d, t)))
+    assert _monotone(calls) == 3 * len(sd)
