@@ -61,7 +61,7 @@ def _record_of(obj) -> tuple[FreezeRecord, list[str], dict[str, torch.Tensor]]:
         from .method.freezenet import dense_tensors, freeze_record, unwrap  # the method: only for a module
 
         model = unwrap(obj)
-        rec = freeze_record(model)
+        rec = freeze_record(model, copy=False)  # read only here: the model's own masks and values
         # What the model computes with, right now: the file is proven against these before it is published. Each
         # is made dense when its entry is written, and dropped after: no second dense copy of the model.
         truth = _Lazy(dense_tensors(model))

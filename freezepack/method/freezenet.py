@@ -355,11 +355,13 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def freeze_record(model: nn.Module, seed: int | None = None) -> FreezeRecord:
+def freeze_record(model: nn.Module, seed: int | None = None, *, copy: bool = True) -> FreezeRecord:
     """The model as a :class:`FreezeRecord` (on CPU): frozen tensors by mask + values + their own generator
     stream, tied tensors once (``aliases``), everything else whole. Wrappers (DataParallel, DDP, torch.compile)
     are looked through. A plain module gives a record with every tensor in ``whole`` (``seed`` defaults to 0).
+    ``copy=False`` shares the model's CPU masks and values instead of copying them (a writer that only reads them).
     """
+    keep = (lambda t: t.clone()) if copy else (lambda t: t)
     model = unwrap(model)
     params = frozen_parametrizations(model)
     seeds = {p.seed for p in params.values()}
@@ -380,8 +382,8 @@ def freeze_record(model: nn.Module, seed: int | None = None) -> FreezeRecord:
         if values.dtype != p.frozen.dtype:
             raise MethodError(f"trainable values are {values.dtype} but the frozen part is {p.frozen.dtype}; "
                               "convert the whole model with .to(dtype)", tensor=name)
-        frozen[name] = FrozenTensor(init=p.init, mask=p.mask.detach().cpu().clone(),
-                                    values=values.to("cpu").clone(), frozen_scale=float(p.frozen_scale),
+        frozen[name] = FrozenTensor(init=p.init, mask=keep(p.mask.detach().cpu()),
+                                    values=keep(values.to("cpu")), frozen_scale=float(p.frozen_scale),
                                     stream=None if p.stream == name else p.stream)
     whole = {k: get().detach().cpu().clone() for k, get in dense_tensors(model).items()
              if k not in frozen and k not in aliases}
