@@ -526,9 +526,12 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
     meta_device = _check_device(device) or torch.device("cpu")
     if meta_device.type == "meta":
         raise UsageError("load_into(device=...) is where meta tensors are materialised; it cannot be 'meta'")
-    with FpkReader(path, limits) as r:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with FpkReader(path, limits) as r, ThreadPoolExecutor(max_workers=1) as pool:
         entries = r.header.entries
         match, missing, unexpected = _fit(targets, entries, prefix_map, r.path, strict)
+        pending = []  # digests computed on a worker thread while the next tensor is regenerated
         with torch.no_grad():
             for i, e in enumerate(entries):
                 if progress is not None and i:
@@ -553,9 +556,13 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
                     dst = _materialize_meta(module, targets, match[e.name], meta_device)
                 direct = e.kind == "frozen" and dst.dtype == torch.float32 and dst.is_contiguous()
                 if direct:
-                    _materialize(r, e, dst.device, verify, out=dst.data)
+                    t = _materialize(r, e, dst.device, False, out=dst.data)
+                    if verify:
+                        pending.append((e, t, pool.submit(digest, t)))
                 else:
                     dst.data.copy_(_materialize(r, e, dst.device, verify))
+            for e, t, fut in pending:
+                _check_digest(r, e, t, fut.result())
             if progress is not None:
                 progress(len(entries), len(entries))
     return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
