@@ -214,3 +214,13 @@ def test_streamed_verify_on_scaled_half_precision_and_fully_trained_tensors(tmp_
     with api.FpkReader(path) as r:  # the streamed digest is the digest of the whole reconstruction
         for e in r.header.entries:
             assert api._streamed_digest(r, e, None) == api.digest(api._materialize(r, e, None, False)), e.name
+
+
+def test_load_into_still_refuses_a_reconstruction_that_misses_its_digest(saved, monkeypatch):
+    from freezepack import api
+
+    path, _ = saved
+    monkeypatch.setattr(api, "digest", lambda t: "0" * 64)  # every regenerated tensor now "differs"
+    with pytest.raises(freezepack.IntegrityError, match="does not match its digest"):
+        freezepack.load_into(TiedLM(), path)
+    freezepack.load_into(TiedLM(), path, verify=False)
