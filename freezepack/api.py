@@ -125,12 +125,13 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: to
         if truth is not None:
             truth = truth.detach().cpu().clone()
             truth.view(-1)[mask.reshape(-1)] = values.to(truth.dtype)
-    coded = maskcode.encode(mask.numpy())
     dense = truth if truth is not None else ft.dense(seed, name, device="cpu")
     if tuple(dense.shape) != tuple(mask.shape) or dense.dtype != values.dtype:
         raise MethodError(f"the model's tensor is {dense.dtype} {list(dense.shape)} but its frozen record is "
                           f"{values.dtype} {list(mask.shape)}", tensor=name)
-    e = Entry(name, "frozen", tuple(mask.shape), dtype, digest(dense), init=ft.init, frozen_scale=scale,
+    with _background(digest, dense) as hashed:  # hashed on another core while the mask is coded
+        coded = maskcode.encode(mask.numpy())
+    e = Entry(name, "frozen", tuple(mask.shape), dtype, hashed.result(), init=ft.init, frozen_scale=scale,
               trainable=k, coder=coded.coder, coder_params=dict(coded.params),
               stream=None if ft.stream in (None, name) else ft.stream)
     if coded.payload.size:
@@ -140,6 +141,16 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: to
         e.values = name + container.VALUES_SUFFIX
         blobs[e.values] = (dtype, (k,), bytes(tensor_bytes(values))) + ((hint,) if hint else ())
     return e
+
+
+@contextmanager
+def _background(fn, *args):
+    """``fn(*args)`` on a worker thread for the duration of the block (for work that releases the GIL: hashing,
+    the compiled kernels); yields its future."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(fn, *args)
 
 
 def _whole_entry(name: str, t: torch.Tensor, blobs: dict) -> Entry:
@@ -335,24 +346,34 @@ def _streamed_digest(r: FpkReader, e: Entry, device) -> str:
     """SHA-256 of a frozen entry's reconstruction, regenerated :data:`STREAM_CHUNK` elements at a time: the bytes
     :func:`reconstruct` makes (FORMAT.md §5.3 is elementwise: generate, round, scale, then the stored values at
     their positions), without ever holding the whole tensor. Not for ``ans-ctx`` masks (decoded from all of G)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     idx, vals, _ = _frozen_parts(r, e, device)
     dtype, n, h = TORCH_DTYPES[e.dtype], e.numel, hashlib.sha256()
-    buf = torch.empty(min(STREAM_CHUNK, n), dtype=torch.float32, device=device)
+    # two buffers: chunk i is hashed on a worker thread while chunk i + 1 is regenerated into the other one
+    bufs = [torch.empty(min(STREAM_CHUNK, n), dtype=torch.float32, device=device) for _ in range(2)]
     pos = idx.numpy() if idx is not None else None
-    for s in range(0, n, STREAM_CHUNK):
-        c = min(STREAM_CHUNK, n - s)
-        if e.trainable == n:  # nothing frozen: the values are the tensor
-            t = vals[s:s + c]
-        else:
-            t = generate(e.init, (c,), r.header.seed, e.stream_key, out=buf[:c], start=s)
-            t = t if dtype == torch.float32 else t.to(dtype)
-            if e.frozen_scale != 1.0:
-                t.mul_(e.frozen_scale)
-            if pos is not None:
-                lo, hi = (int(v) for v in np.searchsorted(pos, [s, s + c]))
-                if hi > lo:
-                    t.index_copy_(0, (idx[lo:hi] - s).to(t.device), vals[lo:hi].to(device=t.device, dtype=dtype))
-        h.update(tensor_bytes(t.cpu()))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = None
+        for i, s in enumerate(range(0, n, STREAM_CHUNK)):
+            c = min(STREAM_CHUNK, n - s)
+            if e.trainable == n:  # nothing frozen: the values are the tensor
+                t = vals[s:s + c]
+            else:
+                t = generate(e.init, (c,), r.header.seed, e.stream_key, out=bufs[i % 2][:c], start=s)
+                t = t if dtype == torch.float32 else t.to(dtype)
+                if e.frozen_scale != 1.0:
+                    t.mul_(e.frozen_scale)
+                if pos is not None:
+                    lo, hi = (int(v) for v in np.searchsorted(pos, [s, s + c]))
+                    if hi > lo:
+                        t.index_copy_(0, (idx[lo:hi] - s).to(t.device),
+                                      vals[lo:hi].to(device=t.device, dtype=dtype))
+            if hashing is not None:
+                hashing.result()  # (in order; and the buffer it read is the one regenerated next)
+            hashing = pool.submit(h.update, tensor_bytes(t.cpu()))
+        if hashing is not None:
+            hashing.result()
     return h.hexdigest()
 
 
