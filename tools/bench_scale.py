@@ -177,8 +177,8 @@ def worker(kind: str, size: str, workdir: str) -> dict:
             with Step(res, "load_unverified"):
                 sd = freezepack.load(fpk, verify=False)
             del sd
-        with torch.device("meta"):  # torch's first device context imports sympy & co (~2 s): not ours to time
-            torch.nn.Linear(1, 1)
+        with torch.device("meta"):  # torch's first meta init (normal_) imports sympy & co (~2 s): not ours to time
+            torch.nn.Embedding(2, 2)
         try:
             with Step(res, "load_into_meta"):
                 model = build_model(size, device="meta")
