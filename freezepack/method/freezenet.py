@@ -101,7 +101,7 @@ class FrozenParametrization(nn.Module):
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Dense weight -> its trainable entries (used when the parametrization is installed or assigned)."""
-        return weight.detach().reshape(-1)[self.index]  # (advanced indexing: already a fresh tensor)
+        return torch.index_select(weight.detach().reshape(-1), 0, self.index)  # a fresh tensor
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
