@@ -18,7 +18,7 @@ import torch
 
 from ._version import __version__
 from .errors import FormatError, FreezepackError, IntegrityError, MethodError, SpecError, UsageError
-from .format import compact, container, entropy, maskcode
+from .format import compact, container, entropy, maskcode, record
 from .format.container import DEFAULT_LIMITS, Entry, FpkReader, Header, Limits
 from .format.init import InitSpec, generate
 from .format.record import FROZEN_TORCH_DTYPES, FreezeRecord, FrozenTensor, reconstruct
@@ -339,42 +339,12 @@ def _check_digest(r: FpkReader, e: Entry, t: torch.Tensor, got: str | None = Non
                              tensor=e.name)
 
 
-STREAM_CHUNK = 1 << 22  # elements regenerated at a time when a tensor is only checked (verify, save's proof)
-
-
 def _streamed_digest(r: FpkReader, e: Entry, device) -> str:
-    """SHA-256 of a frozen entry's reconstruction, regenerated :data:`STREAM_CHUNK` elements at a time: the bytes
-    :func:`reconstruct` makes (FORMAT.md §5.3 is elementwise: generate, round, scale, then the stored values at
-    their positions), without ever holding the whole tensor. Not for ``ans-ctx`` masks (decoded from all of G)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """SHA-256 of a frozen entry's reconstruction, streamed (:func:`record.reconstruct_digest`): never the whole
+    tensor in memory. Not for ``ans-ctx`` masks (decoded from all of G)."""
     idx, vals, _ = _frozen_parts(r, e, device)
-    dtype, n, h = TORCH_DTYPES[e.dtype], e.numel, hashlib.sha256()
-    # two buffers: chunk i is hashed on a worker thread while chunk i + 1 is regenerated into the other one
-    bufs = [torch.empty(min(STREAM_CHUNK, n), dtype=torch.float32, device=device) for _ in range(2)]
-    pos = idx.numpy() if idx is not None else None
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        hashing = None
-        for i, s in enumerate(range(0, n, STREAM_CHUNK)):
-            c = min(STREAM_CHUNK, n - s)
-            if e.trainable == n:  # nothing frozen: the values are the tensor
-                t = vals[s:s + c]
-            else:
-                t = generate(e.init, (c,), r.header.seed, e.stream_key, out=bufs[i % 2][:c], start=s)
-                t = t if dtype == torch.float32 else t.to(dtype)
-                if e.frozen_scale != 1.0:
-                    t.mul_(e.frozen_scale)
-                if pos is not None:
-                    lo, hi = (int(v) for v in np.searchsorted(pos, [s, s + c]))
-                    if hi > lo:
-                        t.index_copy_(0, (idx[lo:hi] - s).to(t.device),
-                                      vals[lo:hi].to(device=t.device, dtype=dtype))
-            if hashing is not None:
-                hashing.result()  # (in order; and the buffer it read is the one regenerated next)
-            hashing = pool.submit(h.update, tensor_bytes(t.cpu()))
-        if hashing is not None:
-            hashing.result()
-    return h.hexdigest()
+    return record.reconstruct_digest(e.init, e.shape, r.header.seed, e.stream_key, TORCH_DTYPES[e.dtype],
+                                     e.frozen_scale, idx, vals, device=device)
 
 
 def _materialize(r: FpkReader, e: Entry, device, check: bool, timings: dict | None = None,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import freezepack
-from freezepack.format import init, maskcode, native, rng
+from freezepack.format import init, maskcode, native, record, rng
 from freezepack.method.freezenet import dense_state_dict, make_freezenet
 
 
@@ -180,7 +180,7 @@ def test_streamed_verify_agrees_with_every_conformance_vector(monkeypatch):
 
     from freezepack import api
 
-    monkeypatch.setattr(api, "STREAM_CHUNK", 37)
+    monkeypatch.setattr(record, "STREAM_CHUNK", 37)
     root = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "fpk")
     names = sorted(f for f in os.listdir(root) if f.endswith(".fpk"))
     assert len(names) > 20
@@ -209,7 +209,7 @@ def test_streamed_verify_on_scaled_half_precision_and_fully_trained_tensors(tmp_
     rec = FreezeRecord(seed=3, frozen=frozen, whole={})
     path = str(tmp_path / "h.fpk")
     freezepack.save(path, rec)
-    monkeypatch.setattr(api, "STREAM_CHUNK", 101)
+    monkeypatch.setattr(record, "STREAM_CHUNK", 101)
     assert api.verify(path)["ok"]
     with api.FpkReader(path) as r:  # the streamed digest is the digest of the whole reconstruction
         for e in r.header.entries:
