@@ -71,3 +71,12 @@ def test_random_scores_are_the_generator_uniforms():
         if name.endswith("weight"):
             words = rng.words_np(9, rng.stream_id("freezepack.random-mask:" + name), 0, w.numel())
             assert torch.equal(got[name], torch.from_numpy(rng.uniform_np(words)).view(w.shape))
+
+
+def test_generated_random_scores_give_the_stored_scores_mask(monkeypatch):
+    monkeypatch.setattr(topk, "CHUNK", 101)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 51), torch.nn.Linear(51, 3))
+    stored = global_mask(random_scores(model, 9), 0.9, seed=9)
+    generated = global_mask(random_scores(model, 9, stored=False), 0.9, seed=9)
+    assert stored.keys() == generated.keys()
+    assert all(torch.equal(stored[n], generated[n]) for n in stored)

@@ -271,7 +271,7 @@ def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "
     elif method == "grasp":
         scores = grasp_scores(model, batch, loss_fn=loss_fn, select=select)
     else:
-        scores = random_scores(target, seed, select=select)
+        scores = random_scores(target, seed, select=select, stored=False)  # regenerated per pass, never held
     scores = {_strip(n, model, target): s for n, s in scores.items()}
     step(2)
     masks = global_mask(scores, q, seed, one_per_layer=one_per_layer)

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from ..errors import FreezepackError, MethodError, UsageError
 from ..format import rng
 from ..format.init import generate, make_init
-from .topk import top_k_masks
+from .topk import Generated, top_k_masks
 
 # Layers whose weight is frozen by default: every dense linear map of an ordinary model. Norms and biases stay
 # trainable (they are few and the paper trains them); anything else is reachable with ``select``.
@@ -184,11 +184,20 @@ def grasp_scores(model: nn.Module, inputs, targets=None, temperature: float = 20
             for (n, w), h in zip(weights.items(), hg)}
 
 
-def random_scores(model: nn.Module, seed: int, *, select=None) -> dict[str, torch.Tensor]:
-    """Uniform scores from freezepack's generator (stream per tensor name): a random mask, reproducible by seed."""
+def random_scores(model: nn.Module, seed: int, *, select=None, stored: bool = True) -> dict:
+    """Uniform scores from freezepack's generator (stream per tensor name): a random mask, reproducible by seed.
+    ``stored=False``: :class:`topk.Generated` scores for :func:`global_mask`, regenerated piece by piece in each of
+    its passes instead of held (no dense copy of the model's size)."""
     u = make_init("uniform")  # 0 + 1*u: exactly the generator's uniform u, through the compiled kernel when built
-    return {name: generate(u, w.shape, seed, "freezepack.random-mask:" + name, device="cpu")
-            for name, w in prunable_weights(model, select).items()}
+    out = {}
+    for name, w in prunable_weights(model, select).items():
+        stream = "freezepack.random-mask:" + name
+        if stored:
+            out[name] = generate(u, w.shape, seed, stream, device="cpu")
+        else:
+            out[name] = Generated(w.shape, lambda start, count, stream=stream: generate(u, (count,), seed, stream,
+                                                                                       start=start))
+    return out
 
 
 def weights_to_train(num_weights: int, q: float) -> int:
@@ -213,7 +222,7 @@ def global_mask(scores: dict[str, torch.Tensor], q: float, seed: int = 0,
     """
     if not scores:
         raise UsageError("no scores to threshold")
-    names = list(scores)
+    names = list(scores)  # tensors, or topk.Generated scores
     k = weights_to_train(sum(scores[n].numel() for n in names), q)
     # radix selection (freezepack.method.topk): the same k entries a stable descending sort keeps, in O(n)
     masks = dict(zip(names, top_k_masks([scores[n] for n in names], k)))

@@ -42,21 +42,42 @@ def _keys(x: torch.Tensor, wide: bool) -> np.ndarray:
     return u
 
 
-def _chunks(scores: list[torch.Tensor], wide: bool):
+class Generated:
+    """Scores that are never stored: ``make(start, count)`` gives the flat scores ``[start, start + count)``
+    (e.g. the generator's uniforms of a random mask, made again in each pass instead of held)."""
+
+    dtype = torch.float32
+
+    def __init__(self, shape, make):
+        self.shape, self.make = torch.Size(shape), make
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def _pieces(s):
+    """(offset, flat CPU piece) of one score tensor (or :class:`Generated` scores), CHUNK elements at a time."""
+    if isinstance(s, Generated):
+        for start in range(0, s.numel(), CHUNK):
+            yield start, s.make(start, min(CHUNK, s.numel() - start))
+        return
+    flat = s.detach().reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        yield start, flat[start:start + CHUNK].cpu()
+
+
+def _chunks(scores: list, wide: bool):
     """(tensor index, offset, keys) over every score, in order."""
     for i, s in enumerate(scores):
-        flat = s.detach().reshape(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            part = flat[start:start + CHUNK]
-            yield i, start, _keys(part.cpu() if part.device.type != "cpu" else part, wide)
+        for start, part in _pieces(s):
+            yield i, start, _keys(part, wide)
 
 
-def _f32_chunks(scores: list[torch.Tensor]):
+def _f32_chunks(scores: list):
     """(tensor index, offset, contiguous float32 CPU chunk) over every score, in order (for the compiled kernels)."""
     for i, s in enumerate(scores):
-        flat = s.detach().reshape(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            yield i, start, flat[start:start + CHUNK].to("cpu", torch.float32).contiguous()
+        for start, part in _pieces(s):
+            yield i, start, part.to(torch.float32).contiguous()
 
 
 def _kernels(scores: list[torch.Tensor]):
