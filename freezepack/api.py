@@ -342,6 +342,12 @@ def _check_digest(r: FpkReader, e: Entry, t: torch.Tensor, got: str | None = Non
 def _streamed_digest(r: FpkReader, e: Entry, device) -> str:
     """SHA-256 of a frozen entry's reconstruction, streamed (:func:`record.reconstruct_digest`): never the whole
     tensor in memory. Not for ``ans-ctx`` masks (decoded from all of G)."""
+    # An explicit max_dense_bytes bounds what a tensor may expand to (a hostile header's work), streamed or not;
+    # the default bound (the memory available now) applies to what streaming really holds.
+    held = container.dense_bytes(e) if r.limits.max_dense_bytes is not None else \
+        8 * min(record.STREAM_CHUNK, e.numel)
+    container.check_memory(container.work_bytes(e) + held, "reconstructing this tensor", r.limits, device, r.path,
+                           e.name)
     idx, vals, _ = _frozen_parts(r, e, device)
     return record.reconstruct_digest(e.init, e.shape, r.header.seed, e.stream_key, TORCH_DTYPES[e.dtype],
                                      e.frozen_scale, idx, vals, device=device)
