@@ -58,17 +58,33 @@ def _record_of(obj) -> tuple[FreezeRecord, list[str], dict[str, torch.Tensor]]:
         order = list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
         return obj, order + [k for k in obj.aliases if k not in order], {}
     if isinstance(obj, torch.nn.Module):
-        from .method.freezenet import dense_tensors, freeze_record, unwrap  # the method: only for a module
+        from .method.freezenet import dense_tensors, freeze_record, frozen_parametrizations, unwrap
 
         model = unwrap(obj)
         rec = freeze_record(model, copy=False)  # read only here: the model's own masks and values
-        # What the model computes with, right now: the file is proven against these before it is published. Each
-        # is made dense when its entry is written, and dropped after: no second dense copy of the model.
-        truth = _Lazy(dense_tensors(model))
+        # What the model computes with, right now: the file is proven against these before it is published. A
+        # frozen tensor is hashed in chunks straight from its parametrization, anything else made dense when its
+        # entry is written and dropped after: never a second dense copy of the model, nor of its largest tensor.
+        getters = dense_tensors(model)
+        for name, p in frozen_parametrizations(model).items():
+            if name in rec.frozen and name in getters:
+                mod, _, attr = name.rpartition(".")
+                values = (model.get_submodule(mod) if mod else model).parametrizations[attr].original
+                getters[name] = lambda p=p, v=values, g=getters[name]: _Truth(p.frozen.shape, p.frozen.dtype,
+                                                                             lambda: p.dense_digest(v), g)
+        truth = _Lazy(getters)
         names = list(rec.frozen) + list(rec.whole) + list(rec.aliases)
         order = [k for k in truth if k in set(names)]
         return rec, order + [k for k in names if k not in order], truth
     raise UsageError(f"save() takes a FreezeRecord or an nn.Module, got {type(obj).__name__}")
+
+
+class _Truth:
+    """A frozen tensor of the model known by shape, dtype and a streamed digest; ``dense()`` makes it whole (only
+    lossy value coding needs that)."""
+
+    def __init__(self, shape, dtype, digest, dense):
+        self.shape, self.dtype, self.digest, self.dense = tuple(shape), dtype, digest, dense
 
 
 class _Lazy(dict):
@@ -93,7 +109,7 @@ def _check_metadata(metadata) -> dict[str, str]:
     return dict(metadata)
 
 
-def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: torch.Tensor | None,
+def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: torch.Tensor | _Truth | None,
                   coding=None) -> Entry:
     if not isinstance(ft.init, InitSpec):
         raise UsageError("init must be an InitSpec (freezepack.format.init.make_init)", tensor=name)
@@ -117,6 +133,8 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: to
                                   or not container._valid_text(ft.stream)):
         raise UsageError(f"stream must be a non-empty string, got {ft.stream!r}", tensor=name)
     hint = {}
+    if isinstance(truth, _Truth) and coding is not None and k:
+        truth = truth.dense()
     if coding is not None and k:  # lossy values: the file must reproduce the model with *these* values
         from .method.quantize import quantize
 
@@ -129,7 +147,8 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: dict, truth: to
     if tuple(dense.shape) != tuple(mask.shape) or dense.dtype != values.dtype:
         raise MethodError(f"the model's tensor is {dense.dtype} {list(dense.shape)} but its frozen record is "
                           f"{values.dtype} {list(mask.shape)}", tensor=name)
-    with _background(digest, dense) as hashed:  # hashed on another core while the mask is coded
+    work = (dense.digest,) if isinstance(dense, _Truth) else (digest, dense)
+    with _background(*work) as hashed:  # hashed on another core while the mask is coded
         coded = maskcode.encode(mask.numpy())
     e = Entry(name, "frozen", tuple(mask.shape), dtype, hashed.result(), init=ft.init, frozen_scale=scale,
               trainable=k, coder=coded.coder, coder_params=dict(coded.params),

@@ -224,3 +224,24 @@ def test_load_into_still_refuses_a_reconstruction_that_misses_its_digest(saved, 
     with pytest.raises(freezepack.IntegrityError, match="does not match its digest"):
         freezepack.load_into(TiedLM(), path)
     freezepack.load_into(TiedLM(), path, verify=False)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1.0), (torch.float32, 0.75), (torch.float16, 0.5)])
+def test_streamed_truth_digest_is_the_digest_of_the_forward(dtype, scale):
+    from freezepack import api
+    from freezepack.method.freezenet import frozen_parametrizations
+
+    torch.manual_seed(0)
+    model = TiedLM().to(dtype)
+    make_freezenet(model, torch.randint(0, 50, (2, 9)), q=0.9, seed=3, method="random")
+    for name, p in frozen_parametrizations(model).items():
+        if scale != 1.0:
+            p.set_frozen_scale(scale)
+        mod, _, attr = name.rpartition(".")
+        module = model.get_submodule(mod)
+        values = module.parametrizations[attr].original
+        with torch.no_grad():
+            values.add_(0.125)
+        dense = getattr(module, attr)
+        for chunk in (7, 100, 1 << 22):
+            assert p.dense_digest(values, chunk=chunk) == api.digest(dense), (name, chunk)

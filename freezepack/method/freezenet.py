@@ -13,6 +13,7 @@ entry of a tensor follows the same scalar recursion, so frozen = generator outpu
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 
 import numpy as np
@@ -74,6 +75,23 @@ class FrozenParametrization(nn.Module):
         # frozen x scale in the frozen dtype: one correctly rounded multiply, as a reader does (FORMAT.md §5.3)
         w = self.frozen * self.frozen_scale.to(self.frozen.dtype)  # a fresh tensor: the in-place scatter is safe
         return w.view(-1).index_put_((self.index,), values).view(self.frozen.shape)
+
+    @torch.no_grad()
+    def dense_digest(self, values: torch.Tensor, chunk: int = 1 << 22) -> str:
+        """SHA-256 of ``forward(values)``'s bytes, computed ``chunk`` elements at a time (the same elementwise
+        operations as :meth:`forward`), so a writer proves a big tensor without a dense copy of it."""
+        flat, vals = self.frozen.reshape(-1), values.detach().reshape(-1)
+        scale = self.frozen_scale.to(self.frozen.dtype)
+        pos = self.index.cpu().numpy()
+        h = hashlib.sha256()
+        for s in range(0, flat.numel(), chunk):
+            e = min(s + chunk, flat.numel())
+            w = flat[s:e].clone() if self._unit_scale else flat[s:e] * scale
+            lo, hi = (int(v) for v in np.searchsorted(pos, [s, e]))
+            if hi > lo:
+                w.index_put_((self.index[lo:hi] - s,), vals[lo:hi])
+            h.update(w.cpu().contiguous().view(torch.uint8).numpy())
+        return h.hexdigest()
 
     def set_frozen_scale(self, scale: float) -> None:
         self.frozen_scale.fill_(scale)
