@@ -1,6 +1,6 @@
-"""Crash-safe file writes, shared by the container, the CLI and the fleet: a reader sees the old file or the new
-one, never a torn one. Temp file in the target directory (so ``os.replace`` is a same-filesystem rename), fsync,
-``os.replace``, then fsync the directory so the rename itself survives a power cut.
+"""Crash-safe file writes, the one ``atomic_write`` of the package (the api, the CLI and the fleet use it): a reader
+sees the old file or the new one, never a torn one. Temp file in the target directory (so ``os.replace`` is a
+same-filesystem rename), fsync, ``os.replace``, then fsync the directory so the rename itself survives a power cut.
 
 The temp file is created with the final mode (``0o666`` masked by the umask, like ``open()``; ``0o600`` for
 secrets), so what other users may read is decided before any byte is written. A SIGKILL between create and
@@ -9,12 +9,15 @@ are older than ``STALE_TEMP_AGE`` (a younger one may belong to a writer that is 
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+from .errors import FormatError, FreezepackError
 
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_AGE = 3600.0      # seconds; older temp files of our own pattern are leftovers of a killed writer
@@ -45,7 +48,7 @@ def remove_stale_temps(directory: str, target_name: str | None = None, *, max_ag
     files, never through a symlink, only those older than ``max_age``). Returns the names removed."""
     max_age = STALE_TEMP_AGE if max_age is None else max_age
     now = time.time()
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(directory if dir_fd is None else dir_fd))
     except (FileNotFoundError, NotADirectoryError):
@@ -67,8 +70,9 @@ def remove_stale_temps(directory: str, target_name: str | None = None, *, max_ag
     return removed
 
 
-def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, mode: int = 0o666,
-                 clean_stale: bool = True, validate=None, make_parents: bool = True) -> None:
+def atomic_write(path, data: bytes | bytearray | memoryview | Iterable[bytes], *, fsync: bool = True,
+                 mode: int = 0o666, clean_stale: bool = True, validate: Callable[[str], object] | None = None,
+                 make_parents: bool = False) -> None:
     """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically.
 
     ``mode`` is the file's permission before the umask, as for ``open()`` (so 0o644 under umask 022); pass
@@ -77,10 +81,32 @@ def atomic_write(path, data: bytes | Iterable[bytes], *, fsync: bool = True, mod
     files of this same target (see the module docstring); callers writing many files into one large directory
     turn it off and clean once per operation. ``validate(tmp_path)`` is called on the complete temp file before
     the rename (a writer proves what it publishes); if it raises, the temp file is removed and ``path`` untouched.
-    ``make_parents``: create missing parent directories (else a missing one is an OSError from the temp file).
+    ``make_parents``: create missing parent directories (else a missing one is refused, naming it).
+
+    Refused clearly (a FreezepackError naming the path; nothing is replaced): a directory at ``path``, a missing
+    parent, a full disk, a quota or a file-size limit, a permission or read-only filesystem.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise FormatError("is a directory, cannot write a file there", path=path)
+    if not make_parents and not os.path.isdir(directory):
+        raise FreezepackError(f"directory {directory} does not exist: create it first (or pass make_parents=True / "
+                              "--parents)", path=path)
+    try:
+        _write_replace(path, directory, data, fsync, mode, clean_stale, validate, make_parents)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+            raise FreezepackError(f"cannot write: {e.strerror} (disk full, quota, or a file-size limit such as "
+                                  "ulimit -f); nothing was replaced: free space or write elsewhere",
+                                  path=path) from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR):
+            raise FreezepackError(f"cannot write: {e.strerror}", path=path) from None
+        raise
+
+
+def _write_replace(path: str, directory: str, data, fsync: bool, mode: int, clean_stale: bool, validate,
+                   make_parents: bool) -> None:
     base = os.path.basename(path)
     if make_parents:
         os.makedirs(directory, exist_ok=True)

@@ -10,8 +10,8 @@ import freezepack
 from freezepack import UsageError
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations
 from freezepack.method.quantize import ValueCoding, quantize, quantize_model
-
-from .test_any_model import trained
+from freezepack.testing.models import trained
+from freezepack.testing.v2 import body_with_whole, codebook_head
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +70,17 @@ def test_non_finite_values_are_refused_by_every_lossy_coding_and_nothing_is_writ
 
 # ------------------------------------------------------------------------------------------------ hostile files
 def _hostile(tmp_path, block, payload=b"", dtype="F32", n=8):
-    from .test_lossy_values import _body_with_whole
-
     p = tmp_path / "t.fpk"
-    p.write_bytes(_body_with_whole(block, payload, dtype, n))
+    p.write_bytes(body_with_whole(block, payload, dtype, n))
     return p
 
 
 def _zz(*vs):
-    from freezepack.format import compact
+    from freezepack.format.v2 import wire
 
-    o = compact._Out()
+    o = wire.Out()
     for i, v in enumerate(vs):
-        o.var(compact._zigzag(v) if i == 0 else v)
+        o.var(wire.zigzag(v) if i == 0 else v)
     return bytes(o.b)
 
 
@@ -92,9 +90,7 @@ def test_grid_whose_values_overflow_is_a_quiet_format_error(tmp_path):
 
     from freezepack import FormatError
 
-    from .test_lossy_values import _codebook_head
-
-    p = _hostile(tmp_path, _codebook_head(1, 2, struct.pack("<f", 3e38) + _zz(1, 0), [4, 4], 0))
+    p = _hostile(tmp_path, codebook_head(1, 2, struct.pack("<f", 3e38) + _zz(1, 0), [4, 4], 0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # was a numpy RuntimeWarning (an exception under -W error)
         with pytest.raises(FormatError, match="not finite") as err:
@@ -111,18 +107,16 @@ def test_hostile_codebook_blocks_are_format_errors_naming_the_file(case, tmp_pat
 
     from freezepack import FormatError
 
-    from .test_lossy_values import _codebook_head
-
     M, n = 1 << 24, 8
     half = struct.pack("<ff", 0.5, 1.0)
     block = {
         # 256 levels ending at 2^24 + 1: the last one is out of range
-        "grid256_edge": _codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(M - 254, *[0] * 255), [1] * 256, 0),
-        "grid_gaps_past_2_24": _codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(-M, *[2 * M] * 255), [1] * 256),
-        "counts_overflow": _codebook_head(0, 256, np.arange(256, dtype="<u4").tobytes(), [(1 << 64) - 1] * 256),
-        "stream_past_end": _codebook_head(0, 2, half, [4, 4], 32),
-        "stream_not_words": _codebook_head(0, 2, half, [4, 4], 3),
-        "huge_n": _codebook_head(0, 1, struct.pack("<f", 0.5)),
+        "grid256_edge": codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(M - 254, *[0] * 255), [1] * 256, 0),
+        "grid_gaps_past_2_24": codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(-M, *[2 * M] * 255), [1] * 256),
+        "counts_overflow": codebook_head(0, 256, np.arange(256, dtype="<u4").tobytes(), [(1 << 64) - 1] * 256),
+        "stream_past_end": codebook_head(0, 2, half, [4, 4], 32),
+        "stream_not_words": codebook_head(0, 2, half, [4, 4], 3),
+        "huge_n": codebook_head(0, 1, struct.pack("<f", 0.5)),
     }[case]
     if case.startswith("grid256") or case.startswith("grid_gaps"):
         n = 256
@@ -143,17 +137,16 @@ def test_stored_nan_codebooks_and_f16_nan_payloads_are_kept_bit_exact(tmp_path):
     bit for bit (a float compare would lose them)."""
     import numpy as np
 
-    from freezepack.format import compact, entropy
-
-    from .test_lossy_values import _codebook_head
+    from freezepack.format import dtypes, entropy
+    from freezepack.format.v2 import wire
 
     table = np.array([0x7FC00000, 0x7FC00001], dtype="<u4")
     sym = np.array([0, 1, 1, 0, 0, 1, 0, 1])
     pay = entropy.encode_symbols(sym, [4, 4])
-    got = freezepack.load(_hostile(tmp_path, _codebook_head(0, 2, table.tobytes(), [4, 4], len(pay)), pay))["x"]
+    got = freezepack.load(_hostile(tmp_path, codebook_head(0, 2, table.tobytes(), [4, 4], len(pay)), pay))["x"]
     assert got.numpy().view("<u4").tolist() == table[sym].tolist()
     h = np.array([0x7E01, 0x7C01, 0xFC00, 0x7C00] * 2, dtype="<u2")
-    cast = bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index("F16"), 0])
+    cast = bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("F16"), 0])
     got = freezepack.load(_hostile(tmp_path, cast, h.tobytes()))["x"]
     assert got.numpy().view("<u4").tolist() == h.view("<f2").astype("<f4").view("<u4").tolist()
 
@@ -167,7 +160,7 @@ def test_recoding_a_lossy_file_with_its_own_coding_changes_nothing(bag, coding, 
     freezepack.save(a, bag, values=coding)
     convert_checkpoint(a, b, freezepack.inspect(a)["seed"], values=coding)
     assert b.read_bytes() == a.read_bytes()  # same values, and the metadata does not say "int8, then int8"
-    from .test_any_model import BagModel
+    from freezepack.testing.models import BagModel
 
     fresh = freezepack.load_freezenet(BagModel(), a)
     freezepack.save(c, fresh, values=coding)  # load, then re-save: a quantized model is a fixed point
@@ -200,7 +193,7 @@ def test_fleet_ships_lossy_releases_bit_exact_and_fetches_only_changed_payloads(
     pytest.importorskip("tuf")
     import hashlib
 
-    from .fleet_support import Fleet, record
+    from freezepack.testing.fleet import Fleet, record
 
     fleet = Fleet(tmp_path / "fleet")
     a, b = tmp_path / "a.fpk", tmp_path / "b.fpk"
@@ -228,13 +221,14 @@ def test_writer_tries_cast_on_values_beyond_f16_without_warnings():
 
     import numpy as np
 
-    from freezepack.format import compact
+    from freezepack.format import dtypes
+    from freezepack.format.v2 import writer as v2_writer
 
     v = np.array([3e38, 1.0, 0.5, float("nan")], dtype=np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # was "overflow encountered in cast": an exception under -W error
-        head, payload, coder = compact._value_block(v.tobytes(), "F32")
-    assert coder != "cast" or head[1] == compact.DTYPES.index("BF16")
+        head, payload, coder = v2_writer._value_block(v.tobytes(), "F32")
+    assert coder != "cast" or head[1] == dtypes.DTYPES.index("BF16")
 
 
 @pytest.mark.parametrize("coding", ["bf16", "int8", "uniform:3", "kmeans:3"])
@@ -262,28 +256,27 @@ def test_value_decoders_write_the_dense_bytes_once(coder, tmp_path):
 
     import numpy as np
 
-    from freezepack.format import compact, entropy
-    from freezepack.format.container import FpkReader
-
-    from .test_lossy_values import _codebook_head
+    from freezepack.format import dtypes, entropy
+    from freezepack.format.reader import open_file
+    from freezepack.format.v2 import wire
 
     n = 1 << 22
     if coder == "codebook":
         sym = np.random.default_rng(0).integers(0, 2, n)
         counts = np.bincount(sym).tolist()
         payload = entropy.encode_symbols(sym, counts)
-        block = _codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), counts, len(payload))
+        block = codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), counts, len(payload))
     elif coder == "codebook1":
-        block, payload = _codebook_head(0, 1, struct.pack("<f", 0.5)), b""
+        block, payload = codebook_head(0, 1, struct.pack("<f", 0.5)), b""
     else:
-        block = bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index(coder[5:]), 0])
+        block = bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index(coder[5:]), 0])
         payload = np.full(n, 0x3C00, "<u2").tobytes()  # 1.0 as F16, 1.875 as BF16 (before widening)
     p = _hostile(tmp_path, block, payload, n=n)
-    with FpkReader(p) as r:
-        key = next(iter(r.header.stored))
+    with open_file(p) as r:
+        e = r.header.entries[0]
         tracemalloc.start()
         try:
-            got = r.read_bytes(key, "x")
+            got = r.whole_bytes(e)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -382,6 +375,7 @@ def test_values_already_on_a_foreign_grid_are_kept_exactly(coding, top, tmp_path
     import numpy as np
 
     from freezepack.format import entropy
+    from freezepack.format.v2 import writer as v2_writer
 
     cand = (np.random.default_rng(0).random(20000) + 1.0).astype(np.float32) * np.float32(2 ** -8)
     amax = (np.float32(top) * cand).astype(np.float32)
@@ -393,7 +387,7 @@ def test_values_already_on_a_foreign_grid_are_kept_exactly(coding, top, tmp_path
         v = torch.from_numpy(entropy.grid_values(levels, float(s)))
         q, hint = quantize(v, coding)
         assert torch.equal(q.view(torch.int32), v.view(torch.int32)) and hint == {"step": float(s)}
-    block = freezepack.format.compact._value_block(v.numpy().tobytes(), "F32", hint["step"])
+    block = v2_writer._value_block(v.numpy().tobytes(), "F32", hint["step"])
     assert block[2] == "codebook" and block[0][1] == 1  # the grid form
 
 

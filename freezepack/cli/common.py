@@ -8,10 +8,28 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import click
 
 from ..errors import FreezepackError
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control and format characters (ESC, C1 controls such as CSI U+009B, bidi
+    overrides, ...) and the backslash become Python-style escapes (``\\x1b``, ``\\u202e``, ``\\\\``); printable text,
+    non-ASCII included, stays as it is. Names and metadata come from files: a 200-byte file must not be able to
+    clear the screen or retitle the window (``--json`` escapes the same characters as JSON)."""
+    out = []
+    for c in str(text):
+        if c.isprintable() and c != "\\":
+            out.append(c)
+        elif c == "\\":
+            out.append("\\\\")
+        else:
+            o = ord(c)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
 
 
 def one_line_errors(fn):
@@ -60,7 +78,8 @@ class ProgressBar:
     """
 
     def __init__(self, label: str, show: bool | None = None, *, show_pos: bool = False):
-        self.label, self.show_pos, self.bar, self.done = label, show_pos, None, 0
+        self.label, self.show_pos, self.done = label, show_pos, 0
+        self.bar: Any = None  # a click progress bar once shown
         self.show = sys.stderr.isatty() if show is None else show
 
     def __call__(self, done: int, total: int) -> None:

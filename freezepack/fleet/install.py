@@ -51,6 +51,20 @@ def _failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def _writing(path: str, what: str):
+    """An OSError while writing ``path`` (disk full, quota, ``ulimit -f``: no file name in the error) becomes a
+    FleetError naming the file, not ``error: : File too large``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+            raise FleetError(f"cannot write {what}: {e.strerror} (disk full, quota, or a file-size limit such as "
+                             "ulimit -f); the installed release is unchanged: free space and run again (the "
+                             "pieces already downloaded are kept)", path=path) from None
+        raise
+
+
 def _refuse_link(path: str) -> FleetError:
     return FleetError("refusing to follow a symlink (or use a non-directory) in a path the fleet installer owns; "
                       "remove it", path=path)
@@ -142,7 +156,8 @@ class Device:
     def _write_state(self, st: dict) -> None:
         import json
 
-        atomic_write(self.state_path, json.dumps(st, indent=1, sort_keys=True).encode())
+        with _writing(self.state_path, "the device state"):
+            atomic_write(self.state_path, json.dumps(st, indent=1, sort_keys=True).encode(), make_parents=True)
 
     def status(self, name: str) -> dict:
         """What is installed, from the file itself: its SHA-256 matched against the releases this device
@@ -172,8 +187,8 @@ class Device:
         ``progress(done_bytes, total_bytes)`` is called as pieces arrive. ``limits`` sets the network timeouts
         and minimum transfer rate of a URL ``source``."""
         name = check_model_name(name)
-        own = not isinstance(source, Store)
-        store = open_store(source, limits=limits) if own else source
+        store = source if isinstance(source, Store) else open_store(source, limits=limits)
+        own = store is not source
         try:
             with self._lock():
                 return self._install(store, name, root_file, allow_downgrade, download_only, progress)
@@ -259,7 +274,7 @@ class Device:
         todo = plan(info["layout"], set(sources))
         fetched = 0
         for sha, length in todo.need.items():
-            self._fetch_piece(store, sha, length, stage_fd)
+            self._fetch_piece(store, sha, length, stage_fd, name)
             sources[sha] = (sha, 0, length, stage_fd)
             fetched += length
             if progress:
@@ -270,10 +285,11 @@ class Device:
         if download_only:
             return InstallReport(status="pulled", **report)
 
-        tmp = self._assemble(name, info, sources, store, stage_fd)
+        assembled = self._assemble(name, info, sources, store, stage_fd)
+        tmp: str | None = assembled  # None once published
         try:
             _failpoint("after-assemble")
-            verify_model_file(tmp, info.get("format"))
+            verify_model_file(assembled, info.get("format"))
             st = self._state()
             st["models"].setdefault(name, {})["pending"] = _rec(info)
             self._write_state(st)
@@ -288,7 +304,7 @@ class Device:
                 os.link(path, prev_tmp, follow_symlinks=False)
                 os.replace(prev_tmp, prev)
                 _failpoint("after-keep-previous")
-            os.replace(tmp, path)
+            os.replace(assembled, path)
             tmp = None
             fsync_dir(self.dir)
             _failpoint("after-replace")
@@ -311,12 +327,12 @@ class Device:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(e.path)
 
-    def _fetch_piece(self, store, sha, length, stage_fd) -> None:
+    def _fetch_piece(self, store, sha, length, stage_fd, name) -> None:
         """Stream one piece into staging (temp name, digest checked while it arrives, then renamed)."""
         tmp = f"{TEMP_PREFIX}{secrets.token_hex(8)}-{sha}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666, dir_fd=stage_fd)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with _writing(os.path.join(self.staging(name), sha), "a downloaded piece"), os.fdopen(fd, "wb") as f:
                 store.fetch_blob(sha, length, f)
             os.replace(tmp, sha, src_dir_fd=stage_fd, dst_dir_fd=stage_fd)
         except BaseException:
@@ -357,11 +373,11 @@ class Device:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
         full = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out:
+            with _writing(self.model_path(name), "the new release"), os.fdopen(fd, "wb") as out:
                 for sha, length, _label in info["layout"]:
                     if not _piece_ok(sources[sha], sha, length):
                         # a staged piece damaged on disk: fetch it again rather than fail the install
-                        self._fetch_piece(store, sha, length, stage_fd)
+                        self._fetch_piece(store, sha, length, stage_fd, name)
                         sources[sha] = (sha, 0, length, stage_fd)
                     for chunk in _read_piece(sources[sha], length):
                         out.write(chunk)

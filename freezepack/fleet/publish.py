@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 from datetime import datetime, timezone
+from typing import Any
 
 from ..atomic import atomic_write
 from ..errors import FleetError
@@ -49,7 +50,8 @@ class KeyRing:
         os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o700)
         path = os.path.join(self.dir, f"{role}-{signer.public_key.keyid[:16]}.pem")
-        atomic_write(path, signer.private_bytes, mode=0o600)    # a secret: owner-only whatever the umask
+        # a secret: owner-only whatever the umask
+        atomic_write(path, signer.private_bytes, mode=0o600, make_parents=True)
         return signer
 
     def signers(self) -> dict:
@@ -84,7 +86,11 @@ class Publisher:
         self.md = tuf_metadata()
         self.store = store
         self.keys = KeyRing(keys_dir)
-        self.root = self.targets = self.snapshot = self.timestamp = None
+        # tuf Metadata objects once loaded (python-tuf is an optional extra: typed loosely)
+        self.root: Any = None
+        self.targets: Any = None
+        self.snapshot: Any = None
+        self.timestamp: Any = None
 
     # -- reading the repository's current state ----------------------------------------------------------------
     def _read(self, name: str):

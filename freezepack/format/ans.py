@@ -108,11 +108,21 @@ def _bind(path: str):
     return lib
 
 
+def quantize_counts(counts) -> np.ndarray:
+    """Probabilities (sum 2**24, each >= 1) for symbol counts: w = floor(c * T / S) with T = 2**24 - m, the
+    remainder given one unit at a time to the first symbols, then +1 each (integer arithmetic only)."""
+    counts = [int(c) for c in counts]
+    m, s = len(counts), sum(counts)
+    total = ONE - m
+    w = [c * total // s for c in counts]
+    for j in range(total - sum(w)):
+        w[j] += 1
+    return np.array(w, dtype=np.int64) + 1
+
+
 def _check_models(rng: np.random.Generator) -> list[Model]:
     """Models that reach every path of the C decoder: binary at both extremes, a few symbols, a skewed 256-symbol
     table, a table whose slots hold many symbols, and the uniform 16-bit model."""
-    from .entropy import quantize_counts
-
     def counts(c):
         return model(quantize_counts(c))
 
@@ -137,7 +147,8 @@ def _self_check(lib) -> None:
     runs = [(np.searchsorted(m.cdf, rng.integers(0, ONE, size=n), side="right") - 1).astype(np.int32) for m, n in plan]
     for (m, _), syms in zip(reversed(plan), reversed(runs)):
         enc.encode_reverse(syms, m.constriction())
-    streams = [(np.asarray(enc.get_compressed(), dtype=np.uint32), runs)]
+    streams: list[tuple[np.ndarray, list[np.ndarray] | None]] = [(np.asarray(enc.get_compressed(), dtype=np.uint32),
+                                                                   runs)]
     for size in (1, 2, 50):
         garbage = rng.integers(0, 2**32, size=size, dtype=np.uint64).astype(np.uint32)
         garbage[-1] |= 1
@@ -285,7 +296,7 @@ def group(keys: np.ndarray, groups: int, active: np.ndarray | None = None, *, li
         raise ValueError("groups must be in 1..256 and active one flag per key")
     lib = _lib_or_none(lib)
     if lib is not None and n <= 1 << 32:
-        order = np.empty(n if act is None else int(np.count_nonzero(act)), dtype=np.uint32)
+        order: np.ndarray = np.empty(n if act is None else int(np.count_nonzero(act)), dtype=np.uint32)
         sizes = np.zeros(groups, dtype=np.uint64)
         got = lib.fp_group(k.ctypes.data, None if act is None else act.ctypes.data, n, groups, order.ctypes.data,
                            sizes.ctypes.data)

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .dtypes import FROZEN_TORCH_DTYPES  # noqa: F401  (the frozen dtypes; the method imports them from here)
 from .init import InitSpec, generate
 from .rng import SPEC_VERSION
-
-# Dense dtypes a frozen tensor may have. The generator makes float32; the others are its round-to-nearest-even cast.
-FROZEN_TORCH_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtype, frozen_scale: float,
@@ -46,7 +44,7 @@ def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtyp
             t = t.to(dtype)
         if frozen_scale != 1.0:
             t.mul_(frozen_scale)
-    if k:
+    if k and values is not None and index is not None:
         vals = values.to(device=t.device, dtype=dtype).reshape(-1)
         if k == numel:
             t.view(-1).copy_(vals)

@@ -1,0 +1,286 @@
+"""load, load_into, load_freezenet, safe_open: a .fpk back into tensors, a module, or a trainable FreezeNet."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..errors import FormatError, IntegrityError, UsageError
+from ..format.base import Reader
+from ..format.dense import digest
+from ..format.dtypes import TORCH_DTYPES
+from ..format.init import generate
+from ..format.memory import check_memory, dense_bytes, work_bytes
+from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limits, WholeEntry, digest_ok
+from ..format.reader import open_file
+from ..format.record import reconstruct
+from .matching import fit
+from .materialize import Device, PathLike, Progress, check_device, check_digest, frozen_parts, materialize
+
+
+def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
+         timings: dict[str, float] | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Dense state_dict of a .fpk file; frozen parts are regenerated straight on ``device``.
+
+    Stored bytes are always checked against their digests. With ``verify`` (default) every reconstructed tensor is
+    checked too (a device->host copy per tensor on GPUs). ``timings``: pass a dict to get seconds per phase.
+    ``progress(done, total)`` is called after each tensor.
+    """
+    device = check_device(device)
+    with open_file(path, limits) as r:
+        entries = r.header.entries
+        check_memory(sum(map(dense_bytes, entries)) + max(map(work_bytes, entries), default=0),
+                     f"loading all {len(entries)} tensors", limits, device, r.path)
+        total = len(entries)
+        if not verify:
+            out: dict[str, torch.Tensor] = {}
+            for i, e in enumerate(entries):  # a tied name is the same tensor object, as in torch's state_dict
+                out[e.name] = out[e.of] if isinstance(e, AliasEntry) else materialize(r, e, device, False, timings)
+                if progress is not None:
+                    progress(i + 1, total)
+            return out
+        # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
+        from concurrent.futures import ThreadPoolExecutor
+
+        out, pending = {}, []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for i, e in enumerate(entries):
+                if progress is not None and i:
+                    progress(i, total)
+                if isinstance(e, AliasEntry):
+                    out[e.name] = out[e.of]
+                    continue
+                out[e.name] = t = materialize(r, e, device, False, timings)
+                if isinstance(e, FrozenEntry) and t.device.type != "meta":  # whole: bytes checked when read
+                    pending.append((e, pool.submit(digest, t)))
+            t0 = time.perf_counter()
+            for e, fut in pending:
+                if not digest_ok(e.sha256, fut.result()):
+                    raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this "
+                                         f"device ({out[e.name].device}) or the file was written from a different "
+                                         "generator", path=r.path, tensor=e.name)
+            if timings is not None:
+                timings["digest_wait"] = timings.get("digest_wait", 0.0) + time.perf_counter() - t0
+            if progress is not None and total:
+                progress(total, total)
+        return out
+
+
+def _check_shapes(r: Reader, targets: dict[str, torch.Tensor], match: dict[str, str]) -> None:
+    """Every matched file tensor (an alias by its target's shape) fits the module's tensor, checked before the
+    module is changed at all."""
+    for e in r.header.entries:
+        if e.name in match:
+            shape = r.header.target(e).shape
+            dst = targets[match[e.name]]
+            if tuple(dst.shape) != shape:
+                raise FormatError(f"shape {list(shape)} does not fit the module's {list(dst.shape)}", path=r.path,
+                                  tensor=e.name)
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value) -> None:
+    mod, _, attr = name.rpartition(".")
+    setattr(module.get_submodule(mod), attr, value)
+
+
+def _materialize_meta(module: torch.nn.Module, targets: dict, name: str, device) -> torch.Tensor:
+    """Give the meta tensor ``targets[name]`` real (uninitialised) storage on ``device``, in every module slot that
+    holds it (a tied Parameter stays one Parameter); returns the new tensor, for the caller to fill in place."""
+    old = targets[name]
+    new = torch.empty(old.shape, dtype=old.dtype, device=device)
+    if isinstance(old, torch.nn.Parameter):
+        new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    for other in [n for n, t in targets.items() if t is old]:
+        _set_tensor(module, other, new)
+        targets[other] = new
+    return new
+
+
+def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, verify: bool = True,
+              limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None, device: Device = None,
+              progress: Progress | None = None) -> torch.nn.modules.module._IncompatibleKeys:
+    """Fill ``module``'s parameters and buffers from a .fpk in place, regenerating into their own storage.
+
+    Names match exactly, or with the wrapper prefixes ``module.`` / ``_orig_mod.`` stripped on either side, so
+    files saved from (or loaded into) DataParallel, DDP and ``torch.compile`` models just work; ``prefix_map``
+    (``{"old.prefix.": "new.prefix."}``) renames file tensors. Tied tensors (alias entries) are tied again in
+    ``module`` when they are not already. Returns torch's ``(missing_keys, unexpected_keys)`` named tuple; with
+    ``strict`` either is an error.
+
+    A module built on the meta device (``with torch.device("meta"): model = Net()``, no initialisation at all)
+    gets each of its meta tensors allocated on ``device`` (default CPU) and regenerated there once, straight into
+    its final storage: a GPU target never sees a dense CPU copy. ``progress(done, total)`` is called per tensor.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    targets = module.state_dict(keep_vars=True)
+    meta_device = check_device(device) or torch.device("cpu")
+    if meta_device.type == "meta":
+        raise UsageError("load_into(device=...) is where meta tensors are materialised; it cannot be 'meta'")
+    with open_file(path, limits) as r, ThreadPoolExecutor(max_workers=1) as pool:
+        entries = r.header.entries
+        match, missing, unexpected = fit(targets, entries, prefix_map, r.path, strict)
+        _check_shapes(r, targets, match)
+        pending = []  # digests computed on a worker thread while the next tensor is regenerated
+        with torch.no_grad():
+            for i, e in enumerate(entries):
+                if progress is not None and i:
+                    progress(i, len(entries))
+                if e.name not in match:
+                    continue
+                dst = targets[match[e.name]]
+                if isinstance(e, AliasEntry):
+                    src = targets.get(match.get(e.of, ""))
+                    if src is not None and src is not dst and isinstance(src, torch.nn.Parameter):
+                        _set_tensor(module, match[e.name], src)  # re-tie: one Parameter, as when saved
+                        targets[match[e.name]] = src
+                    elif src is not None and src is not dst:
+                        if dst.is_meta:
+                            dst = _materialize_meta(module, targets, match[e.name], src.device)
+                        dst.data.copy_(src.data)
+                    continue
+                if dst.is_meta:
+                    dst = _materialize_meta(module, targets, match[e.name], meta_device)
+                direct = isinstance(e, FrozenEntry) and dst.dtype == torch.float32 and dst.is_contiguous()
+                if direct:
+                    t = materialize(r, e, dst.device, False, out=dst.data)
+                    if verify:
+                        pending.append((e, t, pool.submit(digest, t)))
+                else:
+                    dst.data.copy_(materialize(r, e, dst.device, verify))
+            for e, t, fut in pending:
+                check_digest(r, e, t, fut.result())
+            if progress is not None:
+                progress(len(entries), len(entries))
+    return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = None, verify: bool = True,
+                   limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None) -> torch.nn.Module:
+    """Make a plain ``module`` the FreezeNet stored in ``path``, ready to train on (resume training).
+
+    Every frozen tensor becomes a FrozenParametrization again (mask, seed, initializer, generator stream and
+    FreezeNet-WD scale restored; its trained values are the only Parameter), whole tensors are copied in, tied
+    tensors are tied. Saving the result unchanged gives the same file. Names are matched as in :func:`load_into`.
+    """
+    from torch.nn.utils import parametrize
+
+    from ..method.freezenet import FrozenParametrization
+
+    targets = module.state_dict(keep_vars=True)
+    with open_file(path, limits) as r:
+        entries = r.header.entries
+        match, _, _ = fit(targets, entries, prefix_map, r.path, strict=True)
+        _check_shapes(r, targets, match)  # every name, aliases too, before the module is touched
+        params: dict[str, FrozenParametrization] = {}
+        for e in entries:
+            name = match[e.name]
+            dst = targets[name]
+            dev = dst.device if device is None else check_device(device)
+            mod, _, attr = name.rpartition(".")
+            owner = module.get_submodule(mod)
+            if isinstance(e, AliasEntry):
+                src = match[e.of]
+                if src in params:  # a tied frozen tensor: the same parametrization and values Parameter
+                    smod, _, sattr = src.rpartition(".")
+                    sowner: Any = module.get_submodule(smod)  # parametrized: torch's types do not say so
+                    setattr(owner, attr, torch.nn.Parameter(getattr(sowner, sattr).detach().clone()))
+                    parametrize.register_parametrization(owner, attr, params[src], unsafe=True)
+                    tied: Any = owner.parametrizations  # (torch types it as Tensor | Module)
+                    tied[attr].original = sowner.parametrizations[sattr].original
+                elif isinstance(targets[src], torch.nn.Parameter):
+                    setattr(owner, attr, targets[src])
+                continue
+            if isinstance(e, WholeEntry):
+                with torch.no_grad():
+                    if dst.device != dev:
+                        dst.data = dst.data.to(dev)
+                    materialize(r, e, dev, verify, out=dst.data)
+                continue
+            if not isinstance(dst, torch.nn.Parameter):
+                raise FormatError("a frozen tensor in the file is a buffer in the module, not a parameter",
+                                  path=r.path, tensor=e.name)
+            # one regeneration and one mask decode give both the frozen buffer (unscaled) and the dense tensor
+            idx, vals, g = frozen_parts(r, e, dev)
+            if g is None:
+                g = generate(e.init, e.shape, r.header.seed, e.stream_key, device=dev)
+            dtype = TORCH_DTYPES[e.dtype]
+            frozen = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, 1.0, None, None, device=dev,
+                                 generated=g.clone())
+            dense = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
+                                device=dev, generated=g)
+            if verify:
+                check_digest(r, e, dense)
+            mask = torch.zeros(e.numel, dtype=torch.bool)
+            if idx is not None:
+                mask[idx] = True
+            p = FrozenParametrization(frozen, mask.view(e.shape), e.init, r.header.seed, e.stream_key)
+            if e.frozen_scale != 1.0:
+                p.set_frozen_scale(e.frozen_scale)
+                p.decay_state.copy_(torch.tensor([e.frozen_scale, 0.0], dtype=torch.float64))
+            holders = [n for n, t in targets.items() if t is dst and n != name]
+            for other in holders:  # torch set_()s the registered Parameter in place: untie the others first
+                omod, _, oattr = other.rpartition(".")
+                setattr(module.get_submodule(omod), oattr, torch.nn.Parameter(dst.detach().clone()))
+            with torch.no_grad():
+                dst.data = dense  # right_inverse takes the trained values from here
+            parametrize.register_parametrization(owner, attr, p, unsafe=True)
+            params[name] = p
+    return module
+
+
+class FpkFile:
+    """Lazy per-tensor access, like ``safetensors.safe_open``: ``with freezepack.open(p) as f: f.get_tensor(k)``."""
+
+    def __init__(self, path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS):
+        self._device = check_device(device)
+        self._r = open_file(path, limits)
+        self._verify = verify
+        self._entries = {e.name: e for e in self._r.header.entries}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._r.header.metadata)
+
+    @property
+    def seed(self) -> int:
+        return self._r.header.seed
+
+    def entry(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise KeyError(name)
+        return self._entries[name]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self.entry(name)
+        return materialize(self._r, e, self._device, self._verify)
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def safe_open(path: PathLike, device: Device = None, *, verify: bool = True,
+              limits: Limits = DEFAULT_LIMITS) -> FpkFile:
+    """Open a .fpk lazily: the header is read and validated now, each tensor when asked for."""
+    return FpkFile(path, device, verify=verify, limits=limits)
+
+
+open = safe_open  # noqa: A001  (the short name, as in safetensors; shadows the builtin inside this module only)

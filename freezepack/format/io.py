@@ -1,0 +1,73 @@
+"""Files, once: open a regular file once (its size from the open file) and read exactly what was bounded first. Writes
+go through the package's one crash-safe ``atomic_write`` (freezepack.atomic), re-exported here for the format's
+writers and their callers."""
+from __future__ import annotations
+
+import os
+import stat
+
+from ..atomic import atomic_write
+from ..errors import FormatError
+
+__all__ = ["atomic_write", "check_regular_file", "open_regular", "read_exact"]
+
+
+def check_regular_file(path) -> int:
+    """The size of ``path`` if it is a regular file, else a FormatError naming it (missing, a directory, a FIFO,
+    unreadable). For a quick check before expensive work; readers open once and take the size from the open file
+    (:func:`open_regular`), so a file replaced in between cannot be judged by the old one's size."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FormatError("no such file", path=path) from None
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror}", path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError("not a regular file (a directory)" if stat.S_ISDIR(st.st_mode) else "not a regular file",
+                          path=path)
+    return st.st_size
+
+
+def open_regular(path):
+    """Open ``path`` for reading once and return ``(binary file, size)`` with the size from the open file (fstat).
+
+    O_NONBLOCK so a FIFO cannot block the open; anything but a regular file is a FormatError naming the path.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise FormatError("no such file", path=path) from None
+    except IsADirectoryError:
+        raise FormatError("not a regular file (a directory)", path=path) from None
+    except OSError as e:
+        raise FormatError(f"cannot open: {e.strerror}", path=path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError("not a regular file (a directory)" if stat.S_ISDIR(st.st_mode) else "not a regular file",
+                              path=path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sniff(head: bytes) -> str | None:
+    """What a file that is not a .fpk probably is, from its first bytes (for the error message only)."""
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (a torch checkpoint saved by torch.save?)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle (a legacy torch checkpoint?)"
+    if head[:2] == b"\x1f\x8b":
+        return "gzip-compressed data"
+    return None
+
+
+def read_exact(f, n: int, path) -> bytes:
+    """``n`` bytes from ``f`` (a caller bounded ``n`` first), or a FormatError: the file shrank under us."""
+    raw = f.read(n)
+    if len(raw) != n:
+        raise FormatError("file shrank while being read", path=path)
+    return raw
