@@ -248,3 +248,12 @@ def test_streamed_truth_digest_is_the_digest_of_the_forward(dtype, scale):
         dense = getattr(module, attr)
         for chunk in (7, 100, 1 << 22):
             assert p.dense_digest(values, chunk=chunk) == api.digest(dense), (name, chunk)
+
+
+def test_bernoulli_stream_pushed_in_pieces_is_the_same_stream(monkeypatch):
+    mask = np.random.default_rng(3).random(10_007) < 0.07
+    n, k = mask.size, int(mask.sum())
+    whole = maskcode._encode_ans(mask, n, k)
+    for piece in (1, 100, 4096):
+        monkeypatch.setattr(maskcode, "ANS_PIECE", piece)
+        assert np.array_equal(maskcode._encode_ans(mask, n, k).payload, whole.payload), piece

@@ -134,12 +134,18 @@ def _pick(candidates: list[CodedMask], n: int, k: int) -> CodedMask:
     return best
 
 
+ANS_PIECE = 1 << 22  # symbols converted and pushed at a time by the Bernoulli encoder
+
+
 def _encode_ans(flat: np.ndarray, n: int, k: int) -> CodedMask:
     import constriction  # lazily: only coding and decoding need the compiled coder
 
     model = constriction.stream.model.Bernoulli(k / n, perfect=False)
     coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(flat.astype(np.int32), model)
+    # A stack: encode_reverse(x) pushes x[-1], ..., x[0]; doing it a piece at a time from the last piece pushes the
+    # same symbols in the same order (the same words), with 4 bytes per symbol of one piece, not of the whole mask.
+    for end in range(n, 0, -ANS_PIECE):
+        coder.encode_reverse(flat[max(end - ANS_PIECE, 0):end].astype(np.int32), model)
     words = np.asarray(coder.get_compressed(), dtype=np.uint32).astype("<u4")
     return CodedMask("ans-bernoulli", k, {"cdf1": ans_threshold(n, k)}, words)
 
