@@ -34,14 +34,16 @@ def _paths():
     return [False] + ([lib] if lib is not None else [])
 
 
+@pytest.mark.parametrize("collect", [topk.COLLECT_MAX, 0], ids=["two-pass", "three-pass"])
 @pytest.mark.parametrize("path", range(2), ids=["numpy", "compiled"])
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16, torch.bfloat16, torch.float32),
                                     (torch.float32, torch.float64), (torch.float64,), (torch.int64, torch.float32)])
-def test_selection_equals_stable_sort_with_ties_and_specials(monkeypatch, dtypes, path):
+def test_selection_equals_stable_sort_with_ties_and_specials(monkeypatch, dtypes, path, collect):
     if path >= len(_paths()):
         pytest.skip(f"compiled kernels unavailable: {ans.unavailable_reason()}")
     lib = _paths()[path]
     monkeypatch.setattr(topk, "CHUNK", 97)  # many chunks per tensor, boundaries everywhere
+    monkeypatch.setattr(topk, "COLLECT_MAX", collect)
     gen = torch.Generator().manual_seed(len(dtypes))
     shapes = [(13, 7), (300,), (1,), (5, 4, 3)]
     scores = [_special(math.prod(sh), gen, dtypes[i % len(dtypes)]).view(sh) for i, sh in enumerate(shapes)]

@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FP_ANS_ABI_VERSION 2  /* 2: fp_score_hist, fp_score_mask */
+#define FP_ANS_ABI_VERSION 3  /* 2: fp_score_hist, fp_score_mask; 3: fp_score_split */
 #define PRECISION 24
 #define QMASK ((1u << PRECISION) - 1u)
 #define SLOT_BITS 12                       /* quantile -> symbol table: at most 4096 slots (32 KiB) */
@@ -250,4 +250,24 @@ uint64_t fp_score_mask(const float *x, uint64_t n, uint32_t t, uint64_t left, ui
         left -= eq;
     }
     return left;
+}
+
+/* One pass for a threshold bucket b of the top 16 key bits: out[i] = (key >> 16) > b, and the scores with
+ * (key >> 16) == b listed (pos[j] = i, keys[j] = key, in position order, at most cap of them). Returns how many
+ * there were (the caller sized cap from the histogram; a larger count means the scores changed). */
+uint64_t fp_score_split(const float *x, uint64_t n, uint32_t b, uint8_t *out, int64_t *pos, uint32_t *keys,
+                        uint64_t cap) {
+    uint64_t c = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t k = score_key(x[i]), top = k >> 16;
+        out[i] = (uint8_t)(top > b);
+        if (top == b) {
+            if (c < cap) {
+                pos[c] = (int64_t)i;
+                keys[c] = k;
+            }
+            c++;
+        }
+    }
+    return c;
 }

@@ -22,7 +22,7 @@ from . import native
 
 PRECISION = 24
 ONE = 1 << PRECISION
-ABI_VERSION = 2  # 2: the top-k score kernels
+ABI_VERSION = 3  # 2, 3: the top-k score kernels
 
 _lib = None                  # the loaded, checked library (native.load_once)
 _failure: str | None = None  # why it is unavailable
@@ -103,6 +103,7 @@ def _bind(path: str):
     lib.fp_ctx_bins.argtypes = [ptr, u64, u32, ptr]
     lib.fp_score_hist.restype, lib.fp_score_hist.argtypes = i32, [ptr, u64, u32, u32, ptr]
     lib.fp_score_mask.restype, lib.fp_score_mask.argtypes = u64, [ptr, u64, u32, u64, ptr]
+    lib.fp_score_split.restype, lib.fp_score_split.argtypes = u64, [ptr, u64, u32, ptr, ptr, ptr, u64]
     lib.fp_group.restype = i64
     lib.fp_group.argtypes = [ptr, ptr, u64, u32, ptr, ptr]
     return lib

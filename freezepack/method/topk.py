@@ -7,9 +7,11 @@ Values are compared exactly as ``torch.sort`` compared them after the historic p
 
 How: each score becomes an unsigned integer key whose order is that comparison (float bits with the sign folded;
 float32/float16/bfloat16 scores are exactly float32 and use 32-bit keys, any float64 score makes all keys 64-bit).
-The k-th largest key is found 16 bits at a time from the top, one histogram pass over all scores per 16 bits;
-a last pass marks every key above it and the first few (by position) equal to it. Work happens in chunks, so the
-only full-size memory is the masks themselves.
+With 32-bit keys, one histogram pass over the top 16 bits finds the bucket holding the k-th largest; a second
+pass writes every mask (keys above that bucket: kept) and lists the bucket's few scores, which are ranked exactly
+(by key, ties by position). Otherwise (64-bit keys, or a bucket too large to list) the k-th largest key is found
+16 bits at a time, one histogram pass per 16 bits, and a last pass marks every key above it and the first few (by
+position) equal to it. Work happens in chunks, so the only full-size memory is the masks themselves.
 """
 from __future__ import annotations
 
@@ -97,21 +99,77 @@ def threshold(scores: list[torch.Tensor], k: int, *, lib=None) -> tuple[int, int
     bits, dt = (64, np.uint64) if wide else (32, np.uint32)
     prefix, need = 0, k
     for level in range(bits // _DIGIT):
-        shift = bits - _DIGIT * (level + 1)
-        hist = np.zeros(1 << _DIGIT, np.int64)
-        if lib is not None:
-            for _, _, x in _f32_chunks(scores):
-                lib.fp_score_hist(x.data_ptr(), x.numel(), shift, prefix, hist.ctypes.data)
-        for _, _, u in _chunks(scores, wide) if lib is None else ():
-            if level:
-                u = u[(u >> dt(shift + _DIGIT)) == dt(prefix)]
-            digits = (u >> dt(shift)) & dt(0xFFFF)
-            hist += np.bincount(digits.astype(np.intp), minlength=1 << _DIGIT)
-        above = np.cumsum(hist[::-1])[::-1] - hist  # elements in higher buckets
-        b = int(np.nonzero((above < need) & (above + hist >= need))[0][-1])
-        need -= int(above[b])
+        hist = _histogram(scores, wide, lib, bits - _DIGIT * (level + 1), prefix, level)
+        b, need = _bucket(hist, need)
         prefix = (prefix << _DIGIT) | b
     return prefix, need, wide
+
+
+def _histogram(scores: list, wide: bool, lib, shift: int, prefix: int, level: int) -> np.ndarray:
+    """Counts of the 16 key bits at ``shift`` over the scores whose higher bits equal ``prefix``."""
+    dt = np.uint64 if wide else np.uint32
+    hist = np.zeros(1 << _DIGIT, np.int64)
+    if lib is not None:
+        for _, _, x in _f32_chunks(scores):
+            lib.fp_score_hist(x.data_ptr(), x.numel(), shift, prefix, hist.ctypes.data)
+        return hist
+    for _, _, u in _chunks(scores, wide):
+        if level:
+            u = u[(u >> dt(shift + _DIGIT)) == dt(prefix)]
+        digits = (u >> dt(shift)) & dt(0xFFFF)
+        hist += np.bincount(digits.astype(np.intp), minlength=1 << _DIGIT)
+    return hist
+
+
+def _bucket(hist: np.ndarray, need: int) -> tuple[int, int]:
+    """(b, r): the bucket holding the need-th largest, and its rank within that bucket."""
+    above = np.cumsum(hist[::-1])[::-1] - hist  # elements in higher buckets
+    b = int(np.nonzero((above < need) & (above + hist >= need))[0][-1])
+    return b, need - int(above[b])
+
+
+# The two-pass path lists the scores of the threshold's top-16-bit bucket (12 bytes each); a bucket larger than
+# this (massive ties, e.g. all-zero scores) takes the three-pass path instead.
+COLLECT_MAX = 1 << 22
+
+
+def _two_pass(scores: list, k: int, lib, masks: list[torch.Tensor]) -> bool:
+    """32-bit keys: one histogram pass finds the threshold's top-16-bit bucket b, one more writes every mask
+    (above b: kept) while listing the scores in b, which are then ranked by key, ties by position. False (nothing
+    written) when b holds too many scores to list."""
+    hist = _histogram(scores, False, lib, _DIGIT, 0, 0)
+    b, need = _bucket(hist, k)
+    cap = int(hist[b])
+    if cap > COLLECT_MAX:
+        return False
+    pos, keys, got = np.empty(cap, np.int64), np.empty(cap, np.uint32), 0
+    bases = np.cumsum([0] + [s.numel() for s in scores])
+    for i, start, x in _f32_chunks(scores):
+        m = masks[i].view(-1)[start:start + x.numel()]
+        if lib is not None:
+            c = int(lib.fp_score_split(x.data_ptr(), x.numel(), b, m.data_ptr(), pos[got:].ctypes.data,
+                                       keys[got:].ctypes.data, cap - got))
+            if got + c > cap:
+                raise RuntimeError("scores changed between passes")
+            pos[got:got + c] += bases[i] + start
+        else:
+            u = _keys(x, False)
+            top = u >> np.uint32(_DIGIT)
+            np.greater(top, np.uint32(b), out=m.numpy())
+            sel = np.flatnonzero(top == np.uint32(b))
+            c = sel.size
+            if got + c > cap:
+                raise RuntimeError("scores changed between passes")
+            pos[got:got + c] = sel + (bases[i] + start)
+            keys[got:got + c] = u[sel]
+        got += c
+    if got != cap:
+        raise RuntimeError("scores changed between passes")
+    chosen = pos[np.argsort(-keys.astype(np.int64), kind="stable")[:need]]  # listed in position order: ties by it
+    owner = np.searchsorted(bases, chosen, side="right") - 1
+    for i in np.unique(owner):
+        masks[i].view(-1).numpy()[chosen[owner == i] - bases[i]] = True
+    return True
 
 
 def top_k_masks(scores: list[torch.Tensor], k: int, *, lib=None) -> list[torch.Tensor]:
@@ -125,6 +183,8 @@ def top_k_masks(scores: list[torch.Tensor], k: int, *, lib=None) -> list[torch.T
         return [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
     masks = [torch.empty(s.shape, dtype=torch.bool) for s in scores]  # every entry is written below
     lib = None if lib is False or _wide(scores) else lib or _kernels(scores)
+    if not _wide(scores) and _two_pass(scores, k, lib, masks):
+        return masks
     t, left, wide = threshold(scores, k, lib=lib if lib is not None else False)
     if lib is not None:
         for i, start, x in _f32_chunks(scores):
