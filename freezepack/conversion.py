@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from .api import DEFAULT_VERSION, encode_record, load, tensor_bytes
@@ -213,6 +214,13 @@ def _hints(rows: list[dict], state_dict, seed, init, file_bytes: int, dense: int
     return hints
 
 
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (NaN payloads and -0.0 included), compared in place without copies."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return np.array_equal(np.asarray(tensor_bytes(a)), np.asarray(tensor_bytes(b)))
+
+
 def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None,
                        progress=None, *, make_parents: bool = False, version: int | None = None,
                        values: str | None = None) -> dict:
@@ -229,7 +237,10 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
     for k, v in meta.items():
         if not (isinstance(k, str) and isinstance(v, str) and valid_text(k) and valid_text(v)):
             raise UsageError(f"metadata {k!r}={v!r} is not valid Unicode text")
-    rec, rows = convert_record(sd, seed, init, inits, progress, version)
+    # progress: every tensor converted, then coded, then proven (total = 3x the tensors)
+    steps = len(sd)
+    phase = (lambda k: None) if progress is None else (lambda k: lambda done, _: progress(k * steps + done, 3 * steps))
+    rec, rows = convert_record(sd, seed, init, inits, phase(0), version)
     expected = dict(sd)
     if values is not None:  # quantize once; the file must reproduce the checkpoint with these values
         from .method.quantize import quantize
@@ -241,19 +252,23 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
                 t.view(-1)[ft.mask.reshape(-1)] = ft.values.to(t.dtype)
                 expected[name] = t
     # (encode_record's own quantization of already quantized values keeps them: it records the coding)
-    chunks = encode_record(rec, list(sd), meta, version=version, values=values)
+    chunks = encode_record(rec, list(sd), meta, version=version, values=values, progress=phase(1))
     size = sum(len(c) for c in chunks)
 
-    def prove(tmp):
+    def prove(tmp):  # tensor by tensor: never a second dense copy of the model
+        proven = phase(2) or (lambda done, total: None)
         try:
-            back = load(tmp)
+            with fpk_open(tmp) as back:
+                for i, (name, t) in enumerate(expected.items()):
+                    if name not in back or not _identical(back.get_tensor(name), t.detach().cpu()):
+                        raise IntegrityError("not written: the converted file does not reproduce the checkpoint",
+                                             path=dst, tensor=name)
+                    proven(i + 1, steps)
+        except IntegrityError:
+            raise
         except FreezepackError as e:
             raise IntegrityError(f"not written: the converted file would be refused by its reader: {e.reason}",
                                  path=dst, tensor=e.tensor) from None
-        for name, t in expected.items():
-            if name not in back or bytes(tensor_bytes(back[name])) != bytes(tensor_bytes(t.detach().cpu())):
-                raise IntegrityError("not written: the converted file does not reproduce the checkpoint",
-                                     path=dst, tensor=name)
 
     atomic_write(dst, chunks, validate=prove, make_parents=make_parents)
     dense = sum(v.numel() * v.element_size() for v in sd.values())

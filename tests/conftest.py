@@ -32,6 +32,7 @@ def fresh_native(monkeypatch, tmp_path):
 
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "packaged_path", lambda name: None)  # as if installed without a compiler
     monkeypatch.setenv("FREEZEPACK_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FREEZEPACK_NO_NATIVE", raising=False)
     return tmp_path

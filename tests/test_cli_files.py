@@ -143,10 +143,14 @@ def test_convert_publishes_nothing_its_reader_refuses(tmp_path, monkeypatch):
     dst = tmp_path / "out"
     dst.mkdir()
 
-    def refusing_load(path, *a, **k):
-        raise FormatError("refused for the test", path=path)
+    real_open = conversion.fpk_open
 
-    monkeypatch.setattr(conversion, "load", refusing_load)
+    def refusing_reader(path, *a, **k):  # refuses only the written temp file, which the proof reads back
+        if os.path.basename(os.fspath(path)).startswith(".tmp"):
+            raise FormatError("refused for the test", path=path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(conversion, "fpk_open", refusing_reader)
     r = run("convert", src, dst / "m.fpk", "--seed", 4)
     assert r.exit_code == 1 and "not written" in r.output and "refused for the test" in r.output
     assert os.listdir(dst) == []  # neither the file nor a temp file

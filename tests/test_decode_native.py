@@ -18,6 +18,8 @@ from freezepack.testing.reference import reference_ans_start
 
 ONE = 1 << 24
 HAVE_NATIVE = native._compiler() is not None and not native.disabled() and ans.available()
+# Many tests here make the kernel unavailable on purpose; the one warning that causes is tested on its own.
+pytestmark = pytest.mark.filterwarnings("ignore:freezepack. the compiled:RuntimeWarning")
 needs_native = pytest.mark.skipif(not HAVE_NATIVE, reason=f"compiled ANS decoder unavailable: "
                                                           f"{ans.unavailable_reason()}")
 

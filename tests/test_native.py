@@ -1,10 +1,14 @@
 """The compiled CPU kernel (freezepack/format/_philox.c) equals the numpy reference bit for bit, and every way it can be
-missing (no compiler, failed build, wrong bits, FREEZEPACK_NO_NATIVE) falls back to the torch path silently."""
+missing (no compiler, failed build, wrong bits, a stale installed build, FREEZEPACK_NO_NATIVE) falls back to the torch
+path: the same bits, with one warning (none when FREEZEPACK_NO_NATIVE asked for it)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ import torch
 from freezepack.format import init, native, rng
 
 HAVE_CC = native._compiler() is not None
+# Many tests here make the kernel unavailable on purpose; the one warning that causes is tested on its own.
+pytestmark = pytest.mark.filterwarnings("ignore:freezepack. the compiled:RuntimeWarning")
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the native kernel cannot be built here")
 
 
@@ -239,7 +245,8 @@ def test_no_native_env_uses_torch_path_bit_identically(no_native, chunk, init_na
 
 def test_no_compiler_falls_back(fresh_native, monkeypatch):
     monkeypatch.setenv("CC", str(fresh_native / "no-such-compiler"))
-    assert not native.available()
+    with pytest.warns(RuntimeWarning, match="compiled philox kernel is unavailable"):
+        assert not native.available()
     assert "no C compiler" in native.unavailable_reason()
     with pytest.raises(RuntimeError, match="unavailable"):
         native.fill(torch.empty(3), "normal", 0.0, 1.0, 0, 0)
@@ -336,3 +343,81 @@ def test_unusable_home_cache_falls_back_to_temp_dir(fresh_native, monkeypatch):
     monkeypatch.setattr(native.tempfile, "tempdir", str(fresh_native))
     assert native.available(), native.unavailable_reason()
     assert os.listdir(fresh_native / f"freezepack-{os.getuid()}" / "native")
+
+
+def test_the_fallback_warns_once_per_process(fresh_native, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_native / "no-such-compiler"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            init.generate(init.make_init("xavier_normal", (30, 20)), (30, 20), 1, "w")
+    assert [str(w.message) for w in seen if "philox" in str(w.message)].__len__() == 1
+
+
+def _installed_build(tmp_path, sha: str) -> str:
+    """The library as setup.py builds it (the source's sha256 compiled in), in a stand-in package directory."""
+    src = os.path.join(os.path.dirname(native.__file__), "_philox.c")
+    out = str(tmp_path / "_philox_lib.so")
+    subprocess.run([native._compiler(), *native.CFLAGS, f'-DFP_SOURCE_SHA256="{sha}"', "-o", out, src], check=True)
+    return out
+
+
+@needs_cc
+def test_the_installed_library_is_used_without_a_compiler(fresh_native, monkeypatch):
+    src = os.path.join(os.path.dirname(native.__file__), "_philox.c")
+    with open(src, "rb") as f:
+        lib = _installed_build(fresh_native, hashlib.sha256(f.read()).hexdigest())
+    monkeypatch.setattr(native, "packaged_path", lambda name: lib)
+    monkeypatch.setenv("CC", str(fresh_native / "no-such-compiler"))
+    assert native.available(), native.unavailable_reason()
+    assert native._lib._name == lib
+    spec = init.make_init("xavier_normal", (300, 200))
+    got = init.generate(spec, (300, 200), 4, "w")
+    assert np.array_equal(bits(got), bits(init.generate_np(spec, (300, 200), 4, "w")))
+
+
+@needs_cc
+def test_an_installed_library_from_another_source_is_never_used(fresh_native, monkeypatch):
+    lib = _installed_build(fresh_native, "0" * 64)  # an editable checkout whose C source changed since install
+    monkeypatch.setattr(native, "packaged_path", lambda name: lib)
+    monkeypatch.setenv("CC", str(fresh_native / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning):
+        assert not native.available()
+    assert "another version of the source" in native.unavailable_reason()
+    monkeypatch.setattr(native, "_failure", None)  # with a compiler: the per-user cache build instead
+    monkeypatch.delenv("CC")
+    assert native.available(), native.unavailable_reason()
+    assert native._lib._name != lib and native._lib._name.startswith(native.cache_dir())
+
+
+@needs_cc
+def test_vector_and_scalar_paths_agree(monkeypatch):
+    """Where the CPU has a vector path (AVX2), it gives the scalar path's bits: many words, every distribution,
+    and every octave of the normal table through the conversion alone."""
+    monkeypatch.delenv("FREEZEPACK_NO_NATIVE", raising=False)
+    if not native.available():
+        pytest.skip(native.unavailable_reason())
+    lib = native._lib
+    best = lib.fp_simd(-1)
+    if best == 0:
+        pytest.skip("no vector path on this CPU")
+    edges = np.array([v for e in range(32) for v in ((1 << e) >> 1, max((1 << e) - 1, 0), (3 << e) >> 2)],
+                     dtype=np.uint64).astype(np.uint32)
+    words = np.concatenate([edges, edges | np.uint32(0x80000000), native.words(3, 4, 1, 100_003)])
+    try:
+        outs = {}
+        for mode in (0, best):
+            lib.fp_simd(mode)
+            outs[mode] = [native.convert(words, d, -0.5, 0.75, scale=1.5).view(np.uint32)
+                          for d in ("normal", "uniform", "sign")]
+            out = torch.empty(200_001)
+            native.fill(out, "normal", 0.0, 1.0, 9, 10, start=7, threads=1)
+            outs[mode].append(out.view(torch.int32).numpy().copy())
+            outs[mode].append(native.words(9, 10, 7, 200_001))
+    finally:
+        lib.fp_simd(best)
+    for a, b in zip(outs[0], outs[best]):
+        assert np.array_equal(a, b)
+    assert np.array_equal(outs[0][0][:edges.size * 2],
+                          (np.float32(-0.5) + np.float32(0.75) * rng.normal_np(words[:edges.size * 2])).astype(
+                              np.float32).__mul__(np.float32(1.5)).view(np.uint32))

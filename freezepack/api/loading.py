@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, IntegrityError
+from ..errors import FormatError, IntegrityError, UsageError
 from ..format.base import Reader
 from ..format.dense import digest
 from ..format.dtypes import TORCH_DTYPES
@@ -16,32 +16,38 @@ from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limit
 from ..format.reader import open_file
 from ..format.record import reconstruct
 from .matching import fit
-from .materialize import Device, PathLike, check_device, check_digest, frozen_parts, materialize
+from .materialize import Device, PathLike, Progress, check_device, check_digest, frozen_parts, materialize
 
 
 def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
-         timings: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+         timings: dict[str, float] | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Dense state_dict of a .fpk file; frozen parts are regenerated straight on ``device``.
 
     Stored bytes are always checked against their digests. With ``verify`` (default) every reconstructed tensor is
     checked too (a device->host copy per tensor on GPUs). ``timings``: pass a dict to get seconds per phase.
+    ``progress(done, total)`` is called after each tensor.
     """
     device = check_device(device)
     with open_file(path, limits) as r:
         entries = r.header.entries
         check_memory(sum(map(dense_bytes, entries)) + max(map(work_bytes, entries), default=0),
                      f"loading all {len(entries)} tensors", limits, device, r.path)
+        total = len(entries)
         if not verify:
             out: dict[str, torch.Tensor] = {}
-            for e in r.header.entries:  # a tied name is the same tensor object, as in torch's state_dict
+            for i, e in enumerate(entries):  # a tied name is the same tensor object, as in torch's state_dict
                 out[e.name] = out[e.of] if isinstance(e, AliasEntry) else materialize(r, e, device, False, timings)
+                if progress is not None:
+                    progress(i + 1, total)
             return out
         # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
         from concurrent.futures import ThreadPoolExecutor
 
         out, pending = {}, []
         with ThreadPoolExecutor(max_workers=1) as pool:
-            for e in r.header.entries:
+            for i, e in enumerate(entries):
+                if progress is not None and i:
+                    progress(i, total)
                 if isinstance(e, AliasEntry):
                     out[e.name] = out[e.of]
                     continue
@@ -56,6 +62,8 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
                                          "generator", path=r.path, tensor=e.name)
             if timings is not None:
                 timings["digest_wait"] = timings.get("digest_wait", 0.0) + time.perf_counter() - t0
+            if progress is not None and total:
+                progress(total, total)
         return out
 
 
@@ -76,9 +84,22 @@ def _set_tensor(module: torch.nn.Module, name: str, value) -> None:
     setattr(module.get_submodule(mod), attr, value)
 
 
+def _materialize_meta(module: torch.nn.Module, targets: dict, name: str, device) -> torch.Tensor:
+    """Give the meta tensor ``targets[name]`` real (uninitialised) storage on ``device``, in every module slot that
+    holds it (a tied Parameter stays one Parameter); returns the new tensor, for the caller to fill in place."""
+    old = targets[name]
+    new = torch.empty(old.shape, dtype=old.dtype, device=device)
+    if isinstance(old, torch.nn.Parameter):
+        new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    for other in [n for n, t in targets.items() if t is old]:
+        _set_tensor(module, other, new)
+        targets[other] = new
+    return new
+
+
 def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, verify: bool = True,
-              limits: Limits = DEFAULT_LIMITS,
-              prefix_map: dict[str, str] | None = None) -> torch.nn.modules.module._IncompatibleKeys:
+              limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None, device: Device = None,
+              progress: Progress | None = None) -> torch.nn.modules.module._IncompatibleKeys:
     """Fill ``module``'s parameters and buffers from a .fpk in place, regenerating into their own storage.
 
     Names match exactly, or with the wrapper prefixes ``module.`` / ``_orig_mod.`` stripped on either side, so
@@ -86,14 +107,26 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
     (``{"old.prefix.": "new.prefix."}``) renames file tensors. Tied tensors (alias entries) are tied again in
     ``module`` when they are not already. Returns torch's ``(missing_keys, unexpected_keys)`` named tuple; with
     ``strict`` either is an error.
+
+    A module built on the meta device (``with torch.device("meta"): model = Net()``, no initialisation at all)
+    gets each of its meta tensors allocated on ``device`` (default CPU) and regenerated there once, straight into
+    its final storage: a GPU target never sees a dense CPU copy. ``progress(done, total)`` is called per tensor.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     targets = module.state_dict(keep_vars=True)
-    with open_file(path, limits) as r:
+    meta_device = check_device(device) or torch.device("cpu")
+    if meta_device.type == "meta":
+        raise UsageError("load_into(device=...) is where meta tensors are materialised; it cannot be 'meta'")
+    with open_file(path, limits) as r, ThreadPoolExecutor(max_workers=1) as pool:
         entries = r.header.entries
         match, missing, unexpected = fit(targets, entries, prefix_map, r.path, strict)
         _check_shapes(r, targets, match)
+        pending = []  # digests computed on a worker thread while the next tensor is regenerated
         with torch.no_grad():
-            for e in entries:
+            for i, e in enumerate(entries):
+                if progress is not None and i:
+                    progress(i, len(entries))
                 if e.name not in match:
                     continue
                 dst = targets[match[e.name]]
@@ -103,13 +136,23 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
                         _set_tensor(module, match[e.name], src)  # re-tie: one Parameter, as when saved
                         targets[match[e.name]] = src
                     elif src is not None and src is not dst:
+                        if dst.is_meta:
+                            dst = _materialize_meta(module, targets, match[e.name], src.device)
                         dst.data.copy_(src.data)
                     continue
+                if dst.is_meta:
+                    dst = _materialize_meta(module, targets, match[e.name], meta_device)
                 direct = isinstance(e, FrozenEntry) and dst.dtype == torch.float32 and dst.is_contiguous()
                 if direct:
-                    materialize(r, e, dst.device, verify, out=dst.data)
+                    t = materialize(r, e, dst.device, False, out=dst.data)
+                    if verify:
+                        pending.append((e, t, pool.submit(digest, t)))
                 else:
                     dst.data.copy_(materialize(r, e, dst.device, verify))
+            for e, t, fut in pending:
+                check_digest(r, e, t, fut.result())
+            if progress is not None:
+                progress(len(entries), len(entries))
     return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 

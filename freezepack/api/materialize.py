@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import IntegrityError, UsageError
-from ..format import entropy
+from ..format import entropy, record
 from ..format.base import Reader
 from ..format.dense import digest
 from ..format.dtypes import TORCH_DTYPES
@@ -68,11 +68,24 @@ def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None,
     return idx, vals, generated
 
 
-def check_digest(r: Reader, e: FrozenEntry, t: torch.Tensor) -> None:
-    if not digest_ok(e.sha256, digest(t)):
+def check_digest(r: Reader, e: FrozenEntry, t: torch.Tensor, got: str | None = None) -> None:
+    """``t`` (or the given digest ``got`` of it) must match the entry's digest."""
+    if not digest_ok(e.sha256, got or digest(t)):
         raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this device "
                              f"({t.device}) or the file was written from a different generator", path=r.path,
                              tensor=e.name)
+
+
+def streamed_digest(r: Reader, e: FrozenEntry, device) -> str:
+    """SHA-256 of a frozen entry's reconstruction, streamed (:func:`record.reconstruct_digest`): never the whole
+    tensor in memory. Not for ``ans-ctx`` masks (decoded from all of G)."""
+    # An explicit max_dense_bytes bounds what a tensor may expand to (a hostile header's work), streamed or not;
+    # the default bound (the memory available now) applies to what streaming really holds.
+    held = dense_bytes(e) if r.limits.max_dense_bytes is not None else 8 * min(record.STREAM_CHUNK, e.numel)
+    check_memory(work_bytes(e) + held, "reconstructing this tensor", r.limits, device, r.path, e.name)
+    idx, vals, _ = frozen_parts(r, e, device)
+    return record.reconstruct_digest(e.init, e.shape, r.header.seed, e.stream_key, TORCH_DTYPES[e.dtype],
+                                     e.frozen_scale, idx, vals, device=device)
 
 
 def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | None = None,

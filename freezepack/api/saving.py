@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import math
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from ..format.rng import SPEC_VERSION, check_seed
 from ..format.strictjson import valid_text
 from ..format.writer import DEFAULT_VERSION, encode_file
 from .checking import VALUES_KEY, verify
-from .materialize import PathLike
+from .materialize import PathLike, Progress
 
 # ---------------------------------------------------------------------------------------------------------------
 # save
@@ -44,16 +45,53 @@ def _record_of(obj) -> tuple[FreezeRecord, list[str], dict[str, torch.Tensor]]:
         order = list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
         return obj, order + [k for k in obj.aliases if k not in order], {}
     if isinstance(obj, torch.nn.Module):
-        from ..method.freezenet import dense_state_dict, freeze_record, unwrap  # the method: only for a module
+        from ..method.freezenet import dense_tensors, freeze_record, frozen_parametrizations, unwrap
 
         model = unwrap(obj)
-        rec = freeze_record(model)
-        # What the model computes with, right now: the file is proven against these before it is published.
-        truth = dense_state_dict(model)
+        rec = freeze_record(model, copy=False)  # read only here: the model's own masks and values
+        # What the model computes with, right now: the file is proven against these before it is published. A
+        # frozen tensor is hashed in chunks straight from its parametrization, anything else made dense when its
+        # entry is written and dropped after: never a second dense copy of the model, nor of its largest tensor.
+        getters = dense_tensors(model)
+        for name, p in frozen_parametrizations(model).items():
+            if name in rec.frozen and name in getters:
+                mod, _, attr = name.rpartition(".")
+                values = (model.get_submodule(mod) if mod else model).parametrizations[attr].original
+                getters[name] = lambda p=p, v=values, g=getters[name]: _Truth(p.frozen.shape, p.frozen.dtype,
+                                                                             lambda: p.dense_digest(v), g)
+        truth = _Lazy(getters)
         names = list(rec.frozen) + list(rec.whole) + list(rec.aliases)
         order = [k for k in truth if k in set(names)]
         return rec, order + [k for k in names if k not in order], truth
     raise UsageError(f"save() takes a FreezeRecord or an nn.Module, got {type(obj).__name__}")
+
+
+class _Truth:
+    """A frozen tensor of the model known by shape, dtype and a streamed digest; ``dense()`` makes it whole (only
+    lossy value coding needs that)."""
+
+    def __init__(self, shape, dtype, digest, dense):
+        self.shape, self.dtype, self.digest, self.dense = tuple(shape), dtype, digest, dense
+
+
+class _Lazy(dict):
+    """``{name: () -> value}`` read as ``{name: value}``: each value computed on access, never kept."""
+
+    def get(self, key, default=None):
+        return super().get(key, lambda: default)()
+
+    def __getitem__(self, key):
+        return super().__getitem__(key)()
+
+
+@contextmanager
+def _background(fn, *args):
+    """``fn(*args)`` on a worker thread for the duration of the block (for work that releases the GIL: hashing,
+    the compiled kernels); yields its future."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(fn, *args)
 
 
 def _check_metadata(metadata) -> dict[str, str]:
@@ -68,7 +106,7 @@ def _check_metadata(metadata) -> dict[str, str]:
     return dict(metadata)
 
 
-def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: Parts, truth: torch.Tensor | None,
+def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: Parts, truth: torch.Tensor | _Truth | None,
                   coding=None) -> FrozenEntry:
     if not isinstance(ft.init, InitSpec):
         raise UsageError("init must be an InitSpec (freezepack.format.init.make_init)", tensor=name)
@@ -84,7 +122,7 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: Parts, truth: t
     mask = ft.mask.detach().cpu()
     if mask.dtype != torch.bool:
         raise UsageError(f"mask must be a bool tensor, got {mask.dtype}", tensor=name)
-    k = int(mask.sum())
+    k = int(np.count_nonzero(mask.numpy()))  # (a torch bool sum widens every entry to int64 first)
     if values.numel() != k:
         raise UsageError(f"values must be {k} numbers (one per True in the mask), got {values.numel()}",
                          tensor=name)
@@ -92,6 +130,8 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: Parts, truth: t
                                   or not valid_text(ft.stream)):
         raise UsageError(f"stream must be a non-empty string, got {ft.stream!r}", tensor=name)
     hint: dict[str, float] = {}
+    if isinstance(truth, _Truth) and coding is not None and k:
+        truth = truth.dense()
     if coding is not None and k:  # lossy values: the file must reproduce the model with *these* values
         from ..method.quantize import quantize
 
@@ -100,12 +140,14 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: Parts, truth: t
         if truth is not None:
             truth = truth.detach().cpu().clone()
             truth.view(-1)[mask.reshape(-1)] = values.to(truth.dtype)
-    coded = maskcode.encode(mask.numpy())
     dense = truth if truth is not None else ft.dense(seed, name, device="cpu")
     if tuple(dense.shape) != tuple(mask.shape) or dense.dtype != values.dtype:
         raise MethodError(f"the model's tensor is {dense.dtype} {list(dense.shape)} but its frozen record is "
                           f"{values.dtype} {list(mask.shape)}", tensor=name)
-    e = FrozenEntry(name, tuple(mask.shape), dtype, digest(dense), ft.init, scale, k, coded.coder,
+    work = (dense.digest,) if isinstance(dense, _Truth) else (digest, dense)
+    with _background(*work) as hashed:  # hashed on another core while the mask is coded
+        coded = maskcode.encode(mask.numpy())
+    e = FrozenEntry(name, tuple(mask.shape), dtype, hashed.result(), ft.init, scale, k, coded.coder,
                     dict(coded.params), int(coded.payload.size), None if ft.stream in (None, name) else ft.stream)
     if e.mask_key:
         blobs[e.mask_key] = ("U32", (int(coded.payload.size),), coded.payload.astype("<u4").tobytes())
@@ -132,7 +174,7 @@ def _whole_entry(name: str, t: torch.Tensor, blobs: Parts) -> WholeEntry:
 
 def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None,
                   truth: dict[str, torch.Tensor] | None = None, version: int | None = None,
-                  values: str | None = None) -> list:
+                  values: str | None = None, progress: Progress | None = None) -> list:
     """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes).
 
     ``truth``: the dense tensors the file must reproduce (a module's weights as its forward pass uses them).
@@ -141,6 +183,7 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
     (spec/FORMAT.md §1-11) or 2 (§12, compact); default :data:`DEFAULT_VERSION`. ``values``: opt-in lossy coding
     of the trained values (:mod:`freezepack.method.quantize`: ``f16``, ``bf16``, ``int8``, ``kmeans:K``,
     ``uniform:K``); default lossless. It is recorded in the metadata as ``freezepack.values``.
+    ``progress(done, total)`` is called after each tensor.
     """
     version = DEFAULT_VERSION if version is None else version
     if version not in VERSIONS:
@@ -174,7 +217,9 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
         raise UsageError(f"tensors both frozen and whole: {', '.join(sorted(both))}")
     blobs: Parts = {}
     entries: list[Entry] = []
-    for name in order:
+    for i, name in enumerate(order):
+        if progress is not None and i:
+            progress(i, len(order))
         if not isinstance(name, str) or not name or name == "__metadata__" or not valid_text(name):
             raise UsageError(f"invalid tensor name {name!r} (empty, reserved, or not valid Unicode text)")
         if name in record.aliases:
@@ -194,13 +239,17 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
                          f"tensor's '{VALUES_SUFFIX}'/'{MASK_SUFFIX}' part)")
     header = Header(seed=seed, entries=tuple(entries), metadata=metadata, producer=f"freezepack {__version__}",
                     version=version)
-    return encode_file(header, blobs, version)
+    chunks = encode_file(header, blobs, version)
+    if progress is not None:
+        progress(len(order), len(order))
+    return chunks
 
 
-def _prove(tmp_path: str, target) -> None:
+def _prove(tmp_path: str, target, progress: Progress | None = None) -> None:
     """Read the written temp file back as any reader will, before it is published: every tensor must decode,
-    and every reconstruction must match the digest of what the model holds in memory."""
-    report = verify(tmp_path)
+    and every reconstruction must match the digest of what the model holds in memory. Frozen tensors are
+    regenerated and hashed in chunks (:func:`verify`): the proof never holds a whole regenerated tensor."""
+    report = verify(tmp_path, progress=progress)
     bad = [t for t in report["tensors"] if not t["ok"]]
     if bad:
         first = bad[0]
@@ -221,16 +270,17 @@ def _lossy_dense(model: torch.nn.Module, record: FreezeRecord, truth: dict, valu
     coding = ValueCoding.parse(values)
     if coding.lossless:
         return record, truth
-    whole, truth = dict(record.whole), dict(truth)
+    whole, lazy = dict(record.whole), _Lazy(truth)  # a copy of the getters: values are still made on access
     for name in prunable_weights(unwrap(model)):
         if name in whole and whole[name].is_floating_point():
             whole[name] = quantize(whole[name], coding, name)[0]
-            truth[name] = whole[name]
-    return dataclasses.replace(record, whole=whole), truth
+            dict.__setitem__(lazy, name, lambda t=whole[name]: t)
+    return dataclasses.replace(record, whole=whole), lazy
 
 
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
-         metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None) -> None:
+         metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None,
+         progress: Progress | None = None) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
 
     ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
@@ -242,9 +292,13 @@ def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
     ``"uniform:K"``; see :mod:`freezepack.method.quantize`), default lossless. The model in memory is not changed;
     the file holds (and is proven against) the model with quantized values, and records the coding. A dense
     model's (one with no frozen tensor) trained values are the weights a FreezeNet would freeze: those are coded.
+    ``progress(done, total)``: called as each tensor is coded, then as each is proven (total = twice the tensors).
     """
     record, order, truth = _record_of(record_or_module)
     if values is not None and not record.frozen and isinstance(record_or_module, torch.nn.Module):
         record, truth = _lossy_dense(record_or_module, record, truth, values)
-    chunks = encode_record(record, order, metadata, truth, version, values)
-    atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path)))
+    steps = len(order)
+    coded = None if progress is None else lambda done, total: progress(done, 2 * steps)
+    proven = None if progress is None else lambda done, total: progress(steps + done, 2 * steps)
+    chunks = encode_record(record, order, metadata, truth, version, values, progress=coded)
+    atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path), proven))

@@ -206,7 +206,10 @@ def train_job(opts: dict) -> dict:
                     **({"widths": json.dumps(narrow["widths"])} if narrow else {})}
             if finetune:  # Deep Compression: quantize, then train the shared values (clusters fixed)
                 _finetune(r.model.cpu(), values, finetune, opts["data"], seed)
-            api.save(out, r.model.cpu(), metadata=meta, values=values)
+            from .common import ProgressBar
+
+            with ProgressBar("saving", None if opts.get("progress", True) else False) as bar:  # a bar on a terminal
+                api.save(out, r.model.cpu(), metadata=meta, values=values, progress=bar)
             info = api.inspect(out)
             result.update(out=out, file_bytes=info["file_bytes"], compression_factor=info["compression_factor"])
             if values is not None:  # the stored model is not the trained one: test what the file holds

@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FP_ANS_ABI_VERSION 1
+#define FP_ANS_ABI_VERSION 3  /* 2: fp_score_hist, fp_score_mask; 3: fp_score_split */
 #define PRECISION 24
 #define QMASK ((1u << PRECISION) - 1u)
 #define SLOT_BITS 12                       /* quantile -> symbol table: at most 4096 slots (32 KiB) */
@@ -26,6 +26,13 @@
 #define MAX_SYMBOLS 65536u
 
 int fp_ans_abi_version(void) { return FP_ANS_ABI_VERSION; }
+
+/* sha256 of this file as it was built by the package installer (setup.py passes it), "" when built elsewhere: a
+ * library installed with the package is only used while it matches the installed source. */
+#ifndef FP_SOURCE_SHA256
+#define FP_SOURCE_SHA256 ""
+#endif
+const char *fp_ans_source_sha256(void) { return FP_SOURCE_SHA256; }
 
 /* words[1 .. left] is the rest of the stream (popped from the end), words[0] a readable pad: the refill is a
  * conditional move, not a branch that mispredicts every few symbols. */
@@ -204,4 +211,63 @@ int64_t fp_group(const uint8_t *key, const uint8_t *active, uint64_t n, uint32_t
     for (uint64_t i = 0; i < n; i++)
         if (!active || active[i]) order[at[key[i]]++] = (uint32_t)i;
     return (int64_t)sum;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Top-k selection over float32 scores (freezepack/method/topk.py, which holds the numpy twin and the definition):
+ * each score's order key is its bit pattern with the sign folded (uint32, ordered as the floats), with -0.0 made
+ * +0.0 and every NaN the smallest key, 0.
+ * ------------------------------------------------------------------------------------------------------------- */
+static inline uint32_t score_key(float x) {
+    if (x != x) return 0u;
+    union { float f; uint32_t u; } v;
+    v.f = x + 0.0f;                                       /* -0.0 + 0.0 = +0.0 (IEEE, round to nearest) */
+    return v.u ^ ((uint32_t)((int32_t)v.u >> 31) | 0x80000000u);
+}
+
+/* hist[(key >> shift) & 0xffff] += 1 for every score whose key >> (shift + 16) equals prefix (all of them when
+ * shift == 16). Returns 0, or -1 for a bad shift. */
+int fp_score_hist(const float *x, uint64_t n, uint32_t shift, uint32_t prefix, int64_t *hist) {
+    if (shift != 0 && shift != 16) return -1;
+    if (shift == 16) {
+        for (uint64_t i = 0; i < n; i++) hist[score_key(x[i]) >> 16]++;
+    } else {
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t k = score_key(x[i]);
+            if ((k >> 16) == prefix) hist[k & 0xFFFFu]++;
+        }
+    }
+    return 0;
+}
+
+/* out[i] = key > t, and the first `left` scores (by position) whose key equals t; returns how many of those
+ * `left` were not used here (the next chunk's share). */
+uint64_t fp_score_mask(const float *x, uint64_t n, uint32_t t, uint64_t left, uint8_t *out) {
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t k = score_key(x[i]);
+        uint8_t eq = (uint8_t)(k == t && left != 0);
+        out[i] = (uint8_t)(k > t) | eq;
+        left -= eq;
+    }
+    return left;
+}
+
+/* One pass for a threshold bucket b of the top 16 key bits: out[i] = (key >> 16) > b, and the scores with
+ * (key >> 16) == b listed (pos[j] = i, keys[j] = key, in position order, at most cap of them). Returns how many
+ * there were (the caller sized cap from the histogram; a larger count means the scores changed). */
+uint64_t fp_score_split(const float *x, uint64_t n, uint32_t b, uint8_t *out, int64_t *pos, uint32_t *keys,
+                        uint64_t cap) {
+    uint64_t c = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t k = score_key(x[i]), top = k >> 16;
+        out[i] = (uint8_t)(top > b);
+        if (top == b) {
+            if (c < cap) {
+                pos[c] = (int64_t)i;
+                keys[c] = k;
+            }
+            c++;
+        }
+    }
+    return c;
 }

@@ -24,7 +24,7 @@
 #error "float arithmetic is not evaluated in float32 (FLT_EVAL_METHOD != 0)"
 #endif
 
-#define FP_ABI_VERSION 1
+#define FP_ABI_VERSION 2
 
 #define PHILOX_M0 0xD2511F53u
 #define PHILOX_M1 0xCD9E8D57u
@@ -143,6 +143,134 @@ static inline void convert(const uint32_t *restrict w, float *restrict out, int 
     }
 }
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * AVX2 paths (x86-64, chosen at run time when the CPU has AVX2): the same integer operations on 8 lanes, and the
+ * same float32 operations (separate multiplies and adds: no FMA is enabled for them, and contraction is off), so
+ * the same bits. The normal conversion uses an equivalent 32-bit form of normal_word, exact step by step:
+ *   e = bit_length(n >> 1)  (n odd: bit_length(n) - 1), from the float exponent of n >> 1, corrected down by one
+ *       when the conversion rounded up to the next power of two;
+ *   j = the 7 bits below n's leading one;  frac = the e - 7 bits below those (0 when e < 7);
+ *   f = float(frac) * 2^-(e-7)  -- normal_word's (rem >> sh) * 2^-(e-sh) is the same exact value.
+ * ------------------------------------------------------------------------------------------------------------- */
+static int simd = -1;  /* -1: not decided yet; 0: scalar; 1: AVX2 */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FP_AVX2 1
+
+__attribute__((target("avx2"))) static inline void mulhilo8(__m256i a, __m256i m, __m256i *hi, __m256i *lo) {
+    __m256i even = _mm256_mul_epu32(a, m);                          /* lanes 0,2,4,6: 64-bit products */
+    __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);    /* lanes 1,3,5,7 */
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2"))) static void philox_batch_avx2(const fp_key *k, uint64_t block, uint32_t *restrict w) {
+    const __m256i m0 = _mm256_set1_epi32((int)PHILOX_M0), m1 = _mm256_set1_epi32((int)PHILOX_M1);
+    for (int g = 0; g < BATCH; g += 8) {
+        uint32_t lo32[8], hi32[8];
+        for (int i = 0; i < 8; i++) {
+            uint64_t b = block + (uint64_t)(g + i);
+            lo32[i] = (uint32_t)b;
+            hi32[i] = (uint32_t)(b >> 32);
+        }
+        __m256i c0 = _mm256_loadu_si256((const __m256i *)lo32), c1 = _mm256_loadu_si256((const __m256i *)hi32);
+        __m256i c2 = _mm256_set1_epi32((int)k->s0), c3 = _mm256_set1_epi32((int)k->s1);
+        for (int r = 0; r < 10; r++) {
+            __m256i hi0, lo0, hi1, lo1;
+            mulhilo8(c0, m0, &hi0, &lo0);
+            mulhilo8(c2, m1, &hi1, &lo1);
+            __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)k->k0[r]));
+            __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)k->k1[r]));
+            c1 = lo1;
+            c3 = lo0;
+            c0 = n0;
+            c2 = n2;
+        }
+        uint32_t o0[8], o1[8], o2[8], o3[8];
+        _mm256_storeu_si256((__m256i *)o0, c0);
+        _mm256_storeu_si256((__m256i *)o1, c1);
+        _mm256_storeu_si256((__m256i *)o2, c2);
+        _mm256_storeu_si256((__m256i *)o3, c3);
+        for (int i = 0; i < 8; i++) {
+            w[4 * (g + i) + 0] = o0[i];
+            w[4 * (g + i) + 1] = o1[i];
+            w[4 * (g + i) + 2] = o2[i];
+            w[4 * (g + i) + 3] = o3[i];
+        }
+    }
+}
+
+__attribute__((target("avx2"))) static void convert_avx2(const uint32_t *restrict w, float *restrict out, int count,
+                                                         int dist, float a, float b, int use_scale, float scale,
+                                                         const float *restrict A, const float *restrict D) {
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vs = _mm256_set1_ps(scale);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u), one = _mm256_set1_epi32(1);
+    const __m256i seven = _mm256_set1_epi32(NORMAL_K), zero = _mm256_setzero_si256();
+    int i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(w + i));
+        __m256 y;
+        if (dist == DIST_NORMAL) {
+            __m256i n = _mm256_or_si256(_mm256_slli_epi32(x, 1), one);         /* odd, in [1, 2^32) */
+            __m256i m = _mm256_srli_epi32(n, 1);                               /* < 2^31 */
+            __m256i t = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(m)), 23),
+                                         _mm256_set1_epi32(127));              /* floor(log2(float(m))) */
+            __m256i up = _mm256_cmpeq_epi32(_mm256_srlv_epi32(m, t), zero);    /* rounded up to a power of 2 */
+            __m256i e = _mm256_max_epi32(_mm256_add_epi32(_mm256_add_epi32(t, one), up), zero);
+            __m256i down = _mm256_max_epi32(_mm256_sub_epi32(e, seven), zero); /* e - 7, or 0 */
+            __m256i left = _mm256_max_epi32(_mm256_sub_epi32(seven, e), zero); /* 7 - e, or 0 */
+            __m256i j = _mm256_and_si256(_mm256_sllv_epi32(_mm256_srlv_epi32(n, down), left),
+                                         _mm256_set1_epi32(127));
+            __m256i frac = _mm256_and_si256(n, _mm256_sub_epi32(_mm256_sllv_epi32(one, down), one));
+            __m256 pw = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), down), 23));
+            __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(frac), pw);           /* exact */
+            __m256i idx = _mm256_add_epi32(_mm256_slli_epi32(e, NORMAL_K), j);
+            __m256 p = _mm256_mul_ps(f, _mm256_i32gather_ps(D, idx, 4));
+            __m256 mag = _mm256_add_ps(_mm256_i32gather_ps(A, idx, 4), p);
+            __m256 z = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(mag), _mm256_and_si256(x, sign)));
+            y = _mm256_add_ps(va, _mm256_mul_ps(vb, z));
+        } else if (dist == DIST_UNIFORM) {
+            __m256i k24 = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(x, 9), 1), one);
+            __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(k24), _mm256_set1_ps(0x1p-24f));
+            y = _mm256_add_ps(va, _mm256_mul_ps(vb, u));
+        } else {
+            __m256 s = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(_mm256_set1_ps(1.0f)),
+                                                            _mm256_and_si256(x, sign)));
+            y = _mm256_mul_ps(va, s);
+        }
+        if (use_scale) y = _mm256_mul_ps(y, vs);
+        _mm256_storeu_ps(out + i, y);
+    }
+    if (i < count) convert(w + i, out + i, count - i, dist, a, b, use_scale, scale, A, D);
+}
+#endif
+
+static void choose_simd(void) {
+    if (simd >= 0) return;
+#ifdef FP_AVX2
+    __builtin_cpu_init();
+    simd = __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    simd = 0;
+#endif
+}
+
+static inline void batch_words(const fp_key *k, uint64_t block, uint32_t *w) {
+#ifdef FP_AVX2
+    if (simd == 1) { philox_batch_avx2(k, block, w); return; }
+#endif
+    philox_batch(k, block, w);
+}
+
+static inline void convert_any(const uint32_t *w, float *out, int count, int dist, float a, float b, int use_scale,
+                               float scale, const float *A, const float *D) {
+#ifdef FP_AVX2
+    if (simd == 1) { convert_avx2(w, out, count, dist, a, b, use_scale, scale, A, D); return; }
+#endif
+    convert(w, out, count, dist, a, b, use_scale, scale, A, D);
+}
+
 /* Elements [start, start+count) of the stream into out[0..count). */
 static void fill_range(const fp_key *k, float *out, uint64_t start, uint64_t count, int dist, float a, float b,
                        int use_scale, float scale, const float *A, const float *D) {
@@ -151,10 +279,10 @@ static void fill_range(const fp_key *k, float *out, uint64_t start, uint64_t cou
     uint64_t block = start >> 2;
     unsigned off = (unsigned)(start & 3);          /* first batch may begin mid-block */
     while (done < count) {
-        philox_batch(k, block, w);
+        batch_words(k, block, w);
         uint64_t take = WORDS - off;
         if (take > count - done) take = count - done;
-        convert(w + off, out + done, (int)take, dist, a, b, use_scale, scale, A, D);
+        convert_any(w + off, out + done, (int)take, dist, a, b, use_scale, scale, A, D);
         done += take;
         block += BATCH;
         off = 0;
@@ -167,7 +295,7 @@ static void words_range(const fp_key *k, uint32_t *out, uint64_t start, uint64_t
     uint64_t block = start >> 2;
     unsigned off = (unsigned)(start & 3);
     while (done < count) {
-        philox_batch(k, block, w);
+        batch_words(k, block, w);
         uint64_t take = WORDS - off;
         if (take > count - done) take = count - done;
         for (uint64_t i = 0; i < take; i++) out[done + i] = w[off + i];
@@ -197,6 +325,13 @@ static void *run_job(void *arg) {
 
 int fp_abi_version(void) { return FP_ABI_VERSION; }
 
+/* sha256 of this file as it was built by the package installer (setup.py passes it), "" when built elsewhere: a
+ * library installed with the package is only used while it matches the installed source. */
+#ifndef FP_SOURCE_SHA256
+#define FP_SOURCE_SHA256 ""
+#endif
+const char *fp_source_sha256(void) { return FP_SOURCE_SHA256; }
+
 /* out[i] = element (start + i) for i < count. dist: 0 normal, 1 uniform, 2 sign. Returns 0, or -1 on bad args.
  * nthreads <= 1 runs on the calling thread; thread creation failure falls back to the calling thread. */
 int fp_fill(float *out, uint64_t start, uint64_t count, uint64_t seed, uint64_t stream, int dist, float a, float b,
@@ -205,6 +340,7 @@ int fp_fill(float *out, uint64_t start, uint64_t count, uint64_t seed, uint64_t 
     if (dist == DIST_NORMAL && (A == NULL || D == NULL)) return -1;
     if (count == 0) return 0;
     if (out == NULL) return -1;
+    choose_simd();  /* before any thread starts */
     fp_key k;
     key_init(&k, seed, stream);
     if (nthreads < 1) nthreads = 1;
@@ -218,8 +354,9 @@ int fp_fill(float *out, uint64_t start, uint64_t count, uint64_t seed, uint64_t 
     fp_job jobs[MAX_THREADS];
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS];
-    /* Pieces are multiples of WORDS elements so every thread but the last runs whole batches. */
-    uint64_t per = (count / (uint64_t)nthreads + WORDS - 1) / WORDS * WORDS;
+    /* Pieces are multiples of WORDS elements so every thread but the last runs whole batches; ceil(count / n)
+     * rounded up, so the n pieces always cover count (a floor here once left up to n - 1 elements unwritten). */
+    uint64_t per = ((count + (uint64_t)nthreads - 1) / (uint64_t)nthreads + WORDS - 1) / WORDS * WORDS;
     uint64_t pos = 0;
     int n = 0;
     for (; n < nthreads && pos < count; n++) {
@@ -240,6 +377,7 @@ int fp_fill(float *out, uint64_t start, uint64_t count, uint64_t seed, uint64_t 
 int fp_words(uint32_t *out, uint64_t start, uint64_t count, uint64_t seed, uint64_t stream) {
     if (count == 0) return 0;
     if (out == NULL) return -1;
+    choose_simd();
     fp_key k;
     key_init(&k, seed, stream);
     words_range(&k, out, start, count);
@@ -251,9 +389,23 @@ int fp_convert(const uint32_t *w, float *out, uint64_t count, int dist, float a,
                const float *A, const float *D) {
     if (dist < DIST_NORMAL || dist > DIST_SIGN) return -1;
     if (dist == DIST_NORMAL && (A == NULL || D == NULL)) return -1;
+    choose_simd();
     for (uint64_t done = 0; done < count; done += WORDS) {
         uint64_t take = count - done < WORDS ? count - done : WORDS;
-        convert(w + done, out + done, (int)take, dist, a, b, use_scale, scale, A, D);
+        convert_any(w + done, out + done, (int)take, dist, a, b, use_scale, scale, A, D);
     }
     return 0;
+}
+
+/* The vector path in use (1: AVX2, 0: scalar); with on = 0 or 1, switch to it first (tests compare the two; 1 only
+ * where the CPU has AVX2). Not for use while a fill runs on another thread. */
+int fp_simd(int on) {
+    choose_simd();
+#ifdef FP_AVX2
+    if (on == 0) simd = 0;
+    if (on == 1) simd = __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    (void)on;
+#endif
+    return simd;
 }

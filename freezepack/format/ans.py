@@ -22,7 +22,7 @@ from . import native
 
 PRECISION = 24
 ONE = 1 << PRECISION
-ABI_VERSION = 1
+ABI_VERSION = 3  # 2, 3: the top-k score kernels
 
 _lib = None                  # the loaded, checked library (native.load_once)
 _failure: str | None = None  # why it is unavailable
@@ -101,6 +101,9 @@ def _bind(path: str):
     lib.fp_ans_decode.argtypes = [ptr, ptr, ptr, u32, u64, ptr, i64, i32, ptr, ptr]
     lib.fp_ctx_bins.restype = i32
     lib.fp_ctx_bins.argtypes = [ptr, u64, u32, ptr]
+    lib.fp_score_hist.restype, lib.fp_score_hist.argtypes = i32, [ptr, u64, u32, u32, ptr]
+    lib.fp_score_mask.restype, lib.fp_score_mask.argtypes = u64, [ptr, u64, u32, u64, ptr]
+    lib.fp_score_split.restype, lib.fp_score_split.argtypes = u64, [ptr, u64, u32, ptr, ptr, ptr, u64]
     lib.fp_group.restype = i64
     lib.fp_group.argtypes = [ptr, ptr, u64, u32, ptr, ptr]
     return lib
@@ -167,6 +170,11 @@ def _self_check(lib) -> None:
 
 def _load():
     return native.load_once(sys.modules[__name__], "ans", _bind, _self_check)
+
+
+def compiled():
+    """The compiled helper library (ANS decoder, context ranks, top-k score kernels), or None (use the numpy twins)."""
+    return _lib_or_none(None)
 
 
 def _lib_or_none(lib):

@@ -194,11 +194,12 @@ def _convert_into(spec: InitSpec, words: torch.Tensor, dst: torch.Tensor) -> Non
 
 
 def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: torch.Tensor | None = None,
-             chunk: int | None = None) -> torch.Tensor:
+             chunk: int | None = None, start: int = 0) -> torch.Tensor:
     """Regenerate a float32 tensor straight on ``device`` (or into ``out``), ``chunk`` elements at a time.
 
     ``chunk`` bounds the torch path's temporaries (about 140 bytes per element); the default keeps them in cache
-    on a CPU and uses fewer, larger launches on an accelerator. It never changes a bit.
+    on a CPU and uses fewer, larger launches on an accelerator. It never changes a bit. ``start``: the elements
+    ``[start, start + numel)`` of the tensor's stream (a piece of a bigger tensor, flattened), for streaming.
     """
     shape = tuple(int(s) for s in shape)
     n = _numel(shape)
@@ -213,13 +214,16 @@ def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: t
         chunk = rng.DEFAULT_CHUNK if out.device.type == "cpu" else rng.DEFAULT_CHUNK_ACCELERATOR
     if chunk <= 0:
         raise SpecError("chunk must be positive")
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= 2**64 - n:
+        raise SpecError(f"start must be an integer with start + numel <= 2**64, got {start!r}")
     flat = out.view(-1)
     stream = rng.stream_id(name)
     if n and out.device.type == "cpu" and not out.requires_grad and native.available():
         # Compiled kernel (freezepack/format/_philox.c): same bits as the numpy reference, written straight into out.
-        native.fill(flat, spec.dist, spec.a, spec.b, seed, stream)
+        native.fill(flat, spec.dist, spec.a, spec.b, seed, stream, start=start)
         return out
-    for start in range(0, n, chunk):
-        count = min(chunk, n - start)
-        _convert_into(spec, rng.words_torch(seed, stream, start, count, device=out.device), flat[start:start + count])
+    for first in range(0, n, chunk):
+        count = min(chunk, n - first)
+        words = rng.words_torch(seed, stream, start + first, count, device=out.device)
+        _convert_into(spec, words, flat[first:first + count])
     return out

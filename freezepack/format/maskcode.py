@@ -84,11 +84,30 @@ def _as_flat_bool(mask) -> np.ndarray:
 
 def encode(mask) -> CodedMask:
     """Code a boolean mask (any shape, read in C order) with the smallest applicable coder."""
+    return encode_candidates(mask)[0]
+
+
+# 'ans-bernoulli' codes every entry (O(n), the dearest coder by far on big tensors) and can only win when the gap
+# code is more than 1 % above it. An ANS stream under the empirical Bernoulli model is never meaningfully below the
+# order-0 entropy (the quantized model costs more, never less; the coder's rounding moves a stream by ~2**-25 bits
+# per symbol on average), so a gap code within 0.4 % of that entropy on a large tensor makes computing it useless.
+BERNOULLI_SKIP_MIN_BYTES = 4096
+BERNOULLI_SKIP_RATIO = 1.004
+
+
+def bernoulli_cannot_win(n: int, k: int, gap_bytes: int) -> bool:
+    """Whether a gap code of ``gap_bytes`` makes the 'ans-bernoulli' coding of this mask pointless to compute."""
+    e = entropy_bytes(n, k)
+    return e >= BERNOULLI_SKIP_MIN_BYTES and gap_bytes <= BERNOULLI_SKIP_RATIO * e
+
+
+def encode_candidates(mask) -> tuple[CodedMask, list[CodedMask]]:
+    """(the coding :func:`encode` picks, every coding it considered) for a boolean mask."""
     flat = _as_flat_bool(mask)
     n = int(flat.size)
     k = int(np.count_nonzero(flat))
     if k == 0 or k == n:
-        return CodedMask("const", k)
+        return CodedMask("const", k), []
     candidates = []
     minority = min(k, n - k)
     if n <= 1 << 32 and minority <= 4096:  # few positions can beat the ANS stream's fixed tail: try, keep smaller
@@ -97,7 +116,13 @@ def encode(mask) -> CodedMask:
         candidates.append(CodedMask("positions", k, {"value": value}, idx))
     if n <= 1 << 32:
         candidates.extend(_encode_gaps(flat, n, k))
-    candidates.append(_encode_ans(flat, n, k))
+    gap_bytes = min((c.nbytes for c in candidates if c.coder == "ans-gaps"), default=None)
+    if gap_bytes is None or not bernoulli_cannot_win(n, k, gap_bytes):
+        candidates.append(_encode_ans(flat, n, k))
+    return _pick(candidates, n, k), candidates
+
+
+def _pick(candidates: list[CodedMask], n: int, k: int) -> CodedMask:
     best = min(candidates, key=lambda c: c.nbytes)
     # Decoding 'ans-gaps' costs time per minority entry, 'ans-bernoulli' per entry (~100x more at q = 0.99): take
     # the gap code when it is within 1 % of the smallest and still inside the entropy bound.
@@ -109,12 +134,18 @@ def encode(mask) -> CodedMask:
     return best
 
 
+ANS_PIECE = 1 << 22  # symbols converted and pushed at a time by the Bernoulli encoder
+
+
 def _encode_ans(flat: np.ndarray, n: int, k: int) -> CodedMask:
     import constriction  # lazily: only coding and decoding need the compiled coder
 
     model = constriction.stream.model.Bernoulli(k / n, perfect=False)
     coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(flat.astype(np.int32), model)
+    # A stack: encode_reverse(x) pushes x[-1], ..., x[0]; doing it a piece at a time from the last piece pushes the
+    # same symbols in the same order (the same words), with 4 bytes per symbol of one piece, not of the whole mask.
+    for end in range(n, 0, -ANS_PIECE):
+        coder.encode_reverse(flat[max(end - ANS_PIECE, 0):end].astype(np.int32), model)
     words = np.asarray(coder.get_compressed(), dtype=np.uint32).astype("<u4")
     return CodedMask("ans-bernoulli", k, {"cdf1": ans_threshold(n, k)}, words)
 

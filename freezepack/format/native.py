@@ -1,14 +1,16 @@
 """The compiled CPU kernel for the generator (``_philox.c``): the same bits as the numpy reference, an order of
 magnitude faster than the torch eager path and faster than ``torch.randn`` (tools/bench_rng.py).
 
-The C source ships with the package and is compiled on first use with the system C compiler into a per-user
-cache directory, keyed by the source hash, the compiler and its flags; it is loaded with ctypes. Before first use
-the loaded kernel is checked against the numpy reference (a few hundred elements of every distribution, and both
-ends of every octave of the normal table), so a compiler that miscompiles it costs speed, not bits.
+The C source ships with the package. Installing the package builds it (setup.py: an optional extension next to
+the source, loaded with ctypes); that library is used while it was built from the installed source. Otherwise it
+is compiled on first use with the system C compiler into a per-user cache directory, keyed by the source hash,
+the compiler and its flags. Before first use the loaded kernel is checked against the numpy reference (a few
+hundred elements of every distribution, and both ends of every octave of the normal table), so a compiler that
+miscompiles it costs speed, not bits.
 
-When there is no compiler, the build fails, the check fails, or ``FREEZEPACK_NO_NATIVE=1`` is set,
-:func:`available` is False and callers use the torch path (``freezepack.format.init.generate`` does so silently; the
-reason is logged at debug level).
+When there is neither an installed library nor a compiler, the build fails, or the check fails, :func:`available`
+is False, callers use the torch path (bit-identical, much slower) and a RuntimeWarning says so once per process.
+``FREEZEPACK_NO_NATIVE=1`` asks for the torch path without a warning.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from importlib import resources
+import warnings
+from importlib import machinery, resources
 
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ from . import rng
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: fp_simd
 # -ffp-contract=off: no a*b+c fused into an FMA; no -ffast-math: IEEE float32 semantics for every operation.
 CFLAGS = ("-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread")
 DISTS = {"normal": 0, "uniform": 1, "sign": 2}
@@ -154,12 +157,24 @@ def _bind(path: str):
     lib.fp_words.argtypes = [ptr, u64, u64, u64, u64]
     lib.fp_convert.restype = i32
     lib.fp_convert.argtypes = [ptr, ptr, u64, i32, f32, f32, i32, f32, ptr, ptr]
+    lib.fp_simd.restype, lib.fp_simd.argtypes = i32, [i32]
     return lib
 
 
 def _self_check(lib) -> None:
     """The kernel must equal the numpy reference bit for bit; checked once per process on a small sample that
-    starts mid-block and crosses the kernel's 64-word batches, for every distribution."""
+    starts mid-block and crosses the kernel's 64-word batches, for every distribution, on its scalar path and on
+    the vector path it uses where the CPU has one."""
+    best = lib.fp_simd(-1)
+    try:
+        for mode in sorted({0, best}):
+            lib.fp_simd(mode)
+            _check_path(lib)
+    finally:
+        lib.fp_simd(best)
+
+
+def _check_path(lib) -> None:
     seed, stream, start, count = 0x0123456789ABCDEF, rng.stream_id("freezepack.format.native.self_check"), 5, 389
     words = rng.words_np(seed, stream, start, count)
     got = np.empty(count, np.uint32)
@@ -186,13 +201,44 @@ def _self_check(lib) -> None:
         raise OSError("compiled normal conversion differs from the numpy reference in the tails")
 
 
-def build_and_load(name: str, bind, self_check):
-    """Compile ``_<name>.c`` (shipped with the package) if its cached library is missing, load it with ``bind(path)``
-    and run ``self_check(lib)``; raises on any failure (no compiler, failed build, wrong bits): callers fall back."""
+def packaged_path(name: str) -> str | None:
+    """The library the package installer built from ``_<name>.c`` (setup.py), if there is one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, f"_{name}_lib{suffix}")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _load_packaged(path: str, source: bytes, abi_function: str, bind, self_check):
+    lib = ctypes.CDLL(path)
+    tag = getattr(lib, abi_function.replace("_abi_version", "_source_sha256"))
+    tag.restype, tag.argtypes = ctypes.c_char_p, []
+    built_from = tag().decode("ascii", "replace")
+    if built_from != hashlib.sha256(source).hexdigest():  # an older build left behind (an editable checkout)
+        raise OSError(f"built from another version of the source ({built_from[:12] or 'unknown'})")
+    lib = bind(path)
+    self_check(lib)
+    return lib
+
+
+def build_and_load(name: str, bind, self_check, abi_function: str | None = None):
+    """The library of ``_<name>.c``: the one installed with the package when it matches the source, else compiled
+    into the per-user cache if missing there; loaded with ``bind(path)`` and checked with ``self_check(lib)``.
+    Raises on any failure (no compiler, failed build, wrong bits): callers fall back."""
+    source = resources.files("freezepack.format").joinpath(f"_{name}.c").read_bytes()
+    installed = packaged_path(name)
+    why = ""
+    if installed is not None and abi_function is not None:
+        try:
+            return _load_packaged(installed, source, abi_function, bind, self_check)
+        except (OSError, AttributeError) as e:
+            why = f"installed {os.path.basename(installed)} not usable: {e}; "
+            log.debug("freezepack %s", why)
     cc = _compiler()
     if cc is None:
-        raise OSError("no C compiler found (set CC, or install cc/gcc/clang)")
-    source = resources.files("freezepack.format").joinpath(f"_{name}.c").read_bytes()
+        raise OSError(f"{why}no C compiler found (set CC, or install cc/gcc/clang)")
     path = _build(source, cc, name=name)
     try:
         lib = bind(path)
@@ -203,20 +249,26 @@ def build_and_load(name: str, bind, self_check):
     return lib
 
 
+ABI_FUNCTIONS = {"philox": "fp_abi_version", "ans": "fp_ans_abi_version"}
+
+
 def load_once(mod, name: str, bind, self_check):
     """``mod._lib``: ``_<name>.c`` built, loaded and checked once per process; None after a failure, whose reason
-    stays in ``mod._failure`` (not retried: any failure only means "use the fallback")."""
+    stays in ``mod._failure`` (not retried: any failure only means "use the fallback", said once as a warning)."""
     if mod._lib is not None or mod._failure is not None:
         return mod._lib
     with _lock:
         if mod._lib is not None or mod._failure is not None:
             return mod._lib
         try:
-            mod._lib = build_and_load(name, bind, self_check)
+            mod._lib = build_and_load(name, bind, self_check, ABI_FUNCTIONS.get(name))
             log.debug("freezepack compiled %s loaded", name)
         except Exception as e:
             mod._failure = f"{type(e).__name__}: {e}"
-            log.debug("freezepack compiled %s unavailable, using the fallback: %s", name, mod._failure)
+            warnings.warn(f"freezepack: the compiled {name} kernel is unavailable ({mod._failure}); using the "
+                          "pure-Python/torch path instead: the same bits, many times slower. Install a C compiler "
+                          "(cc/gcc/clang) and reinstall freezepack, or set FREEZEPACK_NO_NATIVE=1 to silence this.",
+                          RuntimeWarning, stacklevel=2)
     return mod._lib
 
 

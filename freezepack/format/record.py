@@ -7,8 +7,11 @@ initializer + stream, times ``frozen_scale``).
 """
 from __future__ import annotations
 
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .dtypes import FROZEN_TORCH_DTYPES  # noqa: F401  (the frozen dtypes; the method imports them from here)
@@ -48,6 +51,47 @@ def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtyp
         else:
             t.view(-1).index_copy_(0, index.to(t.device), vals)
     return t
+
+
+STREAM_CHUNK = 1 << 22  # elements regenerated at a time when a reconstruction is only hashed (verify, save's proof)
+
+
+def reconstruct_digest(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtype, frozen_scale: float,
+                       index: torch.Tensor | None, values: torch.Tensor | None, *, device=None) -> str:
+    """SHA-256 of :func:`reconstruct`'s bytes, made :data:`STREAM_CHUNK` elements at a time (§5.3 is elementwise:
+    generate, round, scale, then the stored values at their positions), never the whole tensor in memory.
+    ``index``: ascending positions of ``values``. Chunk i is hashed on a worker thread while chunk i + 1 is made."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    k = 0 if index is None else int(index.numel())
+    h = hashlib.sha256()
+    # two buffers: the one being hashed is never the one being regenerated
+    bufs = [torch.empty(min(STREAM_CHUNK, n), dtype=torch.float32, device=device) for _ in range(2)]
+    pos = index.numpy() if k else None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = None
+        for i, s in enumerate(range(0, n, STREAM_CHUNK)):
+            c = min(STREAM_CHUNK, n - s)
+            if k == n:  # nothing frozen: the values are the tensor
+                t = values.reshape(-1)[s:s + c].to(device=bufs[0].device, dtype=dtype)
+            else:
+                t = generate(init, (c,), seed, stream, out=bufs[i % 2][:c], start=s)
+                t = t if dtype == torch.float32 else t.to(dtype)
+                if frozen_scale != 1.0:
+                    t.mul_(frozen_scale)
+                if pos is not None:
+                    lo, hi = (int(v) for v in np.searchsorted(pos, [s, s + c]))
+                    if hi > lo:
+                        t.index_copy_(0, (index[lo:hi] - s).to(t.device),
+                                      values.reshape(-1)[lo:hi].to(device=t.device, dtype=dtype))
+            t = t.detach().cpu().contiguous()
+            if hashing is not None:
+                hashing.result()  # in order; and the buffer it read is the one regenerated next
+            hashing = pool.submit(h.update, t.view(torch.uint8).numpy() if t.numel() else b"")
+        if hashing is not None:
+            hashing.result()
+    return h.hexdigest()
 
 
 @dataclass

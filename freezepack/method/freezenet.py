@@ -13,6 +13,7 @@ entry of a tensor follows the same scalar recursion, so frozen = generator outpu
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 from typing import Any, cast
 
@@ -65,7 +66,7 @@ class FrozenParametrization(nn.Module):
         mask = mask.to(device=frozen.device, dtype=torch.bool)
         self.register_buffer("frozen", frozen.detach().contiguous())
         self.register_buffer("mask", mask)
-        self.register_buffer("index", mask.reshape(-1).nonzero().squeeze(1), persistent=False)
+        self.register_buffer("index", _positions(mask), persistent=False)
         self.register_buffer("frozen_scale", torch.ones((), dtype=torch.float32, device=frozen.device))
         # FreezeNet-WD state of the scale's SGD recursion (scale, momentum buffer), kept in float64.
         self.register_buffer("decay_state", torch.tensor([1.0, 0.0], dtype=torch.float64, device=frozen.device))
@@ -83,6 +84,23 @@ class FrozenParametrization(nn.Module):
         # frozen x scale in the frozen dtype: one correctly rounded multiply, as a reader does (FORMAT.md §5.3)
         w = self.frozen * self.frozen_scale.to(self.frozen.dtype)  # a fresh tensor: the in-place scatter is safe
         return w.view(-1).index_put_((self.index,), values).view(self.frozen.shape)
+
+    @torch.no_grad()
+    def dense_digest(self, values: torch.Tensor, chunk: int = 1 << 22) -> str:
+        """SHA-256 of ``forward(values)``'s bytes, computed ``chunk`` elements at a time (the same elementwise
+        operations as :meth:`forward`), so a writer proves a big tensor without a dense copy of it."""
+        flat, vals = self.frozen.reshape(-1), values.detach().reshape(-1)
+        scale = self.frozen_scale.to(self.frozen.dtype)
+        pos = self.index.cpu().numpy()
+        h = hashlib.sha256()
+        for s in range(0, flat.numel(), chunk):
+            e = min(s + chunk, flat.numel())
+            w = flat[s:e].clone() if self._unit_scale else flat[s:e] * scale
+            lo, hi = (int(v) for v in np.searchsorted(pos, [s, e]))
+            if hi > lo:
+                w.index_put_((self.index[lo:hi] - s,), vals[lo:hi])
+            h.update(w.cpu().contiguous().view(torch.uint8).numpy())
+        return h.hexdigest()
 
     def set_frozen_scale(self, scale: float) -> None:
         self.frozen_scale.fill_(scale)
@@ -106,11 +124,18 @@ class FrozenParametrization(nn.Module):
         except (ValueError, KeyError, TypeError, FreezepackError) as e:
             raise MethodError(f"not a freezepack frozen-tensor state ({prefix}spec): {e}") from None
         self._unit_scale = float(self.frozen_scale) == 1.0
-        self.index = self.mask.reshape(-1).nonzero().squeeze(1)  # a loaded mask brings its own positions
+        self.index = _positions(self.mask)  # a loaded mask brings its own positions
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Dense weight -> its trainable entries (used when the parametrization is installed or assigned)."""
-        return weight.detach().reshape(-1)[self.index].clone()
+        return torch.index_select(weight.detach().reshape(-1), 0, self.index)  # a fresh tensor
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending int64 positions of the True entries of a mask, flattened (numpy's is several times faster on CPU)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -181,7 +206,10 @@ def init_weights(model: nn.Module, seed: int, init="xavier_normal", init_params:
         spec = _resolve_init(init, name, w.shape, init_params)
         module, attr = _module(model, name)
         with torch.no_grad():
-            w.copy_(generate(spec, w.shape, seed, name, device=w.device))  # rounds to w's dtype (RNE)
+            if w.dtype == torch.float32 and w.is_contiguous():
+                generate(spec, w.shape, seed, name, out=w.detach())  # straight into the weight's storage
+            else:
+                w.copy_(generate(spec, w.shape, seed, name, device=w.device))  # rounds to w's dtype (RNE)
             bias = getattr(module, "bias", None) if attr == "weight" else None
             if isinstance(bias, torch.Tensor) and bias is not w:
                 bias.zero_()
@@ -190,15 +218,20 @@ def init_weights(model: nn.Module, seed: int, init="xavier_normal", init_params:
 
 def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xavier_normal",
            init_params: dict | None = None, *, frozen_init: str | None = None,
-           frozen_init_params: dict | None = None, select=None) -> nn.Module:
+           frozen_init_params: dict | None = None, select=None, progress=None,
+           _weights_hold_init: bool = False) -> nn.Module:
     """Freeze ``model`` in place: every tensor in ``masks`` (True = trainable) becomes a FrozenParametrization.
 
     Its weights are swapped to the generator's ``init`` values for (seed, name); the trainable entries start
     from those. The frozen entries are the ``frozen_init`` values when given (``"zeros"`` = SNIP pruning),
     else the same ``init`` values. A tied tensor is frozen once and stays tied. Returns the model.
+    ``progress(done, total)`` is called after each tensor. (``_weights_hold_init``: make_freezenet's promise that
+    the weights already hold exactly these ``init`` values, so they are frozen as they are, not regenerated.)
     """
     groups = tensor_groups(model, select if select is not None else (lambda n, t: True))
-    for name, mask in masks.items():
+    for i, (name, mask) in enumerate(masks.items()):
+        if progress is not None and i:
+            progress(i, len(masks))
         if name not in groups:
             hint = " (already frozen?)" if name in frozen_parametrizations(model) else ""
             raise MethodError(f"not a freezable tensor of the model{hint}", tensor=name)
@@ -208,14 +241,17 @@ def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xa
         if w.dtype not in FROZEN_TORCH_DTYPES:
             raise MethodError(f"cannot freeze a {w.dtype} tensor (float32, float16, bfloat16 only)", tensor=name)
         spec = _resolve_init(init, name, w.shape, init_params)
-        start = generate(spec, w.shape, seed, name, device=w.device)
+        # (held: the weight's own storage becomes the frozen buffer; registering the parametrization below points
+        # the Parameter at the values vector, so the two never alias)
+        start = w.detach() if _weights_hold_init else generate(spec, w.shape, seed, name, device=w.device)
         if frozen_init is None:
             fspec, frozen = spec, start
         else:
             fspec = make_init(frozen_init, w.shape, **(frozen_init_params or {}))
             frozen = generate(fspec, w.shape, seed, name, device=w.device)
-        with torch.no_grad():
-            w.copy_(start)
+        if not _weights_hold_init:
+            with torch.no_grad():
+                w.copy_(start)
         p = FrozenParametrization(frozen.to(w.dtype), mask, fspec, seed, name)
         module, attr = _module(model, name)
         # torch turns the registered Parameter *in place* into the values vector (set_), which would corrupt every
@@ -229,12 +265,15 @@ def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xa
             amod, aattr = _module(model, alias)
             parametrize.register_parametrization(amod, aattr, p, unsafe=True)
             amod.parametrizations[aattr].original = values
+    if progress is not None and masks:
+        progress(len(masks), len(masks))
     return model
 
 
 def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "snip", init="xavier_normal",
                    init_params: dict | None = None, *, reinit: str | None = None, reinit_params: dict | None = None,
-                   prune: bool = False, one_per_layer: bool = True, select=None, loss_fn=None) -> nn.Module:
+                   prune: bool = False, one_per_layer: bool = True, select=None, loss_fn=None,
+                   progress=None) -> nn.Module:
     """The paper's Algorithm 1 on a plain model, in place: init, score one batch, threshold, freeze.
 
     ``method`` picks the scores (``snip``, ``grasp``, ``random``). ``select`` picks the tensors to freeze (default:
@@ -243,6 +282,7 @@ def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "
     any model (default: cross-entropy of ``model(batch[0])`` against ``batch[1]``). ``init``: an initializer name
     or ``{glob: name}``. ``reinit`` re-initialises all weights with another initializer after the mask is chosen
     (paper sect. 4.5). ``prune=True`` makes the frozen part zero: SNIP/GraSP pruning as a baseline.
+    ``progress(done, total)``: called after initialising, scoring and thresholding, then per frozen tensor.
     """
     if method not in METHODS:
         raise UsageError(f"unknown mask method {method!r} (known: {', '.join(METHODS)})")
@@ -251,16 +291,23 @@ def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "
         raise MethodError(f"{type(target).__name__} is already a FreezeNet; make_freezenet takes a plain model "
                           "(to continue training from a file use freezepack.load_freezenet)")
     init_weights(target, seed, init, init_params, select=select)
+    total = 3 + len(prunable_weights(target, select))
+    step = (lambda done: None) if progress is None else (lambda done: progress(done, total))
+    step(1)
     if method == "snip":
         scores = snip_scores(model, batch, loss_fn=loss_fn, select=select)
     elif method == "grasp":
         scores = grasp_scores(model, batch, loss_fn=loss_fn, select=select)
     else:
-        scores = random_scores(target, seed, select=select)
+        scores = random_scores(target, seed, select=select, stored=False)  # regenerated per pass, never held
     scores = {_strip(n, model, target): s for n, s in scores.items()}
+    step(2)
     masks = global_mask(scores, q, seed, one_per_layer=one_per_layer)
+    del scores
+    step(3)
     freeze(target, masks, seed, reinit or init, reinit_params if reinit else init_params,
-           frozen_init="zeros" if prune else None)
+           frozen_init="zeros" if prune else None, progress=lambda done, _: step(3 + done),
+           _weights_hold_init=reinit is None)  # init_weights set exactly these values; scoring only read them
     return model
 
 
@@ -296,6 +343,12 @@ def apply_frozen_decay(model: nn.Module, lr: float, weight_decay: float, momentu
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state_dict under the plain model's names (``conv1.weight``), frozen tensors made dense: exactly
     the weights the forward pass uses."""
+    return {name: get() for name, get in dense_tensors(model).items()}
+
+
+def dense_tensors(model: nn.Module) -> dict:
+    """``{name: () -> tensor}`` in :func:`dense_state_dict` order: each frozen tensor made dense only when asked
+    for, so a caller that walks a big model tensor by tensor never holds a second dense copy of it."""
     out = {}
     for key, t in model.state_dict().items():
         head, sep, rest = key.partition("parametrizations.")
@@ -303,9 +356,9 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             attr, _, tail = rest.partition(".")
             if tail == "original":
                 module = model.get_submodule(head[:-1]) if head else model
-                out[head + attr] = getattr(module, attr).detach()
+                out[head + attr] = lambda module=module, attr=attr: getattr(module, attr).detach()
             continue  # the parametrization's own buffers are not part of the plain model
-        out[key] = t
+        out[key] = lambda t=t: t
     return out
 
 
@@ -330,11 +383,13 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def freeze_record(model: nn.Module, seed: int | None = None) -> FreezeRecord:
+def freeze_record(model: nn.Module, seed: int | None = None, *, copy: bool = True) -> FreezeRecord:
     """The model as a :class:`FreezeRecord` (on CPU): frozen tensors by mask + values + their own generator
     stream, tied tensors once (``aliases``), everything else whole. Wrappers (DataParallel, DDP, torch.compile)
     are looked through. A plain module gives a record with every tensor in ``whole`` (``seed`` defaults to 0).
+    ``copy=False`` shares the model's CPU masks and values instead of copying them (a writer that only reads them).
     """
+    keep = (lambda t: t.clone()) if copy else (lambda t: t)
     model = unwrap(model)
     params = frozen_parametrizations(model)
     seeds = {p.seed for p in params.values()}
@@ -355,10 +410,10 @@ def freeze_record(model: nn.Module, seed: int | None = None) -> FreezeRecord:
         if values.dtype != p.frozen.dtype:
             raise MethodError(f"trainable values are {values.dtype} but the frozen part is {p.frozen.dtype}; "
                               "convert the whole model with .to(dtype)", tensor=name)
-        frozen[name] = FrozenTensor(init=p.init, mask=p.mask.detach().cpu().clone(),
-                                    values=values.to("cpu").clone(), frozen_scale=float(p.frozen_scale),
+        frozen[name] = FrozenTensor(init=p.init, mask=keep(p.mask.detach().cpu()),
+                                    values=keep(values.to("cpu")), frozen_scale=float(p.frozen_scale),
                                     stream=None if p.stream == name else p.stream)
-    whole = {k: v.detach().cpu().clone() for k, v in dense_state_dict(model).items()
+    whole = {k: get().detach().cpu().clone() for k, get in dense_tensors(model).items()
              if k not in frozen and k not in aliases}
     return FreezeRecord(seed=int(seed or 0), frozen=frozen, whole=whole, aliases=aliases)
 

@@ -20,6 +20,8 @@ from torch.nn.utils import parametrize
 
 from ..errors import FreezepackError, MethodError, UsageError
 from ..format import rng
+from ..format.init import generate, make_init
+from .topk import Generated, top_k_masks
 
 # Layers whose weight is frozen by default: every dense linear map of an ordinary model. Norms and biases stay
 # trainable (they are few and the paper trains them); anything else is reachable with ``select``.
@@ -145,12 +147,16 @@ def snip_scores(model: nn.Module, inputs, targets=None, *, loss_fn: LossFn | Non
     batch = inputs if targets is None else (inputs, targets)
     weights = _weights_for_scoring(model, select)
     loss = _loss(model, batch, loss_fn, "SNIP scoring")
-    grads = _grad("SNIP scoring", loss, list(weights.values()))
-    scores = {n: (g * w).detach().abs() if g is not None else torch.zeros_like(w)
-              for (n, w), g in zip(weights.items(), grads)}
+    grads = list(_grad("SNIP scoring", loss, list(weights.values())))
+    del loss
+    scores = {}
+    for i, (n, w) in enumerate(weights.items()):  # each gradient becomes its score in place: no second copy
+        g, grads[i] = grads[i], None
+        scores[n] = g.mul_(w.detach()).abs_() if g is not None else torch.zeros_like(w)
     total = sum(float(s.sum()) for s in scores.values())
     if total > 0 and math.isfinite(total):
-        scores = {n: s / total for n, s in scores.items()}
+        for s in scores.values():
+            s.div_(total)
     return scores
 
 
@@ -178,12 +184,19 @@ def grasp_scores(model: nn.Module, inputs, targets=None, temperature: float = 20
             for (n, w), h in zip(weights.items(), hg)}
 
 
-def random_scores(model: nn.Module, seed: int, *, select=None) -> dict[str, torch.Tensor]:
-    """Uniform scores from freezepack's generator (stream per tensor name): a random mask, reproducible by seed."""
+def random_scores(model: nn.Module, seed: int, *, select=None, stored: bool = True) -> dict:
+    """Uniform scores from freezepack's generator (stream per tensor name): a random mask, reproducible by seed.
+    ``stored=False``: :class:`topk.Generated` scores for :func:`global_mask`, regenerated piece by piece in each of
+    its passes instead of held (no dense copy of the model's size)."""
+    u = make_init("uniform")  # 0 + 1*u: exactly the generator's uniform u, through the compiled kernel when built
     out = {}
     for name, w in prunable_weights(model, select).items():
-        words = rng.words_torch(seed, rng.stream_id("freezepack.random-mask:" + name), 0, w.numel())
-        out[name] = rng.uniform_torch(words).view(w.shape)
+        stream = "freezepack.random-mask:" + name
+        if stored:
+            out[name] = generate(u, w.shape, seed, stream, device="cpu")
+        else:
+            out[name] = Generated(w.shape, lambda start, count, stream=stream: generate(u, (count,), seed, stream,
+                                                                                       start=start))
     return out
 
 
@@ -209,21 +222,14 @@ def global_mask(scores: dict[str, torch.Tensor], q: float, seed: int = 0,
     """
     if not scores:
         raise UsageError("no scores to threshold")
-    names = list(scores)
-    flat = [scores[n].detach().reshape(-1).to("cpu", torch.float64) for n in names]
-    sizes = [f.numel() for f in flat]
-    allscores = torch.nan_to_num(torch.cat(flat), nan=-math.inf)
-    k = weights_to_train(allscores.numel(), q)
-    keep = torch.zeros(allscores.numel(), dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(allscores, descending=True, stable=True).indices
-        keep[order[:k]] = True
-    masks = {}
-    for name, part, shape in zip(names, keep.split(sizes), (scores[n].shape for n in names)):
-        m = part.clone()
-        if one_per_layer and m.numel() and not m.any():
-            m[_one_per_layer_index(seed, name, m.numel())] = True
-        masks[name] = m.view(shape)
+    names = list(scores)  # tensors, or topk.Generated scores
+    k = weights_to_train(sum(scores[n].numel() for n in names), q)
+    # radix selection (freezepack.method.topk): the same k entries a stable descending sort keeps, in O(n)
+    masks = dict(zip(names, top_k_masks([scores[n] for n in names], k)))
+    for name, m in masks.items():
+        flat = m.view(-1)
+        if one_per_layer and flat.numel() and not flat.numpy().any():  # (numpy's any stops at the first True)
+            flat[_one_per_layer_index(seed, name, flat.numel())] = True
     return masks
 
 

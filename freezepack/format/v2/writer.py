@@ -192,13 +192,16 @@ def _best_mask(e: FrozenEntry, mask: np.ndarray, seed: int, only: str | None = N
     """The smallest (header bytes + payload) coding of a flat bool mask among every v2 mask coder (``only``: among
     that coder's codings; the conformance vectors use it to show every coder)."""
     n, k = mask.size, int(np.count_nonzero(mask))
-    v1 = maskcode.encode(mask)
+    v1, tried = maskcode.encode_candidates(mask)  # each coding computed once (the gap codes, Bernoulli's)
     cands = []
     if only == "positions" and v1.coder != "const":
         value = 1 if k <= n - k else 0
         v1 = maskcode.CodedMask("positions", k, {"value": value}, np.flatnonzero(mask if value else ~mask))
-    for cm in [v1] + ([] if v1.coder == "const" or n > 1 << 32 else
-                      [c for c in maskcode._encode_gaps(mask, n, k)] + [maskcode._encode_ans(mask, n, k)]):
+    gaps_bern = [c for c in tried if c.coder in ("ans-gaps", "ans-bernoulli")]
+    if v1.coder != "const" and n <= 1 << 32 and not any(c.coder == "ans-bernoulli" for c in tried) and (
+            only is not None or n <= CTX_MAX_ELEMENTS):  # skipped above; here it may still matter: compute it
+        gaps_bern.append(maskcode._encode_ans(mask, n, k))
+    for cm in [v1] + ([] if v1.coder == "const" or n > 1 << 32 else gaps_bern):
         cands.append((cm.coder, dict(cm.params), cm.payload.astype("<u4").tobytes()))  # (cdf1 is not written)
     if v1.coder != "const" and e.init.dist != "constant" and (n <= CTX_MAX_ELEMENTS or only == "ans-ctx"):
         keys = entropy.context_keys(generate(e.init, e.shape, seed, e.stream_key, device="cpu").numpy())
