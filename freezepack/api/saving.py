@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ def _record_of(obj) -> tuple[FreezeRecord, list[str], dict[str, torch.Tensor]]:
         for name, p in frozen_parametrizations(model).items():
             if name in rec.frozen and name in getters:
                 mod, _, attr = name.rpartition(".")
-                values = (model.get_submodule(mod) if mod else model).parametrizations[attr].original
+                owner: Any = model.get_submodule(mod) if mod else model
+                values = owner.parametrizations[attr].original
                 getters[name] = lambda p=p, v=values, g=getters[name]: _Truth(p.frozen.shape, p.frozen.dtype,
                                                                              lambda: p.dense_digest(v), g)
         truth = _Lazy(getters)
@@ -138,6 +140,7 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: Parts, truth: t
         values, hint = quantize(values, coding, name)
         ft = dataclasses.replace(ft, values=values)
         if truth is not None:
+            assert isinstance(truth, torch.Tensor)  # a _Truth was made dense above
             truth = truth.detach().cpu().clone()
             truth.view(-1)[mask.reshape(-1)] = values.to(truth.dtype)
     dense = truth if truth is not None else ft.dense(seed, name, device="cpu")

@@ -68,19 +68,20 @@ def reconstruct_digest(init: InitSpec, shape, seed: int, stream: str, dtype: tor
     h = hashlib.sha256()
     # two buffers: the one being hashed is never the one being regenerated
     bufs = [torch.empty(min(STREAM_CHUNK, n), dtype=torch.float32, device=device) for _ in range(2)]
-    pos = index.numpy() if k else None
+    pos = index.numpy() if index is not None and k else None
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashing = None
         for i, s in enumerate(range(0, n, STREAM_CHUNK)):
             c = min(STREAM_CHUNK, n - s)
             if k == n:  # nothing frozen: the values are the tensor
+                assert values is not None
                 t = values.reshape(-1)[s:s + c].to(device=bufs[0].device, dtype=dtype)
             else:
                 t = generate(init, (c,), seed, stream, out=bufs[i % 2][:c], start=s)
                 t = t if dtype == torch.float32 else t.to(dtype)
                 if frozen_scale != 1.0:
                     t.mul_(frozen_scale)
-                if pos is not None:
+                if pos is not None and index is not None and values is not None:
                     lo, hi = (int(v) for v in np.searchsorted(pos, [s, s + c]))
                     if hi > lo:
                         t.index_copy_(0, (index[lo:hi] - s).to(t.device),
@@ -88,7 +89,7 @@ def reconstruct_digest(init: InitSpec, shape, seed: int, stream: str, dtype: tor
             t = t.detach().cpu().contiguous()
             if hashing is not None:
                 hashing.result()  # in order; and the buffer it read is the one regenerated next
-            hashing = pool.submit(h.update, t.view(torch.uint8).numpy() if t.numel() else b"")
+            hashing = pool.submit(h.update, t.view(torch.uint8).numpy().data if t.numel() else b"")
         if hashing is not None:
             hashing.result()
     return h.hexdigest()

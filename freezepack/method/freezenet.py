@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -99,7 +100,7 @@ class FrozenParametrization(nn.Module):
             lo, hi = (int(v) for v in np.searchsorted(pos, [s, e]))
             if hi > lo:
                 w.index_put_((self.index[lo:hi] - s,), vals[lo:hi])
-            h.update(w.cpu().contiguous().view(torch.uint8).numpy())
+            h.update(w.cpu().contiguous().view(torch.uint8).numpy().data)
         return h.hexdigest()
 
     def set_frozen_scale(self, scale: float) -> None:
@@ -349,7 +350,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def dense_tensors(model: nn.Module) -> dict:
     """``{name: () -> tensor}`` in :func:`dense_state_dict` order: each frozen tensor made dense only when asked
     for, so a caller that walks a big model tensor by tensor never holds a second dense copy of it."""
-    out = {}
+    out: dict[str, Callable[..., torch.Tensor]] = {}
     for key, t in model.state_dict().items():
         head, sep, rest = key.partition("parametrizations.")
         if sep and (head == "" or head.endswith(".")):

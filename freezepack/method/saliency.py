@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -189,7 +190,7 @@ def random_scores(model: nn.Module, seed: int, *, select=None, stored: bool = Tr
     ``stored=False``: :class:`topk.Generated` scores for :func:`global_mask`, regenerated piece by piece in each of
     its passes instead of held (no dense copy of the model's size)."""
     u = make_init("uniform")  # 0 + 1*u: exactly the generator's uniform u, through the compiled kernel when built
-    out = {}
+    out: dict[str, Any] = {}
     for name, w in prunable_weights(model, select).items():
         stream = "freezepack.random-mask:" + name
         if stored:
