@@ -486,7 +486,7 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
     """
     from torch.nn.utils import parametrize
 
-    from .method.freezenet import FrozenParametrization
+    from .method.freezenet import FrozenParametrization, guard_save_pretrained
 
     targets = module.state_dict(keep_vars=True)
     with FpkReader(path, limits) as r:
@@ -548,6 +548,7 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
                 dst.data = dense  # right_inverse takes the trained values from here
             parametrize.register_parametrization(owner, attr, p, unsafe=True)
             params[name] = p
+    guard_save_pretrained(module)
     return module
 
 
