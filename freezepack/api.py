@@ -233,8 +233,27 @@ def _prove(tmp_path: str, target) -> None:
                           path=target, tensor=first["name"])
 
 
+def _refuse_nonfinite(record: FreezeRecord, obj, path) -> None:
+    """Trained numbers that are NaN or infinite are a diverged run, not a model: refuse to publish one silently.
+    Checked: the trained values of frozen tensors, and the whole tensors that are a module's parameters (buffers
+    such as attention masks may hold -inf by design)."""
+    trained = {n: ft.values for n, ft in record.frozen.items()}
+    if isinstance(obj, torch.nn.Module):
+        from .method.freezenet import unwrap
+
+        params = {n.replace("parametrizations.", "").removesuffix(".original")
+                  for n, _ in unwrap(obj).named_parameters(remove_duplicate=False)}
+        trained.update({n: t for n, t in record.whole.items() if n in params})
+    for name, t in trained.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise MethodError(f"{bad} trained value(s) are NaN or infinite (a diverged run?): not saved; pass "
+                              "allow_nonfinite=True to store them anyway", path=path, tensor=name)
+
+
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
-         metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None) -> None:
+         metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None,
+         allow_nonfinite: bool = False) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
 
     ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
@@ -245,8 +264,11 @@ def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
     ``values``: opt-in **lossy** coding of the trained values (``"bf16"``, ``"f16"``, ``"int8"``, ``"kmeans:K"``,
     ``"uniform:K"``; see :mod:`freezepack.method.quantize`), default lossless. The model in memory is not changed;
     the file holds (and is proven against) the model with quantized values, and records the coding.
+    NaN or infinite trained values are refused (a :class:`MethodError`) unless ``allow_nonfinite``.
     """
     record, order, truth = _record_of(record_or_module)
+    if not allow_nonfinite:
+        _refuse_nonfinite(record, record_or_module, os.fspath(path))
     chunks = encode_record(record, order, metadata, truth, version, values)
     container.atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path)))
 
@@ -426,10 +448,31 @@ def _fit(targets: dict, entries: list[Entry], prefix_map, path, strict: bool):
     match = _match_names(targets, [e.name for e in entries], prefix_map, path)
     unexpected = [e.name for e in entries if e.name not in match]
     matched = set(match.values())
-    missing = [k for k in targets if k not in matched]
+    tied = _tied_to_loaded(targets, match)
+    missing = [k for k in targets if k not in matched and k not in tied]
     if strict and (missing or unexpected):
-        raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}", path=path)
+        raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                          f"{_tie_hint(targets, entries, match, missing)}", path=path)
     return match, missing, unexpected
+
+
+def _tied_to_loaded(targets: dict, match: dict[str, str]) -> dict[str, str]:
+    """``{module name: loaded module name}`` for names the file lacks whose tensor *is* one the file fills: a
+    module that ties them (an LM head and its embedding) gets them with it, as transformers' loaders do."""
+    loaded = {id(targets[n]): n for n in match.values()}
+    return {k: loaded[id(t)] for k, t in targets.items() if k not in loaded.values() and id(t) in loaded}
+
+
+def _tie_hint(targets: dict, entries: list[Entry], match: dict[str, str], missing: list[str]) -> str:
+    """A missing tensor shaped like one the file has is usually a tied weight stored once (an LM head)."""
+    shapes = {e.shape: match[e.name] for e in entries if e.name in match}
+    for k in missing:
+        twin = shapes.get(tuple(targets[k].shape))
+        if twin is not None and targets[k].dim() >= 2:
+            return (f" ({k!r} has the shape of {twin!r}, which the file has: if the model ties them, tie them "
+                    "before loading, e.g. transformers' model.tie_weights() or tie_word_embeddings=True in its "
+                    "config; strict=False loads the rest)")
+    return ""
 
 
 def _set_tensor(module: torch.nn.Module, name: str, value) -> None:
@@ -492,6 +535,7 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
     with FpkReader(path, limits) as r:
         entries = r.header.entries
         match, _, _ = _fit(targets, entries, prefix_map, r.path, strict=True)
+        tied = _tied_to_loaded(targets, match)  # tied in the module, stored once in the file
         params: dict[str, FrozenParametrization] = {}
         for e in entries:
             name = match[e.name]
@@ -548,15 +592,60 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
                 dst.data = dense  # right_inverse takes the trained values from here
             parametrize.register_parametrization(owner, attr, p, unsafe=True)
             params[name] = p
+        for name, src in tied.items():  # tie them again, to the frozen parametrization of the name the file has
+            if src in params:
+                mod, _, attr = name.rpartition(".")
+                owner, (smod, _, sattr) = module.get_submodule(mod), src.rpartition(".")
+                parametrize.register_parametrization(owner, attr, params[src], unsafe=True)
+                owner.parametrizations[attr].original = module.get_submodule(smod).parametrizations[sattr].original
     guard_save_pretrained(module)
     return module
 
 
-class FpkFile:
-    """Lazy per-tensor access, like ``safetensors.safe_open``: ``with freezepack.open(p) as f: f.get_tensor(k)``."""
+_FRAMEWORKS = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np"}
 
-    def __init__(self, path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS):
-        self._device = _check_device(device)
+
+def _safetensors_device(device):
+    """safetensors' device argument: a torch device or its name, or a CUDA index (``0`` = ``cuda:0``)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return f"cuda:{device}"
+    return device
+
+
+class TensorSlice:
+    """``f.get_slice(name)``, as safetensors gives it: shape and dtype without reading, ``[...]`` for a part.
+
+    A frozen tensor is regenerated whole (its entries come from one generator stream) and then sliced."""
+
+    def __init__(self, f: FpkFile, name: str):
+        self._f, self._name, self._e = f, name, f.entry(name)
+
+    def get_shape(self) -> list[int]:
+        return list(self._e.shape)
+
+    def get_dtype(self) -> str:
+        return self._e.dtype
+
+    def __len__(self) -> int:
+        return self._e.shape[0] if self._e.shape else 0
+
+    def __getitem__(self, index):
+        return self._f._convert(self._f._tensor(self._name)[index].clone())
+
+
+class FpkFile:
+    """Lazy per-tensor access, a drop-in for ``safetensors.safe_open``: ``with freezepack.safe_open(p, "pt") as f:
+    f.get_tensor(k)`` (also ``keys()``, ``get_slice(k)[...]``, ``metadata()``)."""
+
+    def __init__(self, path, framework="pt", device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS):
+        fw = _FRAMEWORKS.get(framework) if isinstance(framework, str) else None
+        if fw is None:
+            raise UsageError(f"framework {framework!r} is not supported (freezepack reads 'pt' = torch, or 'np')",
+                             path=path)
+        self._framework = fw
+        self._device = _check_device(_safetensors_device(device))
+        if fw == "np" and self._device is not None and self._device.type != "cpu":
+            raise UsageError("framework 'np' gives CPU arrays: leave device unset", path=path)
         self._r = FpkReader(path, limits)
         self._verify = verify
         self._entries = {e.name: e for e in self._r.header.entries}
@@ -585,11 +674,24 @@ class FpkFile:
             raise KeyError(name)
         return self._entries[name]
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def _tensor(self, name: str) -> torch.Tensor:
         e = self.entry(name)
         if e.kind == "alias":
             e = self.entry(e.of)
         return _materialize(self._r, e, self._device, self._verify)
+
+    def _convert(self, t: torch.Tensor):
+        if self._framework == "np":
+            if t.dtype == torch.bfloat16:
+                raise UsageError("numpy has no bfloat16: read this tensor with framework='pt'", path=self._r.path)
+            return t.cpu().numpy()
+        return t
+
+    def get_tensor(self, name: str):
+        return self._convert(self._tensor(name))
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return TensorSlice(self, name)
 
     def close(self) -> None:
         self._r.close()
@@ -601,10 +703,12 @@ class FpkFile:
         self.close()
 
 
-def safe_open(path: PathLike, device: Device = None, *, verify: bool = True,
+def safe_open(path: PathLike, framework: str = "pt", device: Device | int = None, *, verify: bool = True,
               limits: Limits = DEFAULT_LIMITS) -> FpkFile:
-    """Open a .fpk lazily: the header is read and validated now, each tensor when asked for."""
-    return FpkFile(path, device, verify=verify, limits=limits)
+    """Open a .fpk lazily, with ``safetensors.safe_open``'s signature (``framework`` ``"pt"`` or ``"np"``;
+    ``device`` a torch device, its name, or a CUDA index): the header is read and validated now, each tensor when
+    asked for (frozen ones regenerated on ``device`` and checked against their digests)."""
+    return FpkFile(path, framework, device, verify=verify, limits=limits)
 
 
 open = safe_open  # noqa: A001  (the short name, as in safetensors; shadows the builtin inside this module only)

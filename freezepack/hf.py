@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from .api import TORCH_DTYPES, load_freezenet, load_into, safe_open, save
+from .api import DTYPE_NAMES, TORCH_DTYPES, load_freezenet, load_into, safe_open, save
 from .atomic import atomic_write
 from .errors import FormatError, UsageError
 from .method.freezenet import dense_state_dict, frozen_parametrizations, unwrap
@@ -29,6 +29,19 @@ from .method.freezenet import dense_state_dict, frozen_parametrizations, unwrap
 FPK_NAME = "model.fpk"                  # the weights file of a freezepack model directory
 CONFIG_KEY = "freezepack.hf.config"      # .fpk metadata: the model's config.json text
 CLASS_KEY = "freezepack.hf.class"        # .fpk metadata: the model class it was saved from
+BUFFERS_KEY = "freezepack.hf.buffers"    # .fpk metadata: dtypes of the buffers a model computes, not stores
+
+
+def _computed_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Non-persistent floating buffers (rotary frequencies...): rebuilt by the constructor, not in any file. Their
+    dtype follows the user's ``model.to(dtype)``, which a fresh build does not know: the file records it."""
+    out = {}
+    for mname, m in model.named_modules():
+        for b in getattr(m, "_non_persistent_buffers_set", ()):
+            t = m._buffers.get(b)
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                out[f"{mname}.{b}" if mname else b] = t
+    return out
 
 
 def _transformers():
@@ -64,7 +77,9 @@ def save_pretrained(model: torch.nn.Module, directory, *, values: str | None = N
     text = config.to_json_string()
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    meta = {**(metadata or {}), CONFIG_KEY: text, CLASS_KEY: type(target).__name__}
+    buffers = {n: DTYPE_NAMES[t.dtype] for n, t in _computed_buffers(target).items() if t.dtype in DTYPE_NAMES}
+    meta = {**(metadata or {}), CONFIG_KEY: text, CLASS_KEY: type(target).__name__,
+            BUFFERS_KEY: json.dumps(buffers, sort_keys=True)}
     save(os.path.join(directory, FPK_NAME), model, meta, values=values, version=version)
     atomic_write(os.path.join(directory, "config.json"), text.encode("utf-8"))
     generation = getattr(target, "generation_config", None)
@@ -161,6 +176,15 @@ def from_pretrained(path, model_class=None, *, device=None, freezenet: bool = Fa
         t = own.get(name)
         if t is not None and t.dtype != TORCH_DTYPES[code]:
             t.data = torch.empty_like(t, dtype=TORCH_DTYPES[code])
+    try:
+        buffer_dtypes = json.loads(meta.get(BUFFERS_KEY, "{}"))
+    except ValueError:
+        raise FormatError(f"metadata {BUFFERS_KEY} is not JSON", path=fpk) from None
+    for name, t in _computed_buffers(model).items():
+        code = buffer_dtypes.get(name) if isinstance(buffer_dtypes, dict) else None
+        if code in TORCH_DTYPES and t.dtype != TORCH_DTYPES[code]:
+            mod, _, attr = name.rpartition(".")
+            model.get_submodule(mod).register_buffer(attr, t.to(TORCH_DTYPES[code]), persistent=False)
     if freezenet:
         load_freezenet(model, fpk, verify=verify)
     else:

@@ -132,17 +132,28 @@ def unpack_cmd(src, dst, device, parents, progress):
     if device is not None and device.split(":")[0] == "meta":
         raise click.BadParameter("the meta device holds no values to write; use cpu or a GPU", param_hint="--device")
     bar = ProgressBar("unpacking", progress)
-    with api.open(src, device) as f:
-        tensors = {}
+    with api.open(src, device=device) as f:
+        tensors, shared = {}, {}
         try:
             for i, name in enumerate(f.keys()):
-                tensors[name] = f.get_tensor(name).cpu().contiguous()
+                e = f.entry(name)
+                if e.kind == "alias":  # tied: stored once, as safetensors.torch.save_model stores shared tensors
+                    shared[name] = e.of
+                else:
+                    tensors[name] = f.get_tensor(name).cpu().contiguous()
                 bar(i + 1, len(f.keys()))
         finally:
             bar.close()
         meta = f.metadata()
+    if shared:  # say which names share, for readers that re-tie (transformers does from its config)
+        meta[SHARED_KEY] = json.dumps(shared, sort_keys=True)
     container.atomic_write(dst, [save(tensors, metadata=meta or None)], make_parents=parents)
     click.echo(f"{dst}: {len(tensors)} tensors written")
+    for name, of in shared.items():
+        click.echo(f"  {name} shares {of} (stored once under {of!r})")
+
+
+SHARED_KEY = "freezepack.shared"  # unpacked safetensors metadata: JSON {tied name: the name it is stored under}
 
 
 def _check_text(what: str, value: str) -> None:
