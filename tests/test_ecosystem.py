@@ -1,0 +1,144 @@
+"""The paths users take from their ecosystem without transformers: safetensors' safe_open, unpack of tied models,
+Conv1D-like layers, dropout while scoring, NaN refusal."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import safetensors
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import load_file, load_model
+from torch import nn
+
+import freezepack
+from freezepack.cli import cli
+from freezepack.errors import MethodError, UsageError
+from freezepack.method.freezenet import FrozenShareWarning, make_freezenet, rates, trainable_masks
+from freezepack.testing import small_record
+
+
+class TransposedLinear(nn.Module):
+    """transformers' Conv1D without transformers: a Linear whose weight is stored (in, out)."""
+
+    def __init__(self, nin, nout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nin, nout) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nout))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=50, d=16, tied=True, p=0.2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.ff = TransposedLinear(d, 4 * d)
+        self.out_proj = TransposedLinear(4 * d, d)
+        self.drop = nn.Dropout(p)
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.drop(h + self.out_proj(torch.relu(self.ff(h)))))
+
+
+def lm_loss(m, b):
+    return F.cross_entropy(m(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
+
+
+TOKENS = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def frozen_lm(q=0.9, **kw):
+    torch.manual_seed(0)
+    return make_freezenet(TinyLM(**kw), TOKENS, q, 5, loss_fn=lm_loss)
+
+
+def test_matrix_weight_layers_are_frozen_by_default():
+    model = frozen_lm()
+    assert {"ff.weight", "out_proj.weight", "emb.weight"} <= set(trainable_masks(model))
+    assert rates(model)[1] > 0.85
+
+
+def test_warns_when_the_frozen_share_is_far_from_q():
+    with pytest.warns(FrozenShareWarning, match=r"ff\.weight"):
+        make_freezenet(TinyLM(), TOKENS, 0.9, 5, loss_fn=lm_loss, select=["emb.weight"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrozenShareWarning)
+        frozen_lm()
+
+
+def test_scoring_ignores_dropout_and_restores_each_modules_mode():
+    masks = []
+    for s in (1, 2):
+        model = TinyLM()
+        model.drop.eval()  # a user's own mix of modes survives scoring
+        torch.manual_seed(s)
+        make_freezenet(model, TOKENS, 0.9, 5, loss_fn=lm_loss)
+        assert model.training and model.ff.training and not model.drop.training
+        masks.append(trainable_masks(model))
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_save_refuses_nonfinite_trained_values_unless_asked(tmp_path):
+    model = frozen_lm()
+    with torch.no_grad():
+        model.ff.bias[3] = float("nan")
+    with pytest.raises(MethodError, match=r"ff\.bias.*NaN or infinite.*allow_nonfinite"):
+        freezepack.save(tmp_path / "m.fpk", model)
+    assert not (tmp_path / "m.fpk").exists()
+    freezepack.save(tmp_path / "m.fpk", model, allow_nonfinite=True)
+    assert torch.isnan(freezepack.load(tmp_path / "m.fpk")["ff.bias"][3])
+    model = frozen_lm()
+    with torch.no_grad():
+        model.emb.parametrizations.weight.original[0] = float("inf")
+    with pytest.raises(MethodError, match="emb.weight"):
+        freezepack.save(tmp_path / "m2.fpk", model)
+
+
+def test_unpack_stores_tied_tensors_once_and_names_them(tmp_path):
+    model = frozen_lm()
+    freezepack.save(tmp_path / "m.fpk", model)
+    r = CliRunner().invoke(cli, ["unpack", str(tmp_path / "m.fpk"), str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "head.weight shares emb.weight" in r.output
+    sd = load_file(tmp_path / "d.safetensors")
+    assert "head.weight" not in sd and "emb.weight" in sd
+    with safetensors.safe_open(tmp_path / "d.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["freezepack.shared"]) == {"head.weight": "emb.weight"}
+    plain = TinyLM(p=0.0)
+    load_model(plain, tmp_path / "d.safetensors")  # safetensors' own loader re-ties it
+    model.eval()
+    assert torch.equal(plain(TOKENS), model(TOKENS))
+
+
+def test_safe_open_is_a_drop_in_for_safetensors(tmp_path):
+    p = tmp_path / "m.fpk"
+    freezepack.save(p, small_record(), {"task": "x"})
+    dense = tmp_path / "d.safetensors"
+    assert CliRunner().invoke(cli, ["unpack", str(p), str(dense)]).exit_code == 0
+    for opener in (lambda f: f(p, framework="pt"), lambda f: f(p, "pt"), lambda f: f(p, "pt", device="cpu"),
+                   lambda f: f(p, framework="pt", device=0) if torch.cuda.is_available() else f(p, "pt")):
+        with opener(freezepack.safe_open) as f, safetensors.safe_open(dense, framework="pt") as g:
+            assert sorted(f.keys()) == sorted(g.keys())
+            assert f.metadata()["task"] == g.metadata()["task"] == "x"
+            for k in g.keys():
+                assert torch.equal(f.get_tensor(k).cpu(), g.get_tensor(k))
+                fs, gs = f.get_slice(k), g.get_slice(k)
+                assert fs.get_shape() == gs.get_shape() and fs.get_dtype() == gs.get_dtype()
+                if gs.get_shape():
+                    assert torch.equal(fs[1:3].cpu(), gs[1:3])
+                    assert torch.equal(fs[:, ...].cpu(), gs[:, ...])
+    with freezepack.safe_open(p, "np") as f, safetensors.safe_open(dense, "np") as g:
+        assert np.array_equal(f.get_tensor("conv.weight"), g.get_tensor("conv.weight"))
+    with pytest.raises(UsageError, match="framework 'tf'"):
+        freezepack.safe_open(p, "tf")
+    with pytest.raises(UsageError, match="not a torch device"):
+        freezepack.safe_open(p, "pt", "nowhere")
