@@ -169,3 +169,19 @@ def test_strict_load_into_ties_a_head_the_file_stores_once(tmp_path):
     with pytest.raises(freezepack.FormatError, match=r"'lm_head.weight' has the shape of 'transformer.wte.weight'.*"
                                                      r"tie_weights"):
         freezepack.load_into(untied, tmp_path / "dense.fpk")
+
+
+def test_the_directorys_fpk_ships_over_a_fleet_and_rebuilds_the_model(tmp_path):
+    pytest.importorskip("tuf")
+    from freezepack.fleet import Device, Publisher, open_store
+
+    model = train_steps(frozen("gpt2"), steps=1)
+    hf.save_pretrained(model, tmp_path / "m")
+    store = open_store(str(tmp_path / "repo"))
+    (tmp_path / "root.json").write_bytes(Publisher(store, tmp_path / "keys").init())
+    Publisher(store, tmp_path / "keys").load().publish(str(tmp_path / "m" / hf.FPK_NAME), "tiny-gpt2")
+    report = Device(str(tmp_path / "device")).install(str(tmp_path / "repo"), "tiny-gpt2",
+                                                      root_file=str(tmp_path / "root.json"))
+    back = hf.from_pretrained(report.path)  # one file on the device: config and class come from its metadata
+    ids = hf_tokens(seed=4)
+    assert torch.equal(hf_logits(back, ids), hf_logits(model, ids))
