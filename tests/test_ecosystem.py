@@ -78,11 +78,11 @@ def test_warns_when_the_frozen_share_is_far_from_q():
 def test_scoring_ignores_dropout_and_restores_each_modules_mode():
     masks = []
     for s in (1, 2):
-        model = TinyLM()
-        model.drop.eval()  # a user's own mix of modes survives scoring
+        model = TinyLM(p=0.5)
+        model.ff.eval()  # a user's own mix of modes survives scoring
         torch.manual_seed(s)
         make_freezenet(model, TOKENS, 0.9, 5, loss_fn=lm_loss)
-        assert model.training and model.ff.training and not model.drop.training
+        assert model.training and model.drop.training and not model.ff.training
         masks.append(trainable_masks(model))
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
 
