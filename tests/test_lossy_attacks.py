@@ -402,9 +402,9 @@ def test_convert_says_when_values_had_nothing_to_quantize(bag, tmp_path):
 
     from freezepack.conversion import convert_checkpoint
 
-    src = tmp_path / "half.safetensors"  # a float16 checkpoint: nothing is found frozen, so nothing to quantize
+    src = tmp_path / "half.safetensors"  # with a wrong seed nothing is found frozen, so nothing to quantize
     save_file({k: v.half().contiguous() for k, v in dense_state_dict(bag).items()}, src)
-    report = convert_checkpoint(src, tmp_path / "h.fpk", 7, values="kmeans:3")
+    report = convert_checkpoint(src, tmp_path / "h.fpk", 12345, values="kmeans:3")
     assert any("changed nothing" in h for h in report["hints"])
     f32 = tmp_path / "m.fpk"
     freezepack.save(f32, bag)

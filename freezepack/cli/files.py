@@ -126,6 +126,7 @@ def unpack_cmd(src, dst, device, parents, progress):
     from safetensors.torch import save
 
     from .. import api
+    from ..checkpoint import SHARED_KEY
     from ..format import container
 
     _check_text("DST", dst)
@@ -151,9 +152,6 @@ def unpack_cmd(src, dst, device, parents, progress):
     click.echo(f"{dst}: {len(tensors)} tensors written")
     for name, of in shared.items():
         click.echo(f"  {name} shares {of} (stored once under {of!r})")
-
-
-SHARED_KEY = "freezepack.shared"  # unpacked safetensors metadata: JSON {tied name: the name it is stored under}
 
 
 def _check_text(what: str, value: str) -> None:
@@ -196,12 +194,16 @@ def _fpk_seed(src) -> int:
               help="User metadata to store (added to the source's own metadata, which is kept). Repeatable.")
 @click.option("--values", "values", default="f32", show_default=True, metavar="CODING",
               help="Trained values: f32 (lossless) or, lossy and opt-in, bf16, f16, int8, kmeans:K, uniform:K.")
+@click.option("--lossy-whole", is_flag=True,
+              help="With --values: also code mostly trained and whole float tensors (>= 2 dims) lossily.")
+@click.option("--key", default=None, metavar="NAME",
+              help="The state dict's entry in a nested .pt checkpoint (dotted: model.ema); found when unique.")
 @click.option("--parents", is_flag=True, help="Create DST's missing parent directories (else that is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-tensor lines and no summary; warnings still go to stderr.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @one_line_errors
-def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, quiet, progress):
+def convert_cmd(src, dst, seed, init, init_for, meta, values, lossy_whole, key, parents, as_json, quiet, progress):
     """Pack a dense checkpoint into an exact .fpk, each tensor in its cheapest exact form.
 
     \b
@@ -243,7 +245,7 @@ def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, 
 
     try:
         report = convert_checkpoint(src, dst, seed, init, inits, metadata, progress=bar, make_parents=parents,
-                                    values=values)
+                                    values=values, key=key, lossy_whole=lossy_whole)
     finally:
         bar.close()
     for hint in report["hints"]:
@@ -254,15 +256,22 @@ def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, 
     if quiet:
         return
     for t in report["tensors"]:
+        if t["stored_as"] == "alias":
+            click.echo(f"  {t['name']}: tied to {t['of']}, stored once")
+            continue
         extra = f" q={t['q']:.4f} ({t['init']})" if t["stored_as"] != "whole" else ""
         if "frozen_scale" in t:
             extra += f" x frozen_scale {t['frozen_scale']:.6g}"
+        if "values" in t:  # --values: how this tensor's numbers are coded
+            extra += f"; values {t['values']}" + (f" ({t['why']})" if "why" in t else "")
         click.echo(f"  {t['name']}: {t['stored_as']}, {t['trainable']} of {t['numel']} stored{extra}")
     factor = report["compression_factor"]
     size = (f"{factor:.1f}x smaller" if factor >= 1.05 else
             f"{1 / factor:.2f}x larger" if factor < 1 else "about the same size")
+    coded = sum(t.get("values") == report.get("values") for t in report["tensors"])
     proof = "verified bit-exact" if report.get("values") is None else \
-        f"trained values quantized ({report['values']}, lossy), verified bit-exact against the quantized checkpoint"
+        f"values of {coded} of {len(report['tensors'])} tensors quantized ({report['values']}, lossy), verified " \
+        "bit-exact against the quantized checkpoint"
     click.echo(f"{dst}: {_human(report['file_bytes'])} from {_human(report['dense_bytes'])} dense "
                f"({size}), {proof}")
 
