@@ -200,6 +200,28 @@ def _cheaper_frozen(name: str, ft: FrozenTensor, t: torch.Tensor, seed: int, ver
     return as_frozen < as_whole
 
 
+def _stream_names(sd: dict[str, torch.Tensor], ties: dict[str, str], seed: int, init, inits) -> dict[str, str]:
+    """Re-root tied groups on the name whose generator stream explains the tensor best: a FreezeNet froze a tied
+    tensor under one of its names (``transformer.wte.weight``), which need not be the first in the file (a
+    safetensors file sorts ``lm_head.weight`` first)."""
+    groups: dict[str, list[str]] = {}
+    for alias, root in ties.items():
+        groups.setdefault(root, [root]).append(alias)
+    out = {}
+    for root, names in groups.items():
+        t = sd[root].detach().cpu().contiguous()
+        best, best_count = root, -1
+        if t.dtype in _BITS and t.numel():
+            for name in names:
+                spec = _init_for(name, tuple(t.shape), init, inits)
+                if spec is not None:
+                    count = int(_same_bits(t, generate(spec, tuple(t.shape), seed, name).to(t.dtype)).sum())
+                    if count > best_count:
+                        best, best_count = name, count
+        out.update({n: best for n in names if n != best})
+    return out
+
+
 def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_normal", inits=None,
                    progress=None, version: int | None = None,
                    ties: dict[str, str] | None = None) -> tuple[FreezeRecord, list[dict]]:
@@ -219,7 +241,7 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
         known = ", ".join(list(state_dict)[:8]) + (", ..." if len(state_dict) > 8 else "")
         raise UsageError(f"--init-for names tensors the checkpoint does not have: {', '.join(unknown)} "
                          f"(it has: {known})")
-    rec = FreezeRecord(seed=seed, aliases=dict(ties or {}))
+    rec = FreezeRecord(seed=seed, aliases=_stream_names(state_dict, ties or {}, seed, init, inits))
     report = []
     for i, (name, t) in enumerate(state_dict.items()):
         if name in rec.aliases:  # one tensor under two names: stored (and coded) once
@@ -317,7 +339,8 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
         last = before.rpartition(", then ")[2] if before else None
         meta[VALUES_KEY] = str(coding) if before is None else \
             before if last == str(coding) else f"{before}, then {coding}"
-    order = list(sd) + [a for a in rec.aliases if a not in sd]
+    order = [n for n in sd if n not in rec.aliases] + [n for n in sd if n in rec.aliases]  # targets first
+    order += [a for a in rec.aliases if a not in sd]
     for alias, target in rec.aliases.items():  # a tied name holds its target's (possibly quantized) tensor
         expected[alias] = expected[target]
     chunks = encode_record(rec, order, meta, version=version)

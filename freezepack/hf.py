@@ -24,6 +24,7 @@ import torch
 from .api import DTYPE_NAMES, TORCH_DTYPES, load_freezenet, load_into, safe_open, save
 from .atomic import atomic_write
 from .errors import FormatError, UsageError
+from .method.freezenet import _tied_names as tied_names
 from .method.freezenet import dense_state_dict, frozen_parametrizations, unwrap
 
 FPK_NAME = "model.fpk"                  # the weights file of a freezepack model directory
@@ -201,7 +202,11 @@ def save_pretrained_dense(model: torch.nn.Module, save_directory, *args, **kwarg
     """
     target = unwrap(model)
     if frozen_parametrizations(target) and kwargs.get("state_dict") is None:
-        kwargs["state_dict"] = dense_state_dict(target)
+        state = dense_state_dict(target)
+        for alias, first in tied_names(target).items():  # one tensor under both names: transformers stores it once
+            if alias in state and first in state:
+                state[alias] = state[first]
+        kwargs["state_dict"] = state
         warnings.warn(f"{type(target).__name__} is a FreezeNet: save_pretrained writes the dense model; "
                       "freezepack.hf.save_pretrained(model, dir) writes it as seed + mask + trained values "
                       "(load with freezepack.hf.from_pretrained)", UserWarning, stacklevel=3)

@@ -11,7 +11,7 @@ import safetensors
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from safetensors.torch import load_file, load_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 import freezepack
@@ -56,9 +56,15 @@ def lm_loss(m, b):
 TOKENS = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
 
 
-def frozen_lm(q=0.9, **kw):
+def frozen_lm(q=0.9, steps=0, **kw):
     torch.manual_seed(0)
-    return make_freezenet(TinyLM(**kw), TOKENS, q, 5, loss_fn=lm_loss)
+    model = make_freezenet(TinyLM(**kw), TOKENS, q, 5, loss_fn=lm_loss)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        lm_loss(model, TOKENS).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
 
 
 def test_matrix_weight_layers_are_frozen_by_default():
@@ -142,3 +148,92 @@ def test_safe_open_is_a_drop_in_for_safetensors(tmp_path):
         freezepack.safe_open(p, "tf")
     with pytest.raises(UsageError, match="not a torch device"):
         freezepack.safe_open(p, "pt", "nowhere")
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def convert(src, dst, *args):
+    r = CliRunner().invoke(cli, ["convert", str(src), str(dst), "--json", *map(str, args)])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def dense_of(model, tmp_path):  # (trained: its trainable entries differ from the generator's)
+    """The dense state dict a user's checkpoint of ``model`` holds (tied names one tensor, as torch keeps it)."""
+    freezepack.save(tmp_path / "saved.fpk", model)
+    return freezepack.load(tmp_path / "saved.fpk")
+
+
+def test_convert_keeps_ties_once_and_codes_them_once(tmp_path):
+    model = frozen_lm(steps=3)
+    sd = dense_of(model, tmp_path)
+    assert sd["head.weight"] is sd["emb.weight"]
+    torch.save(sd, tmp_path / "ckpt.pt")  # one storage for both names
+    report = convert(tmp_path / "ckpt.pt", tmp_path / "out.fpk", "--seed", 5)
+    assert report["ties"] == {"head.weight": "emb.weight"}
+    saved = (tmp_path / "saved.fpk").stat().st_size
+    assert report["file_bytes"] <= saved * 1.05
+    report = convert(tmp_path / "ckpt.pt", tmp_path / "k4.fpk", "--seed", 5, "--values", "kmeans:4")
+    back = freezepack.load(tmp_path / "k4.fpk")
+    assert back["head.weight"] is back["emb.weight"] and not torch.equal(back["emb.weight"], sd["emb.weight"])
+    assert freezepack.verify(tmp_path / "k4.fpk")["ok"]
+    plain = TinyLM()
+    freezepack.load_into(plain, tmp_path / "k4.fpk")
+    assert plain.head.weight is plain.emb.weight and torch.equal(plain.emb.weight, back["emb.weight"])
+    # safetensors cannot share: equal bytes are the tie (two zero biases are not)
+    save_file({k: v.clone() for k, v in sd.items()}, tmp_path / "ckpt.safetensors")
+    report = convert(tmp_path / "ckpt.safetensors", tmp_path / "st.fpk", "--seed", 5)
+    assert report["ties"] == {"head.weight": "emb.weight"}
+    assert report["file_bytes"] <= saved * 1.05
+
+
+def test_convert_of_a_bfloat16_freezenet_finds_its_frozen_entries(tmp_path):
+    model = frozen_lm(steps=3).to(torch.bfloat16)
+    sd = dense_of(model, tmp_path)
+    torch.save(sd, tmp_path / "bf16.pt")
+    report = convert(tmp_path / "bf16.pt", tmp_path / "out.fpk", "--seed", 5)
+    kinds = {t["name"]: t["stored_as"] for t in report["tensors"]}
+    assert kinds["ff.weight"] == kinds["emb.weight"] == "frozen" and kinds["head.weight"] == "alias"
+    assert report["file_bytes"] <= (tmp_path / "saved.fpk").stat().st_size * 1.05
+    back = freezepack.load(tmp_path / "out.fpk")
+    assert all(torch.equal(back[k].view(torch.int16), v.view(torch.int16)) for k, v in sd.items())
+    report = convert(tmp_path / "bf16.pt", tmp_path / "k4.fpk", "--seed", 5, "--values", "kmeans:4")
+    coded = {t["name"] for t in report["tensors"] if t.get("values") == "kmeans:4"}
+    assert {"ff.weight", "out_proj.weight", "emb.weight"} <= coded
+    codings = {t["name"]: t.get("values_coding") for t in freezepack.inspect(tmp_path / "k4.fpk")["tensors"]}
+    assert codings["ff.weight"].startswith("codebook:") and int(codings["ff.weight"].split(":")[1]) <= 16
+
+
+def test_values_on_a_dense_checkpoint_says_what_it_coded_and_keeps_dense_tensors_exact(tmp_path):
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 16, padding_idx=0)  # a zero padding row: looks 'pruned' in a dense tensor
+    sd = {"emb.weight": emb.weight.detach().clone(), "fc.weight": torch.randn(8, 16), "fc.bias": torch.randn(8)}
+    save_file(sd, tmp_path / "dense.safetensors")
+    r = CliRunner().invoke(cli, ["convert", str(tmp_path / "dense.safetensors"), str(tmp_path / "o.fpk"),
+                                 "--seed", 1, "--values", "kmeans:4"])
+    assert r.exit_code == 0, r.output
+    assert "emb.weight: pruned" in r.output and "values exact" in r.output and "--lossy-whole" in r.output
+    assert "values of 0 of 3 tensors quantized" in r.output
+    back = freezepack.load(tmp_path / "o.fpk")
+    assert all(torch.equal(back[k], v) for k, v in sd.items())  # nothing coded lossily by accident
+    report = convert(tmp_path / "dense.safetensors", tmp_path / "w.fpk", "--seed", 1, "--values", "kmeans:4",
+                     "--lossy-whole")
+    coded = {t["name"] for t in report["tensors"] if t.get("values") == "kmeans:4"}
+    assert coded == {"emb.weight", "fc.weight"}  # 1-D biases stay exact
+    back = freezepack.load(tmp_path / "w.fpk")
+    assert len(torch.unique(back["fc.weight"])) <= 16 and torch.equal(back["fc.bias"], sd["fc.bias"])
+
+
+def test_a_nested_training_checkpoint_is_found_or_named(tmp_path):
+    model = frozen_lm(steps=1)
+    sd = dense_of(model, tmp_path)
+    torch.save({"model": sd, "step": 3, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "n.pt")
+    report = convert(tmp_path / "n.pt", tmp_path / "o.fpk", "--seed", 5)
+    assert report["ties"] == {"head.weight": "emb.weight"}
+    torch.save({"model": sd, "ema": {k: v * 0.5 for k, v in sd.items()}}, tmp_path / "two.pt")
+    r = CliRunner().invoke(cli, ["convert", str(tmp_path / "two.pt"), str(tmp_path / "x.fpk"), "--seed", "5"])
+    assert r.exit_code == 1 and "several dicts of tensors (model, ema)" in r.output and "--key" in r.output
+    convert(tmp_path / "two.pt", tmp_path / "ema.fpk", "--seed", 5, "--key", "ema")
+    assert torch.equal(freezepack.load(tmp_path / "ema.fpk")["ff.weight"], sd["ff.weight"] * 0.5)
+    r = CliRunner().invoke(cli, ["convert", str(tmp_path / "two.pt"), str(tmp_path / "x.fpk"), "--seed", "5",
+                                 "--key", "nope"])
+    assert r.exit_code == 1 and "--key 'nope': no entry 'nope'" in r.output

@@ -185,3 +185,45 @@ def test_the_directorys_fpk_ships_over_a_fleet_and_rebuilds_the_model(tmp_path):
     back = hf.from_pretrained(report.path)  # one file on the device: config and class come from its metadata
     ids = hf_tokens(seed=4)
     assert torch.equal(hf_logits(back, ids), hf_logits(model, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_convert_of_a_transformers_checkpoint_keeps_ties_and_precision(dtype, tmp_path):
+    from freezepack.conversion import convert_checkpoint
+
+    model = train_steps(frozen("gpt2"), steps=2).to(dtype)
+    hf.save_pretrained(model, tmp_path / "fpk")
+    with pytest.warns(UserWarning, match="dense model"):
+        model.save_pretrained(tmp_path / "dense")  # transformers' file: the tied head stored once
+    src = tmp_path / "dense" / "model.safetensors"
+    report = convert_checkpoint(src, tmp_path / "c.fpk", 3)
+    kinds = {t["name"]: t["stored_as"] for t in report["tensors"]}
+    assert kinds["transformer.h.0.attn.c_attn.weight"] == "frozen" and "lm_head.weight" not in kinds
+    assert report["file_bytes"] <= 1.05 * (tmp_path / "fpk" / hf.FPK_NAME).stat().st_size
+    plain = tiny_hf_model("gpt2").to(dtype)
+    freezepack.load_into(plain, tmp_path / "c.fpk")  # strict; the head comes with its tied embedding
+    ids = hf_tokens(seed=8)
+    assert torch.equal(hf_logits(plain.eval(), ids), hf_logits(model, ids))
+    # a .pt of the state dict shares the tied storage: one alias, and lossy values code it once
+    torch.save(freezepack.load(tmp_path / "fpk" / hf.FPK_NAME), tmp_path / "sd.pt")
+    report = convert_checkpoint(tmp_path / "sd.pt", tmp_path / "k.fpk", 3, values="kmeans:4")
+    assert report["ties"] == {"lm_head.weight": "transformer.wte.weight"}
+    back = freezepack.load(tmp_path / "k.fpk")
+    assert back["lm_head.weight"] is back["transformer.wte.weight"]
+    assert {t["name"] for t in report["tensors"] if t.get("values") == "kmeans:4"} >= {
+        "transformer.wte.weight", "transformer.h.0.attn.c_attn.weight"}
+
+
+def test_convert_stores_a_tie_under_the_name_it_was_frozen_with(tmp_path):
+    from safetensors.torch import save_file
+
+    from freezepack.conversion import convert_checkpoint
+
+    model = train_steps(frozen("gpt2"), steps=1)
+    sd = freezepack.load(hf.save_pretrained(model, tmp_path / "m") + "/" + hf.FPK_NAME)
+    save_file({k: v.clone() for k, v in sd.items()}, tmp_path / "both.safetensors")  # sorted: lm_head first
+    report = convert_checkpoint(tmp_path / "both.safetensors", tmp_path / "c.fpk", 3)
+    assert report["ties"] == {"lm_head.weight": "transformer.wte.weight"}
+    kinds = {t["name"]: t["stored_as"] for t in report["tensors"]}
+    assert kinds["transformer.wte.weight"] == "frozen"
+    assert report["file_bytes"] <= 1.05 * (tmp_path / "m" / hf.FPK_NAME).stat().st_size
