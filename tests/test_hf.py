@@ -227,3 +227,14 @@ def test_convert_stores_a_tie_under_the_name_it_was_frozen_with(tmp_path):
     kinds = {t["name"]: t["stored_as"] for t in report["tensors"]}
     assert kinds["transformer.wte.weight"] == "frozen"
     assert report["file_bytes"] <= 1.05 * (tmp_path / "m" / hf.FPK_NAME).stat().st_size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU twin: the directory round trips above)")
+def test_directory_loads_onto_the_gpu_bit_exactly(tmp_path):
+    model = train_steps(frozen("llama"), steps=1)
+    hf.save_pretrained(model, tmp_path / "m")
+    back = hf.from_pretrained(tmp_path / "m", device="cuda")
+    assert back.lm_head.weight.device.type == "cuda" and back.lm_head.weight is back.model.embed_tokens.weight
+    want = freezepack.load(tmp_path / "m" / hf.FPK_NAME)
+    got = back.state_dict()
+    assert all(torch.equal(got[k].cpu(), v) for k, v in want.items())
