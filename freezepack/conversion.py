@@ -10,19 +10,21 @@ proven to reproduce the input bit for bit *before* it replaces anything at the d
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from .api import DEFAULT_VERSION, VALUES_KEY, encode_record, load, tensor_bytes
+from .api import open as fpk_open
 from .checkpoint import SHARED_KEY, find_state_dict, find_ties, shared_from_metadata
 from .errors import FormatError, FreezepackError, IntegrityError, UsageError
-from .format import container, maskcode
-from .format.container import Entry, check_regular_file
+from .format.dtypes import TORCH_DTYPES
+from .format.framing import sniff
 from .format.init import InitSpec, generate, make_init
+from .format.io import atomic_write, check_regular_file
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import check_seed
+from .format.strictjson import valid_text
 
 # Below this share of float32 elements explained by the initializer, a conversion almost surely used the wrong
 # seed or initializer: the file is still exact, but the user should hear why it is not small.
@@ -44,7 +46,7 @@ def _check_state_dict(obj, path, key: str | None = None) -> dict[str, torch.Tens
     if not obj:
         raise FormatError("checkpoint holds no tensors: nothing to convert", path=path)
     for k, v in obj.items():
-        if not container._valid_text(k) or not k or k == "__metadata__":
+        if not valid_text(k) or not k or k == "__metadata__":
             raise FormatError(f"tensor name {k!r} cannot be stored (empty, reserved or not valid Unicode)",
                               path=path)
         if v.layout != torch.strided:
@@ -55,13 +57,7 @@ def _check_state_dict(obj, path, key: str | None = None) -> dict[str, torch.Tens
     return obj
 
 
-def _storable():
-    from .api import TORCH_DTYPES
-
-    return set(TORCH_DTYPES.values())
-
-
-_STORABLE = _storable()
+_STORABLE = set(TORCH_DTYPES.values())
 
 
 def read_dense_checkpoint(path, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -82,7 +78,7 @@ def read_checkpoint(path, key: str | None = None):
         raise FormatError("is empty (0 bytes): not a checkpoint", path=path)
     with open(path, "rb") as f:
         head = f.read(16)
-    if path.endswith((".pt", ".pth", ".bin")) or head[:2] == b"PK" or container.sniff(head):
+    if path.endswith((".pt", ".pth", ".bin")) or head[:2] == b"PK" or sniff(head):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad archive; never unpickle anything unsafe
@@ -90,8 +86,6 @@ def read_checkpoint(path, key: str | None = None):
         sd = _check_state_dict(obj, path, key)
         return sd, {}, find_ties(sd, by_bytes=False)
     try:
-        from .api import open as fpk_open
-
         with fpk_open(path) as f:
             meta = f.metadata()
         sd = _check_state_dict(load(path), path)
@@ -151,50 +145,10 @@ def _likely_scale(t: torch.Tensor, regen: torch.Tensor) -> float | None:
     return s if s not in (0.0, 1.0) and int(counts.max()) * 2 > ratio.numel() // 10 else None
 
 
-def _header_cost(entry: Entry, parts: dict[str, tuple[str, int]]) -> int:
-    """Header bytes one tensor adds to a file: its entry and its stored parts in the freezepack header (which
-    sits escaped inside a JSON string, so every quote costs two bytes), and the parts' safetensors entries."""
-    big = 1 << 40  # offsets of a typical width; a few bytes either way do not change a choice
-    inner = container.canonical_json(entry.to_json()) + "".join(
-        container.canonical_json({k: {"dtype": dt, "shape": [n], "data_offsets": [big, big], "sha256": "0" * 64}})
-        for k, (dt, n) in parts.items())
-    outer = "".join(container.canonical_json({k: {"dtype": dt, "shape": [n], "data_offsets": [big, big]}})
-                    for k, (dt, n) in parts.items())
-    return len(json.dumps(inner)) - 2 + len(outer) + 2 * len(parts)
-
-
-def whole_cost(name: str, t: torch.Tensor) -> int:
-    from .api import DTYPE_NAMES
-
-    dtype = DTYPE_NAMES[t.dtype]
-    e = Entry(name, "whole", tuple(t.shape), dtype, "0" * 64, data=name)
-    return t.numel() * t.element_size() + _header_cost(e, {name: (dtype, t.numel())})
-
-
-def frozen_cost(name: str, ft: FrozenTensor) -> int:
-    """File bytes of ``ft`` stored frozen, with the mask coded exactly as the writer will code it."""
-    from .api import DTYPE_NAMES
-
-    coded = maskcode.encode(ft.mask.numpy())
-    k = coded.ones
-    dtype, size = DTYPE_NAMES[ft.values.dtype], ft.values.element_size()
-    e = Entry(name, "frozen", tuple(ft.mask.shape), dtype, "0" * 64, init=ft.init, frozen_scale=ft.frozen_scale,
-              trainable=k, coder=coded.coder, coder_params=dict(coded.params),
-              mask=name + container.MASK_SUFFIX if coded.payload.size else None,
-              values=name + container.VALUES_SUFFIX if k else None)
-    parts = {}
-    if e.mask:
-        parts[e.mask] = ("U32", int(coded.payload.size))
-    if e.values:
-        parts[e.values] = (dtype, k)
-    return coded.nbytes + size * k + _header_cost(e, parts)
-
-
 def _cheaper_frozen(name: str, ft: FrozenTensor, t: torch.Tensor, seed: int, version: int | None) -> bool:
-    """Is ``ft`` (frozen) smaller in a file than ``t`` (whole)? v1: the cost model above; v2 codes values and
-    masks adaptively, so both forms are encoded for real (one-tensor files: the fixed overhead cancels out)."""
-    if (DEFAULT_VERSION if version is None else version) == 1:
-        return frozen_cost(name, ft) < whole_cost(name, t)
+    """Is ``ft`` (frozen) smaller in a file than ``t`` (whole)? Both forms are encoded for real by the version's
+    writer (one-tensor files: the fixed overhead cancels out), so no version's cost model is restated here."""
+    version = DEFAULT_VERSION if version is None else version
     as_frozen = sum(map(len, encode_record(FreezeRecord(seed=seed, frozen={name: ft}), version=version)))
     as_whole = sum(map(len, encode_record(FreezeRecord(seed=seed, whole={name: t}), version=version)))
     return as_frozen < as_whole
@@ -329,7 +283,7 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
     sd, source_meta, ties = read_checkpoint(src, key)
     meta = {**source_meta, **(metadata or {})}
     for k, v in meta.items():
-        if not (isinstance(k, str) and isinstance(v, str) and container._valid_text(k) and container._valid_text(v)):
+        if not (isinstance(k, str) and isinstance(v, str) and valid_text(k) and valid_text(v)):
             raise UsageError(f"metadata {k!r}={v!r} is not valid Unicode text")
     rec, rows = convert_record(sd, seed, init, inits, progress, version, ties)
     expected = dict(sd)
@@ -357,7 +311,7 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
                 raise IntegrityError("not written: the converted file does not reproduce the checkpoint",
                                      path=dst, tensor=name)
 
-    container.atomic_write(dst, chunks, validate=prove, make_parents=make_parents)
+    atomic_write(dst, chunks, validate=prove, make_parents=make_parents)
     dense = sum(v.numel() * v.element_size() for n, v in sd.items() if n not in rec.aliases)
     return {"source": os.fspath(src), "output": os.fspath(dst), "seed": int(seed), "tensors": rows,
             "dense_bytes": dense, "file_bytes": size, "compression_factor": dense / size if size else 0.0,

@@ -159,7 +159,7 @@ def from_pretrained(path, model_class=None, *, device=None, freezenet: bool = Fa
     with safe_open(fpk) as f:
         meta = f.metadata()
         dtype = _file_dtype(f)
-        dtypes = {name: f.entry(name).dtype for name in f.keys()}
+        dtypes = {name: f.entry(name).dtype for name in f.keys() if f.entry(name).kind != "alias"}
     config_json = os.path.join(path, "config.json") if os.path.isdir(path) else None
     if config_json is not None and os.path.isfile(config_json):  # the directory's config (a user may edit it)
         with open(config_json, encoding="utf-8") as cf:

@@ -12,9 +12,10 @@ import struct
 import numpy as np
 import torch
 
-from .format import container
 from .format.init import make_init
 from .format.record import FreezeRecord, FrozenTensor
+from .format.strictjson import canonical_json
+from .format.v1.layout import HEADER_DIGEST_KEY, HEADER_KEY
 
 
 def random_mask(shape, q: float, gen: torch.Generator) -> torch.Tensor:
@@ -68,7 +69,7 @@ def split_file(data: bytes):
     """(outer header dict, inner header dict, tensor data bytes) of an .fpk."""
     n = struct.unpack("<Q", data[:8])[0]
     outer = json.loads(data[8:8 + n])
-    inner = json.loads(outer["__metadata__"][container.HEADER_KEY])
+    inner = json.loads(outer["__metadata__"][HEADER_KEY])
     return outer, inner, data[8 + n:]
 
 
@@ -78,12 +79,12 @@ def rewrite(data: bytes, edit_inner=None, edit_outer=None) -> bytes:
     outer, inner, body = split_file(data)
     if edit_inner:
         edit_inner(inner)
-    text = container.canonical_json(inner)
-    outer["__metadata__"] = {container.HEADER_KEY: text,
-                             container.HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    text = canonical_json(inner)
+    outer["__metadata__"] = {HEADER_KEY: text,
+                             HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
     if edit_outer:
         edit_outer(outer)
-    head = container.canonical_json(outer).encode()
+    head = canonical_json(outer).encode()
     head += b" " * (-(8 + len(head)) % 8)
     return struct.pack("<Q", len(head)) + head + body
 
@@ -91,9 +92,9 @@ def rewrite(data: bytes, edit_inner=None, edit_outer=None) -> bytes:
 def with_inner_text(data: bytes, inner_text: str) -> bytes:
     """Put an arbitrary (already canonical) inner header text into a file, signed and canonically wrapped."""
     outer, _, body = split_file(data)
-    outer["__metadata__"] = {container.HEADER_KEY: inner_text,
-                             container.HEADER_DIGEST_KEY: hashlib.sha256(inner_text.encode()).hexdigest()}
-    head = container.canonical_json(outer).encode()
+    outer["__metadata__"] = {HEADER_KEY: inner_text,
+                             HEADER_DIGEST_KEY: hashlib.sha256(inner_text.encode()).hexdigest()}
+    head = canonical_json(outer).encode()
     head += b" " * (-(8 + len(head)) % 8)
     return struct.pack("<Q", len(head)) + head + body
 

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from freezepack.api import encode_record
-from freezepack.format import container
+from freezepack.format import strictjson
 from freezepack.testing import rewrite, small_record, split_file, with_inner_text
 
 
@@ -28,7 +28,7 @@ def _entry(inner, name):
 def x_member(data: bytes, json_text: str) -> bytes:
     """A top-level ``x-pad`` member holding ``json_text`` ('x-' sorts after every other header key)."""
     _, inner, _ = split_file(data)
-    text = container.canonical_json(inner)
+    text = strictjson.canonical_json(inner)
     return with_inner_text(data, text[:-1] + ',"x-pad":' + json_text + "}")
 
 

@@ -266,3 +266,31 @@ def test_file_too_large_is_one_line_naming_the_path(fpk, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"1 error: {dst}: cannot write: File too large"), r.stdout
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_inspect_escapes_terminal_control_in_names_and_metadata(tmp_path, version):
+    """A crafted file must not drive the terminal: ESC (clear screen, window title), C1 CSI, BEL, bidi override
+    in tensor names, an alias target and metadata are shown escaped, as --json and verify already do."""
+    from freezepack.format.init import make_init
+    from freezepack.format.record import FreezeRecord, FrozenTensor
+
+    evil = "w\x1b[2J\x1b]0;owned\x07\x9b31m\u202e"
+    rec = FreezeRecord(seed=1)
+    m = torch.zeros(4, 5, dtype=torch.bool)
+    m[1, 2] = True
+    rec.frozen[evil] = FrozenTensor(make_init("xavier_normal", (4, 5)), m, torch.ones(1))
+    rec.whole["b\x1bc"] = torch.zeros(3)
+    rec.aliases["tied\x1b[1m"] = evil
+    p = tmp_path / "evil.fpk"
+    freezepack.save(p, rec, {"k\x1b[31m": "v\x1b]2;title\x07", "plain": "caf\u00e9 \\ ok"}, version=version)
+    r = run("inspect", p)
+    assert r.exit_code == 0, r.output
+    for bad in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert bad not in r.output
+    assert "w\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\u202e" in r.output  # shown, escaped, not hidden
+    assert "metadata k\\x1b[31m = v\\x1b]2;title\\x07" in r.output
+    assert "= w\\x1b[2J" in r.output and "b\\x1bc" in r.output
+    assert "metadata plain = caf\u00e9 \\\\ ok" in r.output  # printable non-ASCII stays; a backslash is doubled
+    info = json.loads(run("inspect", "--json", p).output)
+    assert evil in {t["name"] for t in info["tensors"]}  # --json keeps the exact text (JSON-escaped)

@@ -65,3 +65,14 @@ def test_user_model_errors_are_one_line(tmp_path, monkeypatch):
                       ("lenet9", "unknown model")]:
         res = CliRunner().invoke(cli, ["train", "--model", spec, "--epochs", "1"])
         assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, (spec, res.output)
+
+
+def test_help_and_readme_say_module_class_runs_user_code():
+    """--model module:Class imports (executes) a module: the option's help and the README must say so."""
+    import os
+    import re
+
+    text = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
+    assert "IMPORTS AND RUNS that module's code" in text and "only code you trust" in text
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    assert re.search(r"module:Class\):\s+#\s+imports and runs mypkg\.nets \(trusted code only\)", readme)

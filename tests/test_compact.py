@@ -2,6 +2,7 @@
 against v1, corruption and hostile headers."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import struct
@@ -15,10 +16,15 @@ import freezepack
 from freezepack import api
 from freezepack.api import encode_record
 from freezepack.errors import FormatError, FreezepackError, IntegrityError
-from freezepack.format import compact, container, entropy, maskcode
-from freezepack.format.container import Entry, FpkReader, Header
+from freezepack.format import entropy, maskcode, model
+from freezepack.format import io as fpio
+from freezepack.format.base import mask_indices
 from freezepack.format.init import InitSpec, generate, make_init
+from freezepack.format.model import AliasEntry, FrozenEntry, Header, WholeEntry
+from freezepack.format.reader import open_file
 from freezepack.format.record import FreezeRecord, FrozenTensor
+from freezepack.format.v2 import wire
+from freezepack.format.v2 import writer as v2_writer
 from freezepack.testing import record_for, small_record
 from tests.test_maskcode import reference_ans_start
 
@@ -68,7 +74,7 @@ def test_v2_loads_bit_exactly_what_v1_loads(tmp_path, rec):
     assert p2.stat().st_size < p1.stat().st_size
     info = freezepack.inspect(p2)
     assert info["format_version"] == 2 and info["file_bytes"] == p2.stat().st_size
-    with FpkReader(p2) as r:
+    with open_file(p2) as r:
         assert r.header.version == 2 and r.header.seed == rec.seed
 
 
@@ -80,7 +86,7 @@ def test_v2_is_a_valid_safetensors_file_and_deterministic(tmp_path):
         assert list(f.keys()) == ["freezepack"] and f.metadata() == {"freezepack": "2"}
         body = f.get_tensor("freezepack")
     assert body.dtype == torch.uint8 and body.numpy().tobytes() == p.read_bytes()[-body.numel():]
-    assert (len(compact.outer_header(body.numel())) % 8) == 0
+    assert (len(wire.outer_header(body.numel())) % 8) == 0
     assert freezepack.open(p).metadata() == {"task": "t\u00e9st"}
 
 
@@ -96,15 +102,13 @@ def _frozen_entry(name, shape, dtype, seed, mask, init, scale=1.0, stream=None):
     vals = torch.arange(k, dtype=torch.float32).mul(0.01).to(tdt)
     dense[torch.from_numpy(np.flatnonzero(mask))] = vals
     coded = maskcode.encode(mask)
-    e = Entry(name, "frozen", shape, dtype, api.digest(dense), stream=stream, init=init, frozen_scale=scale,
-              trainable=k, coder=coded.coder, coder_params=dict(coded.params))
+    e = FrozenEntry(name, shape, dtype, api.digest(dense), init, scale, k, coded.coder, dict(coded.params),
+                    int(coded.payload.size), stream)
     blobs = {}
-    if coded.payload.size:
-        e.mask = name + "#mask"
-        blobs[e.mask] = ("U32", (coded.payload.size,), coded.payload.astype("<u4").tobytes())
-    if k:
-        e.values = name + "#values"
-        blobs[e.values] = (dtype, (k,), bytes(api.tensor_bytes(vals)))
+    if e.mask_key:
+        blobs[e.mask_key] = ("U32", (coded.payload.size,), coded.payload.astype("<u4").tobytes())
+    if e.values_key:
+        blobs[e.values_key] = (dtype, (k,), bytes(api.tensor_bytes(vals)))
     assert n == mask.size
     return e, blobs, dense
 
@@ -138,39 +142,38 @@ def test_every_v2_feature_round_trips_at_the_container_level(tmp_path):
     for name, t in wholes.items():
         raw = bytes(api.tensor_bytes(t))
         blobs[name] = (api.DTYPE_NAMES[t.dtype], tuple(t.shape), raw)
-        entries.append(Entry(name, "whole", tuple(t.shape), api.DTYPE_NAMES[t.dtype], hashlib.sha256(raw).hexdigest(),
-                             data=name))
-    entries.append(Entry("tied.weight", "alias", (40, 50), "F32", entries[0].sha256, of="f32.weight"))
+        entries.append(WholeEntry(name, tuple(t.shape), api.DTYPE_NAMES[t.dtype], hashlib.sha256(raw).hexdigest()))
+    entries.append(AliasEntry("tied.weight", "f32.weight"))
     meta = {"b": "2", "a": "caf\u00e9 \U0001f600", "\u00e9": ""}
-    h = Header(seed=seed, entries=entries, metadata=meta, producer="test 1")
+    h = Header(seed=seed, entries=tuple(entries), metadata=meta, producer="test 1")
     p = tmp_path / "all.fpk"
-    container.atomic_write(p, compact.encode_file(h, blobs))
-    with FpkReader(p) as r:
+    fpio.atomic_write(p, v2_writer.encode_file(h, blobs))
+    with open_file(p) as r:
         g = r.header
         assert (g.version, g.seed, g.metadata, g.producer, g.generator) == (2, seed, meta, "test 1", h.generator)
         assert [e.name for e in g.entries] == [e.name for e in entries]
         for want, got in zip(entries, g.entries):
-            assert (got.kind, got.shape, got.dtype, got.of) == (want.kind, want.shape, want.dtype, want.of)
+            assert type(got) is type(want) and g.target(got).name == h.target(want).name
+            if want.kind != "alias":
+                assert (got.shape, got.dtype) == (want.shape, want.dtype)
             if want.kind == "whole":
-                assert bytes(r.read_bytes(got.data)) == blobs[want.data][2]
+                assert bytes(r.whole_bytes(got)) == blobs[want.data_key][2]
             elif want.kind == "frozen":
                 assert got.init == want.init and got.init.params == want.init.params
                 assert (got.stream_key, got.frozen_scale, got.trainable) == (want.stream_key, want.frozen_scale,
                                                                              want.trainable)
-                assert got.sha256 == want.sha256[:32] and container.digest_ok(got.sha256, want.sha256)
-                if want.values:
-                    assert bytes(r.read_bytes(got.values)) == blobs[want.values][2]
-                words = r.read_array(got.mask, "<u4") if got.mask else np.zeros(0, np.uint32)
+                assert got.sha256 == want.sha256[:32] and model.digest_ok(got.sha256, want.sha256)
+                if want.values_key:
+                    assert bytes(r.values_bytes(got)) == blobs[want.values_key][2]
+                words = r.mask_words(got)
                 keys = entropy.context_keys(generate(got.init, got.shape, seed, got.stream_key).numpy())
-                idx = compact.mask_indices(got, words, keys)
-                want_idx = maskcode.decode_indices(want.coder, want.numel, want.trainable, want.coder_params,
-                                                   np.frombuffer(blobs[want.mask][2], "<u4") if want.mask else
-                                                   np.zeros(0, np.uint32))
+                idx = r.mask_indices(got, words, keys)
+                want_idx = maskcode.decode_indices(want.coder, want.numel, want.trainable, dict(want.coder_params),
+                                                   np.frombuffer(blobs[want.mask_key][2], "<u4") if want.mask_key
+                                                   else np.zeros(0, np.uint32))
                 assert np.array_equal(idx, want_idx)
-            else:
-                assert got.sha256 == g.entries[0].sha256
     # the same model written again gives the same bytes
-    assert b"".join(compact.encode_file(h, blobs)) == p.read_bytes()
+    assert b"".join(v2_writer.encode_file(h, blobs)) == p.read_bytes()
 
 
 def test_api_round_trip_of_frozen_scale_and_empty_and_scalar_tensors(tmp_path):
@@ -220,7 +223,7 @@ def test_integer_models_are_what_constriction_codes_with():
 def test_ctx_masks_never_lose_to_v1_and_win_on_snip_masks(kind, q):
     shape = (60, 200)
     init = make_init("xavier_normal", shape)
-    e = Entry("w", "frozen", shape, "F32", "", init=init)
+    e = FrozenEntry("w", shape, "F32", "0" * 64, init)
     w = generate(init, shape, 5, "w").numpy().reshape(-1)
     rng = np.random.default_rng(int(q * 1000))
     n = w.size
@@ -228,14 +231,14 @@ def test_ctx_masks_never_lose_to_v1_and_win_on_snip_masks(kind, q):
     score = rng.random(n) if kind == "random" else np.abs(w) * rng.lognormal(0, 0.5, n)
     mask = np.zeros(n, bool)
     mask[np.argsort(-score)[:k]] = True
-    head, payload, coder, params = compact._best_mask(e, mask, 5)
+    head, payload, coder, params = v2_writer._best_mask(e, mask, 5)
     v1 = maskcode.encode(mask)
     assert len(head) + len(payload) <= v1.nbytes + 16
     if kind == "snip" and q <= 0.99:
         assert coder == "ans-ctx" and len(head) + len(payload) < 0.85 * maskcode.entropy_bytes(n, k)
     keys = entropy.context_keys(w)
-    e.coder, e.coder_params, e.trainable = coder, params, k
-    assert np.array_equal(compact.mask_indices(e, np.frombuffer(payload, "<u4"), keys), np.flatnonzero(mask))
+    e = dataclasses.replace(e, coder=coder, coder_params=params, trainable=k, mask_words=len(payload) // 4)
+    assert np.array_equal(mask_indices(e, np.frombuffer(payload, "<u4"), keys), np.flatnonzero(mask))
 
 
 @pytest.mark.parametrize("elem", [1, 2, 4, 8])
@@ -250,13 +253,13 @@ def test_plane_values_round_trip(elem):
     zeros = bytes(4 * 580)  # zero biases: every plane is one symbol, no payload at all
     tables, payload = entropy.encode_planes(zeros, 4)
     assert payload == b"" and bytes(entropy.decode_planes(580, 4, tables, payload)) == zeros
-    head, payload, coder = compact._value_block(zeros, "F32")
+    head, payload, coder = v2_writer._value_block(zeros, "F32")
     assert coder == "codebook" and len(head) + len(payload) < 16  # one table entry, no stream
 
 
 def test_trained_like_values_cost_less_than_085_of_raw():
     v = (np.random.default_rng(0).standard_normal(20000) * 0.05).astype(np.float32).tobytes()
-    head, payload, coder = compact._value_block(v, "F32")
+    head, payload, coder = v2_writer._value_block(v, "F32")
     assert coder == "planes" and len(head) + len(payload) < 0.85 * len(v)
 
 
@@ -320,7 +323,7 @@ def test_flip_sampled_bytes_of_a_v2_file(tmp_path, v2file):
 def _resigned(data: bytes, rest: bytes) -> bytes:
     """A v2 file whose body is ``rest``, correctly digested: only the semantic checks can refuse it."""
     body = hashlib.sha256(rest).digest() + rest
-    return compact.outer_header(len(body)) + body
+    return wire.outer_header(len(body)) + body
 
 
 def _rest(data: bytes) -> bytes:
@@ -332,13 +335,13 @@ def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):
     data, want = v2file
     rest = _rest(data)
     p = tmp_path / "h.fpk"
-    o = compact._Out()
+    o = wire.Out()
     o.u8(0)
     o.var(1)
     o.str("x")
     o.var(0)
     o.var(1)
-    compact._name_out(o, b"", "w")
+    wire.name_out(o, b"", "w")
     o.u8(0)        # whole
     o.u8(3)        # F32
     o.var(2)
@@ -403,6 +406,10 @@ import os  # noqa: E402
 
 VECTORS = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "fpk")
 MANIFEST_V2 = json.load(open(os.path.join(VECTORS, "manifest_v2.json")))
+# the third set (FORMAT.md §11.1): version-2 items of manifest_rules.json, in the same form
+RULES = json.load(open(os.path.join(VECTORS, "manifest_rules.json")))
+RULES_V2 = [v for v in RULES["valid"] if v["version"] == 2]
+RULES_V2_INVALID = [v for v in RULES["invalid"] if v["version"] == 2]
 
 
 def _spec_v2_read(path) -> dict[str, bytes]:
@@ -635,15 +642,21 @@ def _spec_v2_read(path) -> dict[str, bytes]:
                 for i in members:
                     mask[i] = c == s if c in (0, s) else bool(st.pop([cdf1(s, c), (1 << 24) - cdf1(s, c)]))
             st.done()
-        if e["scale"] != 1.0:
-            g = (g * np.float32(e["scale"])).astype(np.float32)
-        if e["dtype"] == 3:
-            dense = g.view(np.uint8).copy().reshape(n, 4)
-        elif e["dtype"] == 6:
-            dense = g.astype(np.float16).view(np.uint8).reshape(n, 2).copy()
-        else:  # BF16: round to nearest even on the f32 bits
-            u = g.view(np.uint32).astype(np.uint64)
-            dense = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").view(np.uint8).reshape(n, 2).copy()
+        def round_to(x, code=e["dtype"]):  # R of §5.3: f32 -> the dtype, round to nearest even, overflow to +-inf
+            if code == 3:
+                return x.astype(np.float32)
+            if code == 6:
+                with np.errstate(over="ignore"):
+                    return x.astype(np.float16)
+            u = x.view(np.uint32).astype(np.uint64)  # BF16: round to nearest even on the f32 bits
+            return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+
+        d = round_to(g)
+        if e["scale"] != 1.0:  # R(f32(R(G) x frozen_scale)): G is rounded to the dtype first (§5.3, §12.5)
+            wide = (d.astype(np.uint32) << 16).view(np.float32) if e["dtype"] == 7 else d.astype(np.float32)
+            with np.errstate(over="ignore"):
+                d = round_to(wide * np.float32(e["scale"]))
+        dense = d.view(np.uint8).reshape(n, -1).copy()
         if k:
             vals = np.frombuffer(value_bytes(e["block"], take(e["block"][1])), np.uint8).reshape(k, -1)
             dense[np.flatnonzero(mask)] = vals
@@ -657,7 +670,7 @@ def _spec_v2_read(path) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("v", MANIFEST_V2["valid"], ids=lambda v: v["file"])
+@pytest.mark.parametrize("v", MANIFEST_V2["valid"] + RULES_V2, ids=lambda v: v["file"])
 def test_v2_vectors_decode_by_the_spec_alone_and_by_freezepack(v):
     from safetensors.torch import load_file
 
@@ -668,13 +681,24 @@ def test_v2_vectors_decode_by_the_spec_alone_and_by_freezepack(v):
     assert set(got) == set(want)
     for name, t in want.items():
         assert got[name] == bytes(api.tensor_bytes(t)), name
-    with FpkReader(path) as r:
-        plain = all(e.kind != "alias" and e.dtype == "F32" for e in r.header.entries if e.kind != "whole")
+    with open_file(path) as r:
+        plain = all(e.kind == "frozen" and e.dtype == "F32" for e in r.header.entries if e.kind != "whole")
     if plain:  # what api.load supports today: F32 frozen tensors, no aliases
         _same({k: want[k] for k in freezepack.load(path)}, freezepack.load(path))
 
 
-@pytest.mark.parametrize("v", MANIFEST_V2["invalid"], ids=lambda v: v["file"])
+@pytest.mark.parametrize("v", RULES_V2, ids=lambda v: v["file"])
+def test_rule_vectors_load_with_freezepack_f16_bf16_and_aliases_included(v):
+    from safetensors.torch import load_file
+
+    want = load_file(os.path.join(VECTORS, v["dense"]))
+    got = freezepack.load(os.path.join(VECTORS, v["file"]))
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and bytes(api.tensor_bytes(got[name])) == bytes(api.tensor_bytes(t)), name
+
+
+@pytest.mark.parametrize("v", MANIFEST_V2["invalid"] + RULES_V2_INVALID, ids=lambda v: v["file"])
 def test_invalid_v2_vectors_are_rejected_for_their_reason(v):
     import freezepack.errors as errors
 
@@ -684,16 +708,16 @@ def test_invalid_v2_vectors_are_rejected_for_their_reason(v):
 
 def test_v2_vectors_cover_every_coder():
     coders = {c for v in MANIFEST_V2["valid"] for c in v["coders"]}
-    assert coders == set(compact.MASK_CODERS)
+    assert coders == set(wire.MASK_CODERS)
     values = {c.split(":")[0] for v in MANIFEST_V2["valid"] for c in v["value_coders"]}
-    assert values == set(compact.VALUE_CODERS)
+    assert values == set(wire.VALUE_CODERS)
     shown = {c for v in MANIFEST_V2["valid"] for c in v["value_coders"]}
     assert {"cast:BF16+planes", "cast:F16+planes", "codebook:1"} <= shown
-    with FpkReader(os.path.join(VECTORS, "v2_ctx.fpk")) as r:
+    with open_file(os.path.join(VECTORS, "v2_ctx.fpk")) as r:
         e = r.header.entries[0]
         assert e.coder == "ans-ctx" and e.coder_params["flags"] == 3
-        assert {p[0] for p in r._v2.parts.values()} >= {"planes", "mask"}
-    with FpkReader(os.path.join(VECTORS, "v2_features.fpk")) as r:
-        kinds = {(e.kind, e.dtype) for e in r.header.entries}
+        assert {p[0] for p in r.parts.values()} >= {"planes", "mask"}
+    with open_file(os.path.join(VECTORS, "v2_features.fpk")) as r:
+        kinds = {(e.kind, r.header.target(e).dtype) for e in r.header.entries}
         assert {("frozen", "F16"), ("frozen", "BF16"), ("alias", "F32")} <= kinds
-        assert {p[0] for p in r._v2.parts.values()} >= {"planes", "raw"}
+        assert {p[0] for p in r.parts.values()} >= {"planes", "raw"}

@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 import freezepack
 from freezepack.api import encode_record
 from freezepack.errors import FormatError, FreezepackError, IntegrityError, SpecError, UsageError
-from freezepack.format import container
+from freezepack.format import dtypes, framing, maskcode, model, strictjson
+from freezepack.format import io as fpio
+from freezepack.format.v1 import layout as v1_layout
 from freezepack.testing import record_for, rewrite, small_record, split_file
 
 
@@ -30,7 +32,7 @@ def test_is_a_valid_safetensors_file(fpk):
         assert torch.equal(f.get_tensor("half"), rec.whole["half"])
         assert torch.equal(f.get_tensor("conv.weight#values"), rec.frozen["conv.weight"].values)
         meta = f.metadata()
-    inner = json.loads(meta[container.HEADER_KEY])
+    inner = json.loads(meta[v1_layout.HEADER_KEY])
     assert inner["format"] == "freezepack" and inner["version"] == 1 and inner["metadata"] == {"task": "test"}
 
 
@@ -47,13 +49,13 @@ def test_layout_is_aligned_and_canonical(fpk):
     assert (8 + n) % 8 == 0
     text = data[8:8 + n].decode("ascii")
     outer = json.loads(text)
-    assert text.rstrip(" ") == container.canonical_json(outer)
-    inner_text = outer["__metadata__"][container.HEADER_KEY]
-    assert inner_text == container.canonical_json(json.loads(inner_text))
+    assert text.rstrip(" ") == strictjson.canonical_json(outer)
+    inner_text = outer["__metadata__"][v1_layout.HEADER_KEY]
+    assert inner_text == strictjson.canonical_json(json.loads(inner_text))
     spans = sorted((v["data_offsets"], v["dtype"]) for k, v in outer.items() if k != "__metadata__")
     pos = 0
     for (start, end), dtype in spans:
-        assert start == pos and start % container.DTYPE_SIZES[dtype] == 0
+        assert start == pos and start % dtypes.DTYPE_SIZES[dtype] == 0
         pos = end
     assert 8 + n + pos == len(data)
 
@@ -156,7 +158,7 @@ def test_huge_declared_sizes_are_refused_before_allocating(fpk):
     # explicit limits let a reader be stricter still
     fpk.write_bytes(data)
     with pytest.raises(FormatError, match="limit"):
-        freezepack.load(fpk, limits=container.Limits(max_tensor_elements=100))
+        freezepack.load(fpk, limits=model.Limits(max_tensor_elements=100))
 
 
 def test_corrupted_header_digest_and_data(fpk):
@@ -176,7 +178,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(container.os, "replace", boom)
+    monkeypatch.setattr(fpio.os, "replace", boom)
     with pytest.raises(OSError):
         freezepack.save(p, record_for({"w": (5, 5)}, 0.5), version=1)
     assert p.read_bytes() == before
@@ -211,9 +213,13 @@ def test_every_error_names_the_file(fpk):
 
 VECTORS = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "fpk")
 MANIFEST = json.load(open(os.path.join(VECTORS, "manifest.json")))
+# the third set (FORMAT.md §11.1): version-1 items of manifest_rules.json, in the same form
+RULES = json.load(open(os.path.join(VECTORS, "manifest_rules.json")))
+RULES_V1 = [v for v in RULES["valid"] if v["version"] == 1]
+RULES_V1_INVALID = [v for v in RULES["invalid"] if v["version"] == 1]
 
 
-@pytest.mark.parametrize("v", MANIFEST["valid"], ids=lambda v: v["file"])
+@pytest.mark.parametrize("v", MANIFEST["valid"] + RULES_V1, ids=lambda v: v["file"])
 def test_valid_vectors_decode_to_their_dense_tensors(v):
     import hashlib
 
@@ -232,7 +238,7 @@ def test_valid_vectors_decode_to_their_dense_tensors(v):
     assert coders == set(v["coders"])
 
 
-@pytest.mark.parametrize("v", MANIFEST["invalid"], ids=lambda v: v["file"])
+@pytest.mark.parametrize("v", MANIFEST["invalid"] + RULES_V1_INVALID, ids=lambda v: v["file"])
 def test_invalid_vectors_are_rejected_for_their_reason(v):
     import freezepack.errors as errors
 
@@ -251,7 +257,7 @@ def test_vector_tool_reproduces_the_committed_files():
 
 
 def test_every_coder_and_dtype_is_covered_by_the_vectors():
-    assert {c for v in MANIFEST["valid"] for c in v["coders"]} == set(container.maskcode.CODERS)
+    assert {c for v in MANIFEST["valid"] for c in v["coders"]} == set(maskcode.CODERS)
     seen = {"whole": set(), "frozen": set(), "alias": set(), "features": set()}
     for v in MANIFEST["valid"]:
         _, inner, _ = split_file(open(os.path.join(VECTORS, v["file"]), "rb").read())
@@ -262,15 +268,15 @@ def test_every_coder_and_dtype_is_covered_by_the_vectors():
                                                            and t["mask"]["tensor"] is None else set())
                 seen["features"] |= {"scalar"} if t["shape"] == [] else {"empty"} if 0 in t["shape"] else set()
             seen["features"] |= {"x-"} if any(k.startswith("x-") for k in t) else set()
-    assert seen["whole"] == set(container.DTYPE_SIZES)
-    assert seen["frozen"] == set(container.FROZEN_DTYPES) and seen["alias"]
+    assert seen["whole"] == set(dtypes.DTYPE_SIZES)
+    assert seen["frozen"] == set(dtypes.FROZEN_DTYPES) and seen["alias"]
     assert seen["features"] == {"stream", "empty-stream", "scalar", "empty", "x-"}
     reasons = {v["reason"] for v in MANIFEST["invalid"]}
     assert {"BOOL", "zero-length mask", "surrogate", "integer", "JSON float", "pickle"} <= reasons
 
 
 def _spec_only_read(path):
-    """A reader written from spec/FORMAT.md alone (plus the RNG spec's numpy reference): no freezepack.format.container,
+    """A reader written from spec/FORMAT.md alone (plus the RNG spec's numpy reference): no freezepack.format reader,
     no freezepack.format.maskcode, no constriction. It decoding every vector proves the spec is complete."""
     import hashlib
     import math
@@ -298,7 +304,8 @@ def _spec_only_read(path):
         if dtype == "F32":
             return a32.astype(np.float32)
         if dtype == "F16":
-            return a32.astype(np.float16)
+            with np.errstate(over="ignore"):  # beyond 65504 + 16: +-inf, as IEEE rounding says
+                return a32.astype(np.float16)
         u = a32.astype(np.float32).view(np.uint32).astype(np.uint64)
         return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
@@ -320,7 +327,8 @@ def _spec_only_read(path):
                         t.get("stream", t["name"])).reshape(-1)
         dense = round_to(g, dtype)
         if t["frozen_scale"] != 1.0:
-            dense = round_to(widen(dense, dtype) * np.float32(t["frozen_scale"]), dtype)
+            with np.errstate(over="ignore"):
+                dense = round_to(widen(dense, dtype) * np.float32(t["frozen_scale"]), dtype)
         m = t["mask"]
         words = np.frombuffer(stored(m["tensor"]), "<u4") if m["tensor"] else np.zeros(0, np.uint32)
         if m["coder"] == "const":
@@ -341,7 +349,7 @@ def _spec_only_read(path):
     return out
 
 
-@pytest.mark.parametrize("v", MANIFEST["valid"], ids=lambda v: v["file"])
+@pytest.mark.parametrize("v", MANIFEST["valid"] + RULES_V1, ids=lambda v: v["file"])
 def test_a_reader_written_from_the_spec_alone_decodes_the_vectors(v):
     from safetensors.torch import load_file
 
@@ -368,8 +376,8 @@ def test_lone_surrogates_are_refused_not_crashed(fpk):
             freezepack.load(fpk)
     # in the outer header: the inner text itself holds a raw surrogate
     outer, inner, body = split_file(data)
-    outer["__metadata__"]["freezepack"] = container.canonical_json(inner)[:-1] + ',"x-a":"\ud800"}'
-    head = container.canonical_json(outer).encode()
+    outer["__metadata__"]["freezepack"] = strictjson.canonical_json(inner)[:-1] + ',"x-a":"\ud800"}'
+    head = strictjson.canonical_json(outer).encode()
     head += b" " * (-(8 + len(head)) % 8)
     fpk.write_bytes(struct.pack("<Q", len(head)) + head + body)
     with pytest.raises(FormatError, match="surrogate|not ASCII"):
@@ -484,13 +492,13 @@ def test_bool_bytes_must_be_0_or_1(tmp_path):
 
 def test_header_cap_is_the_safetensors_cap():
     head = struct.pack("<Q", 100_000_000)
-    big = container.Limits(max_header_bytes=container.MAX_HEADER_BYTES)
-    assert container.parse_prefix(head, 200_000_000, limits=big) == 100_000_000
+    big = model.Limits(max_header_bytes=model.MAX_HEADER_BYTES)
+    assert framing.parse_prefix(head, 200_000_000, limits=big) == 100_000_000
     with pytest.raises(FormatError, match="over the cap of 100000000"):
-        container.parse_prefix(struct.pack("<Q", 100_000_008), 200_000_000, limits=big)
+        framing.parse_prefix(struct.pack("<Q", 100_000_008), 200_000_000, limits=big)
     # a reader's own default is smaller (parsing costs a few times the header): a limit that says how to raise it
     with pytest.raises(FormatError, match=r"max_header_bytes=16777216.*Limits\(max_header_bytes"):
-        container.parse_prefix(head, 200_000_000)
+        framing.parse_prefix(head, 200_000_000)
 
 
 def test_mask_tensor_exists_exactly_when_the_stream_has_words(tmp_path, fpk):
@@ -499,7 +507,7 @@ def test_mask_tensor_exists_exactly_when_the_stream_has_words(tmp_path, fpk):
     p = tmp_path / "prefix.fpk"
     p.write_bytes(gaps_prefix_file(1000, 10))  # the minority is a prefix: an empty 'ans-gaps' stream
     e = freezepack.open(p).entry("w")
-    assert e.coder == "ans-gaps" and e.mask is None
+    assert e.coder == "ans-gaps" and e.mask_key is None
     w = freezepack.load(p)["w"]
     assert torch.equal(w[:10], torch.ones(10))
     # a zero-length mask tensor is never written: a reader refuses it
@@ -540,7 +548,7 @@ def test_missing_parent_directory_is_refused_unless_asked(tmp_path):
     with pytest.raises(FreezepackError, match="does not exist"):
         freezepack.save(target, small_record())
     assert not (tmp_path / "no").exists()
-    container.atomic_write(target, [b"x"], make_parents=True)
+    fpio.atomic_write(target, [b"x"], make_parents=True)
     assert target.read_bytes() == b"x"
 
 
@@ -585,7 +593,7 @@ def test_an_atomic_replace_during_open_is_read_consistently(tmp_path, monkeypatc
             os.replace(b, a)  # another process publishes a new version right now
         return st
 
-    monkeypatch.setattr(container.os, "stat", stat_then_replace)
+    monkeypatch.setattr(fpio.os, "stat", stat_then_replace)
     got = set(freezepack.load(a))  # the old version or the new one, never a refusal
     assert got in ({"w"}, set(small_record().state_dict()))
 
@@ -602,7 +610,7 @@ def test_concurrent_atomic_replaces_never_look_truncated(tmp_path):
         i = 0
         while not stop.is_set():
             i += 1
-            container.atomic_write(p, [versions[i % 3]])
+            fpio.atomic_write(p, [versions[i % 3]])
 
     t = threading.Thread(target=writer)
     t.start()
@@ -615,11 +623,11 @@ def test_concurrent_atomic_replaces_never_look_truncated(tmp_path):
 
 
 def test_check_regular_file_is_public():
-    assert container.check_regular_file(__file__) == os.path.getsize(__file__)
+    assert fpio.check_regular_file(__file__) == os.path.getsize(__file__)
     with pytest.raises(FormatError, match="no such file"):
-        container.check_regular_file("/nonexistent/x.fpk")
+        fpio.check_regular_file("/nonexistent/x.fpk")
     with pytest.raises(FormatError, match="not a regular file"):
-        container.check_regular_file(os.path.dirname(__file__))
+        fpio.check_regular_file(os.path.dirname(__file__))
 
 
 def test_memory_limit_is_checked_before_allocating(fpk, monkeypatch):
@@ -635,8 +643,8 @@ def test_memory_limit_is_checked_before_allocating(fpk, monkeypatch):
 
     monkeypatch.setattr(torch, "empty", spy)
     with pytest.raises(FormatError, match=r"max_dense_bytes=\d+.*Limits\(max_dense_bytes"):
-        freezepack.load(fpk, limits=container.Limits(max_dense_bytes=1 << 30))
-    report = freezepack.verify(fpk, limits=container.Limits(max_dense_bytes=1 << 30))
+        freezepack.load(fpk, limits=model.Limits(max_dense_bytes=1 << 30))
+    report = freezepack.verify(fpk, limits=model.Limits(max_dense_bytes=1 << 30))
     bad = [t for t in report["tensors"] if not t["ok"]]
     assert [t["name"] for t in bad] == ["fc2.weight"] and "max_dense_bytes" in bad[0]["error"]
     assert not any(1 << 32 in (s[0] if s and isinstance(s[0], tuple) else s) for s in sizes)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import freezepack
 from freezepack import api
 from freezepack.errors import FreezepackError
-from freezepack.format import container
+from freezepack.format.v1 import layout as v1_layout
+from freezepack.format.v1 import reader as v1_reader
 from freezepack.testing import rewrite, small_record, split_file
 
 
@@ -90,7 +91,7 @@ def test_padding_bytes_are_checked_too(tmp_path, original):
 
 def _parse(raw: bytes, file_size: int):
     try:
-        container.parse_header(raw, file_size, "fuzz.fpk")
+        v1_reader.parse_header(raw, file_size, "fuzz.fpk")
     except FreezepackError:
         pass  # the only acceptable failure
 
@@ -106,7 +107,7 @@ def test_parser_on_random_bytes(raw, extra):
                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                     max_leaves=20))
 def test_parser_on_random_json(value):
-    text = json.dumps({"__metadata__": {container.HEADER_KEY: json.dumps(value), "x": "y"}, "t": value})
+    text = json.dumps({"__metadata__": {v1_layout.HEADER_KEY: json.dumps(value), "x": "y"}, "t": value})
     _parse(text.encode(), 8 + len(text))
 
 
@@ -144,7 +145,7 @@ def test_parser_on_mutated_real_headers(original, data):
         return
     n = struct.unpack("<Q", mutated[:8])[0]
     try:
-        container.parse_header(mutated[8:8 + n], len(mutated), "fuzz.fpk")
+        v1_reader.parse_header(mutated[8:8 + n], len(mutated), "fuzz.fpk")
     except FreezepackError:
         return
     # accepted: then the whole file must still load to exactly the original tensors, or be refused on load

@@ -461,3 +461,34 @@ def test_truncated_header_is_refused(tmp_path):
     path.write_bytes((10_000).to_bytes(8, "little") + b"{}")
     with pytest.raises(FormatError, match="does not fit"):
         file_pieces(path)
+
+
+_FLEET_FSIZE = r"""
+import resource, sys
+from click.testing import CliRunner
+from freezepack.cli import cli
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), int(sys.argv[4])))  # Python ignores SIGXFSZ: EFBIG
+r = CliRunner().invoke(cli, ["fleet", "install", sys.argv[1], "net", "--dir", sys.argv[2], "--root", sys.argv[3]])
+print(r.exit_code, r.output)
+"""
+
+
+@pytest.mark.parametrize("limit, what", [(2048, "a downloaded piece"), (56000, "the new release")])
+def test_install_on_a_full_disk_names_the_file(tmp_path, models, limit, what):
+    """EFBIG (here: ulimit -f in a subprocess) while fetching a piece or assembling the file: one line naming
+    the file, not 'error: : File too large'."""
+    import subprocess
+    import sys
+
+    f = Fleet(tmp_path)
+    f.publish(models["v1"])
+    device = tmp_path / "dev"
+    r = subprocess.run([sys.executable, "-c", _FLEET_FSIZE, f.repo, str(device), f.root_file, str(limit)],
+                       capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr
+    code, output = r.stdout.split(" ", 1)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == "1" and len(errors) == 1, r.stdout
+    assert errors[0].startswith(f"error: {device}{os.sep}") and f"cannot write {what}: File too large" in errors[0]
+    assert "Traceback" not in r.stdout
+    assert not (device / "net.fpk").exists()

@@ -16,8 +16,9 @@ import torch  # noqa: E402
 from freezepack import api  # noqa: E402
 from freezepack.errors import FormatError  # noqa: E402
 from freezepack.fleet import delta, file_pieces  # noqa: E402
-from freezepack.format import compact  # noqa: E402
 from freezepack.format.record import FreezeRecord, FrozenTensor  # noqa: E402
+from freezepack.format.v2 import reader as v2_reader  # noqa: E402
+from freezepack.format.v2 import wire  # noqa: E402
 from tests.fleet_support import Fleet, record, start_registry_or_skip, write_fpk  # noqa: E402
 
 
@@ -89,17 +90,17 @@ def test_v2_file_is_cut_at_its_payloads(models):
     pieces = file_pieces(path)
     check_tiles(path, pieces)
     base, body = body_of(path)
-    parts = compact.Body(body).parts          # the reader's own view (digest checked)
+    parts = v2_reader.parse_body(body)[1]     # the reader's own view (digest checked)
     first = min(start for _, _, start, _ in parts.values())
     assert pieces[0].label == delta.HEADER_LABEL and pieces[0].length == base + first
     assert [(p.offset - base, p.offset - base + p.length, p.label) for p in pieces[1:]] == \
         [(s, e, k) for k, (_, _, s, e) in parts.items() if e > s]
     assert {p.label for p in pieces[1:]} >= {"fc1.weight#mask", "fc1.weight#values", "fc3.weight#values"}
     # the layout parser reads only the body's first bytes, and refuses a head that stops inside the header
-    end, spans = compact.Body.layout(body[:first + 10], len(body))
+    end, spans = v2_reader.layout(body[:first + 10], len(body))
     assert end == first and spans == [(k, s, e) for k, (_, _, s, e) in parts.items()]
     with pytest.raises(FormatError, match="ends early"):
-        compact.Body.layout(body[:first - 1], len(body))
+        v2_reader.layout(body[:first - 1], len(body))
 
 
 def test_v1_and_dense_files_keep_the_generic_cut(models, tmp_path):
@@ -159,17 +160,17 @@ def test_releases_published_with_the_generic_cut_still_install_and_update(tmp_pa
     cut at payloads, is a delta against the file the device already holds."""
     f = Fleet(tmp_path)
     with monkeypatch.context() as m:
-        m.setattr(delta, "_v2_ranges", lambda *a: None)       # what the publisher did before
+        m.setattr(delta, "_payload_ranges", lambda *a: None)       # what the publisher did before
         f.publish(models["r1"])
     info = f.publisher().latest("net")
-    assert [label for _, _, label in info["layout"]] == [delta.HEADER_LABEL, compact.TENSOR_KEY]
+    assert [label for _, _, label in info["layout"]] == [delta.HEADER_LABEL, wire.TENSOR_KEY]
     assert f.install().status == "installed"
     f.publish(models["head"])
     r = f.install()
     assert sha(f.device.model_path("net")) == sha(models["head"])
     assert r.fetched_bytes == sum(sizes(models["head"])[k] for k in ("__header__", "fc3.weight#values"))
     with monkeypatch.context() as m:                           # and back: a generic layout after a payload one
-        m.setattr(delta, "_v2_ranges", lambda *a: None)
+        m.setattr(delta, "_payload_ranges", lambda *a: None)
         f.publish(models["all"])
     r = f.install()
     assert sha(f.device.model_path("net")) == sha(models["all"]) and r.fetched_bytes == r.full_bytes
@@ -204,7 +205,7 @@ def test_v1_to_v2_format_switch_installs(tmp_path, models):
 def refit(path, out, body: bytes) -> str:
     """A file whose safetensors part is exactly the v2 one for ``body`` (so only the body can lie)."""
     with open(out, "wb") as f:
-        f.write(compact.outer_header(len(body)) + body)
+        f.write(wire.outer_header(len(body)) + body)
     return os.fspath(out)
 
 
@@ -261,7 +262,7 @@ def test_mutated_v2_prefix_never_crashes_the_cut(models, tmp_path):
         if i % 3 == 0:       # also lie about the length, with the safetensors part made consistent
             body = bytes(mutated[base:])
             body = body[:len(body) - rng.randrange(1, 4000)] if i % 2 else body + bytes(rng.randrange(1, 64))
-            mutated = compact.outer_header(len(body)) + body
+            mutated = wire.outer_header(len(body)) + body
         path = tmp_path / "m.fpk"
         path.write_bytes(bytes(mutated))
         pieces = outcome(str(path))

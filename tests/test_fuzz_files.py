@@ -24,7 +24,8 @@ import freezepack
 from freezepack.api import tensor_bytes
 from freezepack.cli import cli
 from freezepack.errors import FreezepackError
-from freezepack.format import container, maskcode
+from freezepack.format import framing, maskcode, strictjson
+from freezepack.format.v1 import reader as v1_reader
 from freezepack.testing import rewrite, small_record, split_file
 from tests import hostile
 
@@ -99,8 +100,8 @@ def test_values_count_matches_a_real_parse():
             v = stack.pop()
             n += 1
             stack.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else [])
-        assert container._values_outside_strings(t, step=3) >= n
-        assert container._values_outside_strings(t, step=3) == container._values_outside_strings(t)
+        assert strictjson._values_outside_strings(t, step=3) >= n
+        assert strictjson._values_outside_strings(t, step=3) == strictjson._values_outside_strings(t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,8 +140,8 @@ def test_random_prefixes_and_lengths(prefix, n):
     """Any 8-byte length with any bytes after it: a FormatError, never an allocation of the declared size."""
     data = struct.pack("<Q", n) + prefix
     try:
-        h = container.parse_prefix(data[:8], len(data))
-        container.parse_header(data[8:8 + h], len(data), "fuzz.fpk")
+        h = framing.parse_prefix(data[:8], len(data))
+        v1_reader.parse_header(data[8:8 + h], len(data), "fuzz.fpk")
     except FreezepackError:
         return
     raise AssertionError("random bytes accepted as a header")

@@ -26,7 +26,8 @@ def test_the_schema_is_a_valid_json_schema():
 def test_every_valid_v1_vector_and_a_fresh_file_match_the_schema():
     manifest = json.loads((SPEC / "vectors" / "fpk" / "manifest.json").read_text())
     assert manifest["valid"]
-    for item in manifest["valid"]:
+    rules = json.loads((SPEC / "vectors" / "fpk" / "manifest_rules.json").read_text())  # the third set, §11.1
+    for item in manifest["valid"] + [v for v in rules["valid"] if v["version"] == 1]:
         VALIDATOR.validate(_inner((SPEC / "vectors" / "fpk" / item["file"]).read_bytes()))
     from freezepack.api import encode_record
 
@@ -44,6 +45,15 @@ def test_every_valid_v1_vector_and_a_fresh_file_match_the_schema():
     lambda h: h["tensors"][0].pop("name"),
     lambda h: next(t for t in h["tensors"] if t["kind"] == "frozen")["mask"]["params"].update({"x-a": 1.5}),
     lambda h: next(t for t in h["tensors"] if t["kind"] == "frozen")["init"].update(dist="cauchy"),
+    # RNG.md §6.1, one rule for both versions: dist by name, exact params keys, mode and nonlinearity values
+    lambda h: next(t for t in h["tensors"] if t["init"]["name"] == "kaiming_uniform")["init"].update(dist="normal"),
+    lambda h: next(t for t in h["tensors"] if t["init"]["name"] == "kaiming_uniform")["init"]["params"].update(
+        mode="fan_avg"),
+    lambda h: next(t for t in h["tensors"] if t["init"]["name"] == "kaiming_uniform")["init"]["params"].update(
+        nonlinearity="gelu"),
+    lambda h: next(t for t in h["tensors"] if t["init"]["name"] == "xavier_uniform")["init"]["params"].update(
+        scale=1.0),
+    lambda h: next(t for t in h["tensors"] if t["init"]["name"] == "xavier_uniform")["init"]["params"].pop("gain"),
     lambda h: next(t for t in h["tensors"] if t["kind"] == "whole").update(init={}),
 ])
 def test_shape_errors_are_rejected(edit):

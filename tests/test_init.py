@@ -227,3 +227,26 @@ def test_cuda_regeneration_bit_exact(name):
     got = init.generate(spec, shape, 31337, f"{name}.w", device="cuda")
     assert got.device.type == "cuda"
     assert np.array_equal(bits(ref), bits(got))
+
+
+EXTRA = json.loads((Path(__file__).resolve().parents[1] / "spec" / "vectors" / "rng_v1_extra.json").read_text("utf-8"))
+
+
+@pytest.mark.parametrize("case", EXTRA["initializers"], ids=lambda c: f"{c['init']}{c['shape']}-{c['seed']}")
+def test_extra_initializer_vectors_every_value(case, path):
+    """Offset initializers listed value by value: a reader that rounds a + b*z once fails them."""
+    shape = tuple(case["shape"])
+    spec = init.make_init(case["init"], shape, **case["params"])
+    assert spec.to_json() == case["spec"]
+    for x in (init.generate_np(spec, shape, case["seed"], case["tensor"]),
+              init.generate(spec, shape, case["seed"], case["tensor"])):
+        assert [f"{v:08x}" for v in bits(x).ravel()] == case["values"]
+        assert hashlib.sha256(bits(x).astype("<u4").tobytes()).hexdigest() == case["sha256"]
+
+
+def test_extra_resolution_vectors():
+    """RNG.md §6's binary64 steps: make_init reproduces ~170 pinned f32 constants."""
+    for case in EXTRA["resolution"]:
+        spec = init.make_init(case["init"], tuple(case["shape"]), **case["params"])
+        got = (spec.dist, f"{int(bits(np.array([spec.a]))[0]):08x}", f"{int(bits(np.array([spec.b]))[0]):08x}")
+        assert got == (case["dist"], case["a_hex"], case["b_hex"]), case

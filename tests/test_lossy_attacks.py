@@ -81,11 +81,11 @@ def _hostile(tmp_path, block, payload=b"", dtype="F32", n=8):
 
 
 def _zz(*vs):
-    from freezepack.format import compact
+    from freezepack.format.v2 import wire
 
-    o = compact._Out()
+    o = wire.Out()
     for i, v in enumerate(vs):
-        o.var(compact._zigzag(v) if i == 0 else v)
+        o.var(wire.zigzag(v) if i == 0 else v)
     return bytes(o.b)
 
 
@@ -146,7 +146,8 @@ def test_stored_nan_codebooks_and_f16_nan_payloads_are_kept_bit_exact(tmp_path):
     bit for bit (a float compare would lose them)."""
     import numpy as np
 
-    from freezepack.format import compact, entropy
+    from freezepack.format import dtypes, entropy
+    from freezepack.format.v2 import wire
 
     from .test_lossy_values import _codebook_head
 
@@ -156,7 +157,7 @@ def test_stored_nan_codebooks_and_f16_nan_payloads_are_kept_bit_exact(tmp_path):
     got = freezepack.load(_hostile(tmp_path, _codebook_head(0, 2, table.tobytes(), [4, 4], len(pay)), pay))["x"]
     assert got.numpy().view("<u4").tolist() == table[sym].tolist()
     h = np.array([0x7E01, 0x7C01, 0xFC00, 0x7C00] * 2, dtype="<u2")
-    cast = bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index("F16"), 0])
+    cast = bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("F16"), 0])
     got = freezepack.load(_hostile(tmp_path, cast, h.tobytes()))["x"]
     assert got.numpy().view("<u4").tolist() == h.view("<f2").astype("<f4").view("<u4").tolist()
 
@@ -231,13 +232,14 @@ def test_writer_tries_cast_on_values_beyond_f16_without_warnings():
 
     import numpy as np
 
-    from freezepack.format import compact
+    from freezepack.format import dtypes
+    from freezepack.format.v2 import writer as v2_writer
 
     v = np.array([3e38, 1.0, 0.5, float("nan")], dtype=np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # was "overflow encountered in cast": an exception under -W error
-        head, payload, coder = compact._value_block(v.tobytes(), "F32")
-    assert coder != "cast" or head[1] == compact.DTYPES.index("BF16")
+        head, payload, coder = v2_writer._value_block(v.tobytes(), "F32")
+    assert coder != "cast" or head[1] == dtypes.DTYPES.index("BF16")
 
 
 @pytest.mark.parametrize("coding", ["bf16", "int8", "uniform:3", "kmeans:3"])
@@ -265,8 +267,9 @@ def test_value_decoders_write_the_dense_bytes_once(coder, tmp_path):
 
     import numpy as np
 
-    from freezepack.format import compact, entropy
-    from freezepack.format.container import FpkReader
+    from freezepack.format import dtypes, entropy
+    from freezepack.format.reader import open_file
+    from freezepack.format.v2 import wire
 
     from .test_lossy_values import _codebook_head
 
@@ -279,14 +282,14 @@ def test_value_decoders_write_the_dense_bytes_once(coder, tmp_path):
     elif coder == "codebook1":
         block, payload = _codebook_head(0, 1, struct.pack("<f", 0.5)), b""
     else:
-        block = bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index(coder[5:]), 0])
+        block = bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index(coder[5:]), 0])
         payload = np.full(n, 0x3C00, "<u2").tobytes()  # 1.0 as F16, 1.875 as BF16 (before widening)
     p = _hostile(tmp_path, block, payload, n=n)
-    with FpkReader(p) as r:
-        key = next(iter(r.header.stored))
+    with open_file(p) as r:
+        e = r.header.entries[0]
         tracemalloc.start()
         try:
-            got = r.read_bytes(key, "x")
+            got = r.whole_bytes(e)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -385,6 +388,7 @@ def test_values_already_on_a_foreign_grid_are_kept_exactly(coding, top, tmp_path
     import numpy as np
 
     from freezepack.format import entropy
+    from freezepack.format.v2 import writer as v2_writer
 
     cand = (np.random.default_rng(0).random(20000) + 1.0).astype(np.float32) * np.float32(2 ** -8)
     amax = (np.float32(top) * cand).astype(np.float32)
@@ -396,7 +400,7 @@ def test_values_already_on_a_foreign_grid_are_kept_exactly(coding, top, tmp_path
         v = torch.from_numpy(entropy.grid_values(levels, float(s)))
         q, hint = quantize(v, coding)
         assert torch.equal(q.view(torch.int32), v.view(torch.int32)) and hint == {"step": float(s)}
-    block = freezepack.format.compact._value_block(v.numpy().tobytes(), "F32", hint["step"])
+    block = v2_writer._value_block(v.numpy().tobytes(), "F32", hint["step"])
     assert block[2] == "codebook" and block[0][1] == 1  # the grid form
 
 

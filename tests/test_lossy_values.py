@@ -18,7 +18,10 @@ from click.testing import CliRunner
 import freezepack
 from freezepack import FormatError, MethodError, UsageError
 from freezepack.cli import cli
-from freezepack.format import compact, container, entropy
+from freezepack.format import dtypes, entropy
+from freezepack.format import reader as fpreader
+from freezepack.format.v2 import wire
+from freezepack.format.v2 import writer as v2_writer
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations
 from freezepack.method.quantize import ValueCoding, finetune_clusters, quantize, quantize_model
 
@@ -177,7 +180,7 @@ def test_finetuned_clusters_are_stored_exactly_and_resaving_is_lossless(bag, tmp
 # ------------------------------------------------------------------------------------------------ the coders
 def _body_with_whole(block: bytes, payload: bytes, dtype="F32", n=8) -> bytes:
     """A minimal v2 file holding one whole tensor of ``n`` elements with a hand-made value block."""
-    o = compact._Out()
+    o = wire.Out()
     o.u8(0)
     o.var(1)
     o.str("t")
@@ -186,8 +189,8 @@ def _body_with_whole(block: bytes, payload: bytes, dtype="F32", n=8) -> bytes:
     o.var(0)
     o.var(1)
     o.b += b"x"
-    o.u8(compact.KINDS.index("whole"))
-    o.u8(compact.DTYPES.index(dtype))
+    o.u8(wire.KINDS.index("whole"))
+    o.u8(dtypes.DTYPES.index(dtype))
     o.var(1)
     o.var(n)
     o.b += block
@@ -210,8 +213,8 @@ def _read(tmp_path, data: bytes):
 def test_codebook_tables_round_trip_any_dtype(dtype, values, tmp_path):
     t = torch.tensor(values, dtype={"F32": torch.float32, "F16": torch.float16, "I64": torch.int64}[dtype])
     raw = bytes(freezepack.api.tensor_bytes(t))
-    head, payload = compact._codebook_block(raw, dtype, None)
-    assert head[0] == compact.VALUE_CODERS.index("codebook")
+    head, payload = v2_writer._codebook_block(raw, dtype, None)
+    assert head[0] == wire.VALUE_CODERS.index("codebook")
     assert torch.equal(_read(tmp_path, _body_with_whole(head, payload, dtype)), t)
 
 
@@ -232,7 +235,7 @@ def test_value_blocks_are_lossless_on_random_inputs(tmp_path):
         if kind == 4:
             step = float(np.float32(rng.random() / 10 + 1e-3))
             v = entropy.grid_values(rng.integers(-100, 100, n), step)
-        head, payload, coder = compact._value_block(v.tobytes(), "F32", step)
+        head, payload, coder = v2_writer._value_block(v.tobytes(), "F32", step)
         got = _read(tmp_path, _body_with_whole(head, payload, "F32", n))
         assert got.numpy().tobytes() == v.tobytes(), (trial, coder)
 
@@ -240,18 +243,18 @@ def test_value_blocks_are_lossless_on_random_inputs(tmp_path):
 def test_grid_block_round_trips_and_beats_a_table(tmp_path, monkeypatch):
     step = float(np.float32(0.0123))
     v = entropy.grid_values(np.random.default_rng(1).integers(-127, 128, 5000), step)
-    grid = compact._codebook_block(v.tobytes(), "F32", step)
-    assert compact._codebook_block(v.tobytes(), "F32", None) == grid  # found without the quantizer's hint
-    monkeypatch.setattr(compact, "_grid_step", lambda values: None)
-    table = compact._codebook_block(v.tobytes(), "F32", None)
+    grid = v2_writer._codebook_block(v.tobytes(), "F32", step)
+    assert v2_writer._codebook_block(v.tobytes(), "F32", None) == grid  # found without the quantizer's hint
+    monkeypatch.setattr(v2_writer, "_grid_step", lambda values: None)
+    table = v2_writer._codebook_block(v.tobytes(), "F32", None)
     assert grid[0][1] == 1 and table[0][1] == 0
     assert len(grid[0]) + 600 < len(table[0])  # 255 f32 entries vs a step and small gaps
     assert _read(tmp_path, _body_with_whole(*grid, "F32", 5000)).numpy().tobytes() == v.tobytes()
 
 
 def _codebook_head(form: int, m: int, body: bytes, counts=None, stream=0) -> bytes:
-    o = compact._Out()
-    o.u8(compact.VALUE_CODERS.index("codebook"))
+    o = wire.Out()
+    o.u8(wire.VALUE_CODERS.index("codebook"))
     o.u8(form)
     o.u8(m - 1)
     o.b += body
@@ -270,11 +273,11 @@ def _codebook_head(form: int, m: int, body: bytes, counts=None, stream=0) -> byt
     (_codebook_head(1, 1, struct.pack("<f", 0.5) + b"\x00"), b"", "F16", "F32 only"),
     (_codebook_head(7, 1, struct.pack("<f", 0.5)), b"", "F32", "unknown 'codebook' form"),
     (_codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), [4, 4], 4), b"\0\0\0\0", "F32", "zero word"),
-    (bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index("I8"), 0]), b"\0" * 8, "F32", "'cast'"),
-    (bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index("BF16"), 0]), b"\0" * 16, "F16", "'cast'"),
-    (bytes([compact.VALUE_CODERS.index("cast"), compact.DTYPES.index("BF16"),
-            compact.VALUE_CODERS.index("codebook")]), b"", "F32", "inside 'cast'"),
-    (bytes([len(compact.VALUE_CODERS)]), b"", "F32", "unknown value coder"),
+    (bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("I8"), 0]), b"\0" * 8, "F32", "'cast'"),
+    (bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("BF16"), 0]), b"\0" * 16, "F16", "'cast'"),
+    (bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("BF16"),
+            wire.VALUE_CODERS.index("codebook")]), b"", "F32", "inside 'cast'"),
+    (bytes([len(wire.VALUE_CODERS)]), b"", "F32", "unknown value coder"),
 ])
 def test_malformed_value_blocks_are_format_errors(block, payload, dtype, match, tmp_path):
     n = 8
@@ -284,8 +287,8 @@ def test_malformed_value_blocks_are_format_errors(block, payload, dtype, match, 
 
 
 def test_grid_levels_beyond_2_to_the_24_are_refused(tmp_path):
-    o = compact._Out()
-    o.var(compact._zigzag((1 << 24) + 1))
+    o = wire.Out()
+    o.var(wire.zigzag((1 << 24) + 1))
     block = _codebook_head(1, 1, struct.pack("<f", 0.5) + bytes(o.b))
     with pytest.raises(FormatError):
         _read(tmp_path, _body_with_whole(block, b""))
@@ -356,5 +359,6 @@ def test_resaving_a_lossy_model_without_values_keeps_its_size(bag, coding, tmp_p
     sa, sb = freezepack.load(a), freezepack.load(b)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     if coding in ("int8", "uniform:4"):
-        with container.FpkReader(b) as r:
-            assert any(p[0] == "codebook" for p in r._v2.parts.values())
+        with fpreader.open_file(b) as r:
+            assert any((r.part_coding(e.values_key) or "").startswith("codebook") for e in r.header.entries
+                       if e.kind == "frozen")

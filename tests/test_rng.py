@@ -185,3 +185,21 @@ def test_cuda_words_and_conversions_bit_exact():
     for f_np, f_t in [(rng.uniform_np, rng.uniform_torch), (rng.normal_np, rng.normal_torch),
                       (rng.sign_np, rng.sign_torch)]:
         assert np.array_equal(f_np(words).view(np.uint32), f_t(wt).cpu().numpy().view(np.uint32))
+
+
+EXTRA = json.loads((Path(__file__).resolve().parents[1] / "spec" / "vectors" / "rng_v1_extra.json").read_text("utf-8"))
+
+
+def test_extra_conversion_vectors_numpy_and_torch():
+    """rng_v1_extra.json (RNG.md §7): ~1000 words over every octave, cell boundary and sign."""
+    assert EXTRA["spec_version"] == rng.SPEC_VERSION and EXTRA["normal_table_sha256"] == rng.NORMAL_TABLE_SHA256
+    conv = EXTRA["conversions"]
+    words = np.array(u32(conv["words"]), dtype=np.uint32)
+    assert len(set(conv["words"])) == words.size > 1000
+    t = torch.from_numpy(words.astype(np.int64))
+    for key, f_np, f_t in [("uniform", rng.uniform_np, rng.uniform_torch), ("normal", rng.normal_np, rng.normal_torch),
+                           ("sign", rng.sign_np, rng.sign_torch)]:
+        assert f_np(words).view(np.uint32).tolist() == u32(conv[key]), key
+        assert f_t(t).numpy().view(np.uint32).tolist() == u32(conv[key]), key
+    octaves = {(int(w) & 0x7FFFFFFF).bit_length() for w in words}  # e + 1 of n = 2*(w & 0x7fffffff) + 1
+    assert octaves == set(range(32)) and {int(w) >> 31 for w in words} == {0, 1}

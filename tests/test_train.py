@@ -107,7 +107,7 @@ def test_cli_train_bad_data_dir_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    from freezepack.experiments.demo import main
+    from freezepack.cli.demo import main
 
     out = tmp_path / "demo.fpk"
     res = CliRunner().invoke(main, ["--epochs", "1", "--out", str(out)])

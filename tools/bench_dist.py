@@ -10,7 +10,10 @@ VGG16-D (freezepack.experiments.models), dense and FreezeNet at q = 0.9 / 0.99 /
     wrapping torch.distributed._broadcast_coalesced (what DDP calls for both);
   * plain-DDP bcast B/step: the same FreezeNet under a plain ``DDP(model)``: it broadcasts the frozen buffers
     every step, which freezepack's wrap() never does;
-  * step ms: median wall time of forward + backward (+ all-reduce) + SGD step on rank 0.
+  * step ms: median wall time of forward + backward (+ all-reduce) + SGD step on rank 0;
+  * agreement ms: what every run pays once before its first step to prove the ranks share configuration and
+    data (freezepack.method.distributed.agree on the shipped MNIST subset: SHA-256 of the 31 MB of tensors on each
+    rank, compared through the store), also as a number of LeNet-5 q = 0.99 steps.
 
 Dense uses plain ``DDP(model)`` with DDP's defaults (what a user would otherwise run); FreezeNets use
 ``freezepack.method.distributed.wrap``. The mask is scored once (SNIP, rank 0) and shared as indices.
@@ -88,9 +91,21 @@ def _measure(model, make, steps: int, batch: int, shape) -> dict:
             "step_ms": 1e3 * statistics.median(times[1:] if steps > 1 else times)}
 
 
+def _agreement_ms() -> float:
+    from freezepack.experiments.data import load_mnist
+    from freezepack.method.distributed import agree
+
+    train, test = load_mnist()
+    t = time.perf_counter()
+    agree({"model": "lenet5", "method": "freezenet", "q": 0.99, "seed": 0, "epochs": 15, "lr": 0.1},
+          {"train set": {"images": train.images, "labels": train.labels},
+           "test set": {"images": test.images, "labels": test.labels}})
+    return 1e3 * (time.perf_counter() - t)
+
+
 def _worker(cfg: dict) -> list[dict]:
     init_worker(threads=1)
-    rows = []
+    rows = [{"agreement_ms": _agreement_ms()}]
     for name in cfg["models"]:
         shape = INPUT_SHAPES[name]
         steps, batch = (cfg["vgg_steps"], cfg["vgg_batch"]) if name == "vgg16" else (cfg["steps"], cfg["batch"])
@@ -129,7 +144,7 @@ def main() -> None:
     cfg = {"models": a.models.split(","), "steps": a.steps, "batch": a.batch, "vgg_steps": a.vgg_steps,
            "vgg_batch": a.vgg_batch}
     t0 = time.perf_counter()
-    rows = launch(2, _worker, cfg)[0]
+    agreement, *rows = launch(2, _worker, cfg)[0]
     print(f"2 gloo ranks, 1 thread each, {time.perf_counter() - t0:.0f} s in all")
     hdr = (f"{'model':7} {'q':>6} {'trainable':>10} {'allreduce/step':>15} {'x dense':>8} {'x trainable':>11} "
            f"{'bcast/step':>11} {'init bcast':>11} {'plain-DDP bcast/step':>21} {'step ms':>8}")
@@ -147,9 +162,13 @@ def main() -> None:
               f"{_fmt(r['allreduce_bytes_per_step']):>15} {r['x_dense']:>8.4f} {r['x_trainable']:>11.3f} "
               f"{_fmt(r['bcast_bytes_per_step']):>11} {_fmt(r['init_bcast_bytes']):>11} {plain:>21} "
               f"{r['step_ms']:>8.1f}")
+    step = next((r["step_ms"] for r in rows if r["model"] == "lenet5" and r["q"] == 0.99), None)
+    per_step = f" = {agreement['agreement_ms'] / step:.1f} LeNet-5 q=0.99 steps" if step else ""
+    print(f"agreement check before training (config + shipped MNIST subset): {agreement['agreement_ms']:.0f} ms"
+          f"{per_step}, once per run")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump([agreement, *rows], f, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import json
 import lzma
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -38,7 +39,8 @@ from freezepack import api  # noqa: E402
 from freezepack.experiments import train as T  # noqa: E402
 from freezepack.experiments.data import load_mnist, split_train_val  # noqa: E402
 from freezepack.experiments.models import make_model  # noqa: E402
-from freezepack.format import compact, entropy, maskcode  # noqa: E402
+from freezepack.format import entropy, maskcode  # noqa: E402
+from freezepack.format.reader import open_file  # noqa: E402
 from freezepack.method.freezenet import dense_state_dict, freeze_record, make_freezenet  # noqa: E402
 
 
@@ -120,8 +122,11 @@ def measure(name, q, epochs, data):
         row[col] = sum(map(len, api.encode_record(rec, order, version=2, values=coding)))
     n = int.from_bytes(v1[:8], "little")
     row["v1 header"] = 8 + n
-    body = compact.Body(_body(v2))
-    row.update({"v2 " + k: v for k, v in body.breakdown().items() if k != "file"})
+    tmp = os.path.join(tempfile.mkdtemp(), "v2.fpk")
+    with open(tmp, "wb") as f:
+        f.write(v2)
+    with open_file(tmp) as r:  # the reader's version-neutral byte breakdown
+        row.update({"v2 " + k: v for k, v in r.breakdown().items() if k != "file"})
     row["v2 mask / order-0"] = (row["v2 mask_model"] + row["v2 mask_payload"]) / max(row["_mask_order0"], 1e-9)
     row["v2 values / raw f32"] = row["v2 values_payload"] / max(row["_values_raw"], 1)
     row["v2 structure / file"] = row["v2 structure"] / len(v2)
@@ -129,11 +134,6 @@ def measure(name, q, epochs, data):
     row["v2 / best naive"] = len(v2) / best_naive
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
-
-
-def _body(data: bytes) -> bytes:
-    n = int.from_bytes(data[:8], "little")
-    return data[8 + n:]
 
 
 def decode_speed(n=4_000_000, repeat=3):

@@ -27,10 +27,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from freezepack.api import encode_record  # noqa: E402
-from freezepack.format import container, maskcode  # noqa: E402
+from freezepack.format import maskcode  # noqa: E402
 from freezepack.format.init import make_init  # noqa: E402
+from freezepack.format.model import AliasEntry, FrozenEntry, Header, WholeEntry  # noqa: E402
 from freezepack.format.record import FreezeRecord, FrozenTensor  # noqa: E402
+from freezepack.format.v1 import writer as v1_writer  # noqa: E402
+from freezepack.format.v1.layout import FORMAT_VERSION  # noqa: E402
 from freezepack.testing import rewrite, split_file, with_inner_text  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_rule_vectors  # noqa: E402  (tools/, next to this script)
 
 OUT = os.path.join(ROOT, "spec", "vectors", "fpk")
 
@@ -171,9 +177,8 @@ def _edit_vectors(valid: dict[str, bytes]):
 
 
 def _stream_dtype_alias():
-    """stream / F16 / BF16 / alias (§5.1, §5.3), written by the container directly from the spec's rules, with
+    """stream / F16 / BF16 / alias (§5.1, §5.3), written by the v1 writer directly from the spec's rules, with
     the dense tensors computed independently (numpy reference generator, torch round-to-nearest-even casts)."""
-    from freezepack.format.container import Entry, Header
     from freezepack.format.init import generate_np
 
     seed = 11
@@ -192,20 +197,17 @@ def _stream_dtype_alias():
         g[mask] = values
         dense[name] = g
         coded = maskcode.encode(mask.numpy())
-        e = Entry(name, "frozen", shape, dtype, hashlib.sha256(g.contiguous().view(torch.uint8).numpy()).hexdigest(),
-                  stream=stream, init=init, frozen_scale=scale, trainable=int(mask.sum()), coder=coded.coder,
-                  coder_params=dict(coded.params))
-        if coded.payload.size:
-            e.mask = name + container.MASK_SUFFIX
-            blobs[e.mask] = ("U32", (int(coded.payload.size),), coded.payload.astype("<u4").tobytes())
-        e.values = name + container.VALUES_SUFFIX
-        blobs[e.values] = (dtype, (e.trainable,), values.contiguous().view(torch.uint8).numpy().tobytes())
+        e = FrozenEntry(name, shape, dtype, hashlib.sha256(g.contiguous().view(torch.uint8).numpy()).hexdigest(),
+                        init, scale, int(mask.sum()), coded.coder, dict(coded.params), int(coded.payload.size),
+                        stream)
+        if e.mask_key:
+            blobs[e.mask_key] = ("U32", (int(coded.payload.size),), coded.payload.astype("<u4").tobytes())
+        blobs[e.values_key] = (dtype, (e.trainable,), values.contiguous().view(torch.uint8).numpy().tobytes())
         entries.append(e)
-    first = entries[0]
-    entries.append(Entry("dec.weight", "alias", first.shape, first.dtype, first.sha256, of=first.name))
+    entries.append(AliasEntry("dec.weight", entries[0].name))
     dense["dec.weight"] = dense["enc.weight"].clone()  # the dense file stores the tied tensor twice
-    header = Header(seed=seed, entries=entries, producer="make_format_vectors")
-    data = b"".join(container.encode_file(header, blobs))
+    header = Header(seed=seed, entries=tuple(entries), producer="make_format_vectors", version=1)
+    data = b"".join(v1_writer.encode_file(header, blobs))
     return {"stream_dtypes_alias": (data, dense, "a frozen tensor drawing from another stream, F16 and BF16 "
                                                  "frozen tensors (one with frozen_scale), a tied alias entry")}
 
@@ -304,7 +306,7 @@ def invalid_vectors(valid: dict[str, bytes]):
 
 def build() -> dict[str, bytes]:
     files = {}
-    manifest = {"format": "freezepack", "version": container.FORMAT_VERSION, "valid": [], "invalid": []}
+    manifest = {"format": "freezepack", "version": FORMAT_VERSION, "valid": [], "invalid": []}
     valid_bytes = {}
 
     def add_valid(name, data, dense, desc):
@@ -331,6 +333,7 @@ def build() -> dict[str, bytes]:
                                     "reason": reason, "description": desc})
     files["manifest.json"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     files.update(build_v2())  # format version 2: its own function and manifest, below
+    files.update(make_rule_vectors.build())  # the third set (FORMAT.md §11.1): tools/make_rule_vectors.py
     return files
 
 
@@ -341,28 +344,26 @@ def build() -> dict[str, bytes]:
 def _v2_frozen(name, shape, dtype, seed, mask, init, scale=1.0, stream=None, blobs=None, dense=None, vals=None,
                hint=None):
     """A frozen v2 Entry from a mask; values 0.01 * j in the tensor's dtype; dense = the reference reconstruction
-    (generator f32 output x frozen_scale in f32, rounded to dtype, values scattered in)."""
+    (generator f32 output rounded to dtype, x frozen_scale in f32, rounded to dtype again, values scattered in)."""
     from freezepack import api
     from freezepack.format.init import generate
 
     g = generate(init, shape, seed, stream or name).reshape(-1)
-    if scale != 1.0:
-        g = g * scale
     t = g.to(api.TORCH_DTYPES[dtype])
+    if scale != 1.0:  # §5.3: R(f32(R(G) x frozen_scale)), G rounded to the dtype first
+        t = (t.to(torch.float32) * np.float32(scale)).to(api.TORCH_DTYPES[dtype])
     mask = np.asarray(mask, dtype=bool).reshape(-1)
     k = int(mask.sum())
     if vals is None:
         vals = (torch.arange(k, dtype=torch.float32) * 0.01 - 0.3).to(api.TORCH_DTYPES[dtype])
     t[torch.from_numpy(np.flatnonzero(mask))] = vals
     coded = maskcode.encode(mask)
-    e = container.Entry(name, "frozen", tuple(shape), dtype, api.digest(t), stream=stream, init=init,
-                        frozen_scale=scale, trainable=k, coder=coded.coder, coder_params=dict(coded.params))
-    if coded.payload.size:
-        e.mask = name + container.MASK_SUFFIX
-        blobs[e.mask] = ("U32", (coded.payload.size,), coded.payload.astype("<u4").tobytes())
-    if k:
-        e.values = name + container.VALUES_SUFFIX
-        blobs[e.values] = (dtype, (k,), bytes(api.tensor_bytes(vals))) + ((hint,) if hint else ())
+    e = FrozenEntry(name, tuple(shape), dtype, api.digest(t), init, scale, k, coded.coder, dict(coded.params),
+                    int(coded.payload.size), stream)
+    if e.mask_key:
+        blobs[e.mask_key] = ("U32", (coded.payload.size,), coded.payload.astype("<u4").tobytes())
+    if e.values_key:
+        blobs[e.values_key] = (dtype, (k,), bytes(api.tensor_bytes(vals))) + ((hint,) if hint else ())
     dense[name] = t.reshape(shape)
     return e
 
@@ -373,8 +374,7 @@ def _v2_whole(name, t, blobs, dense):
     raw = bytes(api.tensor_bytes(t))
     blobs[name] = (api.DTYPE_NAMES[t.dtype], tuple(t.shape), raw)
     dense[name] = t
-    return container.Entry(name, "whole", tuple(t.shape), api.DTYPE_NAMES[t.dtype], hashlib.sha256(raw).hexdigest(),
-                           data=name)
+    return WholeEntry(name, tuple(t.shape), api.DTYPE_NAMES[t.dtype], hashlib.sha256(raw).hexdigest())
 
 
 def _snip_like(shape, seed, q, dead_rows=0, dead_cols=0):
@@ -403,7 +403,7 @@ def v2_valid():
     init, m = _snip_like((60, 300), seed, 0.95, dead_rows=6, dead_cols=40)
     e = _v2_frozen("fc.weight", (60, 300), "F32", seed, m, init, blobs=blobs, dense=dense)
     bias = _v2_whole("fc.bias", torch.linspace(-0.05, 0.05, 60), blobs, dense)
-    out["v2_ctx"] = (container.Header(seed=seed, entries=[e, bias], producer="freezepack vectors"), blobs, dense,
+    out["v2_ctx"] = (Header(seed=seed, entries=(e, bias), producer="freezepack vectors"), blobs, dense,
                      "'ans-ctx' mask with row and column flags, 'planes' values and a whole 'planes' bias")
     # 2. every other mask coder
     blobs, dense = {}, {}
@@ -421,7 +421,7 @@ def v2_valid():
                        blobs=blobs, dense=dense),
             _v2_frozen("bernoulli.weight", (40, 50), "F32", seed, rng.random(2000) < 0.3,
                        make_init("constant", (40, 50), val=0.75), blobs=blobs, dense=dense)]
-    out["v2_coders"] = (container.Header(seed=seed, entries=ents, producer="freezepack vectors"), blobs, dense,
+    out["v2_coders"] = (Header(seed=seed, entries=tuple(ents), producer="freezepack vectors"), blobs, dense,
                         "'const' (q = 1 and q = 0), 'positions', 'ans-gaps', 'ans-bernoulli' masks in v2 blocks")
     # 3. everything else v2 carries
     blobs, dense = {}, {}
@@ -444,10 +444,10 @@ def v2_valid():
               "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
               "bn.running_var": (torch.rand(200, generator=g) + 0.5)}
     ents += [_v2_whole(k, v, blobs, dense) for k, v in wholes.items()]
-    ents.append(container.Entry("tied.weight", "alias", (20, 20), "F32", ents[2].sha256, of="relu.weight"))
+    ents.append(AliasEntry("tied.weight", "relu.weight"))
     dense["tied.weight"] = dense["relu.weight"].clone()
     meta = {"arch": "tiny", "note": "caf\u00e9 \u2713 \U0001f600", "\u00e9": "key with non-ASCII"}
-    out["v2_features"] = (container.Header(seed=seed, entries=ents, metadata=meta, producer="freezepack vectors"),
+    out["v2_features"] = (Header(seed=seed, entries=tuple(ents), metadata=meta, producer="freezepack vectors"),
                           blobs, dense, "F16/BF16 frozen tensors, a stream key, frozen_scale, initializer params, "
                                         "every whole dtype, 0-d and empty tensors, an alias, metadata, seed 2**64-7")
     # 4. the value coders for lossy-quantized (or naturally few-valued) values: cast, codebook table and grid
@@ -483,7 +483,7 @@ def v2_valid():
                            rng.integers(0, 3, k5))])]
     ents += [_v2_whole("labels", torch.from_numpy(rng.integers(0, 3, 500).astype(np.int32)), blobs, dense),
              _v2_whole("zeros.bias", torch.zeros(64), blobs, dense)]
-    out["v2_values"] = (container.Header(seed=seed, entries=ents, producer="freezepack vectors"), blobs, dense,
+    out["v2_values"] = (Header(seed=seed, entries=tuple(ents), producer="freezepack vectors"), blobs, dense,
                         "value coders: 'cast' to BF16 and to F16, 'codebook' tables (F32, F16, I32, a one-value "
                         "table) and a 'codebook' grid")
     return out
@@ -491,12 +491,12 @@ def v2_valid():
 
 def _v2_redigest(data: bytes, edit) -> bytes:
     """Apply ``edit`` to the body's R (after the digest) and re-digest: a consistent file that lies."""
-    from freezepack.format import compact
+    from freezepack.format.v2.wire import outer_header
 
     n = struct.unpack("<Q", data[:8])[0]
     rest = edit(bytearray(data[8 + n + 32:]))
     body = hashlib.sha256(rest).digest() + bytes(rest)
-    return compact.outer_header(len(body)) + body
+    return outer_header(len(body)) + body
 
 
 def v2_invalid(valid: dict[str, bytes]):
@@ -524,7 +524,9 @@ def v2_invalid(valid: dict[str, bytes]):
 
 
 def build_v2() -> dict[str, bytes]:
-    from freezepack.format import compact
+    from freezepack.format.model import MASK_SUFFIX
+    from freezepack.format.v2 import writer as compact
+    from freezepack.format.v2.reader import coding_name, parse_body
 
     files, valid = {}, {}
     manifest = {"format": "freezepack", "version": 2, "valid": [], "invalid": []}
@@ -544,13 +546,13 @@ def build_v2() -> dict[str, bytes]:
         dense_bytes = st_save({k: v.contiguous() for k, v in dense.items()})
         files[f"{name}.fpk"], files[f"{name}.dense.safetensors"] = data, dense_bytes
         n = struct.unpack("<Q", data[:8])[0]
-        body = compact.Body(data[8 + n:])
-        parsed = body.header
+        parsed, parts, _ = parse_body(data[8 + n:])
         manifest["valid"].append({
             "file": f"{name}.fpk", "sha256": hashlib.sha256(data).hexdigest(), "dense": f"{name}.dense.safetensors",
             "dense_sha256": hashlib.sha256(dense_bytes).hexdigest(),
             "coders": sorted({e.coder for e in parsed.entries if e.kind == "frozen"}),
-            "value_coders": sorted({body.coding(k) for k in body.parts if not k.endswith(container.MASK_SUFFIX)}),
+            "value_coders": sorted({coding_name(c, p) for k, (c, p, _, _) in parts.items()
+                                    if not k.endswith(MASK_SUFFIX)}),
             "description": desc})
     for name, (data, err, reason, desc) in v2_invalid(valid).items():
         files[f"{name}.fpk"] = data

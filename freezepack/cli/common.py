@@ -14,6 +14,23 @@ import click
 from ..errors import FreezepackError
 
 
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control and format characters (ESC, C1 controls such as CSI U+009B, bidi
+    overrides, ...) and the backslash become Python-style escapes (``\\x1b``, ``\\u202e``, ``\\\\``); printable text,
+    non-ASCII included, stays as it is. Names and metadata come from files: a 200-byte file must not be able to
+    clear the screen or retitle the window (``--json`` escapes the same characters as JSON)."""
+    out = []
+    for c in str(text):
+        if c.isprintable() and c != "\\":
+            out.append(c)
+        elif c == "\\":
+            out.append("\\\\")
+        else:
+            o = ord(c)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
+
+
 def one_line_errors(fn):
     """Turn a FreezepackError (or an unreadable path) into ``error: <file>: <tensor>: <reason>`` and exit 1."""
 

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .common import ProgressBar, one_line_errors, parse_pairs
+from .common import ProgressBar, one_line_errors, parse_pairs, printable
 
 
 def _human(n: float) -> str:
@@ -44,25 +44,29 @@ def inspect_cmd(path, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=1, sort_keys=True))
         return
-    click.echo(f"{info['path']}: freezepack format v{info['format_version']}, {info['producer']}, "
-               f"generator {info['generator']}, seed {info['seed']}")
+    # Everything read from the file (names, metadata, producer) is shown through printable(): a crafted file
+    # must not drive the terminal with escape sequences.
+    click.echo(f"{printable(info['path'])}: freezepack format v{info['format_version']}, "
+               f"{printable(info['producer'])}, generator {printable(info['generator'])}, seed {info['seed']}")
     if "lossless" not in info["values"]:
-        click.echo(f"  trained values: {info['values']} (lossy: quantized when saved; verified as stored)")
+        click.echo(f"  trained values: {printable(info['values'])} (lossy: quantized when saved; verified as stored)")
     for k, v in sorted(info["metadata"].items()):
-        click.echo(f"  metadata {k} = {v}")
-    w = max([len(t["name"]) for t in info["tensors"]] + [6])
+        click.echo(f"  metadata {printable(k)} = {printable(v)}")
+    names = {t["name"]: printable(t["name"]) for t in info["tensors"]}
+    w = max([len(s) for s in names.values()] + [6])
     click.echo(f"  {'tensor':<{w}}  {'kind':<6} {'shape':<18} {'init':<16} {'q':>8} {'coder':<14} "
                f"{'mask':>9} {'entropy':>9} {'values':<14} {'stored':>10}")
     for t in info["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
+        name = names[t["name"]]
         if t["kind"] == "frozen":
-            click.echo(f"  {t['name']:<{w}}  {'frozen':<6} {shape:<18} {t['init']:<16} {t['q']:>8.4f} "
+            click.echo(f"  {name:<{w}}  {'frozen':<6} {shape:<18} {printable(t['init']):<16} {t['q']:>8.4f} "
                        f"{t['coder']:<14} {t['mask_bytes']:>9} {t['mask_entropy_bytes']:>9.0f} "
                        f"{t['values_coding'] or '-':<14} {_human(t['stored_bytes']):>10}")
         elif t["kind"] == "alias":
-            click.echo(f"  {t['name']:<{w}}  {'alias':<6} {shape:<18} {'= ' + t['of']}")
+            click.echo(f"  {name:<{w}}  {'alias':<6} {shape:<18} {'= ' + printable(t['of'])}")
         else:
-            click.echo(f"  {t['name']:<{w}}  {'whole':<6} {shape:<18} {t['dtype']:<16} {'':>8} {'':<14} {'':>9} "
+            click.echo(f"  {name:<{w}}  {'whole':<6} {shape:<18} {t['dtype']:<16} {'':>8} {'':<14} {'':>9} "
                        f"{'':>9} {t['values_coding'] or '-':<14} {_human(t['stored_bytes']):>10}")
     click.echo(f"file {_human(info['file_bytes'])} (header {_human(info['header_bytes'])}), dense "
                f"{_human(info['dense_bytes'])}: compression factor {info['compression_factor']:.1f}x; frozen share q = "
@@ -127,7 +131,7 @@ def unpack_cmd(src, dst, device, parents, progress):
 
     from .. import api
     from ..checkpoint import SHARED_KEY
-    from ..format import container
+    from ..format.io import atomic_write
 
     _check_text("DST", dst)
     if device is not None and device.split(":")[0] == "meta":
@@ -148,7 +152,7 @@ def unpack_cmd(src, dst, device, parents, progress):
         meta = f.metadata()
     if shared:  # say which names share, for readers that re-tie (transformers does from its config)
         meta[SHARED_KEY] = json.dumps(shared, sort_keys=True)
-    container.atomic_write(dst, [save(tensors, metadata=meta or None)], make_parents=parents)
+    atomic_write(dst, [save(tensors, metadata=meta or None)], make_parents=parents)
     click.echo(f"{dst}: {len(tensors)} tensors written")
     for name, of in shared.items():
         click.echo(f"  {name} shares {of} (stored once under {of!r})")
@@ -156,9 +160,9 @@ def unpack_cmd(src, dst, device, parents, progress):
 
 def _check_text(what: str, value: str) -> None:
     """Arguments come from argv, where undecodable bytes become lone surrogates: refuse them by name."""
-    from ..format.container import _valid_text
+    from ..format.strictjson import valid_text
 
-    if not _valid_text(value):
+    if not valid_text(value):
         raise click.BadParameter(f"{value!r} is not valid text in this locale", param_hint=what)
 
 
@@ -171,13 +175,13 @@ def _parse_inits(pairs):
 
 def _fpk_seed(src) -> int:
     from ..errors import UsageError
-    from ..format.container import FpkReader
+    from ..format.reader import open_file
 
     with open(src, "rb") as f:
         magic = f.read(64)
     if b'"freezepack"' not in magic and b"__metadata__" not in magic:
         raise UsageError("--seed is required (SRC is not a .fpk file, whose seed would be the default)", path=src)
-    with FpkReader(src) as r:
+    with open_file(src) as r:
         return r.header.seed
 
 
@@ -227,7 +231,7 @@ def convert_cmd(src, dst, seed, init, init_for, meta, values, lossy_whole, key, 
     Example:  freezepack convert trained.safetensors model.fpk --seed 1234 --init xavier_normal
               freezepack convert model.fpk model-k4.fpk --values kmeans:4
     """
-    from ..format.container import check_regular_file
+    from ..format.io import check_regular_file
 
     for m in meta:
         _check_text("--meta", m)

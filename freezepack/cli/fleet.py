@@ -76,7 +76,7 @@ def init(repo, keys_dir, root_out, threshold, expires, as_json):
 
     pub = Publisher(open_store(repo), keys_dir)
     root = pub.init(thresholds=_parse_pairs(threshold, int), expiry=_expiry(expires))
-    atomic_write(root_out, root)
+    atomic_write(root_out, root, make_parents=True)
     info = pub.describe()
     _out(as_json, info, f"created fleet repository {info['location']}\n"
                         f"keys in {os.path.abspath(keys_dir)} (move the root-* keys offline)\n"

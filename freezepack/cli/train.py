@@ -14,7 +14,8 @@ from .common import one_line_errors
 @click.option("--model", "model_name", default="lenet5", show_default=True, metavar="NAME|module:Class",
               help="Architecture: lenet5 (LeNet-5-Caffe), lenet300 (LeNet-300-100), or your own model as "
                    "package.module:Class (a class or factory called with no arguments; it gets MNIST batches "
-                   "(N, 1, 28, 28) and must return 10 logits).")
+                   "(N, 1, 28, 28) and must return 10 logits). module:Class IMPORTS AND RUNS that module's code "
+                   "with your permissions, like `python -c 'import module'`: use only code you trust.")
 @click.option("--method", type=click.Choice(["freezenet", "freezenet-wd", "random", "snip", "grasp", "dense"]),
               default="freezenet", show_default=True,
               help="freezenet: SNIP mask, frozen weights kept at their random init. freezenet-wd: also decays the "
@@ -43,6 +44,11 @@ from .common import one_line_errors
                    "--device cuda: one GPU per rank). Each rank trains on its shard of every batch; only the "
                    "trainable values' gradients are all-reduced. For several machines start this command under "
                    "torchrun instead (docs/DISTRIBUTED.md).")
+@click.option("--collective-timeout", "timeout", type=click.FloatRange(min=1.0), default=300.0, show_default=True,
+              metavar="SECONDS",
+              help="Data-parallel: how long a rank waits for the others (agreement check, all-reduce) before the "
+                   "run ends with an error instead of hanging. The ranks first prove they share every option "
+                   "that changes the result and the data's contents; a difference is a one-line error.")
 @click.option("--values", "values", default="f32", show_default=True, metavar="CODING",
               help="How --out stores the trained values: f32 (lossless) or, lossy, bf16, f16, int8, kmeans:K, "
                    "uniform:K (the accuracy of the stored model is then reported too).")
@@ -52,7 +58,7 @@ from .common import one_line_errors
 @click.option("--quiet", is_flag=True, help="No per-epoch progress on stderr.")
 @one_line_errors
 def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, weight_decay, cosine, device,
-          nproc, values, finetune, as_json, quiet):
+          nproc, timeout, values, finetune, as_json, quiet):
     """Train a FreezeNet on MNIST and report its test accuracy.
 
     \b
@@ -83,7 +89,7 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
     opts = dict(model_name=model_name, method=method, q=q, seed=seed, data=data_dir, out=out, epochs=epochs,
                 init=init, reinit=reinit, lr=lr, weight_decay=weight_decay, cosine=cosine, device=device,
                 progress=not quiet, distributed=nproc > 1 or under_torchrun(), values=values,
-                finetune=finetune)
+                finetune=finetune, timeout=timeout)
     if under_torchrun():
         if nproc > 1:
             raise DistributedError("--nproc starts its own workers; under torchrun leave it out")
@@ -92,6 +98,8 @@ def train(model_name, method, q, seed, data_dir, out, epochs, init, reinit, lr, 
         results = launch(nproc, train_job, opts)
         result = results[0]
         failed = [(r, v["error"]) for r, v in sorted(results.items()) if "error" in v]
+        if failed and len(failed) == len(results) and len({m for _, m in failed}) == 1:
+            raise DistributedError(failed[0][1])  # the same line on every rank (it names the ranks itself)
         if failed:
             raise DistributedError(f"rank {failed[0][0]}: {failed[0][1]}")
     else:
@@ -131,7 +139,7 @@ def train_job(opts: dict) -> dict:
 
     opts = dict(opts)
     distributed, out, values = opts.pop("distributed"), opts.pop("out"), opts.pop("values", None)
-    finetune = opts.pop("finetune", 0)
+    finetune, timeout = opts.pop("finetune", 0), opts.pop("timeout", None)
     model_name, method, q, seed = opts.pop("model_name"), opts["method"], opts["q"], opts["seed"]
     rank, world = 0, 1
     try:
@@ -140,11 +148,14 @@ def train_job(opts: dict) -> dict:
 
             from ..experiments.launch import init_worker
 
-            opts["device"] = init_worker(opts["device"])
+            opts["device"] = init_worker(opts["device"], timeout=timeout)
             rank, world = dist.get_rank(), dist.get_world_size()
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         config = TrainConfig(model=model_name, **{k: v for k, v in opts.items() if k in fields})
-        r = run(config, distributed=distributed, **{k: v for k, v in opts.items() if k not in fields})
+        extra = {k: v for k, v in opts.items() if k not in fields}
+        if distributed:  # what only rank 0 uses still changes the file: every rank must have been started alike
+            extra.update(shared={"values": values, "finetune": finetune}, timeout=timeout)
+        r = run(config, distributed=distributed, **extra)
         result = {"model": model_name, "method": method, "q": r.q, "q_beta": r.q_beta, "seed": seed,
                   "test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch, "epochs": r.epochs,
                   "trainable": r.trainable, "parameters": r.parameters, "seconds": round(r.seconds, 2)}

@@ -1,6 +1,6 @@
 """The README's main job: train a FreezeNet, ship it as a tiny .fpk, reload it bit-exactly, check it still works.
 
-    python -m freezepack.experiments.demo     (or ./run demo)
+    python -m freezepack.cli.demo     (or ./run demo; the command line lives in freezepack.cli.demo)
 
 LeNet-5-Caffe with 99 % of its weights frozen at freezepack's generator values is trained on the shipped MNIST
 subset, saved as seed + initializer + coded mask + trained values, reloaded (on CUDA when available) with the
@@ -16,30 +16,14 @@ from pathlib import Path
 import click
 import torch
 
-from ..cli.common import one_line_errors
-
 
 def _kib(n: int) -> str:
     return f"{n / 1024:,.1f} KiB"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with the four MNIST IDX .gz files  [default: the shipped 10k subset]")
-@click.option("--epochs", type=click.IntRange(1), default=15, show_default=True,
-              help="Training epochs (about 2-6 s each on 2 CPU cores).")
-@click.option("--out", type=click.Path(dir_okay=False), default="out/lenet5_freezenet_q0.99.fpk",
-              show_default=True, help="Where to write the .fpk file.")
-@click.option("--q", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.99, show_default=True,
-              help="Freezing rate: the share of weights that stay frozen.")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=7, show_default=True)
-@one_line_errors
-def main(data_dir, epochs, out, q, seed):
-    """Train a LeNet-5-Caffe FreezeNet on MNIST, save it as .fpk, reload it bit-exactly and test it."""
-    _demo(data_dir, epochs, out, q, seed)
 
 
-def _demo(data_dir, epochs, out, q, seed):
+def demo(data_dir, epochs, out, q, seed):
     from safetensors.torch import save_file
 
     from .. import api
@@ -90,6 +74,3 @@ def _demo(data_dir, epochs, out, q, seed):
     if not (same and report["ok"] and acc == r.test_acc):
         raise SystemExit("the reloaded model differs from the trained one")
 
-
-if __name__ == "__main__":
-    main()

@@ -38,24 +38,39 @@ def worker_device(device: str | None) -> torch.device:
     return dev
 
 
-def init_worker(device: str | None = None, threads: int | None = None) -> torch.device:
+def init_worker(device: str | None = None, threads: int | None = None,
+                timeout: float | None = None) -> torch.device:
     """Join the process group of a torchrun worker (env:// rendezvous); returns this rank's device.
 
     gloo for CPU training, nccl for CUDA. ``threads``: torch intra-op threads of this rank (default: this
-    machine's cores shared evenly among its local ranks, so N ranks do not oversubscribe the CPU).
+    machine's cores shared evenly among its local ranks, so N ranks do not oversubscribe the CPU). ``timeout``:
+    seconds any collective (and the rendezvous itself) may wait for the other ranks before the run ends with a
+    DistributedError (default 300; torch's own default is 30 minutes). On gloo the error is one line; on nccl
+    torch's watchdog ends the process.
     """
     import torch.distributed as dist
 
+    from ..method.agreement import DEFAULT_TIMEOUT_S
+
     if not under_torchrun():
         raise DistributedError("not a torchrun worker: RANK/WORLD_SIZE/MASTER_ADDR/... are not set")
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
+    if not timeout > 0:
+        raise DistributedError(f"the collective timeout must be a positive number of seconds, got {timeout}")
     dev = worker_device(device)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://",
-                                timeout=datetime.timedelta(minutes=30))
+        try:
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                                    timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:  # DistStoreError / DistNetworkError: the others never came, or no rendezvous
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DistributedError(f"rank {os.environ['RANK']} could not join the process group at "
+                                   f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:g} s: "
+                                   f"{reason}") from None
     return dev
 
 

@@ -14,13 +14,15 @@ Weight decay applies to trainable numbers only (values, biases, BatchNorm), exce
 ``freezenet-wd``. Early stopping keeps the weights of the epoch with the best validation accuracy.
 
 Data-parallel: ``run(..., distributed=True)`` inside an initialised torch.distributed group (torchrun,
-``freezepack train --nproc``) computes the mask on rank 0, shares it, regenerates the frozen weights on every rank
-and trains under DistributedDataParallel (:mod:`freezepack.method.distributed`), each rank on its shard of every
-global batch. ``shards=N`` in one process takes the same step from N shards: for N = 2 it is the 2-rank run bit
-for bit (docs/DISTRIBUTED.md).
+``freezepack train --nproc``) first proves that every rank has the same configuration and data (one error line on
+every rank otherwise, before anything is trained), computes the mask on rank 0, shares it, regenerates the frozen
+weights on every rank and trains under DistributedDataParallel (:mod:`freezepack.method.distributed`), each rank
+on its shard of every global batch. ``shards=N`` in one process takes the same step from N shards: for N = 2 it
+is the 2-rank run bit for bit (docs/DISTRIBUTED.md).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
@@ -132,28 +134,45 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
           momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 100, cosine: bool = True,
           seed: int = 0, frozen_decay: bool = False, patience: int | None = None,
           max_grad_norm: float | None = MAX_GRAD_NORM, progress: bool = False, label: str = "train",
-          distributed: bool = False, shards: int = 1) -> list[dict]:
+          distributed: bool = False, shards: int = 1, timeout: float | None = None) -> list[dict]:
     """SGD training with early stopping on ``val_data``; leaves the best-validation weights in ``model``.
 
     Returns the per-epoch history. ``frozen_decay`` = FreezeNet-WD. ``max_grad_norm`` clips the gradient norm
     (None: off). ``distributed``: train under DistributedDataParallel in the current process group, each rank on
-    its shard of every global batch of ``batch_size`` (the model must be identical on every rank). ``shards``:
-    in one process, take each step from that many shards the way ``shards`` ranks would.
+    its shard of every global batch of ``batch_size``; before the first step the ranks prove they share these
+    arguments, the data and the model (:func:`freezepack.method.distributed.agree`, ``timeout`` seconds to wait
+    for each other, default 300; the collectives of training are bounded by the process group's own timeout, see
+    ``init_worker(timeout=...)``). ``shards``: in one process, take each step from that many shards the way
+    ``shards`` ranks would.
     """
     if epochs < 1 or batch_size < 1 or shards < 1:
         raise UsageError(f"epochs, batch_size and shards must be positive, got {epochs}, {batch_size}, {shards}")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    rank, parts, net = 0, shards, model
+    rank, parts, net, guard = 0, shards, model, contextlib.nullcontext()
     if distributed:
         import torch.distributed as dist
 
-        from ..method.distributed import average_buffers, check_same, comm_device, wrap
+        from ..method.distributed import (
+            agree,
+            average_buffers,
+            check_same,
+            collective_errors,
+            comm_device,
+            wrap,
+        )
 
         if shards != 1:
             raise UsageError("shards emulates ranks in one process; use it without distributed")
+        # everything below that decides how many steps and collectives a rank takes derives from these values
+        agree(dict(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                   cosine=cosine, seed=seed, frozen_decay=frozen_decay, patience=patience,
+                   max_grad_norm=max_grad_norm),
+              {"training data": _parts(train_data), "validation data": _parts(val_data)}, timeout=timeout)
+        check_same(model, before_training=True)  # frozen weights, masks and initial values, as 32-byte digests
         net = wrap(model)  # DDP without a single frozen buffer on the wire
         rank, parts = dist.get_rank(), dist.get_world_size()
+        guard = collective_errors("training")
     if batch_size < parts:
         raise UsageError(f"batch_size {batch_size} is smaller than the {parts} ranks/shards it is split across")
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -164,53 +183,65 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
     best_val, best_state, best_epoch, history = -1.0, None, 0, []
     bar = _Progress(progress and rank == 0, label)
     model.train()
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(len(train_data), generator=order_rng).to(device)
-        total_loss = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            if len(idx) < parts:  # a last batch too small to give every rank a sample: skipped by all alike
-                continue
+    with guard:  # distributed: a collective that fails or times out ends the run as one DistributedError
+        for epoch in range(1, epochs + 1):
+            perm = torch.randperm(len(train_data), generator=order_rng).to(device)
+            total_loss = 0.0
+            for i in range(steps_per_epoch):
+                idx = perm[i * batch_size:(i + 1) * batch_size]
+                if len(idx) < parts:  # a last batch too small to give every rank a sample: skipped by all alike
+                    continue
+                if distributed:
+                    n = len(idx)
+                    idx = idx.tensor_split(parts)[rank]  # this rank's shard of the global batch
+                    opt.zero_grad(set_to_none=True)
+                    # summed loss x world / global batch: DDP's average over ranks is then the global batch mean
+                    loss = F.cross_entropy(net(x_all[idx]), y_all[idx], reduction="sum") * (parts / n)
+                    loss.backward()  # DDP all-reduces the trainable values' gradients (only those) here
+                elif parts > 1:
+                    loss = _shard_step(model, x_all[idx], y_all[idx], parts, params)
+                else:
+                    loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                step_lr = opt.param_groups[0]["lr"]
+                opt.step()
+                if frozen_decay:
+                    apply_frozen_decay(model, step_lr, weight_decay, momentum)  # deterministic: same on every rank
+                if sched is not None:
+                    sched.step()
+                total_loss += float(loss.detach())
+                bar.step(epoch, epochs, i + 1, steps_per_epoch, total_loss / (i + 1))
             if distributed:
-                n = len(idx)
-                idx = idx.tensor_split(parts)[rank]  # this rank's shard of the global batch
-                opt.zero_grad(set_to_none=True)
-                # summed loss x world / global batch: DDP's average over ranks is then the global batch mean
-                loss = F.cross_entropy(net(x_all[idx]), y_all[idx], reduction="sum") * (parts / n)
-                loss.backward()  # DDP all-reduces the trainable values' gradients (only those) here
-            elif parts > 1:
-                loss = _shard_step(model, x_all[idx], y_all[idx], parts, params)
-            else:
-                loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            step_lr = opt.param_groups[0]["lr"]
-            opt.step()
-            if frozen_decay:
-                apply_frozen_decay(model, step_lr, weight_decay, momentum)  # deterministic: same on every rank
-            if sched is not None:
-                sched.step()
-            total_loss += float(loss.detach())
-            bar.step(epoch, epochs, i + 1, steps_per_epoch, total_loss / (i + 1))
+                t = torch.tensor([total_loss], dtype=torch.float64, device=comm_device(model))
+                dist.all_reduce(t)
+                total_loss = float(t) / parts
+                average_buffers(model)  # BatchNorm running statistics: the ranks' mean, so every rank evaluates alike
+            val = evaluate(model, val_data) if rank == 0 else 0.0
+            if distributed:
+                # rank 0's accuracy decides best epoch and early stop on every rank (the others need not evaluate):
+                # the models and data are identical, but no rank may stop on a last-bit difference of its own
+                v = torch.tensor([val], dtype=torch.float64, device=comm_device(model))
+                dist.broadcast(v, 0)
+                val = float(v)
+            if val > best_val:
+                best_val, best_epoch = val, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history.append({"epoch": epoch, "loss": total_loss / steps_per_epoch, "val_acc": val})
+            bar.epoch(epoch, epochs, total_loss / steps_per_epoch, val, best_val)
+            if patience is not None and epoch - best_epoch >= patience:
+                break
+        model.load_state_dict(best_state)
         if distributed:
-            t = torch.tensor([total_loss], dtype=torch.float64, device=comm_device(model))
-            dist.all_reduce(t)
-            total_loss = float(t) / parts
-            average_buffers(model)  # BatchNorm running statistics: the ranks' mean, so every rank evaluates alike
-        val = evaluate(model, val_data)  # identical model and data on every rank: identical early stopping
-        if val > best_val:
-            best_val, best_epoch = val, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append({"epoch": epoch, "loss": total_loss / steps_per_epoch, "val_acc": val})
-        bar.epoch(epoch, epochs, total_loss / steps_per_epoch, val, best_val)
-        if patience is not None and epoch - best_epoch >= patience:
-            break
-    model.load_state_dict(best_state)
-    if distributed:
-        check_same(model)  # 32-byte digests per rank: frozen weights, masks and trained values all agree
+            check_same(model)  # 32-byte digests per rank: frozen weights, masks and trained values all agree
     return history
+
+
+def _parts(data: Dataset) -> dict:
+    """A data set as :func:`freezepack.method.distributed.agree` fingerprints it (contents, not paths)."""
+    return {"images": data.images, "labels": data.labels}
 
 
 def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.Tensor, torch.Tensor], *,
@@ -267,37 +298,63 @@ class TrainConfig:
 
 
 def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset, Dataset] | None = None,
-        device=None, progress: bool = False, distributed: bool = False, shards: int = 1) -> RunResult:
+        device=None, progress: bool = False, distributed: bool = False, shards: int = 1,
+        shared: dict | None = None, timeout: float | None = None) -> RunResult:
     """Build, freeze, train and test one network on MNIST (``data`` = IDX directory, default the shipped subset).
 
     Pass ``datasets=(train, test)`` to reuse data already loaded across many runs. ``distributed``: one rank of
-    a data-parallel run (the process group must be initialised); ``shards``: see :func:`train`.
+    a data-parallel run (the process group must be initialised). Before anything is built the ranks prove they
+    share the config, the model's architecture, ``shared`` (more settings that change the result, e.g. the CLI's
+    ``--values``) and the data's contents; a difference, or a failure on any rank, is one DistributedError on
+    every rank. ``timeout``: seconds a rank waits for the others at each such step (default 300; collectives are
+    bounded by the process group's timeout). ``shards``: see :func:`train`.
     """
     c = config if config is not None else TrainConfig()
-    if INPUT_SHAPES.get(c.model) not in (None, (1, 28, 28)):
-        raise UsageError(f"model {c.model!r} takes {INPUT_SHAPES[c.model]} images; run() trains on MNIST "
-                         f"(1, 28, 28): use lenet5 or lenet300, or train() with your own data")
     t0 = time.perf_counter()
-    train_full, test = datasets if datasets is not None else load_mnist(data)
-    tr, va = split_train_val(train_full, c.seed)
-    batch = (tr.images[:SNIP_BATCH], tr.labels[:SNIP_BATCH])
+
+    def prepare():
+        if INPUT_SHAPES.get(c.model) not in (None, (1, 28, 28)):
+            raise UsageError(f"model {c.model!r} takes {INPUT_SHAPES[c.model]} images; run() trains on MNIST "
+                             f"(1, 28, 28): use lenet5 or lenet300, or train() with your own data")
+        return datasets if datasets is not None else load_mnist(data)
+
     kw = dict(init=c.init, init_params=c.init_params, reinit=c.reinit, device=device)
-    if distributed and c.method != "dense":
+    if distributed:
+        import dataclasses
+
         import torch.distributed as dist
 
-        from ..method.distributed import share_masks
+        from ..method.distributed import agree, architecture, share_masks, together
 
-        # the mask is scored once, on rank 0; the others get k indices per tensor and regenerate the rest
-        net = build(c.model, c.method, c.q, c.seed, batch, **kw) if dist.get_rank() == 0 else None
-        masks = share_masks(trainable_masks(net) if net is not None else None, make_model(c.model))
-        if net is None:
-            net = build(c.model, c.method, c.q, c.seed, batch, masks=masks, **kw)
+        # each step that could fail on one rank only runs under together(): every rank learns of it at once
+        (train_full, test), template = together("loading the data and the model",
+                                                lambda: (prepare(), make_model(c.model)), timeout=timeout)
+        agree({**dataclasses.asdict(c), "model parameters": architecture(template),
+               "device type": torch.device(device or "cpu").type, **(shared or {})},
+              {"train set": _parts(train_full), "test set": _parts(test)}, timeout=timeout)
+        tr, va = split_train_val(train_full, c.seed)
+        batch = (tr.images[:SNIP_BATCH], tr.labels[:SNIP_BATCH])
+        if c.method == "dense":
+            net = together("building the model", lambda: build(c.model, c.method, c.q, c.seed, batch, **kw),
+                           timeout=timeout)
+        else:  # the mask is scored once, on rank 0; the others get k indices per tensor and regenerate the rest
+            first = dist.get_rank() == 0
+            scored = together("scoring the mask on rank 0", lambda: build(c.model, c.method, c.q, c.seed, batch,
+                                                                          **kw) if first else None, timeout=timeout)
+
+            def regenerate():  # every rank takes share_masks' broadcasts; a failure after them reaches all ranks
+                masks = share_masks(trainable_masks(scored) if first else None, template)
+                return scored if first else build(c.model, c.method, c.q, c.seed, batch, masks=masks, **kw)
+
+            net = together("receiving the mask and regenerating the frozen weights", regenerate, timeout=timeout)
     else:
-        net = build(c.model, c.method, c.q, c.seed, batch, **kw)
+        train_full, test = prepare()
+        tr, va = split_train_val(train_full, c.seed)
+        net = build(c.model, c.method, c.q, c.seed, (tr.images[:SNIP_BATCH], tr.labels[:SNIP_BATCH]), **kw)
     history = train(net, tr, va, epochs=c.epochs, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                     batch_size=c.batch_size, cosine=c.cosine, seed=c.seed, frozen_decay=c.method == "freezenet-wd",
                     patience=c.patience, max_grad_norm=c.max_grad_norm, progress=progress, label=c.label,
-                    distributed=distributed, shards=shards)
+                    distributed=distributed, shards=shards, timeout=timeout)
     best = max(history, key=lambda h: h["val_acc"])
     q_real, q_beta = rates(net)
     return RunResult(model_name=c.model, method=c.method, q=q_real, q_beta=q_beta, seed=c.seed,

@@ -103,7 +103,7 @@ def pin_root(metadata_dir: str, root_file: str | os.PathLike | None) -> None:
         tuf_metadata().Metadata.from_bytes(data)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FleetError(f"not a valid TUF root metadata file ({type(e).__name__}: {e})", path=root_file) from None
-    atomic_write(local, data)
+    atomic_write(local, data, make_parents=True)
 
 
 def trusted_release(store: Store, metadata_dir: str, name: str, *, root_file=None,

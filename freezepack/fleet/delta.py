@@ -12,7 +12,7 @@ already holds the previous file rebuilds the new one from the pieces it has and 
 Format v1 .fpk files and dense safetensors files are cut on the generic safetensors layout (for a dense file
 fine-tuning changes every byte and the delta is the whole file). A format v2 .fpk (spec/FORMAT.md §12) is one
 ``U8`` tensor whose body is digest || binary header || payloads back to back, which that layout would ship whole;
-it is cut inside the body instead (``_v2_ranges``): one ``__header__`` piece up to the first payload
+it is cut inside the body instead (``_payload_ranges``): one ``__header__`` piece up to the first payload
 (safetensors JSON, body digest, v2 header), then one piece per payload (a mask, a values or a whole tensor),
 labelled with its stored key (``conv1.weight#values``). The cut parses the v2 header with the format's own
 parser under its limits, from at most ``MAX_PIECE`` bytes; anything unexpected falls back to the generic cut.
@@ -28,8 +28,8 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FleetError, FormatError, FreezepackError
-from ..format import compact
-from ..format.container import MAX_HEADER_BYTES
+from ..format.model import MAX_HEADER_BYTES
+from ..format.reader import payload_layout
 from . import safejson
 
 MAX_PIECE = 4 << 20            # resume granularity and largest blob a device holds in memory
@@ -59,7 +59,7 @@ class Piece:
 
 def read_safetensors_header(f, size: int, path: str) -> tuple[int, dict]:
     """``(N, header)`` of any safetensors file (a .fpk or a dense model), bounded before parsing: the one parser of
-    generic safetensors headers in the fleet (the .fpk reader's strict, canonical one is format.container's)."""
+    generic safetensors headers in the fleet (the .fpk readers' strict, canonical ones are freezepack.format's)."""
     head = f.read(8)
     if size < 8 or len(head) < 8:
         raise FormatError("not a safetensors file: shorter than its 8-byte header length", path=path)
@@ -108,36 +108,26 @@ def _ranges(path: str, size: int, n: int, header: dict) -> list[tuple[int, int, 
     return out
 
 
-def _v2_ranges(f, size: int, n: int, header: dict) -> list[tuple[int, int, str]] | None:
-    """(offset, length, label) of a format v2 .fpk cut at its payloads, or None when the file is not exactly one.
+def _payload_ranges(f, size: int) -> list[tuple[int, int, str]] | None:
+    """(offset, length, label) of a .fpk whose payloads sit in one body (format v2), cut at its payloads, or None
+    when the file is not one (then it is cut at its safetensors tensors).
 
-    Never trusts the file: the safetensors part must be byte-identical to the one its length implies, the v2
-    header is parsed by ``compact.Body.layout`` (every structural check and the reader's limits) from at most
-    ``MAX_PIECE`` bytes, and the payloads must tile the body exactly. Any failure means "cut it generically"."""
-    meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or meta.get("freezepack") != str(compact.VERSION):
-        return None
-    base = 8 + n
-    body_len = size - base
+    Never trusts the file: the format's own reader parses the header (every structural check, every rule and the
+    reader's limits) from at most ``MAX_PIECE`` bytes, and the payloads must tile the file exactly (no digest:
+    the assembled file is checked against the signed hash). Any failure means "cut it generically"."""
     f.seek(0)
-    if body_len < 32 or f.read(base) != compact.outer_header(body_len):
-        return None
-    head = f.read(min(body_len, MAX_PIECE))
-    if len(head) != min(body_len, MAX_PIECE):
-        return None
+    head = f.read(min(size, MAX_PIECE))
     try:
-        header_end, parts = compact.Body.layout(head, body_len)
+        layout = payload_layout(head, size)
     except (FreezepackError, ValueError, IndexError, KeyError, TypeError, OverflowError, RecursionError):
-        return None         # not a v2 file we understand (hostile, newer, or a header over MAX_PIECE): generic cut
-    out = [(0, base + header_end, HEADER_LABEL)]
-    pos = header_end
-    for key, start, end in parts:
-        if start != pos or end < start:
-            return None
-        for s in range(start, end, MAX_PIECE):
-            out.append((base + s, min(MAX_PIECE, end - s), key[:MAX_LABEL]))
-        pos = end
-    return out if pos == body_len else None
+        return None         # not a file we understand (hostile, newer, or a header over MAX_PIECE): generic cut
+    if layout is None:
+        return None
+    out = [(0, layout[0][1], HEADER_LABEL)]
+    for off, length, key in layout[1:]:
+        for s in range(0, length, MAX_PIECE):
+            out.append((off + s, min(MAX_PIECE, length - s), key[:MAX_LABEL]))
+    return out
 
 
 def file_pieces(path: str | os.PathLike) -> list[Piece]:
@@ -146,7 +136,7 @@ def file_pieces(path: str | os.PathLike) -> list[Piece]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n, header = read_safetensors_header(f, size, path)
-        ranges = _v2_ranges(f, size, n, header) or _ranges(path, size, n, header)
+        ranges = _payload_ranges(f, size) or _ranges(path, size, n, header)
         pieces = []
         for off, length, label in ranges:
             f.seek(off)

@@ -51,6 +51,20 @@ def _failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def _writing(path: str, what: str):
+    """An OSError while writing ``path`` (disk full, quota, ``ulimit -f``: no file name in the error) becomes a
+    FleetError naming the file, not ``error: : File too large``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+            raise FleetError(f"cannot write {what}: {e.strerror} (disk full, quota, or a file-size limit such as "
+                             "ulimit -f); the installed release is unchanged: free space and run again (the "
+                             "pieces already downloaded are kept)", path=path) from None
+        raise
+
+
 def _refuse_link(path: str) -> FleetError:
     return FleetError("refusing to follow a symlink (or use a non-directory) in a path the fleet installer owns; "
                       "remove it", path=path)
@@ -142,7 +156,8 @@ class Device:
     def _write_state(self, st: dict) -> None:
         import json
 
-        atomic_write(self.state_path, json.dumps(st, indent=1, sort_keys=True).encode())
+        with _writing(self.state_path, "the device state"):
+            atomic_write(self.state_path, json.dumps(st, indent=1, sort_keys=True).encode(), make_parents=True)
 
     def status(self, name: str) -> dict:
         """What is installed, from the file itself: its SHA-256 matched against the releases this device
@@ -259,7 +274,7 @@ class Device:
         todo = plan(info["layout"], set(sources))
         fetched = 0
         for sha, length in todo.need.items():
-            self._fetch_piece(store, sha, length, stage_fd)
+            self._fetch_piece(store, sha, length, stage_fd, name)
             sources[sha] = (sha, 0, length, stage_fd)
             fetched += length
             if progress:
@@ -311,12 +326,12 @@ class Device:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(e.path)
 
-    def _fetch_piece(self, store, sha, length, stage_fd) -> None:
+    def _fetch_piece(self, store, sha, length, stage_fd, name) -> None:
         """Stream one piece into staging (temp name, digest checked while it arrives, then renamed)."""
         tmp = f"{TEMP_PREFIX}{secrets.token_hex(8)}-{sha}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666, dir_fd=stage_fd)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with _writing(os.path.join(self.staging(name), sha), "a downloaded piece"), os.fdopen(fd, "wb") as f:
                 store.fetch_blob(sha, length, f)
             os.replace(tmp, sha, src_dir_fd=stage_fd, dst_dir_fd=stage_fd)
         except BaseException:
@@ -357,11 +372,11 @@ class Device:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
         full = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out:
+            with _writing(self.model_path(name), "the new release"), os.fdopen(fd, "wb") as out:
                 for sha, length, _label in info["layout"]:
                     if not _piece_ok(sources[sha], sha, length):
                         # a staged piece damaged on disk: fetch it again rather than fail the install
-                        self._fetch_piece(store, sha, length, stage_fd)
+                        self._fetch_piece(store, sha, length, stage_fd, name)
                         sources[sha] = (sha, 0, length, stage_fd)
                     for chunk in _read_piece(sources[sha], length):
                         out.write(chunk)

@@ -49,7 +49,8 @@ class KeyRing:
         os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o700)
         path = os.path.join(self.dir, f"{role}-{signer.public_key.keyid[:16]}.pem")
-        atomic_write(path, signer.private_bytes, mode=0o600)    # a secret: owner-only whatever the umask
+        # a secret: owner-only whatever the umask
+        atomic_write(path, signer.private_bytes, mode=0o600, make_parents=True)
         return signer
 
     def signers(self) -> dict:

@@ -38,7 +38,7 @@ class DirStore(Store):
         return read_file_capped(self._meta(name), max_length, f"metadata file {name}")
 
     def put_metadata(self, name, data):
-        atomic_write(self._meta(name), data)
+        atomic_write(self._meta(name), data, make_parents=True)
 
     def has_blob(self, sha256):
         return os.path.isfile(self._blob(sha256))
@@ -49,7 +49,7 @@ class DirStore(Store):
             remove_stale_temps(os.path.dirname(self._blob(sha)))
             self._cleaned = True
         if not self.has_blob(sha):
-            atomic_write(self._blob(sha), data, fsync=False, clean_stale=False)
+            atomic_write(self._blob(sha), data, fsync=False, clean_stale=False, make_parents=True)
         return sha
 
     def _blob_chunks(self, sha256, max_length):

@@ -106,11 +106,21 @@ def _bind(path: str):
     return lib
 
 
+def quantize_counts(counts) -> np.ndarray:
+    """Probabilities (sum 2**24, each >= 1) for symbol counts: w = floor(c * T / S) with T = 2**24 - m, the
+    remainder given one unit at a time to the first symbols, then +1 each (integer arithmetic only)."""
+    counts = [int(c) for c in counts]
+    m, s = len(counts), sum(counts)
+    total = ONE - m
+    w = [c * total // s for c in counts]
+    for j in range(total - sum(w)):
+        w[j] += 1
+    return np.array(w, dtype=np.int64) + 1
+
+
 def _check_models(rng: np.random.Generator) -> list[Model]:
     """Models that reach every path of the C decoder: binary at both extremes, a few symbols, a skewed 256-symbol
     table, a table whose slots hold many symbols, and the uniform 16-bit model."""
-    from .entropy import quantize_counts
-
     def counts(c):
         return model(quantize_counts(c))
 

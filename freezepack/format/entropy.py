@@ -15,7 +15,7 @@ is exactly ``weight + 1``, as for the v1 gap table):
              ~0.83x raw float32; an all-zero tensor costs a few header bytes.
 codebook     the symbol stream of values with at most 256 distinct values (quantized by ``--values kmeans:K``,
              ``int8``, or naturally few-valued): one ANS symbol per value under the counts model; the table or
-             uniform grid itself is part of the header (freezepack.format.compact).
+             uniform grid itself is part of the header (freezepack.format.v2).
 Decoding goes through the compiled ANS decoder (freezepack.format.ans), encoding through constriction.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import ans
+from .ans import quantize_counts  # noqa: F401  (the coders' quantization lives with the ANS models)
 
 PRECISION = 24
 ONE = 1 << PRECISION
@@ -34,18 +35,6 @@ FLAG_COLS, FLAG_ROWS = 1, 2
 # ---------------------------------------------------------------------------------------------------------------
 # integer models
 # ---------------------------------------------------------------------------------------------------------------
-
-def quantize_counts(counts) -> np.ndarray:
-    """Probabilities (sum 2**24, each >= 1) for symbol counts: w = floor(c * T / S) with T = 2**24 - m, the
-    remainder given one unit at a time to the first symbols, then +1 each (integer arithmetic only)."""
-    counts = [int(c) for c in counts]
-    m, s = len(counts), sum(counts)
-    total = ONE - m
-    w = [c * total // s for c in counts]
-    for j in range(total - sum(w)):
-        w[j] += 1
-    return np.array(w, dtype=np.int64) + 1
-
 
 def binary_cdf1(size: int, ones: int) -> int:
     """Quantile split of a two-symbol model for ``ones`` of ``size`` (0 < ones < size): symbol 0 owns

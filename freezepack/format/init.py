@@ -20,6 +20,7 @@ import torch
 
 from ..errors import SpecError
 from . import native, rng
+from .initializers import INITIALIZERS, NONLINEARITIES, TABLE
 
 DISTRIBUTIONS = ("normal", "uniform", "sign", "constant")
 
@@ -40,9 +41,7 @@ def fans(shape) -> tuple[int, int]:
 
 def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
     """torch.nn.init.calculate_gain, restated so results are computed in Python float64 the same everywhere."""
-    linear = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-              "sigmoid")
-    if nonlinearity in linear:
+    if nonlinearity in NONLINEARITIES[:8]:  # the linear ones
         return 1.0
     if nonlinearity == "tanh":
         return 5.0 / 3
@@ -108,26 +107,27 @@ def make_init(name: str, shape=(), **params) -> InitSpec:
 
     Names: xavier_normal(gain), xavier_uniform(gain), kaiming_normal(a, mode, nonlinearity),
     kaiming_uniform(a, mode, nonlinearity), normal(mean, std), uniform(a, b), pm_sigma(gain), zeros,
-    constant(val). Defaults are torch's.
+    constant(val). Defaults are torch's (freezepack.format.initializers.TABLE).
     """
     p = dict(params)
+    defaults = TABLE[name].defaults() if name in TABLE else {}
 
-    def take(key, default):
-        return p.pop(key, default)
+    def take(key):  # the user's value, else torch's default from the one table (initializers.TABLE)
+        return p.pop(key, defaults[key])
 
     if name == "xavier_normal":
-        gain = float(take("gain", 1.0))
+        gain = float(take("gain"))
         fi, fo = fans(shape)
         spec = InitSpec(name, "normal", 0.0, _f32(gain * math.sqrt(2.0 / float(fi + fo))), {"gain": gain})
     elif name == "xavier_uniform":
-        gain = float(take("gain", 1.0))
+        gain = float(take("gain"))
         fi, fo = fans(shape)
         bound = _f32(gain * math.sqrt(3.0) * math.sqrt(2.0 / float(fi + fo)))
         spec = InitSpec(name, "uniform", -bound, _f32(2.0 * bound), {"gain": gain})
     elif name in ("kaiming_normal", "kaiming_uniform"):
-        a = float(take("a", 0.0))
-        mode = take("mode", "fan_in")
-        nl = take("nonlinearity", "leaky_relu")
+        a = float(take("a"))
+        mode = take("mode")
+        nl = take("nonlinearity")
         std = calculate_gain(nl, a) / math.sqrt(_fan(shape, mode))
         kw = {"a": a, "mode": mode, "nonlinearity": nl}
         if name == "kaiming_normal":
@@ -136,29 +136,25 @@ def make_init(name: str, shape=(), **params) -> InitSpec:
             bound = _f32(math.sqrt(3.0) * std)
             spec = InitSpec(name, "uniform", -bound, _f32(2.0 * bound), kw)
     elif name == "normal":
-        mean, std = float(take("mean", 0.0)), float(take("std", 1.0))
+        mean, std = float(take("mean")), float(take("std"))
         spec = InitSpec(name, "normal", _f32(mean), _f32(std), {"mean": mean, "std": std})
     elif name == "uniform":
-        lo, hi = float(take("a", 0.0)), float(take("b", 1.0))
+        lo, hi = float(take("a")), float(take("b"))
         spec = InitSpec(name, "uniform", _f32(lo), _f32(hi - lo), {"a": lo, "b": hi})
     elif name == "pm_sigma":
-        gain = float(take("gain", 1.0))
+        gain = float(take("gain"))
         fi, fo = fans(shape)
         spec = InitSpec(name, "sign", _f32(gain * math.sqrt(2.0 / float(fi + fo))), 0.0, {"gain": gain})
     elif name == "zeros":
         spec = InitSpec(name, "constant", 0.0, 0.0, {})
     elif name == "constant":
-        val = float(take("val", 0.0))
+        val = float(take("val"))
         spec = InitSpec(name, "constant", _f32(val), 0.0, {"val": val})
     else:
         raise SpecError(f"unknown initializer {name!r} (known: {', '.join(INITIALIZERS)})")
     if p:
         raise SpecError(f"initializer {name!r} got unknown parameters: {', '.join(sorted(p))}")
     return spec
-
-
-INITIALIZERS = ("xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform", "normal", "uniform",
-                "pm_sigma", "zeros", "constant")
 
 
 def _numel(shape) -> int:

@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dtypes import FROZEN_TORCH_DTYPES  # noqa: F401  (the frozen dtypes; the method imports them from here)
 from .init import InitSpec, generate
 from .rng import SPEC_VERSION
-
-# Dense dtypes a frozen tensor may have. The generator makes float32; the others are its round-to-nearest-even cast.
-FROZEN_TORCH_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtype, frozen_scale: float,

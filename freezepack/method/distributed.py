@@ -20,6 +20,9 @@ construction and, by default, again before every forward. For a FreezeNet those 
 
 FreezeNet-WD (``apply_frozen_decay``) needs nothing: its per-tensor scale is a deterministic function of the step
 count and the learning-rate schedule, which every rank shares, so it stays bit-identical without communication.
+
+Before the first step the ranks prove they run the same job on the same data (:func:`agree`, from
+:mod:`freezepack.method.agreement`, re-exported here with :func:`together` and :func:`collective_errors`).
 """
 from __future__ import annotations
 
@@ -33,13 +36,21 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import DistributedError
+from .agreement import (  # noqa: F401 - the data-parallel API in one place: agree, together, ... live here too
+    DEFAULT_TIMEOUT_S,
+    Rendezvous,
+    _ranks,
+    _require_group,
+    _sha256,
+    _verb,
+    agree,
+    architecture,
+    collective_errors,
+    describe_disagreement,
+    fingerprint,
+    together,
+)
 from .freezenet import FrozenParametrization, frozen_parametrizations
-
-
-def _require_group() -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise DistributedError("no torch.distributed process group: call torch.distributed.init_process_group "
-                               "first (or start the job with torchrun / freezepack train --nproc)")
 
 
 def comm_device(model: nn.Module | None = None) -> torch.device:
@@ -70,17 +81,18 @@ def wrap(model: nn.Module, *, device_ids=None, **ddp_kwargs) -> DDP:
     """
     _require_group()
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen_buffer_names(model))
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:  # torch >= 2.13
-        ddp_kwargs.setdefault("forward_sync_buffers", False)
-        return DDP(model, device_ids=device_ids, **ddp_kwargs)
-    # Older torch: broadcast_buffers=False also skips buffers at construction, so sync the non-frozen ones once.
-    ddp_kwargs.setdefault("broadcast_buffers", False)
-    ddp = DDP(model, device_ids=device_ids, **ddp_kwargs)
-    ignore = set(frozen_buffer_names(model))
-    bufs = [b for n, b in model.named_buffers() if n not in ignore]
-    if bufs:
-        dist._broadcast_coalesced(dist.group.WORLD, bufs, 250 * 1024 * 1024, 0)
-    return ddp
+    with collective_errors("wrapping the model in DDP"):  # DDP's construction compares shapes and broadcasts
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:  # torch >= 2.13
+            ddp_kwargs.setdefault("forward_sync_buffers", False)
+            return DDP(model, device_ids=device_ids, **ddp_kwargs)
+        # Older torch: broadcast_buffers=False also skips buffers at construction, so sync the non-frozen ones once.
+        ddp_kwargs.setdefault("broadcast_buffers", False)
+        ddp = DDP(model, device_ids=device_ids, **ddp_kwargs)
+        ignore = set(frozen_buffer_names(model))
+        bufs = [b for n, b in model.named_buffers() if n not in ignore]
+        if bufs:
+            dist._broadcast_coalesced(dist.group.WORLD, bufs, 250 * 1024 * 1024, 0)
+        return ddp
 
 
 def share_masks(masks: dict[str, torch.Tensor] | None, template: nn.Module, src: int = 0) -> dict[str, torch.Tensor]:
@@ -105,15 +117,16 @@ def share_masks(masks: dict[str, torch.Tensor] | None, template: nn.Module, src:
     else:
         head = torch.zeros(2, dtype=torch.int64)
     head = head.to(dev)
-    dist.broadcast(head, src)
-    n_blob, n_flat = (int(v) for v in head.tolist())
-    blob = (blob if mine else torch.zeros(n_blob, dtype=torch.uint8)).to(dev)
-    dist.broadcast(blob, src)
-    names = bytes(blob.cpu().tolist()).decode().split("\n") if n_blob else []
-    counts = (counts if mine else torch.zeros(len(names), dtype=torch.int64)).to(dev)
-    flat = (flat if mine else torch.zeros(n_flat, dtype=torch.int64)).to(dev)
-    dist.broadcast(counts, src)
-    dist.broadcast(flat, src)
+    with collective_errors("sharing the mask"):
+        dist.broadcast(head, src)
+        n_blob, n_flat = (int(v) for v in head.tolist())
+        blob = (blob if mine else torch.zeros(n_blob, dtype=torch.uint8)).to(dev)
+        dist.broadcast(blob, src)
+        names = bytes(blob.cpu().tolist()).decode().split("\n") if n_blob else []
+        counts = (counts if mine else torch.zeros(len(names), dtype=torch.int64)).to(dev)
+        flat = (flat if mine else torch.zeros(n_flat, dtype=torch.int64)).to(dev)
+        dist.broadcast(counts, src)
+        dist.broadcast(flat, src)
     if mine:
         return masks
     out, start = {}, 0
@@ -135,12 +148,6 @@ def share_masks(masks: dict[str, torch.Tensor] | None, template: nn.Module, src:
     return out
 
 
-def _sha256(t: torch.Tensor) -> bytes:
-    """SHA-256 of a tensor's little-endian C-order bytes (the same bytes ``freezepack.api.digest`` hashes)."""
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").digest()
-
-
 def frozen_digest(model: nn.Module) -> str:
     """One hex digest of every frozen tensor's generator values, mask, scale and FreezeNet-WD state."""
     h = hashlib.sha256()
@@ -159,23 +166,30 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_same(model: nn.Module) -> str:
+def check_same(model: nn.Module, *, before_training: bool = False) -> str:
     """Raise unless every rank holds bit-identical frozen tensors and parameters; returns this rank's digest.
 
     Each rank hashes its own model and only the 32-byte digests travel (an all-gather), so a rank whose
-    regenerated weights differ is caught without ever broadcasting them.
+    regenerated weights differ is caught without ever broadcasting them. ``before_training``: the check before
+    the first step (the message then says the ranks built different models).
     """
     _require_group()
     dev = comm_device(model)
     mine = bytes.fromhex(state_digest(model))
     local = torch.tensor(list(mine), dtype=torch.uint8, device=dev)
     gathered = [torch.zeros(32, dtype=torch.uint8, device=dev) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
+    with collective_errors("comparing the model digests"):
+        dist.all_gather(gathered, local)
     digests = [bytes(g.cpu().tolist()) for g in gathered]
     odd = [r for r, d in enumerate(digests) if d != digests[0]]
     if odd:
-        raise DistributedError(f"rank(s) {odd} hold a model that differs from rank 0's (frozen weights, mask or "
-                               f"trained values): regeneration or the gradient all-reduce is not identical")
+        if before_training:
+            raise DistributedError(f"{_ranks(odd)} {_verb(odd, 'holds', 'hold')} a model that differs from rank 0's "
+                                   f"before training (architecture, frozen weights, mask or initial values): the "
+                                   f"ranks did not build the same model")
+        raise DistributedError(f"{_ranks(odd)} {_verb(odd, 'holds', 'hold')} a model that differs from rank 0's after "
+                               f"training (frozen weights, mask or trained values): regeneration or the gradient "
+                               f"all-reduce is not identical")
     return mine.hex()
 
 
@@ -192,7 +206,8 @@ def average_buffers(model: nn.Module) -> None:
         return
     world = dist.get_world_size()
     flat = torch.cat([b.reshape(-1).to(torch.float64) for b in bufs])
-    dist.all_reduce(flat)
+    with collective_errors("averaging the BatchNorm statistics"):
+        dist.all_reduce(flat)
     flat /= world
     start = 0
     for b in bufs:

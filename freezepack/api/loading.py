@@ -1,0 +1,303 @@
+"""load, load_into, load_freezenet, safe_open: a .fpk back into tensors, a module, or a trainable FreezeNet."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import FormatError, IntegrityError, UsageError
+from ..format.base import Reader
+from ..format.dense import digest
+from ..format.dtypes import TORCH_DTYPES
+from ..format.init import generate
+from ..format.memory import check_memory, dense_bytes, work_bytes
+from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limits, WholeEntry, digest_ok
+from ..format.reader import open_file
+from ..format.record import reconstruct
+from .matching import fit, tied_to_loaded
+from .materialize import Device, PathLike, check_device, check_digest, frozen_parts, materialize
+
+
+def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
+         timings: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Dense state_dict of a .fpk file; frozen parts are regenerated straight on ``device``.
+
+    Stored bytes are always checked against their digests. With ``verify`` (default) every reconstructed tensor is
+    checked too (a device->host copy per tensor on GPUs). ``timings``: pass a dict to get seconds per phase.
+    """
+    device = check_device(device)
+    with open_file(path, limits) as r:
+        entries = r.header.entries
+        check_memory(sum(map(dense_bytes, entries)) + max(map(work_bytes, entries), default=0),
+                     f"loading all {len(entries)} tensors", limits, device, r.path)
+        if not verify:
+            out = {}
+            for e in r.header.entries:  # a tied name is the same tensor object, as in torch's state_dict
+                out[e.name] = out[e.of] if isinstance(e, AliasEntry) else materialize(r, e, device, False, timings)
+            return out
+        # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
+        from concurrent.futures import ThreadPoolExecutor
+
+        out, pending = {}, []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for e in r.header.entries:
+                if isinstance(e, AliasEntry):
+                    out[e.name] = out[e.of]
+                    continue
+                out[e.name] = t = materialize(r, e, device, False, timings)
+                if isinstance(e, FrozenEntry) and t.device.type != "meta":  # whole: bytes checked when read
+                    pending.append((e, pool.submit(digest, t)))
+            t0 = time.perf_counter()
+            for e, fut in pending:
+                if not digest_ok(e.sha256, fut.result()):
+                    raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this "
+                                         f"device ({out[e.name].device}) or the file was written from a different "
+                                         "generator", path=r.path, tensor=e.name)
+            if timings is not None:
+                timings["digest_wait"] = timings.get("digest_wait", 0.0) + time.perf_counter() - t0
+        return out
+
+
+def _check_shapes(r: Reader, targets: dict[str, torch.Tensor], match: dict[str, str]) -> None:
+    """Every matched file tensor (an alias by its target's shape) fits the module's tensor, checked before the
+    module is changed at all."""
+    for e in r.header.entries:
+        if e.name in match:
+            shape = r.header.target(e).shape
+            dst = targets[match[e.name]]
+            if tuple(dst.shape) != shape:
+                raise FormatError(f"shape {list(shape)} does not fit the module's {list(dst.shape)}", path=r.path,
+                                  tensor=e.name)
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value) -> None:
+    mod, _, attr = name.rpartition(".")
+    setattr(module.get_submodule(mod), attr, value)
+
+
+def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, verify: bool = True,
+              limits: Limits = DEFAULT_LIMITS,
+              prefix_map: dict[str, str] | None = None) -> torch.nn.modules.module._IncompatibleKeys:
+    """Fill ``module``'s parameters and buffers from a .fpk in place, regenerating into their own storage.
+
+    Names match exactly, or with the wrapper prefixes ``module.`` / ``_orig_mod.`` stripped on either side, so
+    files saved from (or loaded into) DataParallel, DDP and ``torch.compile`` models just work; ``prefix_map``
+    (``{"old.prefix.": "new.prefix."}``) renames file tensors. Tied tensors (alias entries) are tied again in
+    ``module`` when they are not already. Returns torch's ``(missing_keys, unexpected_keys)`` named tuple; with
+    ``strict`` either is an error.
+    """
+    targets = module.state_dict(keep_vars=True)
+    with open_file(path, limits) as r:
+        entries = r.header.entries
+        match, missing, unexpected = fit(targets, entries, prefix_map, r.path, strict)
+        _check_shapes(r, targets, match)
+        with torch.no_grad():
+            for e in entries:
+                if e.name not in match:
+                    continue
+                dst = targets[match[e.name]]
+                if isinstance(e, AliasEntry):
+                    src = targets.get(match.get(e.of, ""))
+                    if src is not None and src is not dst and isinstance(src, torch.nn.Parameter):
+                        _set_tensor(module, match[e.name], src)  # re-tie: one Parameter, as when saved
+                        targets[match[e.name]] = src
+                    elif src is not None and src is not dst:
+                        dst.data.copy_(src.data)
+                    continue
+                direct = isinstance(e, FrozenEntry) and dst.dtype == torch.float32 and dst.is_contiguous()
+                if direct:
+                    materialize(r, e, dst.device, verify, out=dst.data)
+                else:
+                    dst.data.copy_(materialize(r, e, dst.device, verify))
+    return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = None, verify: bool = True,
+                   limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None) -> torch.nn.Module:
+    """Make a plain ``module`` the FreezeNet stored in ``path``, ready to train on (resume training).
+
+    Every frozen tensor becomes a FrozenParametrization again (mask, seed, initializer, generator stream and
+    FreezeNet-WD scale restored; its trained values are the only Parameter), whole tensors are copied in, tied
+    tensors are tied. Saving the result unchanged gives the same file. Names are matched as in :func:`load_into`.
+    """
+    from torch.nn.utils import parametrize
+
+    from ..method.freezenet import FrozenParametrization, guard_save_pretrained
+
+    targets = module.state_dict(keep_vars=True)
+    with open_file(path, limits) as r:
+        entries = r.header.entries
+        match, _, _ = fit(targets, entries, prefix_map, r.path, strict=True)
+        tied = tied_to_loaded(targets, match)  # tied in the module, stored once in the file
+        _check_shapes(r, targets, match)  # every name, aliases too, before the module is touched
+        params: dict[str, FrozenParametrization] = {}
+        for e in entries:
+            name = match[e.name]
+            dst = targets[name]
+            dev = dst.device if device is None else check_device(device)
+            mod, _, attr = name.rpartition(".")
+            owner = module.get_submodule(mod)
+            if isinstance(e, AliasEntry):
+                src = match[e.of]
+                if src in params:  # a tied frozen tensor: the same parametrization and values Parameter
+                    smod, _, sattr = src.rpartition(".")
+                    sowner = module.get_submodule(smod)
+                    setattr(owner, attr, torch.nn.Parameter(getattr(sowner, sattr).detach().clone()))
+                    parametrize.register_parametrization(owner, attr, params[src], unsafe=True)
+                    owner.parametrizations[attr].original = sowner.parametrizations[sattr].original
+                elif isinstance(targets[src], torch.nn.Parameter):
+                    setattr(owner, attr, targets[src])
+                continue
+            if isinstance(e, WholeEntry):
+                with torch.no_grad():
+                    if dst.device != dev:
+                        dst.data = dst.data.to(dev)
+                    materialize(r, e, dev, verify, out=dst.data)
+                continue
+            if not isinstance(dst, torch.nn.Parameter):
+                raise FormatError("a frozen tensor in the file is a buffer in the module, not a parameter",
+                                  path=r.path, tensor=e.name)
+            # one regeneration and one mask decode give both the frozen buffer (unscaled) and the dense tensor
+            idx, vals, g = frozen_parts(r, e, dev)
+            if g is None:
+                g = generate(e.init, e.shape, r.header.seed, e.stream_key, device=dev)
+            dtype = TORCH_DTYPES[e.dtype]
+            frozen = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, 1.0, None, None, device=dev,
+                                 generated=g.clone())
+            dense = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
+                                device=dev, generated=g)
+            if verify:
+                check_digest(r, e, dense)
+            mask = torch.zeros(e.numel, dtype=torch.bool)
+            if idx is not None:
+                mask[idx] = True
+            p = FrozenParametrization(frozen, mask.view(e.shape), e.init, r.header.seed, e.stream_key)
+            if e.frozen_scale != 1.0:
+                p.set_frozen_scale(e.frozen_scale)
+                p.decay_state.copy_(torch.tensor([e.frozen_scale, 0.0], dtype=torch.float64))
+            holders = [n for n, t in targets.items() if t is dst and n != name]
+            for other in holders:  # torch set_()s the registered Parameter in place: untie the others first
+                omod, _, oattr = other.rpartition(".")
+                setattr(module.get_submodule(omod), oattr, torch.nn.Parameter(dst.detach().clone()))
+            with torch.no_grad():
+                dst.data = dense  # right_inverse takes the trained values from here
+            parametrize.register_parametrization(owner, attr, p, unsafe=True)
+            params[name] = p
+        for name, src in tied.items():  # tie them again, to the frozen parametrization of the name the file has
+            if src in params:
+                mod, _, attr = name.rpartition(".")
+                owner, (smod, _, sattr) = module.get_submodule(mod), src.rpartition(".")
+                parametrize.register_parametrization(owner, attr, params[src], unsafe=True)
+                owner.parametrizations[attr].original = module.get_submodule(smod).parametrizations[sattr].original
+    guard_save_pretrained(module)
+    return module
+
+
+_FRAMEWORKS = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np"}
+
+
+def _safetensors_device(device):
+    """safetensors' device argument: a torch device or its name, or a CUDA index (``0`` = ``cuda:0``)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return f"cuda:{device}"
+    return device
+
+
+class TensorSlice:
+    """``f.get_slice(name)``, as safetensors gives it: shape and dtype without reading, ``[...]`` for a part.
+
+    A frozen tensor is regenerated whole (its entries come from one generator stream) and then sliced."""
+
+    def __init__(self, f: FpkFile, name: str):
+        self._f, self._name = f, name
+        self._e = f._r.header.target(f.entry(name))  # an alias: its target's shape and dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self._e.shape)
+
+    def get_dtype(self) -> str:
+        return self._e.dtype
+
+    def __len__(self) -> int:
+        return self._e.shape[0] if self._e.shape else 0
+
+    def __getitem__(self, index):
+        return self._f._convert(self._f._tensor(self._name)[index].clone())
+
+
+class FpkFile:
+    """Lazy per-tensor access, a drop-in for ``safetensors.safe_open``: ``with freezepack.safe_open(p, "pt") as f:
+    f.get_tensor(k)`` (also ``keys()``, ``get_slice(k)[...]``, ``metadata()``)."""
+
+    def __init__(self, path, framework="pt", device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS):
+        fw = _FRAMEWORKS.get(framework) if isinstance(framework, str) else None
+        if fw is None:
+            raise UsageError(f"framework {framework!r} is not supported (freezepack reads 'pt' = torch, or 'np')",
+                             path=path)
+        self._framework = fw
+        self._device = check_device(_safetensors_device(device))
+        if fw == "np" and self._device is not None and self._device.type != "cpu":
+            raise UsageError("framework 'np' gives CPU arrays: leave device unset", path=path)
+        self._r = open_file(path, limits)
+        self._verify = verify
+        self._entries = {e.name: e for e in self._r.header.entries}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._r.header.metadata)
+
+    @property
+    def seed(self) -> int:
+        return self._r.header.seed
+
+    def entry(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise KeyError(name)
+        return self._entries[name]
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        return materialize(self._r, self.entry(name), self._device, self._verify)
+
+    def _convert(self, t: torch.Tensor):
+        if self._framework == "np":
+            if t.dtype == torch.bfloat16:
+                raise UsageError("numpy has no bfloat16: read this tensor with framework='pt'", path=self._r.path)
+            return t.cpu().numpy()
+        return t
+
+    def get_tensor(self, name: str):
+        return self._convert(self._tensor(name))
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return TensorSlice(self, name)
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def safe_open(path: PathLike, framework: str = "pt", device: Device | int = None, *, verify: bool = True,
+              limits: Limits = DEFAULT_LIMITS) -> FpkFile:
+    """Open a .fpk lazily, with ``safetensors.safe_open``'s signature (``framework`` ``"pt"`` or ``"np"``;
+    ``device`` a torch device, its name, or a CUDA index): the header is read and validated now, each tensor when
+    asked for (frozen ones regenerated on ``device`` and checked against their digests)."""
+    return FpkFile(path, framework, device, verify=verify, limits=limits)
+
+
+open = safe_open  # noqa: A001  (the short name, as in safetensors; shadows the builtin inside this module only)

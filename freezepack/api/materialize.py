@@ -1,0 +1,109 @@
+"""One dense tensor out of an open file, on a device: what load, load_into, safe_open and verify share."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import IntegrityError, UsageError
+from ..format import entropy
+from ..format.base import Reader
+from ..format.dense import digest
+from ..format.dtypes import TORCH_DTYPES
+from ..format.init import generate
+from ..format.memory import check_memory, dense_bytes, work_bytes
+from ..format.model import Entry, FrozenEntry, WholeEntry, digest_ok
+from ..format.record import reconstruct
+
+PathLike = str | os.PathLike[str]
+Device = str | torch.device | None
+Progress = Callable[[int, int], None]  # progress(done, total)
+
+
+def check_device(device) -> torch.device | None:
+    """A bad or absent device is the caller's input error: say so plainly instead of failing mid-load."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"{device!r} is not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+@contextmanager
+def _timed(timings: dict | None, key: str):
+    if timings is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None, out: torch.Tensor | None = None):
+    """``(idx, values, G)`` of a frozen entry: the trainable positions (None when nothing is trainable), their
+    stored values, and the generator's float32 output ``G`` when decoding needed it (a v2 ``ans-ctx`` mask is
+    conditioned on |G|; ``G`` lands in ``out`` when given), else None."""
+    with _timed(timings, "read"):
+        mask_words = r.mask_words(e)
+        values = r.values_bytes(e)
+    if values is None:
+        return None, None, None
+    vals = torch.frombuffer(values, dtype=TORCH_DTYPES[e.dtype])
+    generated = keys = None
+    with _timed(timings, "decode"):
+        if e.trainable == e.numel:
+            return torch.arange(e.numel), vals, None
+        if e.coder == "ans-ctx":
+            with _timed(timings, "generate"):
+                generated = generate(e.init, e.shape, r.header.seed, e.stream_key, device=device, out=out)
+            keys = entropy.context_keys(generated.detach().cpu().numpy())
+        idx = torch.from_numpy(r.mask_indices(e, mask_words, keys))
+    return idx, vals, generated
+
+
+def check_digest(r: Reader, e: FrozenEntry, t: torch.Tensor) -> None:
+    if not digest_ok(e.sha256, digest(t)):
+        raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this device "
+                             f"({t.device}) or the file was written from a different generator", path=r.path,
+                             tensor=e.name)
+
+
+def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest."""
+    path = r.path
+    e = r.header.target(entry)  # a tied tensor: its target's values (load() returns one object for both names)
+    if device is not None and device.type == "meta" and out is None:  # shapes and dtypes only: nothing is read
+        return torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device="meta")
+    check_memory(work_bytes(e) + (dense_bytes(e) if out is None else 0), "reconstructing this tensor", r.limits,
+                 device if out is None else out.device, path, e.name)
+    if isinstance(e, WholeEntry):
+        with _timed(timings, "read"):
+            dtype = TORCH_DTYPES[e.dtype]
+            if e.numel == 0:
+                t = torch.empty(e.shape, dtype=dtype)
+            else:
+                t = torch.frombuffer(r.whole_bytes(e), dtype=dtype).reshape(e.shape)
+        with _timed(timings, "copy"):
+            if out is not None:
+                return out.copy_(t)
+            return t.to(device) if device is not None else t
+    dtype = TORCH_DTYPES[e.dtype]
+    f32_out = out if out is not None and dtype == torch.float32 else None
+    idx, vals, generated = frozen_parts(r, e, device if f32_out is None else None, timings, out=f32_out)
+    with _timed(timings, "generate"):
+        t = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
+                        device=device, out=f32_out, generated=generated)
+    if out is not None and t is not out:
+        t = out.copy_(t)
+    if check:
+        with _timed(timings, "digest"):
+            check_digest(r, e, t)
+    return t

@@ -1,0 +1,251 @@
+"""save, and the bytes of a file for a FreezeRecord: what a model becomes on disk, proven before it is published."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..errors import MethodError, SpecError, UsageError
+from ..format import maskcode
+from ..format.dense import digest, tensor_bytes
+from ..format.dtypes import DTYPE_NAMES, FROZEN_TORCH_DTYPES
+from ..format.init import InitSpec
+from ..format.io import atomic_write
+from ..format.model import (
+    MASK_SUFFIX,
+    VALUES_SUFFIX,
+    VERSIONS,
+    AliasEntry,
+    Entry,
+    FrozenEntry,
+    Header,
+    Parts,
+    WholeEntry,
+)
+from ..format.record import FreezeRecord, FrozenTensor
+from ..format.rng import SPEC_VERSION, check_seed
+from ..format.strictjson import valid_text
+from ..format.writer import DEFAULT_VERSION, encode_file
+from .checking import VALUES_KEY, verify
+from .materialize import PathLike
+
+# ---------------------------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------------------------
+
+def _record_of(obj) -> tuple[FreezeRecord, list[str], dict[str, torch.Tensor]]:
+    """(record, tensor order, the dense tensors the file must reproduce)."""
+    if isinstance(obj, FreezeRecord):
+        order = list(obj.frozen) + [k for k in obj.whole if k not in obj.frozen]
+        return obj, order + [k for k in obj.aliases if k not in order], {}
+    if isinstance(obj, torch.nn.Module):
+        from ..method.freezenet import dense_state_dict, freeze_record, unwrap  # the method: only for a module
+
+        model = unwrap(obj)
+        rec = freeze_record(model)
+        # What the model computes with, right now: the file is proven against these before it is published.
+        truth = dense_state_dict(model)
+        names = list(rec.frozen) + list(rec.whole) + list(rec.aliases)
+        order = [k for k in truth if k in set(names)]
+        return rec, order + [k for k in names if k not in order], truth
+    raise UsageError(f"save() takes a FreezeRecord or an nn.Module, got {type(obj).__name__}")
+
+
+def _check_metadata(metadata) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in metadata.items()):
+        raise UsageError("metadata must be a dict of str -> str")
+    bad = [x for kv in metadata.items() for x in kv if not valid_text(x)]
+    if bad:
+        raise UsageError(f"metadata text {bad[0]!r} is not valid Unicode (a lone surrogate?): it cannot be stored")
+    return dict(metadata)
+
+
+def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: Parts, truth: torch.Tensor | None,
+                  coding=None) -> FrozenEntry:
+    if not isinstance(ft.init, InitSpec):
+        raise UsageError("init must be an InitSpec (freezepack.format.init.make_init)", tensor=name)
+    values = ft.values.detach().cpu().reshape(-1)
+    dtype = FROZEN_TORCH_DTYPES.get(values.dtype)
+    if dtype is None:
+        raise UsageError(f"values must be float32, float16 or bfloat16, got {values.dtype}", tensor=name)
+    scale = float(ft.frozen_scale)
+    exact = torch.tensor(scale, dtype=torch.float64).to(values.dtype).double().item() == scale
+    if not math.isfinite(scale) or not exact or float(np.float32(scale)) != scale:
+        raise UsageError(f"frozen_scale {ft.frozen_scale!r} is not a finite float32 number exactly representable "
+                         f"in {dtype}", tensor=name)
+    mask = ft.mask.detach().cpu()
+    if mask.dtype != torch.bool:
+        raise UsageError(f"mask must be a bool tensor, got {mask.dtype}", tensor=name)
+    k = int(mask.sum())
+    if values.numel() != k:
+        raise UsageError(f"values must be {k} numbers (one per True in the mask), got {values.numel()}",
+                         tensor=name)
+    if ft.stream is not None and (not isinstance(ft.stream, str) or not ft.stream
+                                  or not valid_text(ft.stream)):
+        raise UsageError(f"stream must be a non-empty string, got {ft.stream!r}", tensor=name)
+    hint = {}
+    if coding is not None and k:  # lossy values: the file must reproduce the model with *these* values
+        from ..method.quantize import quantize
+
+        values, hint = quantize(values, coding, name)
+        ft = dataclasses.replace(ft, values=values)
+        if truth is not None:
+            truth = truth.detach().cpu().clone()
+            truth.view(-1)[mask.reshape(-1)] = values.to(truth.dtype)
+    coded = maskcode.encode(mask.numpy())
+    dense = truth if truth is not None else ft.dense(seed, name, device="cpu")
+    if tuple(dense.shape) != tuple(mask.shape) or dense.dtype != values.dtype:
+        raise MethodError(f"the model's tensor is {dense.dtype} {list(dense.shape)} but its frozen record is "
+                          f"{values.dtype} {list(mask.shape)}", tensor=name)
+    e = FrozenEntry(name, tuple(mask.shape), dtype, digest(dense), ft.init, scale, k, coded.coder,
+                    dict(coded.params), int(coded.payload.size), None if ft.stream in (None, name) else ft.stream)
+    if e.mask_key:
+        blobs[e.mask_key] = ("U32", (int(coded.payload.size),), coded.payload.astype("<u4").tobytes())
+    if e.values_key:
+        blobs[e.values_key] = (dtype, (k,), bytes(tensor_bytes(values))) + ((hint,) if hint else ())
+    return e
+
+
+def _whole_entry(name: str, t: torch.Tensor, blobs: Parts) -> WholeEntry:
+    if not isinstance(t, torch.Tensor):
+        raise UsageError(f"whole tensors must be torch tensors, got {type(t).__name__}", tensor=name)
+    if t.layout != torch.strided or t.is_quantized:
+        raise UsageError(f"a {t.layout} tensor cannot be stored; convert it to a dense tensor first", tensor=name)
+    t = t.detach().cpu()
+    if t.dtype not in DTYPE_NAMES:
+        raise UsageError(f"dtype {t.dtype} cannot be stored", tensor=name)
+    data = bytes(tensor_bytes(t))
+    if t.dtype == torch.bool and data and max(data) > 1:  # a reader refuses such bytes (FORMAT.md §3)
+        raise UsageError("BOOL tensor holds a byte other than 0 or 1 (a bool tensor made by .view(torch.bool)?)",
+                         tensor=name)
+    blobs[name] = (DTYPE_NAMES[t.dtype], tuple(t.shape), data)
+    return WholeEntry(name, tuple(t.shape), DTYPE_NAMES[t.dtype], hashlib.sha256(data).hexdigest())
+
+
+def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None,
+                  truth: dict[str, torch.Tensor] | None = None, version: int | None = None,
+                  values: str | None = None) -> list:
+    """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes).
+
+    ``truth``: the dense tensors the file must reproduce (a module's weights as its forward pass uses them).
+    Their digests go into the header, so a reader's check compares its reconstruction with *them*, not with a
+    second reconstruction; without it the record's own reconstruction is hashed. ``version``: file format 1
+    (spec/FORMAT.md §1-11) or 2 (§12, compact); default :data:`DEFAULT_VERSION`. ``values``: opt-in lossy coding
+    of the trained values (:mod:`freezepack.method.quantize`: ``f16``, ``bf16``, ``int8``, ``kmeans:K``,
+    ``uniform:K``); default lossless. It is recorded in the metadata as ``freezepack.values``.
+    """
+    version = DEFAULT_VERSION if version is None else version
+    if version not in VERSIONS:
+        raise UsageError(f"format version must be 1 or 2, got {version!r}")
+    coding = None
+    metadata = _check_metadata(metadata)
+    if values is not None:
+        from ..method.quantize import ValueCoding
+
+        coding = ValueCoding.parse(values)
+        if coding.lossless:
+            coding = None
+        elif version != 2:
+            raise UsageError(f"lossy values ({coding}) need format version 2 (its value coders store them compactly)")
+        else:
+            # Re-coding a lossy file (convert): both steps are recorded, but the same coding again is one step (the
+            # quantizers keep values they already produced, so it changes nothing).
+            before = metadata.get(VALUES_KEY)
+            last = before.rpartition(", then ")[2] if before else None
+            metadata[VALUES_KEY] = str(coding) if before is None else \
+                before if last == str(coding) else f"{before}, then {coding}"
+    seed = check_seed(record.seed)
+    truth = truth or {}
+    if record.spec_version != SPEC_VERSION:
+        raise SpecError(f"record uses generator {record.spec_version!r}; this writer knows {SPEC_VERSION!r}")
+    if order is None:
+        order = list(record.frozen) + [k for k in record.whole if k not in record.frozen]
+        order += [k for k in record.aliases if k not in order]
+    both = set(record.frozen) & set(record.whole)
+    if both:
+        raise UsageError(f"tensors both frozen and whole: {', '.join(sorted(both))}")
+    blobs: Parts = {}
+    entries: list[Entry] = []
+    for name in order:
+        if not isinstance(name, str) or not name or name == "__metadata__" or not valid_text(name):
+            raise UsageError(f"invalid tensor name {name!r} (empty, reserved, or not valid Unicode text)")
+        if name in record.aliases:
+            target = record.aliases[name]
+            if not any(e.name == target for e in entries):
+                raise UsageError(f"alias of {target!r}, which is not an earlier tensor", tensor=name)
+            entries.append(AliasEntry(name, target))
+        elif name in record.frozen:
+            entries.append(_frozen_entry(name, record.frozen[name], seed, blobs, truth.get(name), coding))
+        else:
+            entries.append(_whole_entry(name, record.whole[name], blobs))
+    keys = [e.data_key for e in entries if isinstance(e, WholeEntry)] + \
+        [k for e in entries if isinstance(e, FrozenEntry) for k in (e.mask_key, e.values_key) if k]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise UsageError(f"stored tensor names collide: {', '.join(dup)} (a whole tensor named like another "
+                         f"tensor's '{VALUES_SUFFIX}'/'{MASK_SUFFIX}' part)")
+    header = Header(seed=seed, entries=tuple(entries), metadata=metadata, producer=f"freezepack {__version__}",
+                    version=version)
+    return encode_file(header, blobs, version)
+
+
+def _prove(tmp_path: str, target) -> None:
+    """Read the written temp file back as any reader will, before it is published: every tensor must decode,
+    and every reconstruction must match the digest of what the model holds in memory."""
+    report = verify(tmp_path)
+    bad = [t for t in report["tensors"] if not t["ok"]]
+    if bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        why = (". The weights in memory differ from what seed + initializer + stream regenerate (frozen values "
+               "changed in place, or frozen by other means)" if "digest" in first["error"] else "")
+        raise MethodError(f"not saved: the file would not reproduce the model in memory: {first['error']}{more}{why}",
+                          path=target, tensor=first["name"])
+
+
+def _refuse_nonfinite(record: FreezeRecord, obj, path) -> None:
+    """Trained numbers that are NaN or infinite are a diverged run, not a model: refuse to publish one silently.
+    Checked: the trained values of frozen tensors, and the whole tensors that are a module's parameters (buffers
+    such as attention masks may hold -inf by design)."""
+    trained = {n: ft.values for n, ft in record.frozen.items()}
+    if isinstance(obj, torch.nn.Module):
+        from ..method.freezenet import unwrap
+
+        params = {n.replace("parametrizations.", "").removesuffix(".original")
+                  for n, _ in unwrap(obj).named_parameters(remove_duplicate=False)}
+        trained.update({n: t for n, t in record.whole.items() if n in params})
+    for name, t in trained.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise MethodError(f"{bad} trained value(s) are NaN or infinite (a diverged run?): not saved; pass "
+                              "allow_nonfinite=True to store them anyway", path=path, tensor=name)
+
+
+def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
+         metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None,
+         allow_nonfinite: bool = False) -> None:
+    """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
+
+    ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
+    are looked through; tied weights are stored once) or a :class:`freezepack.format.record.FreezeRecord`.
+    Before the rename the temp file is read back and every tensor regenerated and compared bit for bit with the
+    model in memory; any difference is a :class:`MethodError` naming the tensor, and nothing is written.
+    ``metadata``: a small str -> str map. ``version``: file format (1 or 2), default :data:`DEFAULT_VERSION`.
+    ``values``: opt-in **lossy** coding of the trained values (``"bf16"``, ``"f16"``, ``"int8"``, ``"kmeans:K"``,
+    ``"uniform:K"``; see :mod:`freezepack.method.quantize`), default lossless. The model in memory is not changed;
+    the file holds (and is proven against) the model with quantized values, and records the coding.
+    NaN or infinite trained values are refused (a :class:`MethodError`) unless ``allow_nonfinite``.
+    """
+    record, order, truth = _record_of(record_or_module)
+    if not allow_nonfinite:
+        _refuse_nonfinite(record, record_or_module, os.fspath(path))
+    chunks = encode_record(record, order, metadata, truth, version, values)
+    atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path)))

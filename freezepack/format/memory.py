@@ -1,0 +1,98 @@
+"""Memory: what a load may allocate, checked before it does.
+
+A .fpk legitimately regenerates gigabytes from a few bytes, so the file size cannot bound a load: each tensor's
+dense bytes and its decoder's working arrays are estimated from the header and compared with the reader's
+``max_dense_bytes`` (default: half the memory available now) before anything is allocated.
+"""
+from __future__ import annotations
+
+from ..errors import FormatError
+from .model import DEFAULT_LIMITS, Entry, FrozenEntry, Limits, dense_bytes
+
+__all__ = ["available_bytes", "check_memory", "dense_bytes", "human_bytes", "work_bytes"]
+
+
+def available_bytes(device=None) -> int | None:
+    """Memory a load may still allocate on ``device`` now, or None when unknown: for a CPU the smaller of half the
+    system's available memory and what the process's address-space/data limits (RLIMIT_AS, RLIMIT_DATA) leave;
+    for a GPU its free memory."""
+    kind = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else "cpu")
+    if kind == "meta":
+        return None
+    if kind == "cuda":
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError, ValueError):
+            return None
+    if kind != "cpu":
+        return None
+    best = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    # half: a file of a few bytes must not be able to push a shared machine into swap or the
+                    # OOM killer; a trusted big model raises the limit explicitly
+                    best = int(line.split()[1]) * 1024 // 2
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            vm = int(f.read().split()[0]) * resource.getpagesize()
+        for lim in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+            soft = resource.getrlimit(lim)[0]
+            if soft != resource.RLIM_INFINITY:
+                room = max(soft - vm, 0)
+                best = room if best is None else min(best, room)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return best
+
+
+def work_bytes(e: Entry) -> int:
+    """Upper estimate of what reconstructing ``e`` allocates besides the dense tensor: the stored parts read from
+    the file and the decoder's working arrays (maskcode.decode_indices)."""
+    if not isinstance(e, FrozenEntry):
+        return dense_bytes(e)  # whole: the bytes read, then viewed in place; alias: nothing
+    n, k = e.numel, e.trainable
+    stored = 4 * k  # values; the mask's words are counted by the coder below
+    if e.coder in ("const",) or k in (0, n):
+        return stored + 8 * (k if k == n else 0)
+    if e.coder == "ans-bernoulli":
+        return stored + 6 * n + 8 * k  # n int32 symbols + n bools + k int64 indices
+    if e.coder == "ans-gaps" and not e.mask_words:  # empty stream: the positions are a prefix, nothing to decode
+        return stored + 8 * k
+    m = k if e.coder_params.get("value") == 1 else n - k
+    return stored + 16 * m + 8 * k + (0 if e.coder_params.get("value") == 1 else n)
+
+
+_ALWAYS_ALLOWED = 4 << 20  # a materialization this small is never refused for lack of system memory
+
+
+def check_memory(nbytes: int, what: str, limits: Limits = DEFAULT_LIMITS, device=None, path=None,
+                 tensor=None) -> None:
+    """Refuse, before allocating, to materialize more than ``limits.max_dense_bytes`` (default: the memory
+    available now on ``device``). A .fpk legitimately regenerates gigabytes from a few bytes, so the file size
+    cannot bound this; a FormatError naming the limit is better than an out-of-memory kill."""
+    if limits.max_dense_bytes is None and nbytes <= _ALWAYS_ALLOWED:
+        return  # asking the system costs ~0.2 ms (a /proc read): not worth it for a small tensor
+    limit = limits.max_dense_bytes if limits.max_dense_bytes is not None else available_bytes(device)
+    if limit is None or nbytes <= limit:
+        return
+    source = "" if limits.max_dense_bytes is not None else " (default: half the memory available now)"
+    raise FormatError(f"{what} needs {human_bytes(nbytes)} of memory, over the reader limit max_dense_bytes="
+                      f"{limit}{source}; free memory, or if you trust this file pass "
+                      "limits=freezepack.format.model.Limits(max_dense_bytes=...)", path=path, tensor=tensor)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
