@@ -7,8 +7,9 @@ model from its config without running any initializer (transformers' ``no_init_w
 target device), regenerates the frozen weights straight into it, restores ties and checks every digest.
 
 ``model.save_pretrained(dir)`` on a FreezeNet (transformers' own method) writes the *dense* model, which
-transformers' ``from_pretrained`` loads bit-exactly (see :func:`save_pretrained_dense`); without that a FreezeNet's
-``state_dict`` holds parametrization keys that transformers would drop and re-initialise.
+transformers' ``from_pretrained`` loads bit-exactly (:func:`save_pretrained_dense`, installed on every
+transformers model freezepack freezes); without that a FreezeNet's ``state_dict`` holds parametrization keys that
+transformers would drop and re-initialise.
 
 transformers is imported only when a function here runs: ``import freezepack`` never needs it.
 """
@@ -17,15 +18,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 
 import torch
 
 from .api import DTYPE_NAMES, TORCH_DTYPES, load_freezenet, load_into, safe_open, save
 from .atomic import atomic_write
 from .errors import FormatError, UsageError
-from .method.freezenet import _tied_names as tied_names
-from .method.freezenet import dense_state_dict, frozen_parametrizations, unwrap
+from .method.freezenet import save_pretrained_dense, unwrap
+
+__all__ = ["save_pretrained", "from_pretrained", "empty_model", "save_pretrained_dense", "FPK_NAME"]
 
 FPK_NAME = "model.fpk"                  # the weights file of a freezepack model directory
 CONFIG_KEY = "freezepack.hf.config"      # .fpk metadata: the model's config.json text
@@ -191,23 +192,3 @@ def from_pretrained(path, model_class=None, *, device=None, freezenet: bool = Fa
     else:
         load_into(model, fpk, verify=verify)
     return model.eval()
-
-
-def save_pretrained_dense(model: torch.nn.Module, save_directory, *args, **kwargs):
-    """transformers' ``save_pretrained`` for a FreezeNet: the dense model (frozen tensors made whole, plain names,
-    ties as transformers stores them), which transformers' ``from_pretrained`` loads bit-exactly as a plain model.
-
-    :func:`freeze` installs this as the ``save_pretrained`` of every transformers model it freezes. For the
-    small file use :func:`save_pretrained`.
-    """
-    target = unwrap(model)
-    if frozen_parametrizations(target) and kwargs.get("state_dict") is None:
-        state = dense_state_dict(target)
-        for alias, first in tied_names(target).items():  # one tensor under both names: transformers stores it once
-            if alias in state and first in state:
-                state[alias] = state[first]
-        kwargs["state_dict"] = state
-        warnings.warn(f"{type(target).__name__} is a FreezeNet: save_pretrained writes the dense model; "
-                      "freezepack.hf.save_pretrained(model, dir) writes it as seed + mask + trained values "
-                      "(load with freezepack.hf.from_pretrained)", UserWarning, stacklevel=3)
-    return type(target).save_pretrained(target, save_directory, *args, **kwargs)

@@ -239,10 +239,22 @@ def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xa
     return model
 
 
-def _save_pretrained(self, *args, **kwargs):
-    from ..hf import save_pretrained_dense  # (transformers is already imported: self is its model)
-
-    return save_pretrained_dense(self, *args, **kwargs)
+def save_pretrained_dense(model: nn.Module, save_directory, *args, **kwargs):
+    """transformers' ``save_pretrained`` for a FreezeNet: the dense model (frozen tensors made whole, plain names,
+    a tied tensor one object under its names so transformers stores it once), which transformers'
+    ``from_pretrained`` loads bit-exactly as a plain model. For the small file: ``freezepack.hf.save_pretrained``.
+    """
+    target = unwrap(model)
+    if frozen_parametrizations(target) and kwargs.get("state_dict") is None:
+        state = dense_state_dict(target)
+        for alias, first in _tied_names(target).items():
+            if alias in state and first in state:
+                state[alias] = state[first]
+        kwargs["state_dict"] = state
+        warnings.warn(f"{type(target).__name__} is a FreezeNet: save_pretrained writes the dense model; "
+                      "freezepack.hf.save_pretrained(model, dir) writes it as seed + mask + trained values "
+                      "(load with freezepack.hf.from_pretrained)", UserWarning, stacklevel=3)
+    return type(target).save_pretrained(target, save_directory, *args, **kwargs)
 
 
 def guard_save_pretrained(model: nn.Module) -> None:
@@ -252,7 +264,7 @@ def guard_save_pretrained(model: nn.Module) -> None:
     for m in model.modules():
         if callable(getattr(type(m), "save_pretrained", None)) and hasattr(m, "config") \
                 and "save_pretrained" not in vars(m) and frozen_parametrizations(m):
-            m.save_pretrained = types.MethodType(_save_pretrained, m)
+            m.save_pretrained = types.MethodType(save_pretrained_dense, m)
 
 
 def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "snip", init="xavier_normal",
