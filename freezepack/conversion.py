@@ -11,6 +11,7 @@ proven to reproduce the input bit for bit *before* it replaces anything at the d
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from .errors import FormatError, FreezepackError, IntegrityError, UsageError
 from .format.dtypes import TORCH_DTYPES
 from .format.framing import sniff
 from .format.init import InitSpec, generate, make_init
+from .format.initializers import TABLE
 from .format.io import atomic_write, check_regular_file
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import check_seed
@@ -29,7 +31,7 @@ from .format.strictjson import valid_text
 # Below this share of float32 elements explained by the initializer, a conversion almost surely used the wrong
 # seed or initializer: the file is still exact, but the user should hear why it is not small.
 LOW_MATCH = 0.05
-_FAN_INITS = ("xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform", "pm_sigma")
+_FAN_INITS = tuple(name for name, ini in TABLE.items() if ini.fan)  # need >= 2 dimensions
 
 
 def _first_line(e: BaseException) -> str:
@@ -203,8 +205,9 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
                            "of": rec.aliases[name], "trainable": 0, "matched": None})
             continue
         t = t.detach().cpu().contiguous()
-        row = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole", "trainable": t.numel(),
-               "matched": None}  # entries equal to the regenerated initializer; None: no initializer was tried
+        # "matched": entries equal to the regenerated initializer; None: no initializer was tried
+        row: dict[str, Any] = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole",
+                               "trainable": t.numel(), "matched": None}
         best = None
         if t.dtype in _BITS and t.numel() > 0:
             candidates = []
@@ -214,7 +217,7 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
             candidates.append(("pruned", make_init("zeros", tuple(t.shape))))
             for label, spec in candidates:
                 regen = generate(spec, tuple(t.shape), seed, name).to(t.dtype)  # rounded as a reader rounds
-                scales = [1.0]
+                scales: list[float | None] = [1.0]
                 if label == "frozen" and t.dtype == torch.float32:  # (FreezeNet-WD trains float32 models)
                     scales.append(_likely_scale(t, regen))
                 for scale in scales:

@@ -23,3 +23,15 @@ def mnist():
     from freezepack.experiments.data import load_mnist
 
     return load_mnist()
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """native with nothing loaded yet and its cache in tmp_path; the real state comes back after the test."""
+    from freezepack.format import native
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setenv("FREEZEPACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FREEZEPACK_NO_NATIVE", raising=False)
+    return tmp_path

@@ -23,106 +23,7 @@ from freezepack.method.freezenet import (
     make_freezenet,
     trainable_masks,
 )
-
-
-# ------------------------------------------------------------------------------------------------ the models
-class Block(nn.Module):
-    def __init__(self, c, groups):
-        super().__init__()
-        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)      # depthwise, bias-free
-        self.bn1 = nn.BatchNorm2d(c)
-        self.pw = nn.Conv2d(c, c, 1, groups=groups, bias=False)             # grouped 1x1
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return F.relu(x + self.bn2(self.pw(F.relu(self.bn1(self.dw(x))))))  # residual add
-
-
-class ResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(1, 8, 3, stride=2, padding=1)
-        self.blocks = nn.Sequential(Block(8, 2), Block(8, 4))
-        self.head = nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
-
-
-class TinyLM(nn.Module):
-    """Decoder-only LM: tied embeddings, LayerNorm, MultiheadAttention (its in_proj_weight is a raw Parameter)."""
-
-    def __init__(self, vocab=32, d=16):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(16, d))
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
-        self.ln2 = nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, 32), nn.GELU(), nn.Linear(32, d))
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.emb.weight  # tied
-
-    def forward(self, tokens):
-        t = tokens.shape[1]
-        x = self.emb(tokens) + self.pos[:t]
-        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
-        x = x + self.ff(self.ln2(x))
-        return self.head(x)
-
-
-class BagModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.bag = nn.EmbeddingBag(50, 12, mode="mean")
-        self.out = nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.out(self.bag(x))
-
-
-def lm_loss(model, batch):
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-
-
-def _tokens(n=64, t=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randint(0, 32, (n, 1), generator=g)
-    return (base + torch.arange(t)) % 32  # a learnable pattern: next token = this + 1
-
-
-CASES = {
-    "resnet": (ResNet, lambda: (torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(1)),
-                                torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2))), None),
-    "lm": (TinyLM, _tokens, lm_loss),
-    "bag": (BagModel, lambda: (torch.randint(0, 50, (32, 5), generator=torch.Generator().manual_seed(3)),
-                               torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(4))), None),
-}
-
-
-def _loss(case, model, batch):
-    return (CASES[case][2] or (lambda m, b: F.cross_entropy(m(b[0]), b[1])))(model, batch)
-
-
-def _inputs(case, batch):
-    return batch[:, :-1] if case == "lm" else batch[0]
-
-
-def trained(case, steps=60, q=0.8, seed=7):
-    cls, data, loss_fn = CASES[case]
-    torch.manual_seed(0)
-    model = cls()
-    batch = data()
-    make_freezenet(model, batch, q=q, seed=seed, loss_fn=loss_fn)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(steps):
-        opt.zero_grad()
-        _loss(case, model, batch).backward()
-        opt.step()
-    return model.eval(), batch
+from freezepack.testing.models import CASES, ResNet, TinyLM, inputs, lm_loss, loss, tokens, trained
 
 
 def _same_outputs(a, b, x):
@@ -136,7 +37,7 @@ def _same_outputs(a, b, x):
                                   pytest.param("lm", marks=pytest.mark.slow), "bag"])
 def test_freeze_train_save_load_resume(case, tmp_path):
     model, batch = trained(case)
-    x = _inputs(case, batch)
+    x = inputs(case, batch)
     assert frozen_parametrizations(model), "something must be frozen"
     path = tmp_path / f"{case}.fpk"
     freezepack.save(path, model)
@@ -158,12 +59,12 @@ def test_freeze_train_save_load_resume(case, tmp_path):
     assert n_train == sum(p.numel() for p in model.parameters())  # the same numbers are trainable
     opt = torch.optim.SGD(trainable, lr=0.05)
     resumed.train()
-    before = _loss(case, resumed, batch).item()
+    before = loss(case, resumed, batch).item()
     for _ in range(20):
         opt.zero_grad()
-        _loss(case, resumed, batch).backward()
+        loss(case, resumed, batch).backward()
         opt.step()
-    assert _loss(case, resumed, batch).item() < before
+    assert loss(case, resumed, batch).item() < before
     freezepack.save(tmp_path / "resumed.fpk", resumed)
     assert freezepack.verify(tmp_path / "resumed.fpk")["ok"]
 
@@ -181,7 +82,7 @@ def _wrappers(model):
 @pytest.mark.parametrize("case", ["resnet", pytest.param("lm", marks=pytest.mark.slow), "bag"])
 def test_wrappers_give_the_same_correct_file(case, tmp_path):
     model, batch = trained(case, steps=10)
-    x = _inputs(case, batch)
+    x = inputs(case, batch)
     plain = tmp_path / "plain.fpk"
     freezepack.save(plain, model)
     same, prefixed = _wrappers(model)
@@ -249,7 +150,7 @@ def test_attention_and_embedding_weights_are_frozen_norms_and_biases_not():
 ])
 def test_user_selectors(select, expected):
     model = TinyLM()
-    make_freezenet(model, _tokens(), q=0.5, seed=1, loss_fn=lm_loss, select=select)
+    make_freezenet(model, tokens(), q=0.5, seed=1, loss_fn=lm_loss, select=select)
     assert set(frozen_parametrizations(model)) == expected
 
 
@@ -294,11 +195,11 @@ def test_wrong_stream_is_refused_not_saved(tmp_path):
 
 def test_scoring_failures_name_the_step():
     with pytest.raises(MethodError, match="SNIP scoring: computing the loss failed.*loss_fn"):
-        make_freezenet(TinyLM(), _tokens(), q=0.5, seed=0)  # the default loss wants (inputs, labels)
+        make_freezenet(TinyLM(), tokens(), q=0.5, seed=0)  # the default loss wants (inputs, labels)
     with pytest.raises(MethodError, match="scalar"):
-        make_freezenet(TinyLM(), _tokens(), q=0.5, seed=0, loss_fn=lambda m, b: m(b))
+        make_freezenet(TinyLM(), tokens(), q=0.5, seed=0, loss_fn=lambda m, b: m(b))
     with pytest.raises(MethodError, match="not finite"):
-        make_freezenet(TinyLM(), _tokens(), q=0.5, seed=0, loss_fn=lambda m, b: lm_loss(m, b) * float("nan"))
+        make_freezenet(TinyLM(), tokens(), q=0.5, seed=0, loss_fn=lambda m, b: lm_loss(m, b) * float("nan"))
 
 
 def test_dict_batches_and_tuple_outputs_score_with_loss_fn():
@@ -324,7 +225,7 @@ def test_state_dict_round_trips(tmp_path):
     loaded = torch.load(tmp_path / "sd.pt", weights_only=True)
     torch.manual_seed(0)  # the same model as trained() built (make_freezenet keeps its biases as made)
     twin = TinyLM()
-    make_freezenet(twin, _tokens(), q=0.8, seed=7, loss_fn=lm_loss)
+    make_freezenet(twin, tokens(), q=0.8, seed=7, loss_fn=lm_loss)
     twin.load_state_dict(loaded)
     assert _same_outputs(model, twin.eval(), batch[:, :-1])
     freezepack.save(tmp_path / "a.fpk", model)

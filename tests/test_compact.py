@@ -26,7 +26,8 @@ from freezepack.format.record import FreezeRecord, FrozenTensor
 from freezepack.format.v2 import wire
 from freezepack.format.v2 import writer as v2_writer
 from freezepack.testing import record_for, small_record
-from tests.test_maskcode import reference_ans_start
+from freezepack.testing.reference import reference_ans_start
+from freezepack.testing.v2 import body_rest, fuzz_resigned, resigned
 
 
 def _write(tmp_path, rec, name="m.fpk", version=2, metadata=None):
@@ -320,20 +321,9 @@ def test_flip_sampled_bytes_of_a_v2_file(tmp_path, v2file):
     assert _outcome(tmp_path / "x.fpk", data + b"\0", want) == "rejected"
 
 
-def _resigned(data: bytes, rest: bytes) -> bytes:
-    """A v2 file whose body is ``rest``, correctly digested: only the semantic checks can refuse it."""
-    body = hashlib.sha256(rest).digest() + rest
-    return wire.outer_header(len(body)) + body
-
-
-def _rest(data: bytes) -> bytes:
-    n = struct.unpack("<Q", data[:8])[0]
-    return data[8 + n + 32:]
-
-
 def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):
     data, want = v2file
-    rest = _rest(data)
+    rest = body_rest(data)
     p = tmp_path / "h.fpk"
     o = wire.Out()
     o.u8(0)
@@ -347,39 +337,22 @@ def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):
     o.var(2)
     o.var(1 << 40)  # a dimension over the element limit: refused before any allocation
     o.var(1 << 40)
-    p.write_bytes(_resigned(data, bytes(o.b)))
+    p.write_bytes(resigned(data, bytes(o.b)))
     with pytest.raises(FormatError, match="limit"):
         freezepack.load(p)
     for cut in (0, 1, 5, len(rest) // 2, len(rest) - 1):  # truncated (and re-digested) bodies
-        p.write_bytes(_resigned(data, rest[:cut]))
+        p.write_bytes(resigned(data, rest[:cut]))
         with pytest.raises(FormatError):
             freezepack.load(p)
-    p.write_bytes(_resigned(data, bytes([1]) + rest[1:]))  # unknown generator code
+    p.write_bytes(resigned(data, bytes([1]) + rest[1:]))  # unknown generator code
     with pytest.raises(FreezepackError, match="generator"):
         freezepack.load(p)
-    p.write_bytes(_resigned(data, rest[:1] + b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"))  # 11-byte varint
+    p.write_bytes(resigned(data, rest[:1] + b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"))  # 11-byte varint
     with pytest.raises(FormatError, match="varint"):
         freezepack.load(p)
     p.write_bytes(data[:8] + data[8:].replace(b'"freezepack":"2"', b'"freezepack":"3"', 1))
     with pytest.raises(FreezepackError):
         freezepack.load(p)
-
-
-def fuzz_resigned(tmp_path, data: bytes, seed: int, rounds: int = 300, max_changes: int = 4) -> None:
-    """Change 1..max_changes random body bytes and re-digest (only the semantic checks can refuse such a file):
-    loading either works or raises a FreezepackError, never anything else."""
-    rest = _rest(data)
-    rnd = random.Random(seed)
-    p = tmp_path / "f.fpk"
-    for _ in range(rounds):
-        bad = bytearray(rest)
-        for _ in range(rnd.randint(1, max_changes)):
-            bad[rnd.randrange(len(bad))] = rnd.randrange(256)
-        p.write_bytes(_resigned(data, bytes(bad)))
-        try:
-            freezepack.load(p)
-        except FreezepackError:
-            pass
 
 
 def test_fuzzed_resigned_v2_bodies_never_escape_as_other_errors(tmp_path, v2file):
@@ -415,7 +388,7 @@ RULES_V2_INVALID = [v for v in RULES["invalid"] if v["version"] == 2]
 def _spec_v2_read(path) -> dict[str, bytes]:
     """Dense tensor bytes of a v2 file, from spec §12 (plain integers; generate_np for the generator)."""
     from freezepack.format.init import generate_np
-    from tests.test_maskcode import reference_ans_decode, reference_gap_decode
+    from freezepack.testing.reference import reference_ans_decode, reference_gap_decode
 
     data = open(path, "rb").read()
     n_head = struct.unpack("<Q", data[:8])[0]

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from freezepack.errors import FormatError
 from freezepack.format import ans, entropy, maskcode, native
-from tests.test_maskcode import reference_ans_start
-from tests.test_native import fresh_native  # noqa: F401  (a fixture fresh_ans builds on)
+from freezepack.testing.reference import reference_ans_start
 
 ONE = 1 << 24
 HAVE_NATIVE = native._compiler() is not None and not native.disabled() and ans.available()

@@ -17,7 +17,7 @@ from freezepack.cli import cli  # noqa: E402
 from freezepack.errors import FleetError, FormatError, IntegrityError  # noqa: E402
 from freezepack.fleet import Device, Publisher, file_pieces, open_store  # noqa: E402
 from freezepack.fleet.repo import DirStore  # noqa: E402
-from tests.fleet_support import Fleet, StaticServer, record, write_fpk  # noqa: E402
+from freezepack.testing.fleet import Fleet, StaticServer, record, write_fpk  # noqa: E402
 
 
 def sha(path) -> str:

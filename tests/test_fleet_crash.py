@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash harne
 
 from freezepack import api  # noqa: E402
 from freezepack.fleet import Device  # noqa: E402
-from tests.fleet_support import Fleet, record, write_fpk  # noqa: E402
+from freezepack.testing.fleet import Fleet, record, write_fpk  # noqa: E402
 
 ZYGOTE = textwrap.dedent("""
     import json, os, signal, sys, time, traceback

@@ -24,7 +24,7 @@ from freezepack.fleet import NetLimits, safejson  # noqa: E402
 from freezepack.fleet.client import trusted_release  # noqa: E402
 from freezepack.fleet.delta import MAX_BLOB, layout_from_json  # noqa: E402
 from freezepack.fleet.repo import DirStore, HttpStore  # noqa: E402
-from tests.fleet_support import Fleet, HostileServer, record, write_fpk  # noqa: E402
+from freezepack.testing.fleet import Fleet, HostileServer, record, write_fpk  # noqa: E402
 
 FUZZ = settings(max_examples=40, deadline=2000, suppress_health_check=list(HealthCheck))
 NET_FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -24,7 +24,15 @@ from freezepack.fleet import Device, NetLimits  # noqa: E402
 from freezepack.fleet.names import check_digest, check_meta_name, check_model_name  # noqa: E402
 from freezepack.fleet.net import HEADER_SLACK  # noqa: E402
 from freezepack.fleet.repo import HttpStore  # noqa: E402
-from tests.fleet_support import Fleet, HostileServer, StaticServer, record, repeat, send_body, write_fpk  # noqa: E402
+from freezepack.testing.fleet import (  # noqa: E402
+    Fleet,
+    HostileServer,
+    StaticServer,
+    record,
+    repeat,
+    send_body,
+    write_fpk,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1 << 20
@@ -360,7 +368,7 @@ def test_hostile_responses_are_refused_within_the_memory_bound():
     """Peak RSS growth while handling each hostile answer <= 2x the bytes the client may read of it + 64 MiB
     (every 1 GiB or endless body is cut at its cap, so that is at most ~2 x 5 MB + 64 MiB)."""
     pytest.importorskip("oras")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "fleet_memprobe.py"), *PROBE_CASES],
+    out = subprocess.run([sys.executable, "-m", "freezepack.testing.fleet_memprobe", *PROBE_CASES],
                          capture_output=True, text=True, timeout=240)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["case"] for r in rows] == PROBE_CASES, out.stderr[-2000:]

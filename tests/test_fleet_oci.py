@@ -16,7 +16,7 @@ pytest.importorskip("oras")
 from freezepack.errors import FleetError, IntegrityError  # noqa: E402
 from freezepack.fleet import file_pieces  # noqa: E402
 from freezepack.fleet.oci import ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, PIECE_MEDIA_TYPE  # noqa: E402
-from tests.fleet_support import Fleet, free_port, record, start_registry_or_skip, write_fpk  # noqa: E402
+from freezepack.testing.fleet import Fleet, free_port, record, start_registry_or_skip, write_fpk  # noqa: E402
 
 
 def sha(path) -> str:

@@ -19,7 +19,7 @@ from freezepack.fleet import delta, file_pieces  # noqa: E402
 from freezepack.format.record import FreezeRecord, FrozenTensor  # noqa: E402
 from freezepack.format.v2 import reader as v2_reader  # noqa: E402
 from freezepack.format.v2 import wire  # noqa: E402
-from tests.fleet_support import Fleet, record, start_registry_or_skip, write_fpk  # noqa: E402
+from freezepack.testing.fleet import Fleet, record, start_registry_or_skip, write_fpk  # noqa: E402
 
 
 def sha(path) -> str:

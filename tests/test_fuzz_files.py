@@ -26,8 +26,7 @@ from freezepack.cli import cli
 from freezepack.errors import FreezepackError
 from freezepack.format import framing, maskcode, strictjson
 from freezepack.format.v1 import reader as v1_reader
-from freezepack.testing import rewrite, small_record, split_file
-from tests import hostile
+from freezepack.testing import hostile, rewrite, small_record, split_file
 
 BASE = hostile.base_file()
 BASE_DENSE = None
@@ -100,8 +99,8 @@ def test_values_count_matches_a_real_parse():
             v = stack.pop()
             n += 1
             stack.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else [])
-        assert strictjson._values_outside_strings(t, step=3) >= n
-        assert strictjson._values_outside_strings(t, step=3) == strictjson._values_outside_strings(t)
+        assert strictjson.scan_text(t, step=3).values >= n
+        assert strictjson.scan_text(t, step=3) == strictjson.scan_text(t) == strictjson.scan(t.encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import freezepack
 from freezepack import MethodError, UsageError
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations
 from freezepack.method.quantize import ValueCoding, quantize, quantize_model
-
-from .test_any_model import trained
+from freezepack.testing.models import trained
+from freezepack.testing.v2 import body_with_whole, codebook_head
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,8 @@ def test_non_finite_values_are_refused_by_every_lossy_coding_and_nothing_is_writ
 
 # ------------------------------------------------------------------------------------------------ hostile files
 def _hostile(tmp_path, block, payload=b"", dtype="F32", n=8):
-    from .test_lossy_values import _body_with_whole
-
     p = tmp_path / "t.fpk"
-    p.write_bytes(_body_with_whole(block, payload, dtype, n))
+    p.write_bytes(body_with_whole(block, payload, dtype, n))
     return p
 
 
@@ -95,9 +93,7 @@ def test_grid_whose_values_overflow_is_a_quiet_format_error(tmp_path):
 
     from freezepack import FormatError
 
-    from .test_lossy_values import _codebook_head
-
-    p = _hostile(tmp_path, _codebook_head(1, 2, struct.pack("<f", 3e38) + _zz(1, 0), [4, 4], 0))
+    p = _hostile(tmp_path, codebook_head(1, 2, struct.pack("<f", 3e38) + _zz(1, 0), [4, 4], 0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # was a numpy RuntimeWarning (an exception under -W error)
         with pytest.raises(FormatError, match="not finite") as err:
@@ -114,18 +110,16 @@ def test_hostile_codebook_blocks_are_format_errors_naming_the_file(case, tmp_pat
 
     from freezepack import FormatError
 
-    from .test_lossy_values import _codebook_head
-
     M, n = 1 << 24, 8
     half = struct.pack("<ff", 0.5, 1.0)
     block = {
         # 256 levels ending at 2^24 + 1: the last one is out of range
-        "grid256_edge": _codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(M - 254, *[0] * 255), [1] * 256, 0),
-        "grid_gaps_past_2_24": _codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(-M, *[2 * M] * 255), [1] * 256),
-        "counts_overflow": _codebook_head(0, 256, np.arange(256, dtype="<u4").tobytes(), [(1 << 64) - 1] * 256),
-        "stream_past_end": _codebook_head(0, 2, half, [4, 4], 32),
-        "stream_not_words": _codebook_head(0, 2, half, [4, 4], 3),
-        "huge_n": _codebook_head(0, 1, struct.pack("<f", 0.5)),
+        "grid256_edge": codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(M - 254, *[0] * 255), [1] * 256, 0),
+        "grid_gaps_past_2_24": codebook_head(1, 256, struct.pack("<f", 0.5) + _zz(-M, *[2 * M] * 255), [1] * 256),
+        "counts_overflow": codebook_head(0, 256, np.arange(256, dtype="<u4").tobytes(), [(1 << 64) - 1] * 256),
+        "stream_past_end": codebook_head(0, 2, half, [4, 4], 32),
+        "stream_not_words": codebook_head(0, 2, half, [4, 4], 3),
+        "huge_n": codebook_head(0, 1, struct.pack("<f", 0.5)),
     }[case]
     if case.startswith("grid256") or case.startswith("grid_gaps"):
         n = 256
@@ -149,12 +143,10 @@ def test_stored_nan_codebooks_and_f16_nan_payloads_are_kept_bit_exact(tmp_path):
     from freezepack.format import dtypes, entropy
     from freezepack.format.v2 import wire
 
-    from .test_lossy_values import _codebook_head
-
     table = np.array([0x7FC00000, 0x7FC00001], dtype="<u4")
     sym = np.array([0, 1, 1, 0, 0, 1, 0, 1])
     pay = entropy.encode_symbols(sym, [4, 4])
-    got = freezepack.load(_hostile(tmp_path, _codebook_head(0, 2, table.tobytes(), [4, 4], len(pay)), pay))["x"]
+    got = freezepack.load(_hostile(tmp_path, codebook_head(0, 2, table.tobytes(), [4, 4], len(pay)), pay))["x"]
     assert got.numpy().view("<u4").tolist() == table[sym].tolist()
     h = np.array([0x7E01, 0x7C01, 0xFC00, 0x7C00] * 2, dtype="<u2")
     cast = bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("F16"), 0])
@@ -171,7 +163,7 @@ def test_recoding_a_lossy_file_with_its_own_coding_changes_nothing(bag, coding, 
     freezepack.save(a, bag, values=coding)
     convert_checkpoint(a, b, freezepack.inspect(a)["seed"], values=coding)
     assert b.read_bytes() == a.read_bytes()  # same values, and the metadata does not say "int8, then int8"
-    from .test_any_model import BagModel
+    from freezepack.testing.models import BagModel
 
     fresh = freezepack.load_freezenet(BagModel(), a)
     freezepack.save(c, fresh, values=coding)  # load, then re-save: a quantized model is a fixed point
@@ -204,7 +196,7 @@ def test_fleet_ships_lossy_releases_bit_exact_and_fetches_only_changed_payloads(
     pytest.importorskip("tuf")
     import hashlib
 
-    from .fleet_support import Fleet, record
+    from freezepack.testing.fleet import Fleet, record
 
     fleet = Fleet(tmp_path / "fleet")
     a, b = tmp_path / "a.fpk", tmp_path / "b.fpk"
@@ -271,16 +263,14 @@ def test_value_decoders_write_the_dense_bytes_once(coder, tmp_path):
     from freezepack.format.reader import open_file
     from freezepack.format.v2 import wire
 
-    from .test_lossy_values import _codebook_head
-
     n = 1 << 22
     if coder == "codebook":
         sym = np.random.default_rng(0).integers(0, 2, n)
         counts = np.bincount(sym).tolist()
         payload = entropy.encode_symbols(sym, counts)
-        block = _codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), counts, len(payload))
+        block = codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), counts, len(payload))
     elif coder == "codebook1":
-        block, payload = _codebook_head(0, 1, struct.pack("<f", 0.5)), b""
+        block, payload = codebook_head(0, 1, struct.pack("<f", 0.5)), b""
     else:
         block = bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index(coder[5:]), 0])
         payload = np.full(n, 0x3C00, "<u2").tobytes()  # 1.0 as F16, 1.875 as BF16 (before widening)

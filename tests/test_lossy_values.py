@@ -24,8 +24,8 @@ from freezepack.format.v2 import wire
 from freezepack.format.v2 import writer as v2_writer
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations
 from freezepack.method.quantize import ValueCoding, finetune_clusters, quantize, quantize_model
-
-from .test_any_model import trained
+from freezepack.testing.models import trained
+from freezepack.testing.v2 import body_with_whole, codebook_head, fuzz_resigned
 
 CODINGS = ["bf16", "f16", "int8", "uniform:3", "kmeans:4", "kmeans:1"]
 
@@ -124,7 +124,8 @@ def test_lossy_file_is_exactly_the_quantized_model(bag, coding, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["resnet", "lm"])
 def test_lossy_values_on_other_architectures_reload_into_a_fresh_model(case, tmp_path):
-    from .test_any_model import CASES, _inputs
+    from freezepack.testing.models import CASES
+    from freezepack.testing.models import inputs as _inputs
 
     model, batch = trained(case, steps=20)
     p = tmp_path / "m.fpk"
@@ -178,27 +179,6 @@ def test_finetuned_clusters_are_stored_exactly_and_resaving_is_lossless(bag, tmp
 
 
 # ------------------------------------------------------------------------------------------------ the coders
-def _body_with_whole(block: bytes, payload: bytes, dtype="F32", n=8) -> bytes:
-    """A minimal v2 file holding one whole tensor of ``n`` elements with a hand-made value block."""
-    o = wire.Out()
-    o.u8(0)
-    o.var(1)
-    o.str("t")
-    o.var(0)
-    o.var(1)
-    o.var(0)
-    o.var(1)
-    o.b += b"x"
-    o.u8(wire.KINDS.index("whole"))
-    o.u8(dtypes.DTYPES.index(dtype))
-    o.var(1)
-    o.var(n)
-    o.b += block
-    from .test_compact import _resigned
-
-    return _resigned(b"", bytes(o.b) + payload)
-
-
 def _read(tmp_path, data: bytes):
     p = tmp_path / "t.fpk"
     p.write_bytes(data)
@@ -215,7 +195,7 @@ def test_codebook_tables_round_trip_any_dtype(dtype, values, tmp_path):
     raw = bytes(freezepack.api.tensor_bytes(t))
     head, payload = v2_writer._codebook_block(raw, dtype, None)
     assert head[0] == wire.VALUE_CODERS.index("codebook")
-    assert torch.equal(_read(tmp_path, _body_with_whole(head, payload, dtype)), t)
+    assert torch.equal(_read(tmp_path, body_with_whole(head, payload, dtype)), t)
 
 
 def test_value_blocks_are_lossless_on_random_inputs(tmp_path):
@@ -236,7 +216,7 @@ def test_value_blocks_are_lossless_on_random_inputs(tmp_path):
             step = float(np.float32(rng.random() / 10 + 1e-3))
             v = entropy.grid_values(rng.integers(-100, 100, n), step)
         head, payload, coder = v2_writer._value_block(v.tobytes(), "F32", step)
-        got = _read(tmp_path, _body_with_whole(head, payload, "F32", n))
+        got = _read(tmp_path, body_with_whole(head, payload, "F32", n))
         assert got.numpy().tobytes() == v.tobytes(), (trial, coder)
 
 
@@ -249,30 +229,17 @@ def test_grid_block_round_trips_and_beats_a_table(tmp_path, monkeypatch):
     table = v2_writer._codebook_block(v.tobytes(), "F32", None)
     assert grid[0][1] == 1 and table[0][1] == 0
     assert len(grid[0]) + 600 < len(table[0])  # 255 f32 entries vs a step and small gaps
-    assert _read(tmp_path, _body_with_whole(*grid, "F32", 5000)).numpy().tobytes() == v.tobytes()
-
-
-def _codebook_head(form: int, m: int, body: bytes, counts=None, stream=0) -> bytes:
-    o = wire.Out()
-    o.u8(wire.VALUE_CODERS.index("codebook"))
-    o.u8(form)
-    o.u8(m - 1)
-    o.b += body
-    for c in counts or []:
-        o.var(c)
-    if counts:
-        o.var(stream)
-    return bytes(o.b)
+    assert _read(tmp_path, body_with_whole(*grid, "F32", 5000)).numpy().tobytes() == v.tobytes()
 
 
 @pytest.mark.parametrize("block,payload,dtype,match", [
-    (_codebook_head(0, 2, struct.pack("<ff", 1.0, 0.5), [4, 4], 0), b"", "F32", "not strictly increasing"),
-    (_codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), [4, 3], 0), b"", "F32", "histogram"),
-    (_codebook_head(1, 1, struct.pack("<f", 0.0) + b"\x00"), b"", "F32", "step must be > 0"),
-    (_codebook_head(1, 1, struct.pack("<f", -1.0) + b"\x00"), b"", "F32", "step must be > 0"),
-    (_codebook_head(1, 1, struct.pack("<f", 0.5) + b"\x00"), b"", "F16", "F32 only"),
-    (_codebook_head(7, 1, struct.pack("<f", 0.5)), b"", "F32", "unknown 'codebook' form"),
-    (_codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), [4, 4], 4), b"\0\0\0\0", "F32", "zero word"),
+    (codebook_head(0, 2, struct.pack("<ff", 1.0, 0.5), [4, 4], 0), b"", "F32", "not strictly increasing"),
+    (codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), [4, 3], 0), b"", "F32", "histogram"),
+    (codebook_head(1, 1, struct.pack("<f", 0.0) + b"\x00"), b"", "F32", "step must be > 0"),
+    (codebook_head(1, 1, struct.pack("<f", -1.0) + b"\x00"), b"", "F32", "step must be > 0"),
+    (codebook_head(1, 1, struct.pack("<f", 0.5) + b"\x00"), b"", "F16", "F32 only"),
+    (codebook_head(7, 1, struct.pack("<f", 0.5)), b"", "F32", "unknown 'codebook' form"),
+    (codebook_head(0, 2, struct.pack("<ff", 0.5, 1.0), [4, 4], 4), b"\0\0\0\0", "F32", "zero word"),
     (bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("I8"), 0]), b"\0" * 8, "F32", "'cast'"),
     (bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("BF16"), 0]), b"\0" * 16, "F16", "'cast'"),
     (bytes([wire.VALUE_CODERS.index("cast"), dtypes.DTYPES.index("BF16"),
@@ -282,16 +249,16 @@ def _codebook_head(form: int, m: int, body: bytes, counts=None, stream=0) -> byt
 def test_malformed_value_blocks_are_format_errors(block, payload, dtype, match, tmp_path):
     n = 8
     with pytest.raises(FormatError, match=match) as err:
-        _read(tmp_path, _body_with_whole(block, payload, dtype, n))
+        _read(tmp_path, body_with_whole(block, payload, dtype, n))
     assert err.value.path is not None
 
 
 def test_grid_levels_beyond_2_to_the_24_are_refused(tmp_path):
     o = wire.Out()
     o.var(wire.zigzag((1 << 24) + 1))
-    block = _codebook_head(1, 1, struct.pack("<f", 0.5) + bytes(o.b))
+    block = codebook_head(1, 1, struct.pack("<f", 0.5) + bytes(o.b))
     with pytest.raises(FormatError):
-        _read(tmp_path, _body_with_whole(block, b""))
+        _read(tmp_path, body_with_whole(block, b""))
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -316,7 +283,6 @@ def test_fuzzed_value_blocks_never_escape_as_other_errors(tmp_path):
     """Random bytes changed in the body of the value-coder vector (re-digested): only FreezepackError escapes."""
     import os
 
-    from .test_compact import fuzz_resigned
 
     path = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "fpk", "v2_values.fpk")
     fuzz_resigned(tmp_path, open(path, "rb").read(), seed=11, max_changes=3)
@@ -350,7 +316,7 @@ def test_cli_train_with_kmeans_and_finetuning_stores_what_it_tested(tmp_path):
 def test_resaving_a_lossy_model_without_values_keeps_its_size(bag, coding, tmp_path):
     """The writer finds the codebook (and a uniform grid) by itself: a loaded lossy file re-saved losslessly is
     the same model and no larger (only the metadata record of the coding is gone)."""
-    from .test_any_model import BagModel
+    from freezepack.testing.models import BagModel
 
     a, b = tmp_path / "a.fpk", tmp_path / "b.fpk"
     freezepack.save(a, bag[0], values=coding)

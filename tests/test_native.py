@@ -31,16 +31,6 @@ def ref_fill(dist, a, b, seed, stream, start, count, scale=None) -> np.ndarray:
 
 
 @pytest.fixture
-def fresh_native(monkeypatch, tmp_path):
-    """native with nothing loaded yet and its cache in tmp_path; the real state comes back after the test."""
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_failure", None)
-    monkeypatch.setenv("FREEZEPACK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("FREEZEPACK_NO_NATIVE", raising=False)
-    return tmp_path
-
-
-@pytest.fixture
 def no_native(monkeypatch):
     monkeypatch.setenv("FREEZEPACK_NO_NATIVE", "1")
 

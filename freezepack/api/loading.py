@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
         check_memory(sum(map(dense_bytes, entries)) + max(map(work_bytes, entries), default=0),
                      f"loading all {len(entries)} tensors", limits, device, r.path)
         if not verify:
-            out = {}
+            out: dict[str, torch.Tensor] = {}
             for e in r.header.entries:  # a tied name is the same tensor object, as in torch's state_dict
                 out[e.name] = out[e.of] if isinstance(e, AliasEntry) else materialize(r, e, device, False, timings)
             return out
@@ -141,10 +142,11 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
                 src = match[e.of]
                 if src in params:  # a tied frozen tensor: the same parametrization and values Parameter
                     smod, _, sattr = src.rpartition(".")
-                    sowner = module.get_submodule(smod)
+                    sowner: Any = module.get_submodule(smod)  # parametrized: torch's types do not say so
                     setattr(owner, attr, torch.nn.Parameter(getattr(sowner, sattr).detach().clone()))
                     parametrize.register_parametrization(owner, attr, params[src], unsafe=True)
-                    owner.parametrizations[attr].original = sowner.parametrizations[sattr].original
+                    tied: Any = owner.parametrizations  # (torch types it as Tensor | Module)
+                    tied[attr].original = sowner.parametrizations[sattr].original
                 elif isinstance(targets[src], torch.nn.Parameter):
                     setattr(owner, attr, targets[src])
                 continue

@@ -21,9 +21,10 @@ def canonical(name: str, prefix_map: dict[str, str] | None) -> str:
         for p in _WRAPPER_PREFIXES:
             if name.startswith(p):
                 name, changed = name[len(p):], True
-    for old in sorted(prefix_map or {}, key=len, reverse=True):
+    renames = prefix_map or {}
+    for old in sorted(renames, key=len, reverse=True):
         if name.startswith(old):
-            return prefix_map[old] + name[len(old):]
+            return renames[old] + name[len(old):]
     return name
 
 

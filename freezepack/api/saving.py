@@ -91,7 +91,7 @@ def _frozen_entry(name: str, ft: FrozenTensor, seed: int, blobs: Parts, truth: t
     if ft.stream is not None and (not isinstance(ft.stream, str) or not ft.stream
                                   or not valid_text(ft.stream)):
         raise UsageError(f"stream must be a non-empty string, got {ft.stream!r}", tensor=name)
-    hint = {}
+    hint: dict[str, float] = {}
     if coding is not None and k:  # lossy values: the file must reproduce the model with *these* values
         from ..method.quantize import quantize
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import click
 
@@ -77,7 +78,8 @@ class ProgressBar:
     """
 
     def __init__(self, label: str, show: bool | None = None, *, show_pos: bool = False):
-        self.label, self.show_pos, self.bar, self.done = label, show_pos, None, 0
+        self.label, self.show_pos, self.done = label, show_pos, 0
+        self.bar: Any = None  # a click progress bar once shown
         self.show = sys.stderr.isatty() if show is None else show
 
     def __call__(self, done: int, total: int) -> None:

@@ -60,8 +60,8 @@ class VGG16D(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                c = v
+                layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                c = int(v)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),

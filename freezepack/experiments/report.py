@@ -184,7 +184,8 @@ def plot_figures(res: Table2Result, out_dir) -> list[Path]:
     qs = [r["q"] for r in res.rows if r["q"] > 0]
     fn = [next(r["file_bytes"] for r in res.rows if r["q"] == q) for q in qs]
     sn = [os.path.getsize(out_dir / f"lenet5_snip_q{q}.fpk") for q in qs]
-    ax.plot(range(len(qs)), [res.settings.get("dense_bytes")] * len(qs), "--", color="gray", label="dense safetensors")
+    dense = float(res.settings.get("dense_bytes") or "nan")  # (NaN: not recorded, nothing drawn)
+    ax.plot(range(len(qs)), [dense] * len(qs), "--", color="gray", label="dense safetensors")
     ax.plot(range(len(qs)), sn, "s-", color="C1", label="SNIP sparse (values + mask, .fpk)")
     ax.plot(range(len(qs)), fn, "o--", color="C0", label="FreezeNet .fpk (values + mask + seed)")
     ax.set_yscale("log")

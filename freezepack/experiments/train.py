@@ -116,14 +116,15 @@ def _shard_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, parts: int, 
     global batch mean even when shards differ in size. Each shard gradient is scaled by 1/parts and added in rank
     order: exactly the reducer's arithmetic, so for parts = 2 (where a + b = b + a) the result is bit-identical.
     """
-    total, acc = 0.0, None
-    for xs, ys in zip(x.tensor_split(parts), y.tensor_split(parts)):
+    total = 0.0
+    acc: list[torch.Tensor] = []  # the shard gradients added so far, in rank order
+    for i, (xs, ys) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts))):
         for p in params:
             p.grad = None
         loss = F.cross_entropy(model(xs), ys, reduction="sum") * (parts / len(y))
         loss.backward()
         g = [p.grad * (1.0 / parts) for p in params]
-        acc = g if acc is None else [a + b for a, b in zip(acc, g)]
+        acc = g if i == 0 else [a + b for a, b in zip(acc, g)]
         total += float(loss.detach())
     for p, a in zip(params, acc):
         p.grad = a
@@ -149,7 +150,8 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
         raise UsageError(f"epochs, batch_size and shards must be positive, got {epochs}, {batch_size}, {shards}")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    rank, parts, net, guard = 0, shards, model, contextlib.nullcontext()
+    guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    rank, parts, net = 0, shards, model
     if distributed:
         import torch.distributed as dist
 
@@ -233,7 +235,8 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset, *, epochs: i
             bar.epoch(epoch, epochs, total_loss / steps_per_epoch, val, best_val)
             if patience is not None and epoch - best_epoch >= patience:
                 break
-        model.load_state_dict(best_state)
+        if best_state is not None:  # (None only when no epoch ran)
+            model.load_state_dict(best_state)
         if distributed:
             check_same(model)  # 32-byte digests per rank: frozen weights, masks and trained values all agree
     return history

@@ -180,7 +180,8 @@ class DeltaPlan:
 
 
 def plan(layout: list[tuple[str, int, str]], available: set[str]) -> DeltaPlan:
-    need, have = {}, {}
+    need: dict[str, int] = {}
+    have: dict[str, int] = {}
     for sha, length, _ in layout:
         (have if sha in available else need)[sha] = length
     return DeltaPlan(need=need, have=have, full_bytes=sum(length for _, length, _ in layout))

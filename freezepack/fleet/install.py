@@ -187,8 +187,8 @@ class Device:
         ``progress(done_bytes, total_bytes)`` is called as pieces arrive. ``limits`` sets the network timeouts
         and minimum transfer rate of a URL ``source``."""
         name = check_model_name(name)
-        own = not isinstance(source, Store)
-        store = open_store(source, limits=limits) if own else source
+        store = source if isinstance(source, Store) else open_store(source, limits=limits)
+        own = store is not source
         try:
             with self._lock():
                 return self._install(store, name, root_file, allow_downgrade, download_only, progress)
@@ -285,10 +285,11 @@ class Device:
         if download_only:
             return InstallReport(status="pulled", **report)
 
-        tmp = self._assemble(name, info, sources, store, stage_fd)
+        assembled = self._assemble(name, info, sources, store, stage_fd)
+        tmp: str | None = assembled  # None once published
         try:
             _failpoint("after-assemble")
-            verify_model_file(tmp, info.get("format"))
+            verify_model_file(assembled, info.get("format"))
             st = self._state()
             st["models"].setdefault(name, {})["pending"] = _rec(info)
             self._write_state(st)
@@ -303,7 +304,7 @@ class Device:
                 os.link(path, prev_tmp, follow_symlinks=False)
                 os.replace(prev_tmp, prev)
                 _failpoint("after-keep-previous")
-            os.replace(tmp, path)
+            os.replace(assembled, path)
             tmp = None
             fsync_dir(self.dir)
             _failpoint("after-replace")

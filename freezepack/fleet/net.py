@@ -16,6 +16,7 @@ import io
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import FleetError
 
@@ -121,8 +122,10 @@ class _GuardedSocket:
         return getattr(self._sock, name)
 
 
-def _guarded_connection(base, limits):
+def _guarded_connection(base: Any, limits):
     class Guarded(base):
+        sock: Any
+
         def connect(self):
             super().connect()
             self.sock = _GuardedSocket(self.sock, limits)
@@ -155,10 +158,10 @@ def guard_session(session, limits: NetLimits) -> None:
             super().init_poolmanager(*a, **kw)
             self.poolmanager.pool_classes_by_scheme = pool_manager(limits).pool_classes_by_scheme
 
-        def send(self, request, stream=False, timeout=None, **kw):
+        def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
             if timeout is None:
                 timeout = (limits.connect_timeout, limits.read_timeout)
-            return super().send(request, stream=stream, timeout=timeout, **kw)
+            return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
 
     for prefix in ("http://", "https://"):
         session.mount(prefix, GuardedAdapter())

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 from datetime import datetime, timezone
+from typing import Any
 
 from ..atomic import atomic_write
 from ..errors import FleetError
@@ -85,7 +86,11 @@ class Publisher:
         self.md = tuf_metadata()
         self.store = store
         self.keys = KeyRing(keys_dir)
-        self.root = self.targets = self.snapshot = self.timestamp = None
+        # tuf Metadata objects once loaded (python-tuf is an optional extra: typed loosely)
+        self.root: Any = None
+        self.targets: Any = None
+        self.snapshot: Any = None
+        self.timestamp: Any = None
 
     # -- reading the repository's current state ----------------------------------------------------------------
     def _read(self, name: str):

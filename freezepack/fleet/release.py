@@ -28,7 +28,8 @@ def release_info(tf) -> dict:
     """The signed facts of a target: release number, full length and digest, piece layout."""
     custom = tf.custom.get("freezepack") if isinstance(tf.custom, dict) else None
     release = custom.get("release") if isinstance(custom, dict) else None
-    if not isinstance(release, int) or isinstance(release, bool) or not 0 <= release < 1 << 62:
+    if not isinstance(custom, dict) or not isinstance(release, int) or isinstance(release, bool) \
+            or not 0 <= release < 1 << 62:
         raise FleetError(f"target {tf.path!r} carries no valid freezepack release record")
     sha = tf.hashes.get("sha256")
     if not isinstance(sha, str):

@@ -145,7 +145,8 @@ def _self_check(lib) -> None:
     runs = [(np.searchsorted(m.cdf, rng.integers(0, ONE, size=n), side="right") - 1).astype(np.int32) for m, n in plan]
     for (m, _), syms in zip(reversed(plan), reversed(runs)):
         enc.encode_reverse(syms, m.constriction())
-    streams = [(np.asarray(enc.get_compressed(), dtype=np.uint32), runs)]
+    streams: list[tuple[np.ndarray, list[np.ndarray] | None]] = [(np.asarray(enc.get_compressed(), dtype=np.uint32),
+                                                                   runs)]
     for size in (1, 2, 50):
         garbage = rng.integers(0, 2**32, size=size, dtype=np.uint64).astype(np.uint32)
         garbage[-1] |= 1
@@ -288,7 +289,7 @@ def group(keys: np.ndarray, groups: int, active: np.ndarray | None = None, *, li
         raise ValueError("groups must be in 1..256 and active one flag per key")
     lib = _lib_or_none(lib)
     if lib is not None and n <= 1 << 32:
-        order = np.empty(n if act is None else int(np.count_nonzero(act)), dtype=np.uint32)
+        order: np.ndarray = np.empty(n if act is None else int(np.count_nonzero(act)), dtype=np.uint32)
         sizes = np.zeros(groups, dtype=np.uint64)
         got = lib.fp_group(k.ctypes.data, None if act is None else act.ctypes.data, n, groups, order.ctypes.data,
                            sizes.ctypes.data)

@@ -20,6 +20,8 @@ Decoding goes through the compiled ANS decoder (freezepack.format.ans), encoding
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..errors import FormatError
@@ -110,8 +112,8 @@ def _active(flat_shape, colflag, rowflag, n):
 def encode_ctx(mask: np.ndarray, keys: np.ndarray, shape) -> list[tuple[dict, np.ndarray]]:
     """Candidate ``ans-ctx`` codings of a flat bool mask (0 < k < n): [(params, words)], one per choice."""
     n = mask.size
-    g = grid(shape)
-    flag_sets = [0] + ([FLAG_COLS, FLAG_ROWS, FLAG_COLS | FLAG_ROWS] if g else [])
+    g = grid(shape) or (0, 0)  # (0, 0): no rows and columns, so no row/column flags
+    flag_sets = [0] + ([FLAG_COLS, FLAG_ROWS, FLAG_COLS | FLAG_ROWS] if g != (0, 0) else [])
     out = []
     rank = context_rank(keys)  # bins = rank * nb // n for every nb: one sort
     for flags in flag_sets:
@@ -136,12 +138,12 @@ def encode_ctx(mask: np.ndarray, keys: np.ndarray, shape) -> list[tuple[dict, np
                 s, c = int(sizes[j]), int(counts[j])
                 if 0 < c < s:
                     coder.encode_reverse(sym[starts[j]:starts[j + 1]].astype(np.int32), binary(s, c))
-            params = {"bins": nb, "flags": flags, "counts": [int(c) for c in counts]}
-            if flags & FLAG_ROWS:
+            params: dict[str, Any] = {"bins": nb, "flags": flags, "counts": [int(c) for c in counts]}
+            if flags & FLAG_ROWS and rowflag is not None:
                 params["row_ones"] = int(rowflag.sum())
                 if 0 < params["row_ones"] < g[0]:
                     coder.encode_reverse(rowflag.astype(np.int32), binary(g[0], params["row_ones"]))
-            if flags & FLAG_COLS:
+            if flags & FLAG_COLS and colflag is not None:
                 params["col_ones"] = int(colflag.sum())
                 if 0 < params["col_ones"] < g[1]:
                     coder.encode_reverse(colflag.astype(np.int32), binary(g[1], params["col_ones"]))
@@ -160,7 +162,7 @@ def check_ctx(n: int, ones: int, shape, params: dict, words: int, where=None, te
     if not 0 < ones < n or sum(counts) != ones or min(counts) < 0:
         raise FormatError(f"'ans-ctx' bin counts sum to {sum(counts)}, the header says {ones} of {n}", path=where,
                           tensor=tensor)
-    g = grid(shape)
+    g = grid(shape) or (0, 0)
     for key, flag, dim in (("col_ones", FLAG_COLS, 1), ("row_ones", FLAG_ROWS, 0)):
         if flags & flag and not 1 <= params[key] <= g[dim]:
             raise FormatError(f"'ans-ctx' {key} out of range", path=where, tensor=tensor)
@@ -179,7 +181,7 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
     if keys.size != n:
         raise FormatError("'ans-ctx' context has the wrong size", path=where, tensor=tensor)
     nb, flags, counts = params["bins"], params["flags"], params["counts"]
-    g = grid(shape)
+    g = grid(shape) or (0, 0)  # (check_ctx: flags only on a tensor with rows and columns)
     dec = ans.Decoder(words)
 
     def flags_of(key, size):
@@ -190,6 +192,10 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
 
     colflag = flags_of("col_ones", g[1]) if flags & FLAG_COLS else None
     rowflag = flags_of("row_ones", g[0]) if flags & FLAG_ROWS else None
+    for key, f in (("col_ones", colflag), ("row_ones", rowflag)):  # exactly the declared number set (§12.7.2)
+        if f is not None and int(np.count_nonzero(f)) != params[key]:
+            raise FormatError(f"'ans-ctx' {key}={params[key]} but {int(np.count_nonzero(f))} flags decode",
+                              path=where, tensor=tensor)
     # the active entries grouped by bin, ascending i within a bin: the order their symbols come in
     order, sizes = ans.group(context_bins(keys, nb), nb, _active(g, colflag, rowflag, n) if flags else None)
     m = np.zeros(n, dtype=np.uint8)
@@ -203,6 +209,10 @@ def decode_ctx(n: int, ones: int, shape, params: dict, words: np.ndarray, keys: 
             m[order[pos:pos + s]] = 1
         elif c:
             dec.decode(ans.binary(binary_cdf1(s, c)), s, out=m, index=order[pos:pos + s])
+            got = int(np.count_nonzero(m[order[pos:pos + s]]))
+            if got != c:  # each bin decodes exactly its declared count (§12.7.2)
+                raise FormatError(f"'ans-ctx' bin {j} declares {c} trainable entries but decodes {got}",
+                                  path=where, tensor=tensor)
         pos += s
     if not dec.is_empty():
         raise FormatError("'ans-ctx' stream has data left after the last entry", path=where, tensor=tensor)
@@ -244,7 +254,8 @@ def encode_planes(raw: bytes, elem: int) -> tuple[list, bytes]:
     integer tensors). Payload = one ANS stream (coded planes, top first) then the raw planes, lowest first.
     """
     a = np.frombuffer(raw, dtype=np.uint8).reshape(-1, elem)
-    tables, coded = [], []
+    tables: list[tuple[list[int], list[int]] | None] = []
+    coded = []
     for j in range(elem - 1, -1, -1):
         plane = np.ascontiguousarray(a[:, j])
         hist = np.bincount(plane, minlength=256)
@@ -288,6 +299,7 @@ def decode_planes(n: int, elem: int, tables: list, payload, where=None, tensor=N
             a[:, elem - 1 - i] = used[0]
         else:  # decoded straight into the plane's strided bytes, each symbol mapped to its byte
             dec.decode(ans.model(quantize_counts(counts)), n, out=a[:, elem - 1 - i], values=np.asarray(used))
+            check_histogram(a[:, elem - 1 - i], used, counts, "'planes'", where, tensor)
     if not dec.is_empty():
         raise FormatError("'planes' values stream has data left after the last value", path=where, tensor=tensor)
     rawp = np.frombuffer(mv[stream_len:], dtype=np.uint8)
@@ -330,4 +342,17 @@ def decode_symbols(words: np.ndarray, counts, n: int, what: str, where=None, ten
     sym = dec.decode(ans.model(quantize_counts(counts)), n, dtype=np.uint8 if len(counts) <= 256 else np.int64)
     if not dec.is_empty():
         raise FormatError(f"{what} stream has data left after the last value", path=where, tensor=tensor)
+    check_histogram(sym, range(len(counts)), counts, what, where, tensor)
     return sym
+
+
+def check_histogram(symbols: np.ndarray, used, counts, what: str, where=None, tensor=None) -> None:
+    """Decoded ``symbols`` (byte or index values) occur exactly as the stored histogram says: ``used[j]`` exactly
+    ``counts[j]`` times (spec §12.8: one spelling per tensor). Counted in slices: a few KB besides the input."""
+    hist = np.zeros(256 if symbols.dtype == np.uint8 else max(len(counts), 1), dtype=np.int64)
+    step = 1 << 16
+    for i in range(0, symbols.shape[0], step):
+        hist += np.bincount(symbols[i:i + step], minlength=hist.size)[:hist.size]
+    if hist[np.asarray(list(used), dtype=np.int64)].tolist() != [int(c) for c in counts]:
+        raise FormatError(f"{what} stream decodes to another histogram than the one stored", path=where,
+                          tensor=tensor)

@@ -28,6 +28,7 @@ class Initializer:
     name: str
     dist: str                                  # normal | uniform | sign | constant (init.DISTRIBUTIONS)
     params: dict[str, Param] = field(default_factory=dict)
+    fan: bool = False                          # scaled by fan-in/fan-out: needs a tensor of >= 2 dimensions
 
     def defaults(self) -> dict[str, float | str]:
         return {k: p.default for k, p in self.params.items()}
@@ -38,13 +39,13 @@ _KAIMING = {"a": Param(float, 0.0), "mode": Param(str, "fan_in", FAN_MODES),
             "nonlinearity": Param(str, "leaky_relu", NONLINEARITIES)}
 
 TABLE: dict[str, Initializer] = {i.name: i for i in (
-    Initializer("xavier_normal", "normal", _GAIN),
-    Initializer("xavier_uniform", "uniform", _GAIN),
-    Initializer("kaiming_normal", "normal", _KAIMING),
-    Initializer("kaiming_uniform", "uniform", _KAIMING),
+    Initializer("xavier_normal", "normal", _GAIN, fan=True),
+    Initializer("xavier_uniform", "uniform", _GAIN, fan=True),
+    Initializer("kaiming_normal", "normal", _KAIMING, fan=True),
+    Initializer("kaiming_uniform", "uniform", _KAIMING, fan=True),
     Initializer("normal", "normal", {"mean": Param(float, 0.0), "std": Param(float, 1.0)}),
     Initializer("uniform", "uniform", {"a": Param(float, 0.0), "b": Param(float, 1.0)}),
-    Initializer("pm_sigma", "sign", _GAIN),
+    Initializer("pm_sigma", "sign", _GAIN, fan=True),
     Initializer("zeros", "constant"),
     Initializer("constant", "constant", {"val": Param(float, 0.0)}),
 )}

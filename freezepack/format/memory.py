@@ -90,9 +90,10 @@ def check_memory(nbytes: int, what: str, limits: Limits = DEFAULT_LIMITS, device
                       "limits=freezepack.format.model.Limits(max_dense_bytes=...)", path=path, tensor=tensor)
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(nbytes: int) -> str:
+    n = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{nbytes} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"

@@ -41,7 +41,7 @@ def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtyp
             t = t.to(dtype)
         if frozen_scale != 1.0:
             t.mul_(frozen_scale)
-    if k:
+    if k and values is not None and index is not None:
         vals = values.to(device=t.device, dtype=dtype).reshape(-1)
         if k == numel:
             t.view(-1).copy_(vals)

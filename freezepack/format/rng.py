@@ -177,10 +177,10 @@ def words_torch(seed: int, stream: int, start: int, count: int, device=None) -> 
     # Round 1: c2, c3 are per-stream constants, so M1*c2 is a Python integer.
     c0, c1 = blocks & MASK32, blocks >> 32
     p = PHILOX_M1 * s0
-    hi1, lo1 = p >> 32, p & MASK32
+    phi, plo = p >> 32, p & MASK32  # Python integers
     hi0, lo0 = _mulhilo(c0, PHILOX_M0)
     k0, k1 = keys[0]
-    c0, c1, c2, c3 = c1 ^ (hi1 ^ k0), torch.full_like(c0, lo1), hi0 ^ (s1 ^ k1), lo0
+    c0, c1, c2, c3 = c1 ^ (phi ^ k0), torch.full_like(c0, plo), hi0 ^ (s1 ^ k1), lo0
     for k0, k1 in keys[1:]:
         hi0, lo0 = _mulhilo(c0, PHILOX_M0)
         hi1, lo1 = _mulhilo(c2, PHILOX_M1)

@@ -1,16 +1,20 @@
-"""Every check on what a header *means*, once, run after either version's parser (and by the writers on what they
-are about to publish).
+"""Every check on what a header *means*, once, for both versions (and for the writers' self-checks).
 
-A parser checks only its own encoding (JSON types and canonical form for v1, varints and codes for v2) and bounds
-what it allocates; whatever a file says, its meaning is judged here, with one vocabulary of errors. Which error
-wins when a header has several defects is deterministic: the parser's (in byte order) first, then these rules in
-this order:
+A parser checks only its own encoding (JSON types and canonical form for v1; varints, codes and lengths for v2);
+whatever a file says, its meaning is judged here, with one vocabulary of errors. :class:`Checker` holds the rules,
+field by field, and what they need to remember (names seen, elements so far):
 
-1. the header: generator, seed, producer, metadata (its size measured one way: canonical JSON bytes), tensor count;
-2. each entry in file order: name (valid text, not reserved, unique) -> alias target (an earlier non-alias entry;
-   v2's index ``j`` is 0-based and counts every entry) -> dtype -> shape (ndim, any one dimension, elements) ->
-   elements of all tensors so far -> digest -> for a frozen entry: stream, initializer and its params, frozen_scale
-   (a finite float32, exactly a number of its dtype), trainable count, mask coder and its params.
+* v2's parser calls each method *as it reads* the field, so of two defects the one at the lower offset wins
+  (spec/FORMAT.md §12.9, "Which error wins");
+* v1's parser reads the whole JSON first and then :func:`check_header` applies the same methods in file order.
+
+Within the header: generator, seed, producer, metadata (one measure for both versions: the UTF-8 bytes of every
+key and value, spec §5), tensor count. Within an entry, in this order: name (valid text, not reserved, unique) ->
+an alias's target (an earlier non-alias entry; v2's ``j`` is 0-based and counts every entry) -> dtype -> shape
+(ndim, any one dimension, elements) -> elements of all tensors so far -> for a frozen entry: its dtype, stream,
+initializer (name, ``dist`` by name, ``params`` keys, types and values; ``a``, ``b`` float32) -> frozen_scale (a
+finite float32, exactly a number of its dtype) -> trainable count -> mask coder and its parameters -> digest.
+Generator and initializer problems are ``SpecError``, everything else ``FormatError``.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ from collections.abc import Mapping
 from ..errors import FormatError, SpecError
 from . import entropy, maskcode
 from .dtypes import DTYPE_SIZES, FROZEN_DTYPES, is_float32, round_float
-from .initializers import params_problem
-from .model import AliasEntry, FrozenEntry, Header, Limits, WholeEntry, limit_error, short
+from .init import InitSpec
+from .initializers import TABLE, params_problem
+from .model import AliasEntry, Entry, FrozenEntry, Header, Limits, WholeEntry, limit_error, short
 from .rng import SPEC_VERSION
-from .strictjson import canonical_json, valid_text
+from .strictjson import valid_text
 
 _HEX = re.compile(r"[0-9a-f]+\Z")
 DIGEST_HEX = {1: 64, 2: 32}  # per version: hex digits of an entry's dense digest (v2 keeps 128 bits, spec §12.6)
@@ -33,10 +38,10 @@ RESERVED_NAMES = ("", "__metadata__")
 MASK_CODERS = {1: maskcode.CODERS, 2: maskcode.CODERS + ("ans-ctx",)}
 
 
-def check_name(name: object, path=None) -> str:
-    if not isinstance(name, str) or name in RESERVED_NAMES or not valid_text(name):
-        raise FormatError(f"invalid tensor name {short(name)} (empty, reserved, or not valid Unicode)", path=path)
-    return name
+def metadata_bytes(metadata: Mapping[str, str]) -> int:
+    """The one measure of user metadata, whatever the version: the UTF-8 bytes of every key and value."""
+    return sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+               for k, v in metadata.items())
 
 
 def check_shape(shape: tuple[int, ...], limits: Limits, path=None, tensor=None, what: str = "shape") -> None:
@@ -55,96 +60,157 @@ def check_shape(shape: tuple[int, ...], limits: Limits, path=None, tensor=None, 
                           limits, path, tensor)
 
 
-def metadata_bytes(metadata: Mapping[str, str]) -> int:
-    """The one measure of user metadata, whatever the version: its canonical JSON bytes."""
-    return len(canonical_json(dict(metadata)))
+class Checker:
+    """The rules for one header of format ``version``, applied field by field (see the module docstring)."""
 
+    def __init__(self, version: int, limits: Limits, path=None):
+        self.version, self.limits, self.path = version, limits, path
+        self.seen: dict[str, bool] = {}  # name -> is an alias
+        self.total = 0
 
-def check_metadata(metadata: Mapping[str, str], limits: Limits, path=None) -> None:
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise FormatError("metadata must map strings to strings", path=path)
-    bad = next((x for kv in metadata.items() for x in kv if not valid_text(x)), None)
-    if bad is not None:
-        raise FormatError(f"metadata text {short(bad)} is not valid Unicode (a lone surrogate?)", path=path)
-    size = metadata_bytes(metadata)
-    if size > limits.max_metadata_bytes:
-        raise limit_error("metadata: canonical bytes", size, "max_metadata_bytes", limits, path)
+    def _err(self, msg: str, tensor=None) -> FormatError:
+        return FormatError(msg, path=self.path, tensor=tensor)
 
+    # --- the header ---------------------------------------------------------------------------------------------
 
-def check_frozen_scale(scale: object, dtype: str, path=None, tensor=None) -> None:
-    if not isinstance(scale, float) or not is_float32(scale):
-        raise FormatError(f"frozen_scale must be a finite float32 number, got {short(scale)}", path=path,
-                          tensor=tensor)
-    if dtype != "F32" and scale != round_float(scale, dtype):
-        raise FormatError(f"frozen_scale {scale!r} is not exactly a {dtype} number", path=path, tensor=tensor)
+    def generator(self, generator: str) -> None:
+        if generator != SPEC_VERSION:
+            raise SpecError(f"unknown generator {short(generator)} (this reader knows {SPEC_VERSION})",
+                            path=self.path)
 
+    def seed(self, seed: int) -> None:
+        if type(seed) is not int or not 0 <= seed < 1 << 64:
+            raise self._err(f"seed must be an integer in [0, 2**64), got {short(seed)}")
 
-def check_init(e: FrozenEntry, path=None) -> None:
-    """The initializer is known and ``params`` is exactly its record (initializers.TABLE), in both versions."""
-    problem = params_problem(e.init.name, e.init.params)
-    if problem is not None:
-        raise SpecError(problem, path=path, tensor=e.name)
-    for k in ("a", "b"):
-        if not is_float32(float(getattr(e.init, k))):
-            raise SpecError(f"init {k} must be a finite float32 number", path=path, tensor=e.name)
+    def producer(self, producer: str) -> None:
+        if not isinstance(producer, str) or not valid_text(producer):
+            raise self._err("producer must be valid Unicode text")
 
+    def metadata(self, metadata: Mapping[str, str]) -> None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise self._err("metadata must map strings to strings")
+        bad = next((x for kv in metadata.items() for x in kv if not valid_text(x)), None)
+        if bad is not None:
+            raise self._err(f"metadata text {short(bad)} is not valid Unicode (a lone surrogate?)")
+        self.metadata_size(metadata_bytes(metadata))
 
-def check_mask(e: FrozenEntry, version: int, path=None) -> None:
-    if e.coder not in MASK_CODERS.get(version, ()):
-        raise FormatError(f"unknown mask coder {short(e.coder)}: written by a newer freezepack? (known: "
-                          f"{', '.join(MASK_CODERS.get(version, ()))})", path=path, tensor=e.name)
-    params = dict(e.coder_params)
-    if e.coder == "ans-ctx":
-        entropy.check_ctx(e.numel, e.trainable, e.shape, params, e.mask_words, path, e.name)
-    else:
-        maskcode.check_params(e.coder, e.numel, e.trainable, params, e.mask_words, where=path, tensor=e.name)
+    def metadata_size(self, size: int) -> None:
+        """(v2's parser calls this as the metadata grows, so no more than the limit is ever built.)"""
+        if size > self.limits.max_metadata_bytes:
+            raise limit_error("metadata: UTF-8 bytes of keys and values", size, "max_metadata_bytes", self.limits,
+                              self.path)
+
+    def count(self, n: int) -> None:
+        if n > self.limits.max_tensors:
+            raise limit_error("number of tensors", n, "max_tensors", self.limits, self.path)
+
+    # --- an entry -----------------------------------------------------------------------------------------------
+
+    def name(self, name: object) -> str:
+        if not isinstance(name, str) or name in RESERVED_NAMES or not valid_text(name):
+            raise self._err(f"invalid tensor name {short(name)} (empty, reserved, or not valid Unicode)")
+        if name in self.seen:
+            raise self._err("tensor name appears twice", name)
+        self.seen[name] = False
+        return name
+
+    def alias(self, name: str, of: str) -> None:
+        if self.seen.get(of) is True:
+            raise self._err(f"alias of {short(of)}, itself an alias: not an earlier non-alias tensor", name)
+        if self.seen.get(of) is not False or of == name:
+            raise self._err(f"alias of {short(of)}: not an earlier non-alias tensor", name)
+        self.seen[name] = True
+
+    def dtype(self, name: str, dtype: str) -> None:
+        if dtype not in DTYPE_SIZES:
+            raise self._err(f"dtype {short(dtype)} is not allowed for a tensor", name)
+
+    def shape(self, name: str, shape: tuple[int, ...]) -> None:
+        check_shape(shape, self.limits, self.path, name)
+        self.total += math.prod(shape)
+        if self.total > self.limits.max_total_elements:
+            raise limit_error("elements of all tensors", self.total, "max_total_elements", self.limits, self.path,
+                              name)
+
+    def frozen_dtype(self, name: str, dtype: str) -> None:
+        if dtype not in FROZEN_DTYPES:
+            raise self._err(f"dtype {short(dtype)} is not allowed for a frozen tensor", name)
+
+    def stream(self, name: str, stream: str | None) -> None:
+        if stream is not None and (not isinstance(stream, str) or stream in ("", name) or not valid_text(stream)):
+            # the default is never spelled out: one file per model
+            raise self._err("stream must be given only when it differs from the name", name)
+
+    def init_params(self, name: str, iname: str, params: object) -> None:
+        """``params`` is exactly the record of initializer ``iname`` (initializers.TABLE): keys, JSON types,
+        ``mode`` and ``nonlinearity`` among the listed values."""
+        problem = params_problem(iname, params)
+        if problem is not None:
+            raise SpecError(problem, path=self.path, tensor=name)
+
+    def init(self, name: str, init: InitSpec) -> None:
+        self.init_params(name, init.name, init.params)
+        if init.dist != TABLE[init.name].dist:
+            raise SpecError(f"initializer {init.name!r} draws from {TABLE[init.name].dist!r}, not {init.dist!r}",
+                            path=self.path, tensor=name)
+        for k in ("a", "b"):
+            if not is_float32(float(getattr(init, k))):
+                raise SpecError(f"init {k} must be a finite float32 number", path=self.path, tensor=name)
+
+    def frozen_scale(self, name: str, scale: object, dtype: str) -> None:
+        if not isinstance(scale, float) or not is_float32(scale):
+            raise self._err(f"frozen_scale must be a finite float32 number, got {short(scale)}", name)
+        if dtype != "F32" and scale != round_float(scale, dtype):
+            raise self._err(f"frozen_scale {scale!r} is not exactly a {dtype} number", name)
+
+    def trainable(self, name: str, k: object, n: int) -> None:
+        if type(k) is not int or not 0 <= k <= n:
+            raise self._err(f"trainable must be an integer in [0, {n}], got {short(k)}", name)
+
+    def mask(self, e: FrozenEntry) -> None:
+        known = MASK_CODERS.get(self.version, ())
+        if e.coder not in known:
+            raise self._err(f"unknown mask coder {short(e.coder)}: written by a newer freezepack? (known: "
+                            f"{', '.join(known)})", e.name)
+        params = dict(e.coder_params)
+        if e.coder == "ans-ctx":
+            entropy.check_ctx(e.numel, e.trainable, e.shape, params, e.mask_words, self.path, e.name)
+        else:
+            maskcode.check_params(e.coder, e.numel, e.trainable, params, e.mask_words, where=self.path,
+                                  tensor=e.name)
+
+    def digest(self, e: FrozenEntry | WholeEntry) -> None:
+        want = DIGEST_HEX.get(self.version, 64)
+        if isinstance(e, WholeEntry) and e.sha256 is None and self.version == 2:
+            return  # v2 keeps no digest of a whole tensor apart from the body's
+        if not isinstance(e.sha256, str) or len(e.sha256) != want or not _HEX.match(e.sha256):
+            raise self._err(f"sha256 must be {want} lowercase hex digits", e.name)
+
+    def entry(self, e: Entry) -> None:
+        """Every rule of one entry, in the order of the module docstring."""
+        name = self.name(e.name)
+        if isinstance(e, AliasEntry):
+            self.alias(name, e.of)
+            return
+        self.dtype(name, e.dtype)
+        self.shape(name, e.shape)
+        if isinstance(e, FrozenEntry):
+            self.frozen_dtype(name, e.dtype)
+            self.stream(name, e.stream)
+            self.init(name, e.init)
+            self.frozen_scale(name, e.frozen_scale, e.dtype)
+            self.trainable(name, e.trainable, e.numel)
+            self.mask(e)
+        self.digest(e)
 
 
 def check_header(h: Header, limits: Limits, path=None) -> None:
-    """Judge a parsed header; the first defect in the order of the module docstring is raised."""
-    if h.generator != SPEC_VERSION:
-        raise SpecError(f"unknown generator {short(h.generator)} (this reader knows {SPEC_VERSION})", path=path)
-    if type(h.seed) is not int or not 0 <= h.seed < 1 << 64:
-        raise FormatError(f"seed must be an integer in [0, 2**64), got {short(h.seed)}", path=path)
-    if not isinstance(h.producer, str) or not valid_text(h.producer):
-        raise FormatError("producer must be valid Unicode text", path=path)
-    check_metadata(h.metadata, limits, path)
-    if len(h.entries) > limits.max_tensors:
-        raise limit_error("number of tensors", len(h.entries), "max_tensors", limits, path)
-    seen: dict[str, bool] = {}  # name -> is an alias
-    total = 0
+    """Judge a whole parsed header; the first defect in the order of the module docstring is raised."""
+    c = Checker(h.version, limits, path)
+    c.generator(h.generator)
+    c.seed(h.seed)
+    c.producer(h.producer)
+    c.metadata(h.metadata)
+    c.count(len(h.entries))
     for e in h.entries:
-        name = check_name(e.name, path)
-        if name in seen:
-            raise FormatError("tensor name appears twice", path=path, tensor=name)
-        if isinstance(e, AliasEntry):
-            if seen.get(e.of) is True:
-                raise FormatError(f"alias of {short(e.of)}, itself an alias", path=path, tensor=name)
-            if seen.get(e.of) is not False:
-                raise FormatError(f"alias of {short(e.of)}: not an earlier non-alias tensor", path=path, tensor=name)
-            seen[name] = True
-            continue
-        seen[name] = False
-        if e.dtype not in DTYPE_SIZES or (isinstance(e, FrozenEntry) and e.dtype not in FROZEN_DTYPES):
-            raise FormatError(f"dtype {short(e.dtype)} is not allowed for a {e.kind} tensor", path=path, tensor=name)
-        check_shape(e.shape, limits, path, name)
-        total += e.numel
-        if total > limits.max_total_elements:
-            raise limit_error("elements of all tensors", total, "max_total_elements", limits, path, name)
-        want = DIGEST_HEX.get(h.version, 64)
-        if isinstance(e, WholeEntry) and e.sha256 is None and h.version == 2:
-            pass  # v2 keeps no digest of a whole tensor apart from the body's
-        elif not isinstance(e.sha256, str) or len(e.sha256) != want or not _HEX.match(e.sha256):
-            raise FormatError(f"sha256 must be {want} lowercase hex digits", path=path, tensor=name)
-        if not isinstance(e, FrozenEntry):
-            continue
-        if e.stream is not None and (not isinstance(e.stream, str) or e.stream in ("", name)
-                                     or not valid_text(e.stream)):
-            # the default is never spelled out: one file per model
-            raise FormatError("stream must be given only when it differs from the name", path=path, tensor=name)
-        check_init(e, path)
-        check_frozen_scale(e.frozen_scale, e.dtype, path, name)
-        if type(e.trainable) is not int or not 0 <= e.trainable <= e.numel:
-            raise FormatError(f"trainable must be an integer in [0, {e.numel}], got {short(e.trainable)}",
-                              path=path, tensor=name)
-        check_mask(e, h.version, path)
+        c.entry(e)

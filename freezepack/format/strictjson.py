@@ -7,6 +7,7 @@ duplicate keys, NaN/Infinity and lone surrogates; any failure is a FormatError n
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,29 +26,93 @@ def _json_values_bound(text: str, what: str, path, limits: Limits) -> None:
     structural = text.count("{") + text.count("[") + text.count(",")
     if structural < limits.max_json_values:
         return  # the common case: an upper bound already within the limit, no scan needed
-    values = _values_outside_strings(text)
+    values = scan_text(text).values
     if values > limits.max_json_values:
         raise limit_error(f"{what}: number of JSON values", values, "max_json_values", limits, path)
 
 
-def _values_outside_strings(text: str, step: int = 1 << 20) -> int:
-    """1 + the number of '{', '[' and ',' outside strings (an upper bound on the values of a valid text), in
-    slices of ``step`` characters so that memory stays ~10 x ``step`` whatever the text's size."""
-    count, inside, start = 1, 0, 0
-    while start < len(text):
-        end = min(start + step, len(text))
-        while end < len(text) and text[end - 1] == "\\":
-            end += 1  # never split an escape: a slice does not end in a backslash
-        # Escapes pair up left to right, as a JSON string reads them: drop them, then quotes toggle "inside".
-        piece = text[start:end].replace("\\\\", "").replace('\\"', "").encode("utf-8", "surrogatepass")
-        a = np.frombuffer(piece, np.uint8)
-        quote = a == 34
-        parity = (np.cumsum(quote, dtype=np.int64) + inside) & 1
-        structural = (a == 123) | (a == 91) | (a == 44)
-        count += int(np.count_nonzero(structural & (parity == 0)))
-        inside = (inside + int(np.count_nonzero(quote))) & 1
-        start = end
-    return count
+@dataclass
+class JsonShape:
+    """What a bounded scan of a JSON text found outside its strings, before any parsing."""
+
+    depth: int = 0           # deepest nesting of objects/arrays
+    containers: int = 0      # '{' and '['
+    commas: int = 0
+    colons: int = 0
+    unbalanced: bool = False  # a bracket closed below depth 0
+    open_string: bool = False  # the text ends inside a string
+
+    @property
+    def values(self) -> int:
+        """An upper bound on the values of a valid text (keys not counted): 1 + containers + commas."""
+        return 1 + self.containers + self.commas
+
+
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_OPEN = np.zeros(256, np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_CLOSE = np.zeros(256, np.int8)
+_CLOSE[[ord("]"), ord("}")]] = 1
+_WINDOW = 1 << 16  # scan window: a few MB of numpy temporaries whatever the input's size
+
+
+class _Scanner:
+    """Quotes not escaped by an odd run of backslashes open and close strings; brackets, commas and colons outside
+    strings give the nesting depth and the counts. Fed in windows (any cut: the state crosses them), vectorised,
+    so memory stays a few MB whatever the text's size. Used by the format's parser and by freezepack.fleet."""
+
+    def __init__(self) -> None:
+        self.shape = JsonShape()
+        self._level = 0
+        self._run = 0      # backslashes ending the previous window
+        self._inside = 0   # 1 when the previous window ended inside a string
+
+    def feed(self, data) -> None:
+        arr = np.frombuffer(data, np.uint8)
+        for i in range(0, len(arr), _WINDOW):
+            self._window(arr[i:i + _WINDOW])
+
+    def _window(self, seg: np.ndarray) -> None:
+        n, sh = len(seg), self.shape
+        if not n:
+            return
+        bs = seg == _BACKSLASH
+        pos = np.arange(n, dtype=np.int64)
+        last_plain = np.maximum.accumulate(np.where(bs, -1, pos))     # last non-backslash at or before j
+        before = np.empty(n, np.int64)                                # backslashes just before j
+        before[0] = self._run
+        prev = last_plain[:-1]
+        before[1:] = np.where(prev < 0, pos[1:] + self._run, pos[:-1] - prev)
+        quote = (seg == _QUOTE) & (before % 2 == 0)
+        parity = (np.cumsum(quote, dtype=np.int64) + self._inside) % 2  # 1 inside a string (and on its opening quote)
+        outside = parity == 0
+        step = (_OPEN[seg].astype(np.int32) - _CLOSE[seg]) * outside
+        level = np.cumsum(step) + self._level
+        sh.depth = max(sh.depth, int(level.max()))
+        sh.unbalanced = sh.unbalanced or int(level.min()) < 0
+        self._level = int(level[-1])
+        sh.containers += int(np.count_nonzero(_OPEN[seg].astype(bool) & outside))
+        sh.commas += int(np.count_nonzero((seg == ord(",")) & outside))
+        sh.colons += int(np.count_nonzero((seg == ord(":")) & outside))
+        self._run = self._run + n if last_plain[-1] < 0 else n - 1 - int(last_plain[-1])
+        self._inside = int(parity[-1])
+        sh.open_string = bool(self._inside)
+
+
+def scan(data: bytes | bytearray | memoryview) -> JsonShape:
+    """The :class:`JsonShape` of a JSON text given as bytes, in bounded memory."""
+    s = _Scanner()
+    s.feed(data)
+    return s.shape
+
+
+def scan_text(text: str, step: int = _WINDOW) -> JsonShape:
+    """The :class:`JsonShape` of a JSON text given as str, encoded ``step`` characters at a time (a UTF-8 sequence
+    never holds a quote, backslash, bracket, comma or colon byte, so any cut is safe)."""
+    s = _Scanner()
+    for i in range(0, len(text), step):
+        s.feed(text[i:i + step].encode("utf-8", "surrogatepass"))
+    return s.shape
 
 
 def _no_duplicates(pairs):
@@ -128,7 +193,7 @@ def is_canonical(value, text: str, pad: int = 0, hole: str | None = None, hole_k
         for chunk in _ENCODER.iterencode(value):
             hole_here = hole is not None and chunk == hole_chunk and last == (key_chunk, ":")
             last = (last[1], chunk)
-            if hole_here:  # only as the value of __metadata__.freezepack, never a key or another string
+            if hole_here and hole is not None:  # only as the value of __metadata__.freezepack, never a key or string
                 if not text.startswith('"', pos):
                     return False
                 pos += 1

@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ def _require_group() -> None:
 def _sha256(t: torch.Tensor) -> bytes:
     """SHA-256 of a tensor's little-endian C-order bytes (the same bytes ``freezepack.api.digest`` hashes)."""
     t = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy() if t.numel() else b"").digest()  # the buffer, no copy
+    return hashlib.sha256(t.view(torch.uint8).numpy().data if t.numel() else b"").digest()  # the buffer, no copy
 
 
 def _ranks(ranks) -> str:
@@ -110,7 +111,7 @@ def fingerprint(config: Mapping[str, object], data: Mapping[str, object] | None 
     sets = {}
     for name, value in (data or {}).items():
         parts = {str(k): _part(v) for k, v in value.items()} if isinstance(value, Mapping) else {"": _part(value)}
-        first = next(iter(parts.values()), {"size": 0, "type": "bytes"})
+        first: dict[str, Any] = next(iter(parts.values()), {"size": 0, "type": "bytes"})
         sets[str(name)] = {"size": first["size"], "unit": "examples" if "bytes" not in first["type"] else "bytes",
                            "parts": parts}
     return {"config": cfg, "data": sets}
@@ -125,7 +126,8 @@ def _show(text: str | None) -> str:
 def describe_disagreement(reference: dict, others: Mapping[int, dict], stage: str = "training") -> str | None:
     """One line naming every field and data set in which ``others`` (rank -> fingerprint) differ from rank 0's
     ``reference``, and the ranks; None when they all agree."""
-    items, odd = [], set()
+    items: list[str] = []
+    odd: set[int] = set()
 
     def differ(label: str, ref, values: dict[int, object], show=_show, unit: str = "") -> None:
         groups: dict = {}

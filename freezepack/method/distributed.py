@@ -91,7 +91,8 @@ def wrap(model: nn.Module, *, device_ids=None, **ddp_kwargs) -> DDP:
         ignore = set(frozen_buffer_names(model))
         bufs = [b for n, b in model.named_buffers() if n not in ignore]
         if bufs:
-            dist._broadcast_coalesced(dist.group.WORLD, bufs, 250 * 1024 * 1024, 0)
+            # (WORLD is None only without a process group, which DDP above already required)
+            dist._broadcast_coalesced(dist.group.WORLD, bufs, 250 * 1024 * 1024, 0)  # type: ignore[arg-type]
         return ddp
 
 
@@ -127,7 +128,7 @@ def share_masks(masks: dict[str, torch.Tensor] | None, template: nn.Module, src:
         flat = (flat if mine else torch.zeros(n_flat, dtype=torch.int64)).to(dev)
         dist.broadcast(counts, src)
         dist.broadcast(flat, src)
-    if mine:
+    if mine and masks is not None:
         return masks
     out, start = {}, 0
     for name, k in zip(names, counts.cpu().tolist()):

@@ -16,6 +16,7 @@ import fnmatch
 import json
 import types
 import warnings
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,6 +47,14 @@ class FrozenParametrization(nn.Module):
     ``torch.compile``) or saving a parent module never changes which values a file regenerates. The three are also
     kept in the ``spec`` buffer (JSON bytes), so ``state_dict()`` round trips carry them.
     """
+
+    # its buffers (registered in __init__), declared for type checkers
+    frozen: torch.Tensor
+    mask: torch.Tensor
+    index: torch.Tensor
+    frozen_scale: torch.Tensor
+    decay_state: torch.Tensor
+    spec: torch.Tensor
 
     def __init__(self, frozen: torch.Tensor, mask: torch.Tensor, init: InitSpec, seed: int, stream: str):
         super().__init__()
@@ -111,7 +120,8 @@ def _split(name: str) -> tuple[str, str]:
     return mod, attr
 
 
-def _module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def _module(model: nn.Module, name: str) -> tuple[Any, str]:
+    """(the submodule holding tensor ``name``, the attribute): Any, as its ``parametrizations`` are not typed."""
     mod, attr = _split(name)
     try:
         return model.get_submodule(mod), attr
@@ -123,9 +133,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside ``DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -334,7 +344,7 @@ def _warn_if_share_far(model: nn.Module, q: float) -> None:
 
 def _strip(name: str, model: nn.Module, target: nn.Module) -> str:
     """A name seen through wrappers (``module.``, ``_orig_mod.``) as the unwrapped model's name."""
-    m = model
+    m: Any = model
     while m is not target:
         prefix = "module." if hasattr(m, "module") and isinstance(m.module, nn.Module) else "_orig_mod."
         name = name[len(prefix):] if name.startswith(prefix) else name

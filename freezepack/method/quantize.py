@@ -85,7 +85,7 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
                 "bf16 rounds it beyond the tensor's float16 maximum 65504"
             raise UsageError(f"a value rounds outside the {c.kind} range ({limit})", tensor=name)
         return q, {}
-    x = v.double().numpy().reshape(-1)
+    x: np.ndarray = v.double().numpy().reshape(-1)
     if c.kind == "uniform":
         top = (1 << (c.bits - 1)) - 1
         amax = float(np.abs(x).max())
@@ -93,8 +93,8 @@ def quantize(values: torch.Tensor, coding: str | ValueCoding, name: str | None =
             return v.clone(), {}
         step = float(np.float32(amax / top))
         if not step > 0 or v.dtype != torch.float32:  # F16/BF16 tensors: grid rounded to the dtype (a table)
-            q = np.clip(np.rint(x / (step or 1.0)), -top, top) * step
-            return torch.from_numpy(q).to(v.dtype).reshape(v.shape), {}
+            grid = np.clip(np.rint(x / (step or 1.0)), -top, top) * step
+            return torch.from_numpy(grid).to(v.dtype).reshape(v.shape), {}
         f32 = v.numpy().reshape(-1)
         # Values already on a grid whose step is within an ulp of ours (int8 from another quantizer, whose step
         # fl32(fl32(127 * s) / 127) need not give back s): kept exactly, stored as that grid.

@@ -245,7 +245,8 @@ class _Parts:
     """Hands out stored tensors to the entries that use them: one naming rule, each used exactly once."""
 
     def __init__(self, stored: dict[str, Stored], path):
-        self.stored, self.path, self.used = stored, path, set()
+        self.stored, self.path = stored, path
+        self.used: set[str] = set()
 
     def take(self, key, dtype, shape, what, name) -> Stored:
         expected = name + {"data": "", "mask": MASK_SUFFIX, "values": VALUES_SUFFIX}[what]
@@ -355,7 +356,7 @@ class V1Reader(Reader):
         s = self.stored[key]
         buf = bytearray(s.nbytes)
         self._f.seek(self.data_start + s.start)
-        if self._f.readinto(buf) != s.nbytes:
+        if self._f.readinto(buf) != s.nbytes:  # type: ignore[attr-defined]  # (a binary file: it has readinto)
             raise FormatError(f"stored tensor {key!r} is truncated", path=self.path, tensor=tensor)
         if hashlib.sha256(buf).hexdigest() != s.sha256:
             raise IntegrityError(f"stored tensor {key!r} is corrupted (SHA-256 mismatch)", path=self.path,

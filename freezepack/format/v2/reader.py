@@ -2,9 +2,9 @@
 
 This module checks v2's *encoding*: the frame is exactly the one the body length implies, the body digest, minimal
 varints, known codes, canonical init params text, front-coded names (their total size bounded before they are
-built), each coder's header fields and that the payloads tile the body. What the entries mean is judged by
-:func:`freezepack.format.rules.check_header` after parsing; a defect found here wins over one the rules would
-find (the parser reads in byte order and stops at the first).
+built), each coder's header fields and that the payloads tile the body. What the entries mean is judged by the
+rules (:class:`freezepack.format.rules.Checker`), which the parser applies to each field as it reads it: of two
+defects, the one at the lower offset wins (spec/FORMAT.md §12.9).
 """
 from __future__ import annotations
 
@@ -32,9 +32,8 @@ from ..model import (
     Header,
     Limits,
     WholeEntry,
-    limit_error,
 )
-from ..rules import check_header
+from ..rules import Checker
 from ..strictjson import canonical_json, parse_json
 from .wire import (
     DEFAULT_PARAMS,
@@ -61,8 +60,9 @@ Part = tuple[Any, Any, int, int]  # (coder, its parsed parameters, start, end) i
 class _Parser:
     """One pass over a v2 header: the entries, and per part key (coder, params, start, end) in the body."""
 
-    def __init__(self, body_len: int, path, budget: int):
+    def __init__(self, body_len: int, path, budget: int, limits: Limits):
         self.path, self.body_len = path, body_len
+        self.check = Checker(VERSION, limits, path)  # the rules, applied as each field is read (byte order)
         self.parts: dict[str, Part] = {}
         self.model_bytes = {"mask": 0, "values": 0}  # header bytes that are coder parameters (for accounting)
         self.name_budget = [budget]
@@ -71,16 +71,21 @@ class _Parser:
         g = c.u8()
         if g >= len(GENERATORS):
             raise SpecError(f"unknown generator code {g} (this reader knows {', '.join(GENERATORS)})", path=self.path)
+        self.check.generator(GENERATORS[g])
         seed = c.var()
+        self.check.seed(seed)
         producer = c.str("producer")
+        self.check.producer(producer)
         metadata = self._metadata(c, limits)
-        count = c.var(limits.max_tensors + 1)
+        count = c.var()
+        self.check.count(count)
         entries: list[Entry] = []
         lengths: list[tuple[str, Any, Any, int]] = []  # (key, coder, params, length) in payload order
         prev = b""
         for i in range(count):
             c.tensor = None
             name, prev = name_in(c, prev, self.name_budget)
+            self.check.name(name)
             c.tensor = name
             tag = c.u8()
             kind = tag & 3
@@ -89,13 +94,16 @@ class _Parser:
                 raise c.err(f"unknown entry tag {tag}")
             if KINDS[kind] == "alias":
                 j = c.var(i)  # 0-based, counting every entry (aliases too); the rules check what it names
+                self.check.alias(name, entries[j].name)
                 entries.append(AliasEntry(name, entries[j].name))
                 continue
             d = c.u8()
             if d >= len(DTYPES):
                 raise c.err(f"unknown dtype code {d}")
             dtype = DTYPES[d]
+            self.check.dtype(name, dtype)
             shape = shape_in(c, limits)
+            self.check.shape(name, shape)
             n = math.prod(shape)
             if KINDS[kind] == "whole":
                 lengths.append((name,) + self._value_block(c, n, dtype))
@@ -118,27 +126,28 @@ class _Parser:
                       generator=GENERATORS[g], version=VERSION)
 
     def _metadata(self, c: In, limits: Limits) -> dict[str, str]:
-        """Keys strictly increasing (UTF-8 bytes, i.e. code points); the size is measured as the rules measure it
-        (canonical JSON bytes), while reading, so that no more than the limit is ever built."""
+        """Keys strictly increasing (UTF-8 bytes, i.e. code points); the size measured as the rules measure it (UTF-8
+        bytes of keys and values), while reading, so that no more than the limit is ever built."""
         nmeta = c.var(limits.max_metadata_bytes + 1)
         prev: bytes | None = None
-        size = 2  # "{}"
+        size = 0
         metadata: dict[str, str] = {}
-        for i in range(nmeta):
+        for _ in range(nmeta):
             k, v = c.str("metadata key"), c.str("metadata value")
             kb = k.encode("utf-8")
             if prev is not None and kb <= prev:
                 raise c.err("metadata keys are not strictly increasing")
             prev = kb
-            size += len(canonical_json(k)) + 1 + len(canonical_json(v)) + (1 if i else 0)
-            if size > limits.max_metadata_bytes:
-                raise limit_error("metadata: canonical bytes", size, "max_metadata_bytes", limits, self.path)
+            size += len(kb) + len(v.encode("utf-8"))
+            self.check.metadata_size(size)
             metadata[k] = v
         return metadata
 
     def _frozen(self, c: In, name: str, tag: int, dtype: str, shape: tuple[int, ...], n: int,
                 lengths: list) -> FrozenEntry:
+        self.check.frozen_dtype(name, dtype)
         stream = c.str("stream") if tag & TAG_STREAM else None
+        self.check.stream(name, stream)
         ib = c.u8()
         if ib >> 2 >= len(INITIALIZERS) or (ib & 3) >= len(DISTRIBUTIONS):
             raise SpecError(f"unknown initializer code {ib}", path=self.path, tensor=name)
@@ -152,15 +161,18 @@ class _Parser:
                 raise c.err("init params must be an object other than the defaults")
             if canonical_json(params) != text:  # one text per value, as for every JSON text in a .fpk
                 raise c.err("init params are not canonical JSON")
+        self.check.init_params(name, iname, params)
         try:
             init = InitSpec(iname, DISTRIBUTIONS[ib & 3], a, b, params)
         except FreezepackError as err:
             raise SpecError(err.reason, path=self.path, tensor=name) from None
+        self.check.init(name, init)
         scale = 1.0
         if tag & TAG_SCALE:
             scale = c.f32("frozen_scale")
             if scale == 1.0:
                 raise c.err("frozen_scale 1.0 must not be spelled out")
+            self.check.frozen_scale(name, scale, dtype)
         trainable = c.var(n + 1)
         at = c.i
         mc = c.u8()
@@ -177,9 +189,10 @@ class _Parser:
             words = mlen // 4
             lengths.append((name + MASK_SUFFIX, "mask", None, mlen))
         self.model_bytes["mask"] += c.i - at
+        self.check.mask(FrozenEntry(name, shape, dtype, "", init, scale, trainable, coder, coder_params, words, stream))
         if trainable:
             lengths.append((name + VALUES_SUFFIX,) + self._value_block(c, trainable, dtype))
-        sha = bytes(c.take(DIGEST_BYTES)).hex()
+        sha = bytes(c.take(DIGEST_BYTES)).hex()  # (its form is the wire's: 16 bytes)
         return FrozenEntry(name, shape, dtype, sha, init, scale, trainable, coder, coder_params, words, stream)
 
     def _mask_params(self, c: In, coder: str, n: int, trainable: int) -> dict:
@@ -231,7 +244,7 @@ class _Parser:
             return "cast", (DTYPES[t], inner, params, n), length
         if coder == "codebook":
             return self._codebook(c, n, dtype)
-        tables = []
+        tables: list[tuple[list[int], list[int]] | None] = []
         coded = c.u8()
         if coded >> elem or not coded >> (elem - 1):
             raise c.err(f"'planes' coded-plane mask {coded} is invalid for {elem}-byte elements")
@@ -298,9 +311,9 @@ def layout(head: bytes | memoryview, body_len: int, path=None,
     and must not read a whole large body to find its payload boundaries."""
     if len(head) < 32 or body_len < len(head):
         raise FormatError("v2 body is shorter than its digest", path=path)
-    p = _Parser(body_len, path, body_len + DERIVED_SLACK)
+    p = _Parser(body_len, path, body_len + DERIVED_SLACK, limits)
     c = In(memoryview(head)[32:], path)
-    check_header(p.parse(c, limits), limits, path)
+    p.parse(c, limits)
     return 32 + c.i, [(key, start, end) for key, (_, _, start, end) in p.parts.items()]
 
 
@@ -312,9 +325,8 @@ def parse_body(body: bytes, path=None,
     if len(body) < 32 or hashlib.sha256(memoryview(body)[32:]).digest() != body[:32]:
         raise IntegrityError("file is corrupted (v2 body SHA-256 mismatch)", path=path)
     # names may cost up to the body's size again, plus a little: a 1 MB file cannot claim a GB of names
-    p = _Parser(len(body), path, len(body) + DERIVED_SLACK)
-    header = p.parse(In(memoryview(body)[32:], path), limits)
-    check_header(header, limits, path)
+    p = _Parser(len(body), path, len(body) + DERIVED_SLACK, limits)
+    header = p.parse(In(memoryview(body)[32:], path), limits)  # (the rules applied as each field is read)
     return header, p.parts, p.model_bytes
 
 

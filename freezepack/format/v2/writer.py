@@ -123,7 +123,7 @@ def _codebook_block(raw: bytes, dtype: str, step: float | None) -> tuple[bytes, 
             inverse = np.empty_like(order)
             inverse[order] = np.arange(order.size)
             sym, counts = inverse[sym.reshape(-1)], counts[order]
-    if grid is not None:
+    if grid is not None and step is not None:
         o.u8(1)
         o.u8(len(grid) - 1)
         o.f32(step)
@@ -204,7 +204,8 @@ def _best_mask(e: FrozenEntry, mask: np.ndarray, seed: int, only: str | None = N
         keys = entropy.context_keys(generate(e.init, e.shape, seed, e.stream_key, device="cpu").numpy())
         for params, words in entropy.encode_ctx(mask, keys, e.shape):
             cands.append(("ans-ctx", params, words.tobytes()))
-    best = gaps = None
+    best: tuple[bytes, bytes, str, dict] | None = None
+    gaps: tuple[bytes, bytes, str, dict] | None = None
     for coder, params, payload in cands:
         if only is not None and coder != only:
             continue
@@ -215,6 +216,7 @@ def _best_mask(e: FrozenEntry, mask: np.ndarray, seed: int, only: str | None = N
             gaps = (head, payload, coder, params)
     # As v1's writer (§6): 'ans-gaps' decodes only the minority, 'ans-bernoulli' every entry (a random mask of
     # VGG16-D: 15 M symbols, ~50 ms); within 1 % of the size, the faster one wins.
+    assert best is not None, "no mask coding"  # (the v1 coding is always a candidate)
     if best[2] == "ans-bernoulli" and gaps is not None and \
             len(gaps[0]) + len(gaps[1]) <= 1.01 * (len(best[0]) + len(best[1])):
         best = gaps

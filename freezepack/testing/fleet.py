@@ -1,4 +1,6 @@
-"""Shared helpers of the fleet tests (no tests here): real .fpk releases, a publisher + device pair, servers."""
+"""Helpers of the fleet tests: real .fpk releases, a publisher + device pair, static and hostile HTTP servers.
+
+Needs the ``fleet`` extra (and pytest for :func:`start_registry_or_skip`)."""
 from __future__ import annotations
 
 import functools
@@ -11,14 +13,14 @@ import tempfile
 import threading
 import time
 import urllib.request
+from typing import Any
 
-import pytest
 import torch
 
-from freezepack import api
-from freezepack.fleet import Device, Publisher, open_store
-from freezepack.format.init import make_init
-from freezepack.format.record import FreezeRecord, FrozenTensor
+from .. import api
+from ..fleet import Device, Publisher, open_store
+from ..format.init import make_init
+from ..format.record import FreezeRecord, FrozenTensor
 
 SHAPES = {"fc1.weight": (300, 784), "fc2.weight": (100, 300), "fc3.weight": (10, 100)}
 
@@ -93,7 +95,7 @@ class StaticServer:
     """A plain static HTTP server over a directory (what an operator would put in front of the repo)."""
 
     def __init__(self, directory):
-        handler = type("Handler", (_QuietHandler,), {"served": 0})
+        handler: Any = type("Handler", (_QuietHandler,), {"served": 0})  # its own counter per server
         self.handler = handler
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                                      functools.partial(handler, directory=os.fspath(directory)))
@@ -161,7 +163,11 @@ def start_registry_or_skip():
     if binary is None:
         msg = "docker-registry (Debian package docker-registry, CNCF Distribution 2.8) is not installed"
         if os.environ.get("FREEZEPACK_REQUIRE_REGISTRY") == "1":
+            import pytest
+
             pytest.fail(msg + " and FREEZEPACK_REQUIRE_REGISTRY=1")
+        import pytest
+
         pytest.skip(msg)
     return Registry(binary)
 

@@ -1,7 +1,7 @@
 """Crafted hostile .fpk files (allocation bombs, JSON bombs, lies) and a subprocess probe that loads each one
 under a tight address-space limit and reports how it was refused and the peak RSS it cost.
 
-Shared by test_container.py and test_fuzz_files.py. Every builder returns the bytes of a complete file.
+Used by tests/test_container.py and tests/test_fuzz_files.py. Every builder returns the bytes of a complete file.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from freezepack.api import encode_record
-from freezepack.format import strictjson
-from freezepack.testing import rewrite, small_record, split_file, with_inner_text
+from ..api import encode_record
+from ..format import strictjson
+from . import rewrite, small_record, split_file, with_inner_text
 
 
 def base_file() -> bytes:
@@ -40,8 +40,8 @@ def frozen_bomb(data: bytes, shape=(65536, 65536)) -> bytes:
 def gaps_prefix_file(n: int, k: int = 1, seed: int = 3) -> bytes:
     """A *valid* file whose one tensor is frozen except its first k entries: an empty 'ans-gaps' stream (k zero
     gaps), k values and the true dense digest."""
-    from freezepack.format.init import make_init
-    from freezepack.format.record import FreezeRecord, FrozenTensor
+    from ..format.init import make_init
+    from ..format.record import FreezeRecord, FrozenTensor
 
     rec = FreezeRecord(seed=seed)
     mask = torch.zeros(n, dtype=torch.bool)

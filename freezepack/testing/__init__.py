@@ -1,7 +1,10 @@
 """Builders for tests and benchmarks of .fpk readers: small FreezeRecords, and a header rewriter for 'lying file' tests.
 
 Part of the package (like ``numpy.testing``) so that tests, tools/bench_*.py and users' own reader tests import it
-by name, without putting tests/ on ``sys.path``. Not imported by ``import freezepack``.
+by name, without putting tests/ on ``sys.path``; test modules share helpers only through it. Not imported by
+``import freezepack``. Submodules: ``hostile`` (crafted bomb and lie files, a memory probe), ``v2`` (hand-made v2
+bodies), ``reference`` (the spec's decoders in plain integers), ``models`` (small models of many architectures),
+``fleet`` (releases, publisher and device, test servers; needs the fleet extra), ``fleet_memprobe``.
 """
 from __future__ import annotations
 
@@ -12,10 +15,10 @@ import struct
 import numpy as np
 import torch
 
-from .format.init import make_init
-from .format.record import FreezeRecord, FrozenTensor
-from .format.strictjson import canonical_json
-from .format.v1.layout import HEADER_DIGEST_KEY, HEADER_KEY
+from ..format.init import make_init
+from ..format.record import FreezeRecord, FrozenTensor
+from ..format.strictjson import canonical_json
+from ..format.v1.layout import HEADER_DIGEST_KEY, HEADER_KEY
 
 
 def random_mask(shape, q: float, gen: torch.Generator) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Peak-memory probe for hostile fleet inputs (run by tests/test_fleet_hostile.py in a fresh interpreter).
 
-``python tests/fleet_memprobe.py CASE...`` runs each case against a hostile server in this process and prints
-one JSON line per case: the error it ended with, how many bytes the server offered, and the peak RSS growth
+``python -m freezepack.testing.fleet_memprobe CASE...`` runs each case against a hostile server in this process and
+prints one JSON line per case: the error it ended with, how many bytes the server offered, and the peak RSS growth
 during the case (VmHWM after, minus VmRSS before, with the high-water mark reset through
 /proc/self/clear_refs and freed memory returned to the OS first, so each case is measured on its own).
 """
@@ -10,17 +10,15 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: tests is a package
-
-from freezepack.errors import FreezepackError  # noqa: E402
-from freezepack.fleet import safejson  # noqa: E402
-from freezepack.fleet.net import NetLimits  # noqa: E402
-from freezepack.fleet.repo import HttpStore  # noqa: E402
-from tests.fleet_support import HostileServer, repeat, send_body  # noqa: E402
+from ..errors import FreezepackError
+from ..fleet import safejson
+from ..fleet.net import NetLimits
+from ..fleet.repo import HttpStore
+from ..fleet.store import Store
+from .fleet import HostileServer, repeat, send_body
 
 GIB = 1 << 30
 SHA = "ab" * 32
@@ -159,10 +157,11 @@ def main(names):
             behaviour, offered, action = (HTTP_CASES | OCI_CASES)[name]
             srv = HostileServer(behaviour)
             servers[name] = srv
+            store: Store
             if name in HTTP_CASES:
                 store = HttpStore(srv.url, FAST)
             else:
-                from freezepack.fleet.oci import OciStore
+                from ..fleet.oci import OciStore
 
                 store = OciStore(f"oci+http://{srv.host}/fleet/models", FAST)
             try:      # warm-up: lazy imports and connection setup are not the case's cost
