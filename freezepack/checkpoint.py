@@ -83,11 +83,11 @@ def find_ties(sd: dict[str, torch.Tensor], *, by_bytes: bool) -> dict[str, str]:
             if name in aliases or t.dim() < 2 or t.numel() < 2 or _constant(t):
                 continue
             data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            key = (t.dtype, tuple(t.shape), hashlib.sha256(data).digest())
-            if key in seen:
-                aliases[name] = seen[key]
+            same = (t.dtype, tuple(t.shape), hashlib.sha256(data).digest())
+            if same in seen:
+                aliases[name] = seen[same]
             else:
-                seen[key] = name
+                seen[same] = name
     return aliases
 
 

@@ -16,6 +16,7 @@ transformers is imported only when a function here runs: ``import freezepack`` n
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 
@@ -120,15 +121,15 @@ def _file_dtype(f) -> torch.dtype:
         e = f.entry(name)
         if e.kind != "alias" and e.dtype in ("F32", "F16", "BF16", "F64"):
             counts[e.dtype] = counts.get(e.dtype, 0) + e.numel
-    return TORCH_DTYPES[max(counts, key=counts.get)] if counts else torch.float32
+    return TORCH_DTYPES[max(counts, key=lambda k: counts[k])] if counts else torch.float32
 
 
 def _no_init_weights():
     try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
+        module = importlib.import_module("transformers.initialization")
+    except ImportError:  # transformers 4 kept it in modeling_utils
+        module = importlib.import_module("transformers.modeling_utils")
+    return module.no_init_weights()
 
 
 def empty_model(model_class, config, dtype: torch.dtype, device) -> torch.nn.Module:

@@ -237,3 +237,18 @@ def test_a_nested_training_checkpoint_is_found_or_named(tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(tmp_path / "two.pt"), str(tmp_path / "x.fpk"), "--seed", "5",
                                  "--key", "nope"])
     assert r.exit_code == 1 and "--key 'nope': no entry 'nope'" in r.output
+
+
+def test_load_freezenet_ties_a_head_the_file_stores_once(tmp_path):
+    from freezepack.method.freezenet import freeze_record, frozen_parametrizations
+
+    model = frozen_lm(steps=2)
+    rec = freeze_record(model)
+    del rec.aliases["head.weight"]  # a file that holds the tied head only under the embedding's name
+    freezepack.save(tmp_path / "m.fpk", rec)
+    back = freezepack.load_freezenet(TinyLM(), tmp_path / "m.fpk")  # strict: the module ties them
+    params = frozen_parametrizations(back)
+    assert params["head.weight"] is params["emb.weight"]
+    assert back.head.parametrizations.weight.original is back.emb.parametrizations.weight.original
+    back.eval()
+    assert torch.equal(back(TOKENS), model(TOKENS))

@@ -129,7 +129,7 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
     with open_file(path, limits) as r:
         entries = r.header.entries
         match, _, _ = fit(targets, entries, prefix_map, r.path, strict=True)
-        tied = tied_to_loaded(targets, match)  # tied in the module, stored once in the file
+        tied_missing = tied_to_loaded(targets, match)  # tied in the module, stored once in the file
         _check_shapes(r, targets, match)  # every name, aliases too, before the module is touched
         params: dict[str, FrozenParametrization] = {}
         for e in entries:
@@ -185,12 +185,13 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
                 dst.data = dense  # right_inverse takes the trained values from here
             parametrize.register_parametrization(owner, attr, p, unsafe=True)
             params[name] = p
-        for name, src in tied.items():  # tie them again, to the frozen parametrization of the name the file has
+        for name, src in tied_missing.items():  # tie them again, to the parametrization of the name the file has
             if src in params:
                 mod, _, attr = name.rpartition(".")
-                owner, (smod, _, sattr) = module.get_submodule(mod), src.rpartition(".")
-                parametrize.register_parametrization(owner, attr, params[src], unsafe=True)
-                owner.parametrizations[attr].original = module.get_submodule(smod).parametrizations[sattr].original
+                holder: Any = module.get_submodule(mod)  # parametrized: torch's types do not say so
+                source: Any = module.get_submodule(src.rpartition(".")[0])
+                parametrize.register_parametrization(holder, attr, params[src], unsafe=True)
+                holder.parametrizations[attr].original = source.parametrizations[src.rpartition(".")[2]].original
     guard_save_pretrained(module)
     return module
 

@@ -264,7 +264,8 @@ def save_pretrained_dense(model: nn.Module, save_directory, *args, **kwargs):
         warnings.warn(f"{type(target).__name__} is a FreezeNet: save_pretrained writes the dense model; "
                       "freezepack.hf.save_pretrained(model, dir) writes it as seed + mask + trained values "
                       "(load with freezepack.hf.from_pretrained)", UserWarning, stacklevel=3)
-    return type(target).save_pretrained(target, save_directory, *args, **kwargs)
+    cls: Any = type(target)  # a transformers PreTrainedModel (not imported here)
+    return cls.save_pretrained(target, save_directory, *args, **kwargs)
 
 
 def guard_save_pretrained(model: nn.Module) -> None:
@@ -274,7 +275,7 @@ def guard_save_pretrained(model: nn.Module) -> None:
     for m in model.modules():
         if callable(getattr(type(m), "save_pretrained", None)) and hasattr(m, "config") \
                 and "save_pretrained" not in vars(m) and frozen_parametrizations(m):
-            m.save_pretrained = types.MethodType(save_pretrained_dense, m)
+            cast(Any, m).save_pretrained = types.MethodType(save_pretrained_dense, m)
 
 
 def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "snip", init="xavier_normal",

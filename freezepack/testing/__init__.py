@@ -114,18 +114,18 @@ def tiny_hf_model(kind: str, *, tied: bool = True, vocab: int = 100, seed: int =
 
     torch.manual_seed(seed)
     if kind == "gpt2":
-        cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64, bos_token_id=0,
-                            eos_token_id=0, tie_word_embeddings=tied)
-        return tf.GPT2LMHeadModel(cfg)
+        gpt2 = tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64, bos_token_id=0,
+                             eos_token_id=0, tie_word_embeddings=tied)
+        return tf.GPT2LMHeadModel(gpt2)
     if kind == "bert":
-        cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                            vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied)
-        return tf.BertForMaskedLM(cfg)
+        bert = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                             vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied)
+        return tf.BertForMaskedLM(bert)
     if kind == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                             intermediate_size=64, vocab_size=vocab, max_position_embeddings=64, bos_token_id=0,
-                             eos_token_id=0, pad_token_id=0, tie_word_embeddings=tied)
-        return tf.LlamaForCausalLM(cfg)
+        llama = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                               intermediate_size=64, vocab_size=vocab, max_position_embeddings=64, bos_token_id=0,
+                               eos_token_id=0, pad_token_id=0, tie_word_embeddings=tied)
+        return tf.LlamaForCausalLM(llama)
     raise ValueError(f"unknown tiny model kind {kind!r} (known: {', '.join(HF_KINDS)})")
 
 
