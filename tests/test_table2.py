@@ -105,3 +105,17 @@ def test_plots_are_written_and_json_round_trips(quick):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     again = table2.load_result(out / "table2.json")
     assert report.render_markdown(again) == report.render_markdown(res)
+
+
+@pytest.mark.slow
+def test_the_narrow_baseline_sits_beside_each_freezenet(quick):
+    out, res = quick
+    assert sorted(res.baseline) == [q for q in table2.TABLE2_QS if q > 0]
+    facts = {r["q"]: r for r in res.rows}
+    for q, b in res.baseline.items():
+        budget = facts[q]["weights_trainable"] + facts[q]["biases"]  # the FreezeNet file's trained numbers
+        for n in b["narrow"]:
+            assert n["budget"] == budget and n["trainable"] <= budget and n["macs"] < b["freezenet_macs"]
+            assert api.verify(out / f"lenet5_narrow_q{q}_seed0.fpk")["ok"]
+    text = report.render_markdown(res)
+    assert "narrow dense baseline" in text and f"| {res.baseline[0.99]['narrow'][0]['trainable']:,} |" in text

@@ -11,6 +11,9 @@ at q = 0.9; SNIP masks on the shipped MNIST, trained for --epochs epochs, defaul
   paper count      (trainable + whole elements) x 4 bytes: the paper's size count, no mask, no header
   order-0          paper count + every mask at its order-0 entropy (what an i.i.d. mask coder could reach)
   v2 bf16, v2 k4   opt-in LOSSY v2 files: trained values as bfloat16 / as 16 shared values per tensor (kmeans:4)
+  narrow, narrow k4  the baseline beside it (LeNet-5 only): a dense LeNet-5 of the same depth, widths scaled by one
+                   factor to at most the FreezeNet's trainable numbers (freezepack train --method narrow), trained
+                   the same epochs; its .fpk v2, lossless / with its Linear+Conv weights as kmeans:4
 (zstd is not in Python 3.11's standard library; lzma -9 stands for the strong general-purpose compressor.)
 Also: mask bytes v2 / order-0, value bytes v2 / raw float32, and the v2 value decoder's speed on one core.
 
@@ -107,6 +110,27 @@ def baselines(model, rec):
             "_values_raw": 4 * sum(int(ft.mask.sum()) for ft in rec.frozen.values())}
 
 
+def narrow_sizes(budget, epochs, data, seed=0):
+    """Bytes of the narrow dense LeNet-5 with at most ``budget`` trainable numbers: lossless and kmeans:4."""
+    import tempfile
+
+    from freezepack.experiments.narrow import plan
+    from freezepack.method.freezenet import init_weights
+
+    p = plan("lenet5", budget)
+    model = init_weights(make_model("lenet5", **p.widths), seed)
+    if epochs:
+        tr, va = split_train_val(data[0], seed)
+        T.train(model, tr, va, epochs=epochs, seed=seed)
+    out = {"narrow widths": p.describe(), "narrow trainable": p.trainable}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "n.fpk")
+        for col, coding in (("narrow", None), ("narrow k4", "kmeans:4")):
+            api.save(path, model, values=coding)
+            out[col] = os.path.getsize(path)
+    return out
+
+
 def measure(name, q, epochs, data):
     t0 = time.perf_counter()
     model = build(name, q, epochs, data)
@@ -132,6 +156,10 @@ def measure(name, q, epochs, data):
     row["v2 structure / file"] = row["v2 structure"] / len(v2)
     best_naive = min(row["packbits+vals"], row["packbits+gz"], row["dense+xz"], row["pruned.pt+gz"])
     row["v2 / best naive"] = len(v2) / best_naive
+    if name == "lenet5":
+        from freezepack.method.freezenet import trainable_count
+
+        row.update(narrow_sizes(trainable_count(model), epochs, data))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -151,7 +179,7 @@ def decode_speed(n=4_000_000, repeat=3):
 
 
 COLS = ["dense", "dense+xz", "packbits+vals", "packbits+gz", "pruned.pt+gz", "fpk v1", "fpk v2", "paper count",
-        "order-0", "v2 bf16", "v2 k4"]
+        "order-0", "v2 bf16", "v2 k4", "narrow", "narrow k4"]
 
 
 def main(argv=None):
@@ -170,7 +198,10 @@ def main(argv=None):
     print(f"bytes per file (values trained {args.epochs} epoch(s) on the shipped MNIST subset; SNIP masks)")
     print(f"{'model':>8} {'q':>6} " + " ".join(f"{c:>13}" for c in COLS))
     for r in rows:
-        print(f"{r['model']:>8} {r['q']:>6} " + " ".join(f"{r[c]:>13,}" for c in COLS))
+        print(f"{r['model']:>8} {r['q']:>6} " + " ".join(f"{r[c]:>13,}" if c in r else f"{'-':>13}" for c in COLS))
+    print("narrow = dense LeNet-5 at the FreezeNet's trainable numbers: "
+          + "; ".join(f"q={r['q']}: {r['narrow widths']}, {r['narrow trainable']:,} numbers" for r in rows
+                      if "narrow" in r))
     print("\nv2 breakdown (bytes) and ratios")
     keys = ["v2 structure", "v2 mask_model", "v2 mask_payload", "v2 value_model", "v2 values_payload",
             "v2 whole_payload", "v1 header"]

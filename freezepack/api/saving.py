@@ -229,6 +229,24 @@ def _refuse_nonfinite(record: FreezeRecord, obj, path) -> None:
                               "allow_nonfinite=True to store them anyway", path=path, tensor=name)
 
 
+def _lossy_dense(model: torch.nn.Module, record: FreezeRecord, truth: dict, values: str):
+    """A dense model's trained values are its weights: quantize the ones a FreezeNet would freeze (Linear, Conv,
+    Embedding, ... weights); biases and norms stay exact, as a FreezeNet's do. The model itself is not changed."""
+    from ..method.freezenet import unwrap
+    from ..method.quantize import ValueCoding, quantize
+    from ..method.saliency import prunable_weights
+
+    coding = ValueCoding.parse(values)
+    if coding.lossless:
+        return record, truth
+    whole, truth = dict(record.whole), dict(truth)
+    for name in prunable_weights(unwrap(model)):
+        if name in whole and whole[name].is_floating_point():
+            whole[name] = quantize(whole[name], coding, name)[0]
+            truth[name] = whole[name]
+    return dataclasses.replace(record, whole=whole), truth
+
+
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
          metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None,
          allow_nonfinite: bool = False) -> None:
@@ -241,11 +259,14 @@ def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
     ``metadata``: a small str -> str map. ``version``: file format (1 or 2), default :data:`DEFAULT_VERSION`.
     ``values``: opt-in **lossy** coding of the trained values (``"bf16"``, ``"f16"``, ``"int8"``, ``"kmeans:K"``,
     ``"uniform:K"``; see :mod:`freezepack.method.quantize`), default lossless. The model in memory is not changed;
-    the file holds (and is proven against) the model with quantized values, and records the coding.
+    the file holds (and is proven against) the model with quantized values, and records the coding. A dense
+    model's (one with no frozen tensor) trained values are the weights a FreezeNet would freeze: those are coded.
     NaN or infinite trained values are refused (a :class:`MethodError`) unless ``allow_nonfinite``.
     """
     record, order, truth = _record_of(record_or_module)
     if not allow_nonfinite:
         _refuse_nonfinite(record, record_or_module, os.fspath(path))
+    if values is not None and not record.frozen and isinstance(record_or_module, torch.nn.Module):
+        record, truth = _lossy_dense(record_or_module, record, truth, values)
     chunks = encode_record(record, order, metadata, truth, version, values)
     atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path)))

@@ -19,10 +19,13 @@ from .common import one_line_errors
 @click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
 @click.option("--quick", is_flag=True, help="CI mode: 2 epochs, one seed, Table 3 at q=0.99 only.")
 @click.option("--figure/--no-figure", default=False, help="Also sweep q for the Figure 2-style plots.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Beside each FreezeNet, train the narrow dense LeNet-5 with at most its trainable numbers "
+                   "(same recipe and seeds; freezepack train --method narrow).")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Re-render the report (and plots) from a previous run's table2.json instead of training.")
 @one_line_errors
-def table2(out_dir, report, data, seeds, epochs, quick, figure, from_json):
+def table2(out_dir, report, data, seeds, epochs, quick, figure, baseline, from_json):
     """Train, save, reload and verify LeNet-5-Caffe FreezeNets, SNIP and dense; print Table 2 beside the paper's.
 
     \b
@@ -47,7 +50,8 @@ def table2(out_dir, report, data, seeds, epochs, quick, figure, from_json):
         res, out_dir = load_result(from_json), from_json.parent
         figure = figure or bool(res.figure_accuracy)
     else:
-        res = run_table2(out_dir, seeds=seed_list, epochs=epochs, data=data, quick=quick, figure=figure)
+        res = run_table2(out_dir, seeds=seed_list, epochs=epochs, data=data, quick=quick, figure=figure,
+                         baseline=baseline)
     text = render_markdown(res)
     click.echo(text)
     if figure:

@@ -80,6 +80,8 @@ class Table2Result:
     figure_accuracy: dict = field(default_factory=dict)
     table3: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    # q -> {"freezenet_seconds": [per seed], "narrow": [per seed: widths, trainable, acc, file_bytes, macs, seconds]}
+    baseline: dict = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -89,8 +91,12 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def run_table2(out_dir="runs/table2", *, seeds=(0, 1, 2), epochs: int = 15, data=None, quick: bool = False,
-               figure: bool = False, table3: bool = True, progress: bool = True) -> Table2Result:
-    """Train, save, reload and verify the Table 2 models; optionally the Figure 2 sweep and the Table 3 counts."""
+               figure: bool = False, table3: bool = True, progress: bool = True,
+               baseline: bool = True) -> Table2Result:
+    """Train, save, reload and verify the Table 2 models; optionally the Figure 2 sweep and the Table 3 counts.
+
+    ``baseline``: beside each FreezeNet, the narrow dense LeNet-5 with at most its trainable numbers, same recipe
+    and seeds (:mod:`.narrow`), saved and measured the same way."""
     from .data import load_mnist
 
     t0 = time.perf_counter()
@@ -101,13 +107,14 @@ def run_table2(out_dir="runs/table2", *, seeds=(0, 1, 2), epochs: int = 15, data
                                  "train_images": len(datasets[0]), "test_images": len(datasets[1]),
                                  "torch": torch.__version__, "threads": torch.get_num_threads()})
     cache: dict = {}
+    seconds: dict = {}
 
     def acc(method: str, q: float, seed: int, save_to: Path | None = None) -> float:
         key = (method, q, seed)
         if key not in cache:
             r = run(TrainConfig("lenet5", method, q, seed, epochs=epochs), datasets=datasets, progress=False)
             _say(progress, f"  {method:9s} q={q:<6} seed={seed}: test {100 * r.test_acc:.2f} %  ({r.seconds:.0f} s)")
-            cache[key] = 100 * r.test_acc
+            cache[key], seconds[key] = 100 * r.test_acc, round(r.seconds, 2)
             if save_to is not None:
                 api.save(save_to, r.model, metadata={"method": method, "q": repr(q), "seed": str(seed),
                                                      "test_acc": f"{r.test_acc:.4f}", "epochs": str(epochs)})
@@ -126,6 +133,10 @@ def run_table2(out_dir="runs/table2", *, seeds=(0, 1, 2), epochs: int = 15, data
                 acc(m, q, s, out / f"lenet5_{m}_q{q}.fpk" if s == seeds[0] else None) for s in seeds]
         main = "dense" if q == 0 else "freezenet"
         res.rows.append({"q": q, **asdict(file_facts(out / f"lenet5_{main}_q{q}.fpk"))})
+        if baseline and q > 0:
+            res.baseline[q] = {"freezenet_seconds": [seconds[("freezenet", q, s)] for s in seeds],
+                               "freezenet_macs": _macs("lenet5"),
+                               "narrow": [narrow_run(q, s, epochs, datasets, out, progress) for s in seeds]}
 
     if figure:
         _say(progress, "Figure 2: FreezeNet vs SNIP over q")
@@ -141,6 +152,30 @@ def run_table2(out_dir="runs/table2", *, seeds=(0, 1, 2), epochs: int = 15, data
     return res
 
 
+def _macs(model_name: str) -> int:
+    from .models import INPUT_SHAPES, make_model
+    from .narrow import count_macs
+
+    return count_macs(make_model(model_name), INPUT_SHAPES[model_name])
+
+
+def narrow_run(q: float, seed: int, epochs: int, datasets, out: Path, progress: bool) -> dict:
+    """The narrow dense LeNet-5 beside the FreezeNet at ``q`` (``freezepack train --method narrow``), saved."""
+    from .models import INPUT_SHAPES
+    from .narrow import count_macs, plan_for
+
+    cfg = TrainConfig("lenet5", "freezenet", q, seed, epochs=epochs)
+    p, _ = plan_for(cfg, datasets=datasets)
+    r = run(TrainConfig("lenet5", "dense", q, seed, epochs=epochs, widths=p.widths), datasets=datasets)
+    path = out / f"lenet5_narrow_q{q}_seed{seed}.fpk"
+    api.save(path, r.model, metadata={"method": "narrow", "q": repr(q), "seed": str(seed), "widths": p.describe(),
+                                      "test_acc": f"{r.test_acc:.4f}", "epochs": str(epochs)})
+    _say(progress, f"  narrow    q={q:<6} seed={seed}: test {100 * r.test_acc:.2f} %  ({r.seconds:.0f} s)")
+    return {"widths": p.describe(), "trainable": r.trainable, "budget": p.max_trainable, "acc": 100 * r.test_acc,
+            "file_bytes": path.stat().st_size, "macs": count_macs(r.model, INPUT_SHAPES["lenet5"]),
+            "seconds": round(r.seconds, 2)}
+
+
 def load_result(path) -> Table2Result:
     """A previous run's ``table2.json`` (JSON turned the float q keys into strings; turn them back)."""
     d = json.loads(Path(path).read_text())
@@ -149,7 +184,8 @@ def load_result(path) -> Table2Result:
         return {meth: {float(q): v for q, v in per_q.items()} for meth, per_q in m.items()}
 
     return Table2Result(rows=d["rows"], accuracy=by_q(d["accuracy"]), figure_accuracy=by_q(d["figure_accuracy"]),
-                        table3=d["table3"], settings=d["settings"], seconds=d["seconds"])
+                        table3=d["table3"], settings=d["settings"], seconds=d["seconds"],
+                        baseline={float(q): v for q, v in d.get("baseline", {}).items()})
 
 
 def table3_counts(out_dir: Path, qs=TABLE3_QS, seed: int = 0) -> list[dict]:

@@ -249,14 +249,15 @@ def _parts(data: Dataset) -> dict:
 
 def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.Tensor, torch.Tensor], *,
           init: str = "xavier_normal", init_params: dict | None = None, reinit: str | None = None,
-          device=None, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
+          device=None, masks: dict[str, torch.Tensor] | None = None, widths: dict | None = None) -> nn.Module:
     """A fresh model for ``method`` at freezing rate ``q`` (``q`` ignored for dense), weights from the generator.
 
     ``masks`` (``{name: trainable}``, e.g. computed on another rank) skips the scoring and freezes with those.
+    ``widths``: the model's layer-width arguments (a narrow baseline, :mod:`.narrow`); default its full widths.
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-    model = make_model(model_name).to(device)
+    model = make_model(model_name, **(widths or {})).to(device)
     if method == "dense":
         return init_weights(model, seed, init, init_params)
     if masks is not None:  # make_freezenet's freeze step with a given mask
@@ -293,6 +294,7 @@ class TrainConfig:
     init: str = "xavier_normal"
     init_params: dict | None = None
     reinit: str | None = None
+    widths: dict | None = None  # layer-width constructor arguments (narrow baselines, .narrow); None: full width
 
     @property
     def label(self) -> str:
@@ -321,7 +323,7 @@ def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset
                              f"(1, 28, 28): use lenet5 or lenet300, or train() with your own data")
         return datasets if datasets is not None else load_mnist(data)
 
-    kw = dict(init=c.init, init_params=c.init_params, reinit=c.reinit, device=device)
+    kw = dict(init=c.init, init_params=c.init_params, reinit=c.reinit, device=device, widths=c.widths)
     if distributed:
         import dataclasses
 
@@ -330,8 +332,9 @@ def run(config: TrainConfig | None = None, *, data=None, datasets: tuple[Dataset
         from ..method.distributed import agree, architecture, share_masks, together
 
         # each step that could fail on one rank only runs under together(): every rank learns of it at once
-        (train_full, test), template = together("loading the data and the model",
-                                                lambda: (prepare(), make_model(c.model)), timeout=timeout)
+        (train_full, test), template = together(
+            "loading the data and the model", lambda: (prepare(), make_model(c.model, **(c.widths or {}))),
+            timeout=timeout)
         agree({**dataclasses.asdict(c), "model parameters": architecture(template),
                "device type": torch.device(device or "cpu").type, **(shared or {})},
               {"train set": _parts(train_full), "test set": _parts(test)}, timeout=timeout)
