@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import DEFAULT_VERSION, encode_record, load, tensor_bytes
+from .api import DEFAULT_VERSION, VALUES_KEY, encode_record, load, tensor_bytes
 from .api import open as fpk_open
+from .checkpoint import SHARED_KEY, find_state_dict, find_ties, shared_from_metadata
 from .errors import FormatError, FreezepackError, IntegrityError, UsageError
 from .format.dtypes import TORCH_DTYPES
 from .format.framing import sniff
@@ -39,12 +40,12 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-def _check_state_dict(obj, path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+def _check_state_dict(obj, path, key: str | None = None) -> dict[str, torch.Tensor]:
+    obj, where = find_state_dict(obj, path, key)
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items()):
-        raise FormatError("checkpoint is not a dict of name -> tensor", path=path)
+        at = f" at {where!r}" if where else ""
+        raise FormatError(f"checkpoint{at} is not a dict of name -> tensor", path=path)
     if not obj:
         raise FormatError("checkpoint holds no tensors: nothing to convert", path=path)
     for k, v in obj.items():
@@ -62,12 +63,19 @@ def _check_state_dict(obj, path) -> dict[str, torch.Tensor]:
 _STORABLE = set(TORCH_DTYPES.values())
 
 
-def read_dense_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_dense_checkpoint(path, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state_dict, metadata)`` from .safetensors, .fpk, or .pt/.pth (``torch.load(weights_only=True)`` only).
 
     ``metadata`` is the source's own string metadata (safetensors ``__metadata__``, a .fpk's metadata), kept by
-    :func:`convert_checkpoint`.
+    :func:`convert_checkpoint`. ``key`` names the state dict inside a nested .pt (else it is found).
     """
+    return read_checkpoint(path, key)[:2]
+
+
+def read_checkpoint(path, key: str | None = None):
+    """``(state_dict, metadata, ties)``: :func:`read_dense_checkpoint` plus ``{alias: name}`` of tied tensors (one
+    storage in a .pt or a .fpk; equal bytes or ``freezepack.shared`` metadata in a safetensors file, whose
+    aliases need not be in the state dict)."""
     path = os.fspath(path)
     if check_regular_file(path) == 0:
         raise FormatError("is empty (0 bytes): not a checkpoint", path=path)
@@ -78,11 +86,13 @@ def read_dense_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad archive; never unpickle anything unsafe
             raise FormatError(f"not a loadable weights-only torch checkpoint: {_first_line(e)}", path=path) from None
-        return _check_state_dict(obj, path), {}
+        sd = _check_state_dict(obj, path, key)
+        return sd, {}, find_ties(sd, by_bytes=False)
     try:
         with fpk_open(path) as f:
             meta = f.metadata()
-        return _check_state_dict(load(path), path), meta
+        sd = _check_state_dict(load(path), path)
+        return sd, meta, find_ties(sd, by_bytes=False)
     except FormatError as e:
         if "plain safetensors" not in e.reason and "without a freezepack header" not in e.reason:
             raise
@@ -94,7 +104,14 @@ def read_dense_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FormatError(f"not a readable safetensors file: {_first_line(e)}", path=path) from None
-    return _check_state_dict(sd, path), {k: v for k, v in meta.items() if isinstance(v, str)}
+    sd = _check_state_dict(sd, path)
+    meta = {k: v for k, v in meta.items() if isinstance(v, str)}
+    ties = {**find_ties(sd, by_bytes=True), **shared_from_metadata(meta, sd, path)}
+    for alias in ties:  # a name tied to an alias is tied to that alias' target (one stored tensor)
+        while ties[alias] in ties and ties[alias] != alias:
+            ties[alias] = ties[ties[alias]]
+    meta.pop(SHARED_KEY, None)  # the output stores the ties themselves
+    return sd, meta, ties
 
 
 def _init_for(name: str, shape, default, inits: dict | None):
@@ -110,8 +127,11 @@ def _init_for(name: str, shape, default, inits: dict | None):
     return make_init(choice, shape)
 
 
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a.view(torch.int32) == b.view(torch.int32)
+    return a.view(_BITS[a.dtype]) == b.view(_BITS[b.dtype])
 
 
 def _likely_scale(t: torch.Tensor, regen: torch.Tensor) -> float | None:
@@ -137,10 +157,35 @@ def _cheaper_frozen(name: str, ft: FrozenTensor, t: torch.Tensor, seed: int, ver
     return as_frozen < as_whole
 
 
+def _stream_names(sd: dict[str, torch.Tensor], ties: dict[str, str], seed: int, init, inits) -> dict[str, str]:
+    """Re-root tied groups on the name whose generator stream explains the tensor best: a FreezeNet froze a tied
+    tensor under one of its names (``transformer.wte.weight``), which need not be the first in the file (a
+    safetensors file sorts ``lm_head.weight`` first)."""
+    groups: dict[str, list[str]] = {}
+    for alias, root in ties.items():
+        groups.setdefault(root, [root]).append(alias)
+    out = {}
+    for root, names in groups.items():
+        t = sd[root].detach().cpu().contiguous()
+        best, best_count = root, -1
+        if t.dtype in _BITS and t.numel():
+            for name in names:
+                spec = _init_for(name, tuple(t.shape), init, inits)
+                if spec is not None:
+                    count = int(_same_bits(t, generate(spec, tuple(t.shape), seed, name).to(t.dtype)).sum())
+                    if count > best_count:
+                        best, best_count = name, count
+        out.update({n: best for n in names if n != best})
+    return out
+
+
 def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_normal", inits=None,
-                   progress=None, version: int | None = None) -> tuple[FreezeRecord, list[dict]]:
-    """Find, per float32 tensor, the entries that equal the regenerated initial values (frozen; also when all of
-    them were scaled by one factor, as FreezeNet-WD's weight decay does) or zero (pruned).
+                   progress=None, version: int | None = None,
+                   ties: dict[str, str] | None = None) -> tuple[FreezeRecord, list[dict]]:
+    """Find, per float tensor, the entries that equal the regenerated initial values (frozen; also when all of
+    them were scaled by one factor, as FreezeNet-WD's weight decay does) or zero (pruned). In a float16 or
+    bfloat16 tensor the initial values are the generator's float32 values rounded to it (spec/FORMAT.md), as a
+    reduced-precision FreezeNet holds them. ``ties`` (``{alias: name}``): names stored once, as an alias.
 
     Each tensor is stored in whichever exact form costs the fewest file bytes (header included): frozen with the
     explanation that leaves the fewest trained values, or whole. ``init``: initializer name used for every
@@ -153,24 +198,28 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
         known = ", ".join(list(state_dict)[:8]) + (", ..." if len(state_dict) > 8 else "")
         raise UsageError(f"--init-for names tensors the checkpoint does not have: {', '.join(unknown)} "
                          f"(it has: {known})")
-    rec = FreezeRecord(seed=seed)
+    rec = FreezeRecord(seed=seed, aliases=_stream_names(state_dict, ties or {}, seed, init, inits))
     report = []
     for i, (name, t) in enumerate(state_dict.items()):
+        if name in rec.aliases:  # one tensor under two names: stored (and coded) once
+            report.append({"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "alias",
+                           "of": rec.aliases[name], "trainable": 0, "matched": None})
+            continue
         t = t.detach().cpu().contiguous()
         # "matched": entries equal to the regenerated initializer; None: no initializer was tried
         row: dict[str, Any] = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole",
                                "trainable": t.numel(), "matched": None}
         best = None
-        if t.dtype == torch.float32 and t.numel() > 0:
+        if t.dtype in _BITS and t.numel() > 0:
             candidates = []
             spec = _init_for(name, tuple(t.shape), init, inits)
             if spec is not None:
                 candidates.append(("frozen", spec))
             candidates.append(("pruned", make_init("zeros", tuple(t.shape))))
             for label, spec in candidates:
-                regen = generate(spec, tuple(t.shape), seed, name)
+                regen = generate(spec, tuple(t.shape), seed, name).to(t.dtype)  # rounded as a reader rounds
                 scales: list[float | None] = [1.0]
-                if label == "frozen":
+                if label == "frozen" and t.dtype == torch.float32:  # (FreezeNet-WD trains float32 models)
                     scales.append(_likely_scale(t, regen))
                 for scale in scales:
                     if scale is None:
@@ -223,16 +272,26 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None,
                        progress=None, *, make_parents: bool = False, version: int | None = None,
-                       values: str | None = None) -> dict:
+                       values: str | None = None, key: str | None = None, lossy_whole: bool = False) -> dict:
     """Dense checkpoint (``.safetensors``, ``.pt``/``.pth``, ``.fpk``) + seed + initializer(s) -> an exact .fpk.
 
     The source's own metadata is kept (``metadata`` entries override it). The file is written to a temporary
     file, read back and compared with the checkpoint bit for bit, and only then renamed over ``dst``: a failed
-    proof publishes nothing. Returns a report: per tensor what was found, the sizes, and ``hints`` (e.g. when
-    almost nothing matched: a wrong seed or initializer). ``values``: opt-in lossy coding of the trained values
-    (as :func:`freezepack.save`); the proof then compares with the checkpoint whose trained values are quantized.
+    proof publishes nothing. Returns a report: per tensor what was found and how its values are coded, the sizes,
+    and ``hints`` (e.g. when almost nothing matched: a wrong seed or initializer). Tied tensors (one storage in a
+    .pt or .fpk, equal bytes in a safetensors file) are stored once. ``key``: the state dict's entry in a nested
+    .pt (else found). ``values``: opt-in lossy coding of the trained values of frozen tensors (as
+    :func:`freezepack.save`); a tensor that is mostly trained (a dense tensor, or one whose zeros only looked
+    pruned) stays exact unless ``lossy_whole``, which codes every float tensor of >= 2 dimensions, whole ones
+    too. The proof then compares with the checkpoint holding exactly those quantized values.
     """
-    sd, source_meta = read_dense_checkpoint(src)
+    from .method.quantize import ValueCoding
+
+    coding = ValueCoding.parse(values) if values is not None else None
+    coding = None if coding is None or coding.lossless else coding
+    if coding is not None and (DEFAULT_VERSION if version is None else version) != 2:
+        raise UsageError(f"lossy values ({coding}) need format version 2 (its value coders store them compactly)")
+    sd, source_meta, ties = read_checkpoint(src, key)
     meta = {**source_meta, **(metadata or {})}
     for k, v in meta.items():
         if not (isinstance(k, str) and isinstance(v, str) and valid_text(k) and valid_text(v)):
@@ -240,19 +299,19 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
     # progress: every tensor converted, then coded, then proven (total = 3x the tensors)
     steps = len(sd)
     phase = (lambda k: None) if progress is None else (lambda k: lambda done, _: progress(k * steps + done, 3 * steps))
-    rec, rows = convert_record(sd, seed, init, inits, phase(0), version)
+    rec, rows = convert_record(sd, seed, init, inits, phase(0), version, ties)
     expected = dict(sd)
-    if values is not None:  # quantize once; the file must reproduce the checkpoint with these values
-        from .method.quantize import quantize
-
-        for name, ft in rec.frozen.items():
-            if ft.values.numel():
-                ft.values = quantize(ft.values, values, name)[0]
-                t = sd[name].detach().cpu().clone()
-                t.view(-1)[ft.mask.reshape(-1)] = ft.values.to(t.dtype)
-                expected[name] = t
-    # (encode_record's own quantization of already quantized values keeps them: it records the coding)
-    chunks = encode_record(rec, list(sd), meta, version=version, values=values, progress=phase(1))
+    if coding is not None:  # quantize once; the file must reproduce the checkpoint with these values
+        _quantize_record(rec, rows, sd, expected, coding, lossy_whole)
+        before = meta.get(VALUES_KEY)  # as save() records it: a re-coding is a second step
+        last = before.rpartition(", then ")[2] if before else None
+        meta[VALUES_KEY] = str(coding) if before is None else \
+            before if last == str(coding) else f"{before}, then {coding}"
+    order = [n for n in sd if n not in rec.aliases] + [n for n in sd if n in rec.aliases]  # targets first
+    order += [a for a in rec.aliases if a not in sd]
+    for alias, target in rec.aliases.items():  # a tied name holds its target's (possibly quantized) tensor
+        expected[alias] = expected[target]
+    chunks = encode_record(rec, order, meta, version=version, progress=phase(1))
     size = sum(len(c) for c in chunks)
 
     def prove(tmp):  # tensor by tensor: never a second dense copy of the model
@@ -263,7 +322,7 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
                     if name not in back or not _identical(back.get_tensor(name), t.detach().cpu()):
                         raise IntegrityError("not written: the converted file does not reproduce the checkpoint",
                                              path=dst, tensor=name)
-                    proven(i + 1, steps)
+                    proven(min(i + 1, steps), steps)
         except IntegrityError:
             raise
         except FreezepackError as e:
@@ -271,36 +330,70 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
                                  path=dst, tensor=e.tensor) from None
 
     atomic_write(dst, chunks, validate=prove, make_parents=make_parents)
-    dense = sum(v.numel() * v.element_size() for v in sd.values())
+    dense = sum(v.numel() * v.element_size() for n, v in sd.items() if n not in rec.aliases)
     return {"source": os.fspath(src), "output": os.fspath(dst), "seed": int(seed), "tensors": rows,
             "dense_bytes": dense, "file_bytes": size, "compression_factor": dense / size if size else 0.0,
-            "metadata": meta, "hints": _hints(rows, sd, seed, init, size, dense) + _values_hint(rec, values),
-            "values": _lossy(values)}
+            "metadata": meta, "hints": _hints(rows, sd, seed, init, size, dense) + _values_hint(rows, coding),
+            "values": None if coding is None else str(coding), "ties": dict(rec.aliases)}
 
 
-def _values_hint(rec: FreezeRecord, values) -> list[str]:
-    """--values quantizes only the trained values of frozen tensors: say so when there were none (a half-precision
-    or wrongly seeded checkpoint), rather than let a lossless file look quantized."""
-    coding = _lossy(values)
-    if coding is None or any(ft.values.numel() for ft in rec.frozen.values()):
+MOSTLY_TRAINED = 0.5  # above this share of trained entries a tensor is a dense one: lossy only when asked
+
+
+def _quantize_record(rec: FreezeRecord, rows: list[dict], sd, expected: dict, coding, lossy_whole: bool) -> None:
+    """Quantize the trained values of frozen tensors (and, with ``lossy_whole``, whole float tensors of >= 2
+    dims) in place; each report row gets ``values``: the coding applied, or ``exact`` and why."""
+    from .method.quantize import quantize
+
+    for row in rows:
+        name = row["name"]
+        if row["stored_as"] == "alias":
+            row["values"] = f"as {row['of']}"
+            continue
+        ft, t = rec.frozen.get(name), rec.whole.get(name)
+        if ft is not None and ft.values.numel():
+            share = ft.values.numel() / ft.mask.numel()
+            if share > MOSTLY_TRAINED and not lossy_whole:
+                row.update(values="exact", why=f"{share:.0%} of its entries are trained values: a dense tensor "
+                           "(lossy only with --lossy-whole)")
+                continue
+            ft.values = quantize(ft.values, coding, name)[0]
+            dense = sd[name].detach().cpu().clone()
+            dense.view(-1)[ft.mask.reshape(-1)] = ft.values.to(dense.dtype)
+            expected[name] = dense
+            row["values"] = str(coding)
+        elif t is not None and lossy_whole and t.is_floating_point() and t.dim() >= 2 and t.numel():
+            rec.whole[name] = expected[name] = quantize(t.reshape(-1), coding, name)[0].reshape(t.shape)
+            row["values"] = str(coding)
+        else:
+            row.update(values="exact", why="stored whole (lossy only with --lossy-whole, for tensors of >= 2 dims)"
+                       if ft is None else "no trained values")
+
+
+def _values_hint(rows: list[dict], coding) -> list[str]:
+    """Say what --values did: which tensors it coded, and when it coded none (a wrongly seeded or dense
+    checkpoint), rather than let a mostly lossless file look quantized."""
+    if coding is None:
         return []
-    return [f"--values {coding} changed nothing: it quantizes the trained values of frozen tensors, and no tensor "
-            "was found frozen (only float32 tensors whose other entries equal the regenerated initial values are)"]
-
-
-def _lossy(values) -> str | None:
-    """The lossy coding a conversion applied (its report's ``values``), None when lossless."""
-    from .method.quantize import ValueCoding
-
-    coding = ValueCoding.parse(values)
-    return None if coding.lossless else str(coding)
+    coded = [r["name"] for r in rows if r.get("values") == str(coding)]
+    kept = [r["name"] for r in rows if r.get("values") == "exact" and "dense tensor" in r.get("why", "")]
+    hints = []
+    if not coded:
+        hints.append(f"--values {coding} changed nothing: it quantizes the trained values of frozen tensors, and no "
+                     "tensor was found frozen (only tensors whose other entries equal the regenerated initial values "
+                     "are)")
+    if kept:
+        hints.append(f"{len(kept)} mostly trained tensor(s) kept exact ({', '.join(kept[:3])}"
+                     f"{', ...' if len(kept) > 3 else ''}): --lossy-whole codes them too")
+    return hints
 
 
 def convert(src, dst, seed: int, init: str = "xavier_normal", inits: dict[str, str] | None = None,
             metadata: dict[str, str] | None = None, progress=None, *, version: int | None = None,
-            values: str | None = None) -> dict:
+            values: str | None = None, key: str | None = None, lossy_whole: bool = False) -> dict:
     """Dense checkpoint + seed + initializer(s) -> the smallest exact .fpk, proven before it is published.
 
     ``freezepack.convert``; see :func:`convert_checkpoint` for the report it returns.
     """
-    return convert_checkpoint(src, dst, seed, init, inits, metadata, progress, version=version, values=values)
+    return convert_checkpoint(src, dst, seed, init, inits, metadata, progress, version=version, values=values,
+                              key=key, lossy_whole=lossy_whole)

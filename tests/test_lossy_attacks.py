@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import freezepack
-from freezepack import UsageError
+from freezepack import MethodError, UsageError
 from freezepack.method.freezenet import dense_state_dict, frozen_parametrizations
 from freezepack.method.quantize import ValueCoding, quantize, quantize_model
 from freezepack.testing.models import trained
@@ -60,11 +60,14 @@ def test_non_finite_values_are_refused_by_every_lossy_coding_and_nothing_is_writ
     model = copy.deepcopy(bag)
     with torch.no_grad():
         _first_values(model).view(-1)[0] = bad
-    with pytest.raises(UsageError, match="NaN or an infinity") as err:
+    with pytest.raises(MethodError, match="NaN or infinite.*allow_nonfinite") as err:  # refused by default
         freezepack.save(tmp_path / "m.fpk", model, values=coding)
     assert err.value.tensor is not None
+    with pytest.raises(UsageError, match="NaN or an infinity") as err:  # and no lossy coding can hold them
+        freezepack.save(tmp_path / "m.fpk", model, values=coding, allow_nonfinite=True)
+    assert err.value.tensor is not None
     assert not list(tmp_path.iterdir())
-    freezepack.save(tmp_path / "m.fpk", model)  # lossless keeps what it is given
+    freezepack.save(tmp_path / "m.fpk", model, allow_nonfinite=True)  # lossless, when asked, keeps what it is given
     assert freezepack.verify(tmp_path / "m.fpk")["ok"]
 
 
@@ -396,9 +399,9 @@ def test_convert_says_when_values_had_nothing_to_quantize(bag, tmp_path):
 
     from freezepack.conversion import convert_checkpoint
 
-    src = tmp_path / "half.safetensors"  # a float16 checkpoint: nothing is found frozen, so nothing to quantize
+    src = tmp_path / "half.safetensors"  # with a wrong seed nothing is found frozen, so nothing to quantize
     save_file({k: v.half().contiguous() for k, v in dense_state_dict(bag).items()}, src)
-    report = convert_checkpoint(src, tmp_path / "h.fpk", 7, values="kmeans:3")
+    report = convert_checkpoint(src, tmp_path / "h.fpk", 12345, values="kmeans:3")
     assert any("changed nothing" in h for h in report["hints"])
     f32 = tmp_path / "m.fpk"
     freezepack.save(f32, bag)

@@ -116,7 +116,7 @@ def bench_lenet(repeat: int) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, *INPUT_SHAPES["lenet5"], generator=g)  # SNIP on random data: no MNIST offline
     y = torch.randint(0, 10, (16,), generator=g)
-    model = make_freezenet(make_model("lenet5"), (x, y), 0.99, seed=7)
+    model = make_freezenet(make_model("lenet5"), (x, y), 0.99, seed=7, biases="zeros")
     print(f"LeNet-5-Caffe, SNIP at q = 0.99, freezepack.load (best of {repeat}, digests checked):")
     with tempfile.TemporaryDirectory() as tmp:
         times = {}

@@ -93,7 +93,7 @@ def make_records(model: str, q: float, seed: int = 2024, masks: str = "random", 
     if masks == "snip":
         net = MODELS[model]()
         batch = (torch.randn((64,) + INPUTS[model], generator=g), torch.randint(0, 10, (64,), generator=g))
-        rec1 = freeze_record(make_freezenet(net, batch, q, seed))
+        rec1 = freeze_record(make_freezenet(net, batch, q, seed, biases="zeros"))
     else:
         frozen, whole = {}, {}
         for name, t in MODELS[model]().state_dict().items():

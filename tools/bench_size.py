@@ -80,7 +80,7 @@ class SmallResNet(nn.Module):
 def build(name, q, epochs, data, seed=0):
     tr, va = split_train_val(data[0], seed)
     model = SmallResNet() if name == "resnet" else make_model("lenet5")
-    make_freezenet(model, (tr.images[:T.SNIP_BATCH], tr.labels[:T.SNIP_BATCH]), q, seed)
+    make_freezenet(model, (tr.images[:T.SNIP_BATCH], tr.labels[:T.SNIP_BATCH]), q, seed, biases="zeros")
     if epochs:
         T.train(model, tr, va, epochs=epochs, seed=seed)
     return model

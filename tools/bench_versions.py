@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, *INPUT_SHAPES[args.model], generator=g)  # SNIP on random data: no CIFAR offline
     y = torch.randint(0, 10, (16,), generator=g)
-    model = make_freezenet(make_model(args.model), (x, y), args.q, seed=7)
+    model = make_freezenet(make_model(args.model), (x, y), args.q, seed=7, biases="zeros")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in (1, 2):

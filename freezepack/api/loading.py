@@ -15,7 +15,7 @@ from ..format.memory import check_memory, dense_bytes, work_bytes
 from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limits, WholeEntry, digest_ok
 from ..format.reader import open_file
 from ..format.record import reconstruct
-from .matching import fit
+from .matching import fit, tied_to_loaded
 from .materialize import Device, PathLike, Progress, check_device, check_digest, frozen_parts, materialize
 
 
@@ -166,12 +166,13 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
     """
     from torch.nn.utils import parametrize
 
-    from ..method.freezenet import FrozenParametrization
+    from ..method.freezenet import FrozenParametrization, guard_save_pretrained
 
     targets = module.state_dict(keep_vars=True)
     with open_file(path, limits) as r:
         entries = r.header.entries
         match, _, _ = fit(targets, entries, prefix_map, r.path, strict=True)
+        tied_missing = tied_to_loaded(targets, match)  # tied in the module, stored once in the file
         _check_shapes(r, targets, match)  # every name, aliases too, before the module is touched
         params: dict[str, FrozenParametrization] = {}
         for e in entries:
@@ -227,14 +228,62 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
                 dst.data = dense  # right_inverse takes the trained values from here
             parametrize.register_parametrization(owner, attr, p, unsafe=True)
             params[name] = p
+        for name, src in tied_missing.items():  # tie them again, to the parametrization of the name the file has
+            if src in params:
+                mod, _, attr = name.rpartition(".")
+                holder: Any = module.get_submodule(mod)  # parametrized: torch's types do not say so
+                source: Any = module.get_submodule(src.rpartition(".")[0])
+                parametrize.register_parametrization(holder, attr, params[src], unsafe=True)
+                holder.parametrizations[attr].original = source.parametrizations[src.rpartition(".")[2]].original
+    guard_save_pretrained(module)
     return module
 
 
-class FpkFile:
-    """Lazy per-tensor access, like ``safetensors.safe_open``: ``with freezepack.open(p) as f: f.get_tensor(k)``."""
+_FRAMEWORKS = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np"}
 
-    def __init__(self, path, device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS):
-        self._device = check_device(device)
+
+def _safetensors_device(device):
+    """safetensors' device argument: a torch device or its name, or a CUDA index (``0`` = ``cuda:0``)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return f"cuda:{device}"
+    return device
+
+
+class TensorSlice:
+    """``f.get_slice(name)``, as safetensors gives it: shape and dtype without reading, ``[...]`` for a part.
+
+    A frozen tensor is regenerated whole (its entries come from one generator stream) and then sliced."""
+
+    def __init__(self, f: FpkFile, name: str):
+        self._f, self._name = f, name
+        self._e = f._r.header.target(f.entry(name))  # an alias: its target's shape and dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self._e.shape)
+
+    def get_dtype(self) -> str:
+        return self._e.dtype
+
+    def __len__(self) -> int:
+        return self._e.shape[0] if self._e.shape else 0
+
+    def __getitem__(self, index):
+        return self._f._convert(self._f._tensor(self._name)[index].clone())
+
+
+class FpkFile:
+    """Lazy per-tensor access, a drop-in for ``safetensors.safe_open``: ``with freezepack.safe_open(p, "pt") as f:
+    f.get_tensor(k)`` (also ``keys()``, ``get_slice(k)[...]``, ``metadata()``)."""
+
+    def __init__(self, path, framework="pt", device=None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS):
+        fw = _FRAMEWORKS.get(framework) if isinstance(framework, str) else None
+        if fw is None:
+            raise UsageError(f"framework {framework!r} is not supported (freezepack reads 'pt' = torch, or 'np')",
+                             path=path)
+        self._framework = fw
+        self._device = check_device(_safetensors_device(device))
+        if fw == "np" and self._device is not None and self._device.type != "cpu":
+            raise UsageError("framework 'np' gives CPU arrays: leave device unset", path=path)
         self._r = open_file(path, limits)
         self._verify = verify
         self._entries = {e.name: e for e in self._r.header.entries}
@@ -263,9 +312,21 @@ class FpkFile:
             raise KeyError(name)
         return self._entries[name]
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        e = self.entry(name)
-        return materialize(self._r, e, self._device, self._verify)
+    def _tensor(self, name: str) -> torch.Tensor:
+        return materialize(self._r, self.entry(name), self._device, self._verify)
+
+    def _convert(self, t: torch.Tensor):
+        if self._framework == "np":
+            if t.dtype == torch.bfloat16:
+                raise UsageError("numpy has no bfloat16: read this tensor with framework='pt'", path=self._r.path)
+            return t.cpu().numpy()
+        return t
+
+    def get_tensor(self, name: str):
+        return self._convert(self._tensor(name))
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return TensorSlice(self, name)
 
     def close(self) -> None:
         self._r.close()
@@ -277,10 +338,12 @@ class FpkFile:
         self.close()
 
 
-def safe_open(path: PathLike, device: Device = None, *, verify: bool = True,
+def safe_open(path: PathLike, framework: str = "pt", device: Device | int = None, *, verify: bool = True,
               limits: Limits = DEFAULT_LIMITS) -> FpkFile:
-    """Open a .fpk lazily: the header is read and validated now, each tensor when asked for."""
-    return FpkFile(path, device, verify=verify, limits=limits)
+    """Open a .fpk lazily, with ``safetensors.safe_open``'s signature (``framework`` ``"pt"`` or ``"np"``;
+    ``device`` a torch device, its name, or a CUDA index): the header is read and validated now, each tensor when
+    asked for (frozen ones regenerated on ``device`` and checked against their digests)."""
+    return FpkFile(path, framework, device, verify=verify, limits=limits)
 
 
 open = safe_open  # noqa: A001  (the short name, as in safetensors; shadows the builtin inside this module only)

@@ -66,7 +66,28 @@ def fit(targets: dict, entries: Sequence[Entry], prefix_map, path, strict: bool)
     match = match_names(targets, [e.name for e in entries], prefix_map, path)
     unexpected = [e.name for e in entries if e.name not in match]
     matched = set(match.values())
-    missing = [k for k in targets if k not in matched]
+    tied = tied_to_loaded(targets, match)
+    missing = [k for k in targets if k not in matched and k not in tied]
     if strict and (missing or unexpected):
-        raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}", path=path)
+        raise FormatError(f"does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                          f"{_tie_hint(targets, entries, match, missing)}", path=path)
     return match, missing, unexpected
+
+
+def tied_to_loaded(targets: dict, match: dict[str, str]) -> dict[str, str]:
+    """``{module name: loaded module name}`` for names the file lacks whose tensor *is* one the file fills: a
+    module that ties them (an LM head and its embedding) gets them with it, as transformers' loaders do."""
+    loaded = {id(targets[n]): n for n in match.values()}
+    return {k: loaded[id(t)] for k, t in targets.items() if k not in loaded.values() and id(t) in loaded}
+
+
+def _tie_hint(targets: dict, entries: Sequence[Entry], match: dict[str, str], missing: list[str]) -> str:
+    """A missing tensor shaped like one the file has is usually a tied weight stored once (an LM head)."""
+    shapes = {tuple(e.shape): match[e.name] for e in entries if e.name in match and hasattr(e, "shape")}
+    for k in missing:
+        twin = shapes.get(tuple(targets[k].shape))
+        if twin is not None and targets[k].dim() >= 2:
+            return (f" ({k!r} has the shape of {twin!r}, which the file has: if the model ties them, tie them "
+                    "before loading, e.g. transformers' model.tie_weights() or tie_word_embeddings=True in its "
+                    "config; strict=False loads the rest)")
+    return ""

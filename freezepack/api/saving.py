@@ -263,6 +263,24 @@ def _prove(tmp_path: str, target, progress: Progress | None = None) -> None:
                           path=target, tensor=first["name"])
 
 
+def _refuse_nonfinite(record: FreezeRecord, obj, path) -> None:
+    """Trained numbers that are NaN or infinite are a diverged run, not a model: refuse to publish one silently.
+    Checked: the trained values of frozen tensors, and the whole tensors that are a module's parameters (buffers
+    such as attention masks may hold -inf by design)."""
+    trained = {n: ft.values for n, ft in record.frozen.items()}
+    if isinstance(obj, torch.nn.Module):
+        from ..method.freezenet import unwrap
+
+        params = {n.replace("parametrizations.", "").removesuffix(".original")
+                  for n, _ in unwrap(obj).named_parameters(remove_duplicate=False)}
+        trained.update({n: t for n, t in record.whole.items() if n in params})
+    for name, t in trained.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise MethodError(f"{bad} trained value(s) are NaN or infinite (a diverged run?): not saved; pass "
+                              "allow_nonfinite=True to store them anyway", path=path, tensor=name)
+
+
 def _lossy_dense(model: torch.nn.Module, record: FreezeRecord, truth: dict, values: str):
     """A dense model's trained values are its weights: quantize the ones a FreezeNet would freeze (Linear, Conv,
     Embedding, ... weights); biases and norms stay exact, as a FreezeNet's do. The model itself is not changed."""
@@ -283,7 +301,7 @@ def _lossy_dense(model: torch.nn.Module, record: FreezeRecord, truth: dict, valu
 
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
          metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None,
-         progress: Progress | None = None) -> None:
+         progress: Progress | None = None, allow_nonfinite: bool = False) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
 
     ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
@@ -295,9 +313,12 @@ def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
     ``"uniform:K"``; see :mod:`freezepack.method.quantize`), default lossless. The model in memory is not changed;
     the file holds (and is proven against) the model with quantized values, and records the coding. A dense
     model's (one with no frozen tensor) trained values are the weights a FreezeNet would freeze: those are coded.
+    NaN or infinite trained values are refused (a :class:`MethodError`) unless ``allow_nonfinite``.
     ``progress(done, total)``: called as each tensor is coded, then as each is proven (total = twice the tensors).
     """
     record, order, truth = _record_of(record_or_module)
+    if not allow_nonfinite:
+        _refuse_nonfinite(record, record_or_module, os.fspath(path))
     if values is not None and not record.frozen and isinstance(record_or_module, torch.nn.Module):
         record, truth = _lossy_dense(record_or_module, record, truth, values)
     steps = len(order)

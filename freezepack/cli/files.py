@@ -130,23 +130,32 @@ def unpack_cmd(src, dst, device, parents, progress):
     from safetensors.torch import save
 
     from .. import api
+    from ..checkpoint import SHARED_KEY
     from ..format.io import atomic_write
 
     _check_text("DST", dst)
     if device is not None and device.split(":")[0] == "meta":
         raise click.BadParameter("the meta device holds no values to write; use cpu or a GPU", param_hint="--device")
     bar = ProgressBar("unpacking", progress)
-    with api.open(src, device) as f:
-        tensors = {}
+    with api.open(src, device=device) as f:
+        tensors, shared = {}, {}
         try:
             for i, name in enumerate(f.keys()):
-                tensors[name] = f.get_tensor(name).cpu().contiguous()
+                e = f.entry(name)
+                if e.kind == "alias":  # tied: stored once, as safetensors.torch.save_model stores shared tensors
+                    shared[name] = e.of
+                else:
+                    tensors[name] = f.get_tensor(name).cpu().contiguous()
                 bar(i + 1, len(f.keys()))
         finally:
             bar.close()
         meta = f.metadata()
+    if shared:  # say which names share, for readers that re-tie (transformers does from its config)
+        meta[SHARED_KEY] = json.dumps(shared, sort_keys=True)
     atomic_write(dst, [save(tensors, metadata=meta or None)], make_parents=parents)
     click.echo(f"{dst}: {len(tensors)} tensors written")
+    for name, of in shared.items():
+        click.echo(f"  {name} shares {of} (stored once under {of!r})")
 
 
 def _check_text(what: str, value: str) -> None:
@@ -189,12 +198,16 @@ def _fpk_seed(src) -> int:
               help="User metadata to store (added to the source's own metadata, which is kept). Repeatable.")
 @click.option("--values", "values", default="f32", show_default=True, metavar="CODING",
               help="Trained values: f32 (lossless) or, lossy and opt-in, bf16, f16, int8, kmeans:K, uniform:K.")
+@click.option("--lossy-whole", is_flag=True,
+              help="With --values: also code mostly trained and whole float tensors (>= 2 dims) lossily.")
+@click.option("--key", default=None, metavar="NAME",
+              help="The state dict's entry in a nested .pt checkpoint (dotted: model.ema); found when unique.")
 @click.option("--parents", is_flag=True, help="Create DST's missing parent directories (else that is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-tensor lines and no summary; warnings still go to stderr.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @one_line_errors
-def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, quiet, progress):
+def convert_cmd(src, dst, seed, init, init_for, meta, values, lossy_whole, key, parents, as_json, quiet, progress):
     """Pack a dense checkpoint into an exact .fpk, each tensor in its cheapest exact form.
 
     \b
@@ -236,7 +249,7 @@ def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, 
 
     try:
         report = convert_checkpoint(src, dst, seed, init, inits, metadata, progress=bar, make_parents=parents,
-                                    values=values)
+                                    values=values, key=key, lossy_whole=lossy_whole)
     finally:
         bar.close()
     for hint in report["hints"]:
@@ -247,15 +260,22 @@ def convert_cmd(src, dst, seed, init, init_for, meta, values, parents, as_json, 
     if quiet:
         return
     for t in report["tensors"]:
+        if t["stored_as"] == "alias":
+            click.echo(f"  {t['name']}: tied to {t['of']}, stored once")
+            continue
         extra = f" q={t['q']:.4f} ({t['init']})" if t["stored_as"] != "whole" else ""
         if "frozen_scale" in t:
             extra += f" x frozen_scale {t['frozen_scale']:.6g}"
+        if "values" in t:  # --values: how this tensor's numbers are coded
+            extra += f"; values {t['values']}" + (f" ({t['why']})" if "why" in t else "")
         click.echo(f"  {t['name']}: {t['stored_as']}, {t['trainable']} of {t['numel']} stored{extra}")
     factor = report["compression_factor"]
     size = (f"{factor:.1f}x smaller" if factor >= 1.05 else
             f"{1 / factor:.2f}x larger" if factor < 1 else "about the same size")
+    coded = sum(t.get("values") == report.get("values") for t in report["tensors"])
     proof = "verified bit-exact" if report.get("values") is None else \
-        f"trained values quantized ({report['values']}, lossy), verified bit-exact against the quantized checkpoint"
+        f"values of {coded} of {len(report['tensors'])} tensors quantized ({report['values']}, lossy), verified " \
+        "bit-exact against the quantized checkpoint"
     click.echo(f"{dst}: {_human(report['file_bytes'])} from {_human(report['dense_bytes'])} dense "
                f"({size}), {proof}")
 

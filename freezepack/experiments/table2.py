@@ -197,7 +197,7 @@ def table3_counts(out_dir: Path, qs=TABLE3_QS, seed: int = 0) -> list[dict]:
     x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
     rows = []
     for q in qs:
-        model = make_freezenet(make_model("vgg16"), (x, y), q, seed, "snip")
+        model = make_freezenet(make_model("vgg16"), (x, y), q, seed, "snip", biases="zeros")
         path = Path(out_dir) / f"vgg16_freezenet_q{q}.fpk"
         api.save(path, model, metadata={"method": "freezenet", "q": repr(q), "data": "random"})
         f = file_facts(path, check=False)

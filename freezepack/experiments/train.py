@@ -268,7 +268,7 @@ def build(model_name: str, method: str, q: float, seed: int, batch: tuple[torch.
     mask_method = {"freezenet": "snip", "freezenet-wd": "snip", "random": "random", "snip": "snip",
                    "grasp": "grasp"}[method]
     return make_freezenet(model, (x, y), q, seed, mask_method, init, init_params, reinit=reinit,
-                          prune=method in ("snip", "grasp"))
+                          prune=method in ("snip", "grasp"), biases="zeros")
 
 
 @dataclass(frozen=True)

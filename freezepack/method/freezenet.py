@@ -15,6 +15,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import types
+import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -195,10 +197,24 @@ def _resolve_init(init, name: str, shape, init_params: dict | None) -> InitSpec:
     return make_init(init, shape, **(init_params or {}))
 
 
+def model_init(model: nn.Module) -> tuple[str, dict]:
+    """The model's own initializer where the spec has it: ``("normal", {"mean": 0, "std": s})`` for a model whose
+    ``config`` names its std (transformers' ``initializer_range``, or ``init_std``). Special cases a model's own
+    init code adds per layer (GPT-2 scales its residual projections by 1/sqrt(2 n_layer), zero padding rows) are
+    not part of it: one distribution per model."""
+    config = getattr(unwrap(model), "config", None)
+    for key in ("initializer_range", "init_std"):
+        std = getattr(config, key, None)
+        if isinstance(std, (int, float)) and not isinstance(std, bool) and std > 0:
+            return "normal", {"mean": 0.0, "std": float(std)}
+    raise UsageError(f"init='model': {type(unwrap(model)).__name__} has no config.initializer_range (or init_std) "
+                     "to take the std from; pass init='normal', init_params={'std': ...} instead")
+
+
 def init_weights(model: nn.Module, seed: int, init="xavier_normal", init_params: dict | None = None,
-                 names=None, *, select=None) -> nn.Module:
-    """Set the selected weights from freezepack's generator (stream = their name) and their layers' biases to
-    zero (no torch RNG involved). Tied weights are set once."""
+                 names=None, *, select=None, zero_biases: bool = True) -> nn.Module:
+    """Set the selected weights from freezepack's generator (stream = their name) and, with ``zero_biases``,
+    their layers' biases to zero (no torch RNG involved: the paper's experiments). Tied weights are set once."""
     weights = prunable_weights(model, select)
     for name in names if names is not None else list(weights):
         if name not in weights:
@@ -211,7 +227,7 @@ def init_weights(model: nn.Module, seed: int, init="xavier_normal", init_params:
                 generate(spec, w.shape, seed, name, out=w.detach())  # straight into the weight's storage
             else:
                 w.copy_(generate(spec, w.shape, seed, name, device=w.device))  # rounds to w's dtype (RNE)
-            bias = getattr(module, "bias", None) if attr == "weight" else None
+            bias = getattr(module, "bias", None) if attr == "weight" and zero_biases else None
             if isinstance(bias, torch.Tensor) and bias is not w:
                 bias.zero_()
     return model
@@ -268,30 +284,71 @@ def freeze(model: nn.Module, masks: dict[str, torch.Tensor], seed: int, init="xa
             amod.parametrizations[aattr].original = values
     if progress is not None and masks:
         progress(len(masks), len(masks))
+    guard_save_pretrained(model)
     return model
+
+
+def save_pretrained_dense(model: nn.Module, save_directory, *args, **kwargs):
+    """transformers' ``save_pretrained`` for a FreezeNet: the dense model (frozen tensors made whole, plain names,
+    a tied tensor one object under its names so transformers stores it once), which transformers'
+    ``from_pretrained`` loads bit-exactly as a plain model. For the small file: ``freezepack.hf.save_pretrained``.
+    """
+    target = unwrap(model)
+    if frozen_parametrizations(target) and kwargs.get("state_dict") is None:
+        state = dense_state_dict(target)
+        for alias, first in _tied_names(target).items():
+            if alias in state and first in state:
+                state[alias] = state[first]
+        kwargs["state_dict"] = state
+        warnings.warn(f"{type(target).__name__} is a FreezeNet: save_pretrained writes the dense model; "
+                      "freezepack.hf.save_pretrained(model, dir) writes it as seed + mask + trained values "
+                      "(load with freezepack.hf.from_pretrained)", UserWarning, stacklevel=3)
+    cls: Any = type(target)  # a transformers PreTrainedModel (not imported here)
+    return cls.save_pretrained(target, save_directory, *args, **kwargs)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """A frozen transformers model's own ``save_pretrained`` would write parametrization keys that its
+    ``from_pretrained`` silently re-initialises: give each such (sub)model one that writes the dense model.
+    Found by duck typing (a ``save_pretrained`` method and a ``config``), so transformers is not imported."""
+    for m in model.modules():
+        if callable(getattr(type(m), "save_pretrained", None)) and hasattr(m, "config") \
+                and "save_pretrained" not in vars(m) and frozen_parametrizations(m):
+            cast(Any, m).save_pretrained = types.MethodType(save_pretrained_dense, m)
 
 
 def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "snip", init="xavier_normal",
                    init_params: dict | None = None, *, reinit: str | None = None, reinit_params: dict | None = None,
                    prune: bool = False, one_per_layer: bool = True, select=None, loss_fn=None,
-                   progress=None) -> nn.Module:
+                   biases: str = "keep", progress=None) -> nn.Module:
     """The paper's Algorithm 1 on a plain model, in place: init, score one batch, threshold, freeze.
 
-    ``method`` picks the scores (``snip``, ``grasp``, ``random``). ``select`` picks the tensors to freeze (default:
-    the weights of Linear, Conv*/ConvTranspose*, Embedding, Bilinear and MultiheadAttention's input projections;
-    or names / globs / ``re:`` patterns / ``f(name, tensor) -> bool``). ``loss_fn(model, batch) -> scalar`` scores
-    any model (default: cross-entropy of ``model(batch[0])`` against ``batch[1]``). ``init``: an initializer name
-    or ``{glob: name}``. ``reinit`` re-initialises all weights with another initializer after the mask is chosen
-    (paper sect. 4.5). ``prune=True`` makes the frozen part zero: SNIP/GraSP pruning as a baseline.
+    ``method`` picks the scores (``snip``, ``grasp``, ``random``); scoring runs with dropout off, so the mask is a
+    function of (model, batch, seed). ``select`` picks the tensors to freeze (default: the weights of Linear,
+    Conv*/ConvTranspose*, Embedding, Bilinear, MultiheadAttention's input projections and any other layer that
+    multiplies by a matrix ``weight``, such as transformers' Conv1D; or names / globs / ``re:`` patterns /
+    ``f(name, tensor) -> bool``). ``loss_fn(model, batch) -> scalar`` scores any model (default: cross-entropy of
+    ``model(batch[0])`` against ``batch[1]``). ``init``: an initializer name, ``{glob: name}``, or ``"model"``: the
+    model's own distribution where the spec has it (normal with ``config.initializer_range``; :func:`model_init`).
+    ``biases``: ``"keep"`` leaves every trainable parameter as the model has it; ``"zeros"`` zeroes the frozen
+    layers' biases (the paper's setup). ``reinit`` re-initialises all weights with another initializer after the
+    mask is chosen (paper sect. 4.5). ``prune=True`` makes the frozen part zero: SNIP/GraSP pruning as a baseline.
+    Warns (:class:`FrozenShareWarning`) when the frozen share of all parameters is far below ``q``.
     ``progress(done, total)``: called after initialising, scoring and thresholding, then per frozen tensor.
     """
     if method not in METHODS:
         raise UsageError(f"unknown mask method {method!r} (known: {', '.join(METHODS)})")
+    if biases not in ("keep", "zeros"):
+        raise UsageError(f"biases must be 'keep' or 'zeros', got {biases!r}")
     target = unwrap(model)
     if frozen_parametrizations(target):
         raise MethodError(f"{type(target).__name__} is already a FreezeNet; make_freezenet takes a plain model "
                           "(to continue training from a file use freezepack.load_freezenet)")
-    init_weights(target, seed, init, init_params, select=select)
+    if init == "model":
+        init, init_params = model_init(target)
+    if reinit == "model":
+        reinit, reinit_params = model_init(target)
+    init_weights(target, seed, init, init_params, select=select, zero_biases=biases == "zeros")
     total = 3 + len(prunable_weights(target, select))
     step = (lambda done: None) if progress is None else (lambda done: progress(done, total))
     step(1)
@@ -309,7 +366,28 @@ def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "
     freeze(target, masks, seed, reinit or init, reinit_params if reinit else init_params,
            frozen_init="zeros" if prune else None, progress=lambda done, _: step(3 + done),
            _weights_hold_init=reinit is None)  # init_weights set exactly these values; scoring only read them
+    _warn_if_share_far(target, q)
     return model
+
+
+class FrozenShareWarning(UserWarning):
+    """make_freezenet froze much less of the model than q asked (its large tensors are outside the frozen set)."""
+
+
+def _warn_if_share_far(model: nn.Module, q: float) -> None:
+    """q counts the selected weights; what a user sees (file size, optimizer memory) is the share of all
+    parameters. Biases and norms make the two differ a little; a whole large tensor left out makes them differ a
+    lot, and then the user should hear which tensors those are."""
+    total = parameter_count(model)
+    trainable = trainable_count(model)
+    if total == 0 or trainable <= 2 * (1 - q) * total + 0.01 * total:
+        return
+    left = sorted(((p.numel(), n) for n, p in model.named_parameters()
+                   if ".parametrizations." not in "." + n and p.requires_grad), reverse=True)[:3]
+    names = ", ".join(f"{n} ({k})" for k, n in left)
+    warnings.warn(f"q={q} froze {1 - trainable / total:.1%} of {type(model).__name__}'s {total} parameters: "
+                  f"{trainable} stay trainable, the largest of them whole tensors outside the frozen set ({names}); "
+                  "pass select= to freeze them too", FrozenShareWarning, stacklevel=3)
 
 
 def _strip(name: str, model: nn.Module, target: nn.Module) -> str:

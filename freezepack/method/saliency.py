@@ -11,6 +11,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from fractions import Fraction
 from typing import Any
 
@@ -25,7 +26,9 @@ from ..format.init import generate, make_init
 from .topk import Generated, top_k_masks
 
 # Layers whose weight is frozen by default: every dense linear map of an ordinary model. Norms and biases stay
-# trainable (they are few and the paper trains them); anything else is reachable with ``select``.
+# trainable (they are few and the paper trains them); anything else is reachable with ``select``. Layers of other
+# libraries that keep a matrix ``weight`` and use it as a linear map (transformers' ``Conv1D``: a Linear with the
+# weight transposed) are found by that shape, not by their class, so no optional library is imported here.
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.Embedding, nn.EmbeddingBag, nn.Bilinear)
 # nn.MultiheadAttention keeps its input projections as raw parameters (out_proj is an nn.Linear).
@@ -43,7 +46,16 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
 def _default_selected(module: nn.Module, attr: str) -> bool:
     if isinstance(module, PRUNABLE_TYPES):
         return attr == "weight"
-    return isinstance(module, nn.MultiheadAttention) and attr in _MHA_WEIGHTS
+    if isinstance(module, nn.MultiheadAttention):
+        return attr in _MHA_WEIGHTS
+    return attr == "weight" and is_matrix_layer(module)
+
+
+def is_matrix_layer(module: nn.Module) -> bool:
+    """A layer outside torch's own types whose ``weight`` is a matrix it multiplies by (Conv1D and look-alikes):
+    a ``weight`` of >= 2 dimensions and no submodules (a container's weight would be something else)."""
+    w = module._parameters.get("weight")
+    return isinstance(w, torch.Tensor) and w.dim() >= 2 and not module._modules
 
 
 def _selector(select) -> Callable[[str, nn.Module, str], bool]:
@@ -131,6 +143,23 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
+@contextmanager
+def scoring_mode(model: nn.Module):
+    """Score deterministically: dropout (and everything else a module does only in training: stochastic depth,
+    attention dropout inside transformers' layers) is off, by putting every module but batch norm in eval mode;
+    batch norm keeps its mode (batch statistics are part of the loss the paper scores). Each module's own mode is
+    restored afterwards, so a model built in train mode stays in train mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in modes:
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.training = False
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _grad(what: str, outputs, inputs, **kw):
     try:
         return torch.autograd.grad(outputs, inputs, allow_unused=True, **kw)
@@ -142,14 +171,17 @@ def snip_scores(model: nn.Module, inputs, targets=None, *, loss_fn: LossFn | Non
                 select=None) -> dict[str, torch.Tensor]:
     """SNIP saliency (paper eq. 1): |dL/dW * W| of the current weights on one batch, normalised to sum 1.
 
+    Deterministic: dropout is off while scoring (:func:`scoring_mode`), so (model, batch, seed) gives one mask.
+
     ``inputs`` is the batch (with ``targets`` the paper's ``(inputs, labels)``); ``loss_fn(model, batch)`` makes
     any model scoreable (language models, dict batches, tuple outputs).
     """
     batch = inputs if targets is None else (inputs, targets)
     weights = _weights_for_scoring(model, select)
-    loss = _loss(model, batch, loss_fn, "SNIP scoring")
-    grads = list(_grad("SNIP scoring", loss, list(weights.values())))
-    del loss
+    with scoring_mode(model):
+        loss = _loss(model, batch, loss_fn, "SNIP scoring")
+        grads = list(_grad("SNIP scoring", loss, list(weights.values())))
+        del loss
     scores = {}
     for i, (n, w) in enumerate(weights.items()):  # each gradient becomes its score in place: no second copy
         g, grads[i] = grads[i], None
@@ -175,12 +207,13 @@ def grasp_scores(model: nn.Module, inputs, targets=None, temperature: float = 20
     if loss_fn is None:  # the official code divides the logits by the temperature
         def loss_fn(m, b):
             return F.cross_entropy(m(b[0]) / temperature, b[1])
-    loss = _loss(model, batch, loss_fn, "GraSP scoring")
-    grads = _grad("GraSP scoring", loss, params, create_graph=True)
-    z = sum((g * g.detach()).sum() for g in grads if g is not None)
-    if not isinstance(z, torch.Tensor) or not z.requires_grad:
-        return {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-    hg = _grad("GraSP scoring", z, params)
+    with scoring_mode(model):
+        loss = _loss(model, batch, loss_fn, "GraSP scoring")
+        grads = _grad("GraSP scoring", loss, params, create_graph=True)
+        z = sum((g * g.detach()).sum() for g in grads if g is not None)
+        if not isinstance(z, torch.Tensor) or not z.requires_grad:
+            return {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+        hg = _grad("GraSP scoring", z, params)
     return {n: (w * h).detach() if h is not None else torch.zeros_like(w)
             for (n, w), h in zip(weights.items(), hg)}
 

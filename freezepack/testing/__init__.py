@@ -100,3 +100,44 @@ def with_inner_text(data: bytes, inner_text: str) -> bytes:
     head = canonical_json(outer).encode()
     head += b" " * (-(8 + len(head)) % 8)
     return struct.pack("<Q", len(head)) + head + body
+
+
+# ----------------------------------------------------------------------------------- tiny transformers models
+HF_KINDS = ("gpt2", "bert", "llama")
+
+
+def tiny_hf_model(kind: str, *, tied: bool = True, vocab: int = 100, seed: int = 0):
+    """A tiny transformers model built from a config (2 layers, d = 32; nothing downloaded), in train mode as
+    transformers builds it: GPT-2 (Conv1D layers, tied head), BERT (masked LM, tied decoder), Llama (untied
+    unless ``tied``). transformers is imported here, not at module import."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        gpt2 = tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64, bos_token_id=0,
+                             eos_token_id=0, tie_word_embeddings=tied)
+        return tf.GPT2LMHeadModel(gpt2)
+    if kind == "bert":
+        bert = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                             vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied)
+        return tf.BertForMaskedLM(bert)
+    if kind == "llama":
+        llama = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                               intermediate_size=64, vocab_size=vocab, max_position_embeddings=64, bos_token_id=0,
+                               eos_token_id=0, pad_token_id=0, tie_word_embeddings=tied)
+        return tf.LlamaForCausalLM(llama)
+    raise ValueError(f"unknown tiny model kind {kind!r} (known: {', '.join(HF_KINDS)})")
+
+
+def hf_tokens(vocab: int = 100, batch: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own loss on ``ids`` (next-token for causal LMs, reconstruction for a masked LM): a loss_fn."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
