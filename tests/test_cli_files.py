@@ -298,3 +298,12 @@ def test_inspect_escapes_terminal_control_in_names_and_metadata(tmp_path, versio
     assert "metadata plain = caf\u00e9 \\\\ ok" in r.output  # printable non-ASCII stays; a backslash is doubled
     info = json.loads(run("inspect", "--json", p).output)
     assert evil in {t["name"] for t in info["tensors"]}  # --json keeps the exact text (JSON-escaped)
+
+
+@pytest.mark.parametrize("args", [["inspect", "a\0b"], ["verify", "\0"], ["unpack", "x.fpk", "o\0.safetensors"],
+                                  ["fleet", "install", "repo", "net", "--dir", "dev", "--root", "\0"]])
+def test_a_nul_byte_in_a_path_is_a_usage_error_not_a_crash(args):
+    # os.stat raises a foreign ValueError ('embedded null byte') from inside click's own exists= check
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (r.output, repr(r.exception))
+    assert "NUL byte" in r.output

@@ -6,6 +6,7 @@ Exit statuses: 0 = done, 1 = the input was refused (bad file, failed verify, ref
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,6 +31,16 @@ def printable(text: object) -> str:
             o = ord(c)
             out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
     return "".join(out)
+
+
+class FilePath(click.Path):
+    """click.Path that refuses a NUL byte before touching the file system: os.stat would raise a foreign
+    ValueError ("embedded null byte") from inside click's own check."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (str, os.PathLike)) and "\0" in str(os.fspath(value)):
+            self.fail(f"{value!r} holds a NUL byte, which no path can contain", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def one_line_errors(fn):

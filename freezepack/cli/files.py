@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .common import ProgressBar, one_line_errors, parse_pairs, printable
+from .common import FilePath, ProgressBar, one_line_errors, parse_pairs, printable
 
 
 def _human(n: float) -> str:
@@ -22,7 +22,7 @@ def _human(n: float) -> str:
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=FilePath())
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON (for scripts).")
 @one_line_errors
 def inspect_cmd(path, as_json):
@@ -74,7 +74,7 @@ def inspect_cmd(path, as_json):
 
 
 @click.command("verify")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=FilePath())
 @click.option("--device", default=None, help="Regenerate on this torch device (e.g. cuda) instead of the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
@@ -111,8 +111,8 @@ def verify_cmd(path, device, as_json, progress):
 
 
 @click.command("unpack")
-@click.argument("src", type=click.Path())
-@click.argument("dst", type=click.Path())
+@click.argument("src", type=FilePath())
+@click.argument("dst", type=FilePath())
 @click.option("--device", default=None, help="Regenerate on this torch device (the output is written from the CPU).")
 @click.option("--parents", is_flag=True, help="Create DST's missing parent directories (else that is an error).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
@@ -186,8 +186,8 @@ def _fpk_seed(src) -> int:
 
 
 @click.command("convert")
-@click.argument("src", type=click.Path())
-@click.argument("dst", type=click.Path())
+@click.argument("src", type=FilePath())
+@click.argument("dst", type=FilePath())
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
               help="The seed the model was initialized with (required unless SRC is a .fpk: then its seed).")
 @click.option("--init", "init", default="xavier_normal", show_default=True,

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import click
 
-from .common import ProgressBar, one_line_errors, parse_pairs
+from .common import FilePath, ProgressBar, one_line_errors, parse_pairs
 
 _ROLES = ("root", "targets", "snapshot", "timestamp")
 
@@ -30,13 +30,13 @@ def _expiry(pairs):
 
 
 repo_arg = click.argument("repo", metavar="REPO")
-keys_opt = click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False),
+keys_opt = click.option("--keys", "keys_dir", required=True, type=FilePath(file_okay=False),
                         help="Directory of private keys (created by 'fleet init').")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print a JSON result for scripts.")
 expires_opt = click.option("--expires", "expires", multiple=True, metavar="ROLE=DAYS",
                            help="Validity of a role's new metadata, e.g. timestamp=1 (defaults: root 365, "
                                 "targets 90, snapshot 7, timestamp 1). Repeatable.")
-device_opt = click.option("--dir", "device_dir", required=True, type=click.Path(file_okay=False),
+device_opt = click.option("--dir", "device_dir", required=True, type=FilePath(file_okay=False),
                           help="The device's model directory (holds NAME.fpk, NAME.prev.fpk and .fleet/).")
 
 
@@ -62,7 +62,7 @@ def fleet():
 @fleet.command()
 @repo_arg
 @keys_opt
-@click.option("--root-out", type=click.Path(dir_okay=False), required=True,
+@click.option("--root-out", type=FilePath(dir_okay=False), required=True,
               help="Write the trusted root file here; copy it to every device (--root).")
 @click.option("--threshold", multiple=True, metavar="ROLE=N",
               help="Signatures required for a role (default 1 each); N keys are created. Repeatable.")
@@ -85,7 +85,7 @@ def init(repo, keys_dir, root_out, threshold, expires, as_json):
 
 @fleet.command()
 @repo_arg
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", type=FilePath(exists=True, dir_okay=False))
 @click.option("--name", required=True, help="Model name on the fleet (a-z 0-9 . _ -).")
 @keys_opt
 @click.option("--release", type=int, default=None, help="Release number (default: latest + 1).")
@@ -248,7 +248,7 @@ def _device_command(download_only):
     @click.argument("repo", metavar="REPO")
     @click.argument("name")
     @device_opt
-    @click.option("--root", "root_file", type=click.Path(exists=True, dir_okay=False),
+    @click.option("--root", "root_file", type=FilePath(exists=True, dir_okay=False),
                   help="Trusted root file from the operator; needed on first use, then kept in --dir.")
     @click.option("--allow-downgrade", is_flag=True,
                   help="Accept a signed release older than the installed one.")

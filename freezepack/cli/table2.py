@@ -5,15 +5,15 @@ from pathlib import Path
 
 import click
 
-from .common import one_line_errors
+from .common import FilePath, one_line_errors
 
 
 @click.command("table2")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/table2"),
+@click.option("--out", "out_dir", type=FilePath(file_okay=False, path_type=Path), default=Path("runs/table2"),
               show_default=True, help="Folder for the trained .fpk files, table2.json and plots.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--report", type=FilePath(dir_okay=False, path_type=Path), default=None,
               help="Also write the Markdown report here (e.g. docs/RESULTS.md).")
-@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--data", type=FilePath(exists=True, file_okay=False), default=None,
               help="IDX directory with the four MNIST files (default: the shipped 8,000/2,000 subset).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds (mean ± std over them).")
 @click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
@@ -22,7 +22,7 @@ from .common import one_line_errors
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Beside each FreezeNet, train the narrow dense LeNet-5 with at most its trainable numbers "
                    "(same recipe and seeds; freezepack train --method narrow).")
-@click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--from-json", "from_json", type=FilePath(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Re-render the report (and plots) from a previous run's table2.json instead of training.")
 @one_line_errors
 def table2(out_dir, report, data, seeds, epochs, quick, figure, baseline, from_json):

@@ -7,7 +7,7 @@ import json
 import click
 
 from ..format.init import INITIALIZERS
-from .common import one_line_errors
+from .common import FilePath, one_line_errors
 
 
 @click.command("train")
@@ -28,9 +28,9 @@ from .common import one_line_errors
               help="Freezing rate: the share of weights kept frozen (biases and BatchNorm always train).")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
               help="Generator seed: the frozen weights, the split and the data order all follow from it.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--data", "data_dir", type=FilePath(file_okay=False), default=None,
               help="Folder with the four MNIST IDX .gz files  [default: the shipped 10k subset]")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("--out", type=FilePath(dir_okay=False, writable=True), default=None,
               help="Save the trained network here as .fpk (regenerated bit-exactly on load).")
 @click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
 @click.option("--init", type=click.Choice(INITIALIZERS), default="xavier_normal", show_default=True,
