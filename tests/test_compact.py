@@ -15,7 +15,7 @@ from safetensors import safe_open
 import freezepack
 from freezepack import api
 from freezepack.api import encode_record
-from freezepack.errors import FormatError, FreezepackError, IntegrityError
+from freezepack.errors import FormatError, FreezepackError
 from freezepack.format import entropy, maskcode, model
 from freezepack.format import io as fpio
 from freezepack.format.base import mask_indices
@@ -317,8 +317,7 @@ def test_flip_sampled_bytes_of_a_v2_file(tmp_path, v2file):
         bad = bytearray(data)
         bad[i] ^= 0xFF
         assert _outcome(tmp_path / "x.fpk", bytes(bad), want) == "rejected", i
-    assert _outcome(tmp_path / "x.fpk", data[:-1], want) == "rejected"
-    assert _outcome(tmp_path / "x.fpk", data + b"\0", want) == "rejected"
+    # cut and padded files, and a corrupted body: test_container.py, for both versions
 
 
 def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):
@@ -357,16 +356,6 @@ def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):
 
 def test_fuzzed_resigned_v2_bodies_never_escape_as_other_errors(tmp_path, v2file):
     fuzz_resigned(tmp_path, v2file[0], seed=7)
-
-
-def test_corrupted_v2_body_is_an_integrity_error(tmp_path, v2file):
-    data, _ = v2file
-    bad = bytearray(data)
-    bad[-5] ^= 4
-    p = tmp_path / "c.fpk"
-    p.write_bytes(bytes(bad))
-    with pytest.raises(IntegrityError, match="SHA-256"):
-        freezepack.load(p)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -93,15 +93,23 @@ def test_paths_that_are_not_files(tmp_path):
         freezepack.load(tmp_path / "empty.fpk")
 
 
-def test_truncated_and_extended_files(fpk):
+# what a padded file is told: v1 finds its data section too long, v2's outer header no longer matches its length
+PADDED = {1: "truncated or padded", 2: "not the one its length implies"}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_truncated_and_extended_files(tmp_path, version):
+    fpk = tmp_path / "m.fpk"
+    freezepack.save(fpk, small_record(), {"task": "test"}, version=version)
     data = fpk.read_bytes()
     for cut in (4, 8, 100, len(data) // 2, len(data) - 1):
         fpk.write_bytes(data[:cut])
         with pytest.raises(FormatError):
             freezepack.load(fpk)
-    fpk.write_bytes(data + b"\0" * 8)
-    with pytest.raises(FormatError, match="truncated or padded"):
-        freezepack.load(fpk)
+    for pad in (1, 8):
+        fpk.write_bytes(data + b"\0" * pad)
+        with pytest.raises(FormatError, match=PADDED[version]):
+            freezepack.load(fpk)
 
 
 def _lie(fpk, edit_inner=None, edit_outer=None):
@@ -162,13 +170,17 @@ def test_huge_declared_sizes_are_refused_before_allocating(fpk):
         freezepack.load(fpk, limits=model.Limits(max_tensor_elements=100))
 
 
-def test_corrupted_header_digest_and_data(fpk):
-    data = bytearray(fpk.read_bytes())
-    _, _, body = split_file(bytes(data))
-    data[-1] ^= 1  # last byte of the data section
-    fpk.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="corrupted"):
-        freezepack.load(fpk)
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_corrupted_data_byte_is_an_integrity_error(tmp_path, version):
+    fpk = tmp_path / "m.fpk"
+    freezepack.save(fpk, small_record(), {"task": "test"}, version=version)
+    data = fpk.read_bytes()
+    for pos, bit in ((-1, 1), (-5, 4)):  # in the data section (v1) / the digested body (v2)
+        bad = bytearray(data)
+        bad[pos] ^= bit
+        fpk.write_bytes(bytes(bad))
+        with pytest.raises(IntegrityError, match="corrupted.*SHA-256"):
+            freezepack.load(fpk)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
