@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import random
 import struct
 
 import numpy as np
@@ -289,35 +288,7 @@ def v2file(tmp_path_factory):
     return p.read_bytes(), want
 
 
-def _outcome(path, data, want):
-    path.write_bytes(data)
-    try:
-        got = freezepack.load(path)
-    except FreezepackError:
-        return "rejected"
-    return "harmless" if {k: bytes(api.tensor_bytes(v)) for k, v in got.items()} == want else "MISREAD"
-
-
-@pytest.mark.slow
-def test_flip_every_byte_of_a_v2_file(tmp_path, v2file):
-    data, want = v2file
-    rnd = random.Random(0)
-    outcomes = {}
-    for i in range(len(data)):
-        bad = bytearray(data)
-        bad[i] ^= 1 << rnd.randrange(8)
-        outcomes.setdefault(_outcome(tmp_path / "x.fpk", bytes(bad), want), []).append(i)
-    assert set(outcomes) == {"rejected"}, {k: v[:10] for k, v in outcomes.items()}
-
-
-def test_flip_sampled_bytes_of_a_v2_file(tmp_path, v2file):
-    data, want = v2file
-    rnd = random.Random(1)
-    for i in rnd.sample(range(len(data)), 60) + [0, 8, len(data) - 1]:
-        bad = bytearray(data)
-        bad[i] ^= 0xFF
-        assert _outcome(tmp_path / "x.fpk", bytes(bad), want) == "rejected", i
-    # cut and padded files, and a corrupted body: test_container.py, for both versions
+# the byte-flip sweeps, truncations and a corrupted body: tests/test_corruption.py and test_container.py, both versions
 
 
 def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):

@@ -23,10 +23,21 @@ from freezepack.testing import rewrite, small_record, split_file
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     p = tmp_path_factory.mktemp("c") / "m.fpk"
-    freezepack.save(p, small_record(), version=1)  # the v1 sweep (v2: test_compact.py)
+    freezepack.save(p, small_record(), version=1)  # edited as v1 JSON below
     data = p.read_bytes()
     want = {k: bytes(api.tensor_bytes(v)) for k, v in freezepack.load(p).items()}
     return data, want
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    """{version: (file bytes, dense tensor bytes)}: the same model in each file-format version."""
+    out = {}
+    for version in (1, 2):
+        p = tmp_path_factory.mktemp(f"v{version}") / "m.fpk"
+        freezepack.save(p, small_record(), version=version)
+        out[version] = p.read_bytes(), {k: bytes(api.tensor_bytes(v)) for k, v in freezepack.load(p).items()}
+    return out
 
 
 def _outcome(path, data: bytes, want: dict) -> str:
@@ -40,8 +51,9 @@ def _outcome(path, data: bytes, want: dict) -> str:
 
 
 @pytest.mark.slow
-def test_flip_every_byte(tmp_path, original):
-    data, want = original
+@pytest.mark.parametrize("version", [1, 2])
+def test_flip_every_byte(tmp_path, originals, version):
+    data, want = originals[version]
     assert len(data) < 9000  # keep the sweep exhaustive and quick
     p = tmp_path / "x.fpk"
     outcomes = {}
@@ -55,13 +67,19 @@ def test_flip_every_byte(tmp_path, original):
     assert set(outcomes) == {"rejected"}
 
 
-def test_flip_whole_bytes_sample(tmp_path, original):
-    data, want = original
+@pytest.mark.parametrize("version", [1, 2])
+def test_flip_whole_bytes_sample(tmp_path, originals, version):
+    data, want = originals[version]
     p = tmp_path / "x.fpk"
     rnd = random.Random(1)
     for i in rnd.sample(range(len(data)), 300):
         bad = bytearray(data)
         bad[i] ^= rnd.randrange(1, 256)
+        assert _outcome(p, bytes(bad), want) == "rejected", i
+    rnd = random.Random(1)
+    for i in rnd.sample(range(len(data)), 60) + [0, 8, len(data) - 1]:  # every bit of a byte, the edges included
+        bad = bytearray(data)
+        bad[i] ^= 0xFF
         assert _outcome(p, bytes(bad), want) == "rejected", i
 
 
