@@ -488,18 +488,29 @@ def _resign_data(data: bytes, key: str, new: bytes) -> bytes:
     return rewrite(data[:8 + n] + body, edit)
 
 
-def test_bool_bytes_must_be_0_or_1(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_bool_bytes_must_be_0_or_1(tmp_path, version):
     rec = record_for({"w": (4, 4)}, 0.5)
     rec.whole["flags"] = torch.tensor([True, False, True])
     p = tmp_path / "b.fpk"
-    freezepack.save(p, rec, version=1)  # edited as v1 (v2: test_v2_bool_bytes_must_be_0_or_1)
-    p.write_bytes(_resign_data(p.read_bytes(), "flags", b"\x01\x02\x01"))
+    if version == 1:  # the stored bytes edited and re-signed
+        freezepack.save(p, rec, version=1)
+        p.write_bytes(_resign_data(p.read_bytes(), "flags", b"\x01\x02\x01"))
+    else:  # a v2 file whose BOOL tensor is a 'raw' value block: the bytes as they are; with 0/1 bytes it loads
+        from freezepack.format.v2 import wire
+        from freezepack.testing.v2 import body_with_whole
+
+        raw = bytes([wire.VALUE_CODERS.index("raw")])
+        p.write_bytes(body_with_whole(raw, b"\x01\x00\x01", "BOOL", 3))
+        assert freezepack.load(p)["x"].tolist() == [True, False, True]
+        p.write_bytes(body_with_whole(raw, b"\x01\x02\x01", "BOOL", 3))
     with pytest.raises(FormatError, match="BOOL"):
         freezepack.load(p)
     # and the writer refuses to store such bytes in the first place
     rec.whole["flags"] = torch.tensor([1, 2, 1], dtype=torch.uint8).view(torch.bool)
     with pytest.raises(UsageError, match="BOOL"):
-        freezepack.save(tmp_path / "c.fpk", rec)
+        freezepack.save(tmp_path / "c.fpk", rec, version=version)
+    assert not (tmp_path / "c.fpk").exists()
 
 
 def test_header_cap_is_the_safetensors_cap():
