@@ -295,21 +295,7 @@ def test_hostile_v2_headers_are_format_errors(tmp_path, v2file):
     data, want = v2file
     rest = body_rest(data)
     p = tmp_path / "h.fpk"
-    o = wire.Out()
-    o.u8(0)
-    o.var(1)
-    o.str("x")
-    o.var(0)
-    o.var(1)
-    wire.name_out(o, b"", "w")
-    o.u8(0)        # whole
-    o.u8(3)        # F32
-    o.var(2)
-    o.var(1 << 40)  # a dimension over the element limit: refused before any allocation
-    o.var(1 << 40)
-    p.write_bytes(resigned(data, bytes(o.b)))
-    with pytest.raises(FormatError, match="limit"):
-        freezepack.load(p)
+    # a dimension over the element limit: test_container.py's huge declared sizes, for both versions
     for cut in (0, 1, 5, len(rest) // 2, len(rest) - 1):  # truncated (and re-digested) bodies
         p.write_bytes(resigned(data, rest[:cut]))
         with pytest.raises(FormatError):

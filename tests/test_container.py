@@ -154,13 +154,34 @@ def test_safetensors_entries_must_match_the_freezepack_header(fpk):
         freezepack.load(fpk)
 
 
-def test_huge_declared_sizes_are_refused_before_allocating(fpk):
+@pytest.mark.parametrize("version", [1, 2])
+def test_huge_declared_sizes_are_refused_before_allocating(tmp_path, version):
+    fpk = tmp_path / "m.fpk"
+    freezepack.save(fpk, small_record(), {"task": "test"}, version=version)
     data = fpk.read_bytes()
     fpk.write_bytes(struct.pack("<Q", 2**62) + data[8:])
     with pytest.raises(FormatError, match="header"):
         freezepack.load(fpk)
     fpk.write_bytes(data)
-    _lie(fpk, lambda h: _tensor(h, "fc2.weight").update(shape=[2**20, 2**20]))  # 4 TiB if it were allocated
+    if version == 1:
+        _lie(fpk, lambda h: _tensor(h, "fc2.weight").update(shape=[2**20, 2**20]))  # 4 TiB if it were allocated
+    else:  # a v2 header of one whole F32 tensor 'w' of shape [2**40, 2**40]
+        from freezepack.format.v2 import wire
+        from freezepack.testing.v2 import resigned
+
+        o = wire.Out()
+        o.u8(0)
+        o.var(1)
+        o.str("x")
+        o.var(0)
+        o.var(1)
+        wire.name_out(o, b"", "w")
+        o.u8(0)        # whole
+        o.u8(3)        # F32
+        o.var(2)
+        o.var(1 << 40)  # a dimension over the element limit
+        o.var(1 << 40)
+        fpk.write_bytes(resigned(data, bytes(o.b)))
     with pytest.raises(FormatError, match="limit"):
         freezepack.load(fpk)
     # explicit limits let a reader be stricter still
