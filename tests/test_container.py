@@ -167,20 +167,13 @@ def test_huge_declared_sizes_are_refused_before_allocating(tmp_path, version):
         _lie(fpk, lambda h: _tensor(h, "fc2.weight").update(shape=[2**20, 2**20]))  # 4 TiB if it were allocated
     else:  # a v2 header of one whole F32 tensor 'w' of shape [2**40, 2**40]
         from freezepack.format.v2 import wire
-        from freezepack.testing.v2 import resigned
+        from freezepack.testing.v2 import header_start, resigned
 
-        o = wire.Out()
-        o.u8(0)
-        o.var(1)
-        o.str("x")
-        o.var(0)
-        o.var(1)
+        o = header_start(1, producer="x")
         wire.name_out(o, b"", "w")
-        o.u8(0)        # whole
-        o.u8(3)        # F32
-        o.var(2)
-        o.var(1 << 40)  # a dimension over the element limit
-        o.var(1 << 40)
+        o.b += bytes([wire.KINDS.index("whole"), dtypes.DTYPES.index("F32")])
+        for d in (2, 1 << 40, 1 << 40):  # rank 2, each dimension over the element limit
+            o.var(d)
         fpk.write_bytes(resigned(data, bytes(o.b)))
     with pytest.raises(FormatError, match="limit"):
         freezepack.load(fpk)
