@@ -24,9 +24,10 @@ from that file), training seconds (one thread, this machine), multiply-adds per 
 context, 12d^2 + 2*64*d per layer + the 256-way head; ResNet: Conv/Linear by hooks). A FreezeNet computes with all
 its weights, so it costs what its full-width architecture costs.
 
-    .venv/bin/python tools/bench_baseline_lm.py --regimes lm --json runs/lm.json          # ~3 CPU-min
-    .venv/bin/python tools/bench_baseline_lm.py --regimes resnet --json runs/resnet.json  # ~6 CPU-min
-    .venv/bin/python tools/bench_baseline_lm.py --from-json runs/lm.json                  # re-render
+    .venv/bin/python tools/bench_baseline_lm.py --regimes lm --seeds 2 --json runs/lm.json          # ~11 CPU-min
+    .venv/bin/python tools/bench_baseline_lm.py --regimes resnet --seeds 2 --json runs/resnet.json  # ~9 CPU-min
+    .venv/bin/python tools/bench_baseline_lm.py --regimes lm --first-seed 2 --json runs/lm2.json    # one more seed
+    .venv/bin/python tools/bench_baseline_lm.py --from-json runs/lm.json runs/lm2.json              # re-render
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -313,6 +315,31 @@ def report(rows, settings) -> None:
                       f"{100 * km[1]:.2f} |")
 
 
+def summary(rows) -> None:
+    """Mean ± standard deviation over seeds, per regime, q and variant."""
+    print("\nMean ± sd over seeds (LM: held-out nats/byte, lower is better; ResNet: test accuracy %):\n")
+    print("| regime | q | variant | width | seeds | trainable numbers | score | f32 .fpk bytes | kmeans:4 bytes | "
+          "kmeans:4 score | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    groups: dict = {}
+    for r in rows:
+        if "infeasible" not in r:
+            groups.setdefault((r["regime"], r["q"], r["variant"]), []).append(r)
+
+    def pm(xs, scale):
+        xs = [scale * x for x in xs]
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return f"{statistics.fmean(xs):.4f} ± {sd:.4f}" if scale == 1 else f"{statistics.fmean(xs):.2f} ± {sd:.2f}"
+
+    for (regime, q, variant), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        scale = 1 if regime == "lm" else 100
+        print(f"| {regime} | {q:g} | {variant} | {rs[0]['width']} | {len(rs)} | {rs[0]['trainable']:,} | "
+              f"{pm([r['score'] for r in rs], scale)} | {statistics.fmean(r['files']['f32'][0] for r in rs):,.0f} | "
+              f"{statistics.fmean(r['files']['kmeans:4'][0] for r in rs):,.0f} | "
+              f"{pm([r['files']['kmeans:4'][1] for r in rs], scale)} | "
+              f"{statistics.fmean(r['seconds'] for r in rs):.0f} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regimes", nargs="+", default=["lm", "resnet"], choices=["lm", "resnet"])
@@ -337,6 +364,7 @@ def main(argv=None) -> None:
         settings = {**saved[0]["settings"], "seconds": None,
                     "seeds": sorted({r["seed"] for s in saved for r in s["rows"]})}
         report([r for s in saved for r in s["rows"]], settings)
+        summary([r for s in saved for r in s["rows"]])
         return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -374,6 +402,7 @@ def main(argv=None) -> None:
     settings["seconds"] = round(time.perf_counter() - t0)
     dump(args.json_out, settings, rows)
     report(rows, settings)
+    summary(rows)
 
 
 if __name__ == "__main__":
