@@ -17,6 +17,7 @@ from freezepack.errors import FormatError, FreezepackError, SpecError
 from freezepack.format.init import InitSpec, make_init
 from freezepack.format.record import FreezeRecord, FrozenTensor
 from freezepack.testing import rewrite
+from freezepack.testing.v2 import leb128 as _var
 
 
 def gap(raises):
@@ -26,15 +27,6 @@ def gap(raises):
 
 
 NOT_RAISED = pytest.fail.Exception  # pytest.raises(...) that saw nothing: "DID NOT RAISE"
-
-
-def _var(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
 
 
 def _v2(rest: bytes) -> bytes:

@@ -37,6 +37,7 @@ from freezepack import api
 from freezepack.format.init import generate_np, make_init
 from freezepack.format.record import FreezeRecord, FrozenTensor
 from freezepack.testing import rewrite
+from freezepack.testing.v2 import leb128 as _var
 
 BOM, PRIVATE, ASTRAL = "\ufeff", "\ue000", "\U0001f600"  # U+E000 < U+1F600, but UTF-16 units D83D < E000
 
@@ -186,15 +187,6 @@ def valid(version: int):
 
 
 # --- invalid files: v2 bodies assembled by hand from §12 (so the spec alone says how), v1 by re-signing ----------
-
-def _var(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
 
 def _str(s: str) -> bytes:
     raw = s.encode("utf-8")

@@ -295,7 +295,7 @@ def _lossy_dense(model: torch.nn.Module, record: FreezeRecord, truth: dict, valu
     for name in prunable_weights(unwrap(model)):
         if name in whole and whole[name].is_floating_point():
             whole[name] = quantize(whole[name], coding, name)[0]
-            dict.__setitem__(lazy, name, lambda t=whole[name]: t)
+            lazy[name] = lambda t=whole[name]: t  # _Lazy stores getters; reading calls them
     return dataclasses.replace(record, whole=whole), lazy
 
 

@@ -54,17 +54,6 @@ def open_regular(path):
         raise
 
 
-def sniff(head: bytes) -> str | None:
-    """What a file that is not a .fpk probably is, from its first bytes (for the error message only)."""
-    if head[:4] == b"PK\x03\x04":
-        return "a zip archive (a torch checkpoint saved by torch.save?)"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "a pickle (a legacy torch checkpoint?)"
-    if head[:2] == b"\x1f\x8b":
-        return "gzip-compressed data"
-    return None
-
-
 def read_exact(f, n: int, path) -> bytes:
     """``n`` bytes from ``f`` (a caller bounded ``n`` first), or a FormatError: the file shrank under us."""
     raw = f.read(n)

@@ -13,6 +13,17 @@ from ..format.dtypes import DTYPES
 from ..format.v2 import wire
 
 
+def leb128(v: int) -> bytes:
+    """Unsigned LEB128 as spec/FORMAT.md §12.2 writes it, by hand (not the writer's code): hand-made files built with
+    it test the readers against the spec, not against the writer."""
+    out = bytearray()
+    while True:
+        b, v = v & 0x7F, v >> 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
 def resigned(data: bytes, rest: bytes) -> bytes:
     """A v2 file whose body after its digest is ``rest``, correctly digested (``data`` is unused: kept for the
     callers that pass the file ``rest`` came from)."""
