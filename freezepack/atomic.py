@@ -70,7 +70,7 @@ def remove_stale_temps(directory: str, target_name: str | None = None, *, max_ag
     return removed
 
 
-def atomic_write(path, data: bytes | bytearray | memoryview | Iterable[bytes], *, fsync: bool = True,
+def atomic_write(path, data: bytes | bytearray | memoryview | Iterable[bytes | memoryview], *, fsync: bool = True,
                  mode: int = 0o666, clean_stale: bool = True, validate: Callable[[str], object] | None = None,
                  make_parents: bool = False) -> None:
     """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically.

@@ -64,6 +64,49 @@ def test_unpack_gives_a_dense_safetensors_file(fpk, tmp_path):
     assert set(dense) == set(want) and all(torch.equal(dense[k], want[k]) for k in want)
 
 
+def test_unpack_streams_every_dtype_shape_and_metadata_as_safetensors_reads_them(tmp_path):
+    """unpack writes the dense file tensor by tensor (its own safetensors header): every dtype, an empty and a
+    0-d tensor, a tied name and non-ASCII metadata must come back through safetensors itself, equal to load()."""
+    from safetensors import safe_open
+
+    from freezepack.format.init import make_init
+    from freezepack.format.record import FreezeRecord, FrozenTensor
+
+    rec = FreezeRecord(seed=5)
+    for name, dtype in (("f32.weight", torch.float32), ("f16.weight", torch.float16), ("bf16.weight", torch.bfloat16)):
+        m = torch.zeros(6, 7, dtype=torch.bool)
+        m[2, 3] = True
+        rec.frozen[name] = FrozenTensor(make_init("kaiming_uniform", (6, 7)), m, torch.ones(1, dtype=dtype))
+    rec.whole.update({"steps": torch.tensor(7, dtype=torch.int64), "flags": torch.tensor([True, False, True]),
+                      "empty": torch.zeros(0, 3), "u8": torch.arange(5, dtype=torch.uint8), "caf\u00e9": torch.ones(2)})
+    rec.aliases["head.weight"] = "f32.weight"
+    src, out = tmp_path / "m.fpk", tmp_path / "d.safetensors"
+    freezepack.save(src, rec, {"note": "\u00e9t\u00e9 \"quoted\""})
+    r = run("unpack", src, out)
+    assert r.exit_code == 0, r.output
+    want = {k: v for k, v in freezepack.load(src).items() if k != "head.weight"}
+    got = load_file(str(out))
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["note"] == "\u00e9t\u00e9 \"quoted\"" and "head.weight" in meta["freezepack.shared"]
+
+
+def test_unpack_failing_midway_publishes_nothing(fpk, tmp_path):
+    """A tensor that fails its digest while the stream is written: exit 1 naming it, no output, no temp file."""
+    def lie(h):
+        next(t for t in h["tensors"] if t["name"] == "fc.weight")["sha256"] = "cd" * 32
+
+    fpk.write_bytes(rewrite(fpk.read_bytes(), lie))
+    out = tmp_path / "out" / "d.safetensors"
+    out.parent.mkdir()
+    r = run("unpack", fpk, out)
+    assert r.exit_code == 1 and "fc.weight" in r.output and "Traceback" not in r.output
+    assert os.listdir(out.parent) == []
+
+
 def test_convert_reports_and_roundtrips(tmp_path):
     rec = record_for({"a.weight": (50, 40), "a.bias": (50,)}, 0.95, seed=9)
     sd = rec.state_dict()

@@ -127,10 +127,9 @@ def unpack_cmd(src, dst, device, parents, progress):
     \b
     Example:  freezepack unpack model.fpk model.safetensors
     """
-    from safetensors.torch import save
-
     from .. import api
     from ..checkpoint import SHARED_KEY
+    from ..format.dense import safetensors_chunks
     from ..format.io import atomic_write
 
     _check_text("DST", dst)
@@ -138,22 +137,40 @@ def unpack_cmd(src, dst, device, parents, progress):
         raise click.BadParameter("the meta device holds no values to write; use cpu or a GPU", param_hint="--device")
     bar = ProgressBar("unpacking", progress)
     with api.open(src, device=device) as f:
-        tensors, shared = {}, {}
+        names = f.keys()
+        # tied names are stored once, as safetensors.torch.save_model stores shared tensors
+        shared = {n: f.entry(n).of for n in names if f.entry(n).kind == "alias"}
+        layout = [(n, f.entry(n).dtype, tuple(f.entry(n).shape)) for n in names if n not in shared]
+        meta = f.metadata()
+        if shared:  # say which names share, for readers that re-tie (transformers does from its config)
+            meta[SHARED_KEY] = json.dumps(shared, sort_keys=True)
+        done = [len(shared)]
+
+        def tensor(name):  # regenerated (and checked against its digest) one at a time, as the file is written
+            t = f.get_tensor(name).contiguous()
+            done[0] += 1
+            bar(done[0], len(names))
+            return t
+
+        def readable(tmp):  # what we publish, safetensors itself must open with the header we meant to write
+            from safetensors import safe_open
+
+            from ..errors import FormatError
+
+            try:
+                with safe_open(tmp, "pt") as g:
+                    got = {k: (g.get_slice(k).get_dtype(), tuple(g.get_slice(k).get_shape())) for k in g.keys()}
+            except Exception:  # safetensors' own error type: any refusal is ours to report
+                got = None
+            if got != {n: (d, s) for n, d, s in layout}:
+                raise FormatError("the dense file does not read back as written (a bug: please report it)", path=dst)
+
         try:
-            for i, name in enumerate(f.keys()):
-                e = f.entry(name)
-                if e.kind == "alias":  # tied: stored once, as safetensors.torch.save_model stores shared tensors
-                    shared[name] = e.of
-                else:
-                    tensors[name] = f.get_tensor(name).cpu().contiguous()
-                bar(i + 1, len(f.keys()))
+            atomic_write(dst, safetensors_chunks(layout, tensor, meta or None), make_parents=parents,
+                         validate=readable)
         finally:
             bar.close()
-        meta = f.metadata()
-    if shared:  # say which names share, for readers that re-tie (transformers does from its config)
-        meta[SHARED_KEY] = json.dumps(shared, sort_keys=True)
-    atomic_write(dst, [save(tensors, metadata=meta or None)], make_parents=parents)
-    click.echo(f"{dst}: {len(tensors)} tensors written")
+    click.echo(f"{dst}: {len(layout)} tensors written")
     for name, of in shared.items():
         click.echo(f"  {name} shares {of} (stored once under {of!r})")
 
