@@ -1,0 +1,218 @@
+"""SNIP's mask in one forward/backward without holding the scores: ``global_mask(snip_scores(...))`` exactly.
+
+:func:`saliency.snip_scores` keeps a float32 score for every weight (a dense copy of the model) until the global
+threshold is known. Here each weight's score ``|g * w|`` is made in its gradient's storage the moment autograd has
+accumulated that gradient (``register_post_accumulate_grad_hook``), reduced at once to what the exact top-k needs,
+and the gradient dropped, so at most one gradient lives at a time besides the activations.
+
+What the exact top-k needs: every score that can still reach the top k. A histogram of all scores seen so far
+(their top 16 float bits) bounds the final k-th largest from below (more scores only raise it), so only scores
+at or above that bound, less a margin, are kept: (position, raw score) pairs, about k of them. At the end the
+normalisation of :func:`snip_scores` (divide by the sum, the sums taken per tensor exactly as it takes them) is
+applied to the kept scores alone, and the kept scores are ranked by :func:`topk.top_k_masks` (ties by position).
+The result is proven equal to the full computation: it is whenever every dropped score normalises to less than
+the k-th kept one (division by the sum can merge neighbouring floats; the margin leaves room for that), which is
+checked. Anything outside this (NaN scores, massive ties at the threshold, a low q whose kept set would not be
+small, non-float32 weights, DistributedDataParallel, whose backward all-reduces) takes the full computation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .saliency import (
+    LossFn,
+    _loss,
+    _weights_for_scoring,
+    global_mask,
+    one_per_layer_fix,
+    scoring_mode,
+    snip_scores,
+    weights_to_train,
+)
+from .topk import CHUNK, top_k_masks
+
+_BUCKETS = 1 << 15  # top 16 bits of a non-negative float32 (sign 0): 8 exponent + 7 mantissa bits
+_MARGIN_ULPS = 1 << 8  # kept below the bound: division by the sum merges at most a few neighbouring floats
+
+
+class _FullPath(Exception):
+    """Raised inside the backward hook: stop, and compute the mask the full way."""
+
+
+def snip_mask(model: nn.Module, batch, q: float, seed: int = 0, *, one_per_layer: bool = True,
+              loss_fn: LossFn | None = None, select=None) -> dict[str, torch.Tensor]:
+    """``global_mask(snip_scores(model, batch, ...), q, seed, one_per_layer)``, bit for bit, in one forward/backward
+    that never holds a score per weight (see the module docstring)."""
+    weights = _weights_for_scoring(model, select)
+    n = sum(w.numel() for w in weights.values())
+    k = weights_to_train(n, q)
+    if _light_applies(model, weights, n, k):
+        try:
+            masks = _light(model, batch, weights, n, k, loss_fn)
+        except _FullPath:
+            masks = None
+        if masks is not None:
+            if one_per_layer:
+                one_per_layer_fix(masks, seed)
+            return masks
+    return global_mask(snip_scores(model, batch, loss_fn=loss_fn, select=select), q, seed,
+                       one_per_layer=one_per_layer)
+
+
+def _light_applies(model: nn.Module, weights: dict, n: int, k: int) -> bool:
+    if not 0 < k <= n // 8:  # the kept (position, score) pairs stay well under the dense size
+        return False
+    if any(w.dtype != torch.float32 or w.is_sparse for w in weights.values()):
+        return False
+    m = model
+    while True:  # DDP's backward all-reduces gradients: its scores are not the full path's
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            return False
+        inner = getattr(m, "module", None) if isinstance(m, nn.DataParallel) else getattr(m, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return True
+        m = inner
+
+
+def _sole_owner(t: torch.Tensor) -> bool:
+    """No other tensor shares ``t``'s storage (so scoring it in place cannot change another pending gradient)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    return count(t.untyped_storage()._cdata) <= 2  # t itself and the storage object just made to ask
+
+
+class _Kept:
+    """The running state: per tensor its sum and the (positions, raw scores) at or above the bound."""
+
+    def __init__(self, n: int, k: int):
+        self.k, self.cap = k, n // 4 + (1 << 16)  # at most half the dense size in kept pairs
+        self.hist = torch.zeros(_BUCKETS, dtype=torch.int64)
+        self.bound = 0.0  # every score >= bound is kept; every dropped one was below the bound of its time
+        self.sums: dict[str, float] = {}
+        self.pos: dict[str, torch.Tensor] = {}
+        self.val: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, name: str, s: torch.Tensor) -> None:
+        """Take one tensor's scores (float32, non-negative): its sum, its histogram, its scores >= the bound."""
+        total = float(s.sum())  # exactly as snip_scores sums it: the same tensor, the same reduction
+        if math.isnan(total):
+            raise _FullPath  # NaN scores rank lowest in the full path; rare enough to take it
+        self.sums[name] = total
+        flat = s.reshape(-1)  # C order, as the full path flattens
+        for start in range(0, flat.numel(), CHUNK):
+            part = flat[start:start + CHUNK]
+            self.hist += torch.bincount(part.view(torch.int32) >> 16, minlength=_BUCKETS).cpu()
+        self._raise_bound()
+        pos, val = [], []
+        dtype = torch.int32 if flat.numel() < 2**31 else torch.int64  # 8 bytes a kept score, mostly
+        for start in range(0, flat.numel(), CHUNK):
+            part = flat[start:start + CHUNK]
+            i = torch.nonzero(part >= self.bound).squeeze(1)
+            val.append(part[i].cpu())
+            pos.append((i + start).to(device="cpu", dtype=dtype))
+        self.pos[name], self.val[name] = torch.cat(pos), torch.cat(val)
+        self.count += self.pos[name].numel()
+        if self.count > 2 * self._possible() + (1 << 16):
+            self._prune()
+        if self.count > self.cap:
+            raise _FullPath  # e.g. massive ties at the threshold: the kept set would not be small
+
+    def _raise_bound(self) -> None:
+        above = torch.cumsum(self.hist.flip(0), 0).flip(0)  # scores in this bucket or higher
+        full = torch.nonzero(above >= self.k)
+        if full.numel():  # the k-th largest seen so far lies in bucket b: the final one is no smaller
+            b = int(full[-1])
+            bits = max((b << 16) - _MARGIN_ULPS, 0)
+            bound = float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+            self.bound = max(self.bound, bound)
+
+    def _possible(self) -> int:
+        """How many scores seen so far can be >= the bound (by the histogram)."""
+        b = int(torch.tensor([self.bound], dtype=torch.float32).view(torch.int32)) >> 16
+        return int(self.hist[b:].sum())
+
+    def _prune(self) -> None:
+        self.count = 0
+        for name in self.pos:
+            keep = self.val[name] >= self.bound
+            self.pos[name], self.val[name] = self.pos[name][keep], self.val[name][keep]
+            self.count += self.pos[name].numel()
+
+
+def _light(model, batch, weights: dict, n: int, k: int, loss_fn) -> dict[str, torch.Tensor] | None:
+    kept = _Kept(n, k)
+
+    def hook(name, w):
+        def run(p):
+            g, p.grad = p.grad, None
+            if g is None:
+                return
+            if g.is_contiguous() and _sole_owner(g):
+                s = g.mul_(w.detach()).abs_()  # the full path's arithmetic, in the gradient's own storage
+            else:
+                s = g.mul(w.detach()).abs_()
+            del g
+            kept.add(name, s)
+        return run
+
+    saved = {name: w.grad for name, w in weights.items()}
+    handles = []
+    try:
+        for name, w in weights.items():
+            w.grad = None
+            handles.append(w.register_post_accumulate_grad_hook(hook(name, w)))
+        with scoring_mode(model):
+            loss = _loss(model, batch, loss_fn, "SNIP scoring")
+            try:
+                loss.backward(inputs=list(weights.values()))
+            except _FullPath:
+                raise
+            except RuntimeError as e:
+                if isinstance(e.__cause__, _FullPath) or "_FullPath" in str(e):
+                    raise _FullPath from None
+                from ..errors import MethodError
+
+                raise MethodError(f"SNIP scoring: backward failed: {e}") from e
+            del loss
+    finally:
+        for h in handles:
+            h.remove()
+        for name, w in weights.items():
+            w.grad = saved[name]
+    for name, w in weights.items():  # a weight the loss does not use: all-zero scores, as in the full path
+        if name not in kept.sums:
+            kept.add(name, torch.zeros_like(w, dtype=torch.float32))
+    return _select(kept, weights, k)
+
+
+def _select(kept: _Kept, weights: dict, k: int) -> dict[str, torch.Tensor] | None:
+    """The top k of the kept scores, normalised as snip_scores normalises them; None unless provably exact."""
+    names = list(weights)
+    total = sum(kept.sums[n] for n in names)  # in snip_scores' order
+    vals = torch.cat([kept.val[n] for n in names])
+    normalise = total > 0 and math.isfinite(total)
+    if normalise:
+        vals.div_(total)
+    if vals.numel() < k:
+        return None
+    chosen = top_k_masks([vals], k)[0]
+    if kept.bound > 0:  # every dropped score is below the bound: it must normalise below the k-th kept one
+        below = torch.tensor([kept.bound], dtype=torch.float32)
+        below = torch.nextafter(below, torch.zeros(1))
+        if normalise:
+            below.div_(total)
+        if not bool(below[0] < vals[chosen].min()):
+            return None
+    masks, start = {}, 0
+    for name in names:
+        size = kept.pos[name].numel()
+        m = torch.zeros(weights[name].numel(), dtype=torch.bool)
+        m[kept.pos[name][chosen[start:start + size]]] = True
+        masks[name] = m.view(weights[name].shape)
+        start += size
+    return masks
