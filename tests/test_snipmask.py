@@ -88,6 +88,22 @@ def test_every_tensor_selected_and_an_aliased_gradient(light_only):
     assert_same(snipmask.snip_mask(lm, tokens, 0.9, 2, loss_fn=lm_loss, select=select), want)
 
 
+def test_conv_layouts(light_only):
+    """Conv, transposed conv and 1-d conv weights, also in channels_last (gradients in the weights' own layout)."""
+    for channels_last in (False, True):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, stride=2),
+                              nn.ReLU(), nn.Flatten(2), nn.Conv1d(6, 4, 5), nn.Flatten(), nn.LazyLinear(7))
+        x = torch.randn(5, 3, 6, 6)
+        model(x)  # materialise the lazy layer
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.to(memory_format=torch.channels_last)
+            assert not model[0].weight.is_contiguous()
+        batch = (x, torch.randint(0, 7, (5,)))
+        assert_same(snipmask.snip_mask(model, batch, 0.95, 2), reference(model, batch, 0.95, 2))
+
+
 def test_ties_at_the_threshold_go_by_position(light_only):
     """Equal weights and equal inputs: every score of a row is the same, so k cuts through tied scores."""
     model = nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 30))
@@ -151,6 +167,15 @@ def test_thread_counts(threads, light_only):
         assert_same(snipmask.snip_mask(model, batch, 0.95, 3, loss_fn=loss_fn), want)
     finally:
         torch.set_num_threads(before)
+
+
+def test_without_compiled_kernels(monkeypatch, light_only):
+    monkeypatch.setattr(snipmask.ans, "compiled", lambda: None)  # the histogram by torch.bincount instead
+    cls, data, loss_fn = CASES["lm"]
+    torch.manual_seed(2)
+    model, batch = cls(), data()
+    assert_same(snipmask.snip_mask(model, batch, 0.93, 3, loss_fn=loss_fn), reference(model, batch, 0.93, 3,
+                                                                                     loss_fn=loss_fn))
 
 
 def test_gradients_are_left_as_they_were(light_only):

@@ -17,11 +17,15 @@ small, non-float32 weights, DistributedDataParallel, whose backward all-reduces)
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..errors import MethodError
+from ..format import ans
 from .saliency import (
     LossFn,
     _loss,
@@ -34,7 +38,6 @@ from .saliency import (
 )
 from .topk import CHUNK, top_k_masks
 
-_BUCKETS = 1 << 15  # top 16 bits of a non-negative float32 (sign 0): 8 exponent + 7 mantissa bits
 _MARGIN_ULPS = 1 << 8  # kept below the bound: division by the sum merges at most a few neighbouring floats
 
 
@@ -85,12 +88,31 @@ def _sole_owner(t: torch.Tensor) -> bool:
     return count(t.untyped_storage()._cdata) <= 2  # t itself and the storage object just made to ask
 
 
+_LIBC: list = []
+
+
+def _release_freed_heap() -> None:
+    """Hand the heap freed so far (this layer's gradient, the activations backward has consumed) back to the OS.
+
+    glibc keeps freed blocks below its mmap threshold (up to 32 MB: a layer's gradient or activation) in the
+    process; without this, the memory backward has already released still counts against the peak when the
+    largest gradients (a tied embedding's two halves, summed by autograd) arrive at the end of the pass."""
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
+
+
 class _Kept:
     """The running state: per tensor its sum and the (positions, raw scores) at or above the bound."""
 
     def __init__(self, n: int, k: int):
         self.k, self.cap = k, n // 4 + (1 << 16)  # at most half the dense size in kept pairs
-        self.hist = torch.zeros(_BUCKETS, dtype=torch.int64)
+        self.hist = np.zeros(1 << 16, np.int64)  # by topk's key >> 16 (a non-negative score: 0x8000 and up)
+        self.lib = ans.compiled()
         self.bound = 0.0  # every score >= bound is kept; every dropped one was below the bound of its time
         self.sums: dict[str, float] = {}
         self.pos: dict[str, torch.Tensor] = {}
@@ -103,18 +125,29 @@ class _Kept:
         if math.isnan(total):
             raise _FullPath  # NaN scores rank lowest in the full path; rare enough to take it
         self.sums[name] = total
-        flat = s.reshape(-1)  # C order, as the full path flattens
+        flat = s.detach().reshape(-1)  # C order, as the full path flattens
+        cpu = flat.device.type == "cpu"
         for start in range(0, flat.numel(), CHUNK):
             part = flat[start:start + CHUNK]
-            self.hist += torch.bincount(part.view(torch.int32) >> 16, minlength=_BUCKETS).cpu()
+            if cpu and self.lib is not None:
+                self.lib.fp_score_hist(part.data_ptr(), part.numel(), 16, 0, self.hist.ctypes.data)
+            else:
+                counts = torch.bincount(part.view(torch.int32) >> 16, minlength=1 << 15)
+                self.hist[1 << 15:] += counts.cpu().numpy()
         self._raise_bound()
         pos, val = [], []
-        dtype = torch.int32 if flat.numel() < 2**31 else torch.int64  # 8 bytes a kept score, mostly
+        dtype = np.int32 if flat.numel() < 2**31 else np.int64  # 8 bytes a kept score, mostly
         for start in range(0, flat.numel(), CHUNK):
             part = flat[start:start + CHUNK]
-            i = torch.nonzero(part >= self.bound).squeeze(1)
-            val.append(part[i].cpu())
-            pos.append((i + start).to(device="cpu", dtype=dtype))
+            if cpu:
+                x = part.numpy()
+                i = np.flatnonzero(x >= np.float32(self.bound))
+                val.append(torch.from_numpy(x[i]))
+            else:
+                it = torch.nonzero(part >= self.bound).squeeze(1)
+                val.append(part[it].cpu())
+                i = it.cpu().numpy()
+            pos.append(torch.from_numpy((i + start).astype(dtype)))
         self.pos[name], self.val[name] = torch.cat(pos), torch.cat(val)
         self.count += self.pos[name].numel()
         if self.count > 2 * self._possible() + (1 << 16):
@@ -123,17 +156,15 @@ class _Kept:
             raise _FullPath  # e.g. massive ties at the threshold: the kept set would not be small
 
     def _raise_bound(self) -> None:
-        above = torch.cumsum(self.hist.flip(0), 0).flip(0)  # scores in this bucket or higher
-        full = torch.nonzero(above >= self.k)
-        if full.numel():  # the k-th largest seen so far lies in bucket b: the final one is no smaller
-            b = int(full[-1])
-            bits = max((b << 16) - _MARGIN_ULPS, 0)
-            bound = float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
-            self.bound = max(self.bound, bound)
+        above = np.cumsum(self.hist[::-1])[::-1]  # scores in this bucket or higher
+        full = np.flatnonzero(above >= self.k)
+        if full.size:  # the k-th largest seen so far lies in bucket b: the final one is no smaller
+            bits = max(((int(full[-1]) - (1 << 15)) << 16) - _MARGIN_ULPS, 0)
+            self.bound = max(self.bound, float(np.array(bits, np.int32).view(np.float32)))
 
     def _possible(self) -> int:
         """How many scores seen so far can be >= the bound (by the histogram)."""
-        b = int(torch.tensor([self.bound], dtype=torch.float32).view(torch.int32)) >> 16
+        b = (int(np.array(self.bound, np.float32).view(np.int32)) >> 16) + (1 << 15)
         return int(self.hist[b:].sum())
 
     def _prune(self) -> None:
@@ -146,6 +177,7 @@ class _Kept:
 
 def _light(model, batch, weights: dict, n: int, k: int, loss_fn) -> dict[str, torch.Tensor] | None:
     kept = _Kept(n, k)
+    freed = [0]
 
     def hook(name, w):
         def run(p):
@@ -158,6 +190,11 @@ def _light(model, batch, weights: dict, n: int, k: int, loss_fn) -> dict[str, to
                 s = g.mul(w.detach()).abs_()
             del g
             kept.add(name, s)
+            freed[0] += s.numel()
+            del s
+            if freed[0] >= n // 64:  # a few dozen times a pass, whatever the number of tensors
+                freed[0] = 0
+                _release_freed_heap()
         return run
 
     saved = {name: w.grad for name, w in weights.items()}
@@ -168,15 +205,9 @@ def _light(model, batch, weights: dict, n: int, k: int, loss_fn) -> dict[str, to
             handles.append(w.register_post_accumulate_grad_hook(hook(name, w)))
         with scoring_mode(model):
             loss = _loss(model, batch, loss_fn, "SNIP scoring")
-            try:
+            try:  # (an exception raised in a hook, _FullPath, comes out of backward as it is)
                 loss.backward(inputs=list(weights.values()))
-            except _FullPath:
-                raise
             except RuntimeError as e:
-                if isinstance(e.__cause__, _FullPath) or "_FullPath" in str(e):
-                    raise _FullPath from None
-                from ..errors import MethodError
-
                 raise MethodError(f"SNIP scoring: backward failed: {e}") from e
             del loss
     finally:
