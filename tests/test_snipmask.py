@@ -178,6 +178,19 @@ def test_without_compiled_kernels(monkeypatch, light_only):
                                                                                      loss_fn=loss_fn))
 
 
+def test_device_path_on_cpu(monkeypatch, light_only):
+    """The torch-only path that scores on an accelerator take (bincount, nonzero, normalised on their device)."""
+    monkeypatch.setattr(snipmask, "_on_host", lambda t: False)
+    cls, data, loss_fn = CASES["resnet"]
+    torch.manual_seed(4)
+    model, batch = cls(), data()
+    assert_same(snipmask.snip_mask(model, batch, 0.9, 3), reference(model, batch, 0.9, 3))
+    raw = {"a": torch.rand(3000, generator=torch.Generator().manual_seed(5)), "b": torch.rand(900) * 3}
+    kept, masks = _kept_select(raw, 0.99)
+    assert kept.bound > 0 and kept.count < 3900
+    assert_same(masks, global_mask(normalise({n: s.clone() for n, s in raw.items()}), 0.99, one_per_layer=False))
+
+
 def test_gradients_are_left_as_they_were(light_only):
     model, batch = _mlp()
     model[0].weight.grad = torch.full_like(model[0].weight, 7.0)

@@ -106,6 +106,11 @@ def _release_freed_heap() -> None:
         _LIBC[0](0)
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """CPU scores go through numpy and the compiled histogram; others stay in torch on their device."""
+    return t.device.type == "cpu"
+
+
 class _Kept:
     """The running state: per tensor its sum and the (positions, raw scores) at or above the bound."""
 
@@ -126,7 +131,7 @@ class _Kept:
             raise _FullPath  # NaN scores rank lowest in the full path; rare enough to take it
         self.sums[name] = total
         flat = s.detach().reshape(-1)  # C order, as the full path flattens
-        cpu = flat.device.type == "cpu"
+        cpu = _on_host(flat)
         for start in range(0, flat.numel(), CHUNK):
             part = flat[start:start + CHUNK]
             if cpu and self.lib is not None:
@@ -143,9 +148,9 @@ class _Kept:
                 x = part.numpy()
                 i = np.flatnonzero(x >= np.float32(self.bound))
                 val.append(torch.from_numpy(x[i]))
-            else:
+            else:  # (the scores stay on their device, to be normalised there)
                 it = torch.nonzero(part >= self.bound).squeeze(1)
-                val.append(part[it].cpu())
+                val.append(part[it])
                 i = it.cpu().numpy()
             pos.append(torch.from_numpy((i + start).astype(dtype)))
         self.pos[name], self.val[name] = torch.cat(pos), torch.cat(val)
@@ -171,7 +176,7 @@ class _Kept:
         self.count = 0
         for name in self.pos:
             keep = self.val[name] >= self.bound
-            self.pos[name], self.val[name] = self.pos[name][keep], self.val[name][keep]
+            self.pos[name], self.val[name] = self.pos[name][keep.cpu()], self.val[name][keep]
             self.count += self.pos[name].numel()
 
 
@@ -225,20 +230,21 @@ def _select(kept: _Kept, weights: dict, k: int) -> dict[str, torch.Tensor] | Non
     """The top k of the kept scores, normalised as snip_scores normalises them; None unless provably exact."""
     names = list(weights)
     total = sum(kept.sums[n] for n in names)  # in snip_scores' order
-    vals = torch.cat([kept.val[n] for n in names])
     normalise = total > 0 and math.isfinite(total)
-    if normalise:
-        vals.div_(total)
+    # each tensor's kept scores divided on the device its scores were made on, as snip_scores divides them
+    vals = torch.cat([(kept.val[n].div_(total) if normalise else kept.val[n]).cpu() for n in names])
     if vals.numel() < k:
         return None
     chosen = top_k_masks([vals], k)[0]
     if kept.bound > 0:  # every dropped score is below the bound: it must normalise below the k-th kept one
-        below = torch.tensor([kept.bound], dtype=torch.float32)
-        below = torch.nextafter(below, torch.zeros(1))
-        if normalise:
-            below.div_(total)
-        if not bool(below[0] < vals[chosen].min()):
-            return None
+        kth = vals[chosen].min()
+        for dev in {kept.val[n].device for n in names}:
+            below = torch.tensor([kept.bound], dtype=torch.float32, device=dev)
+            below = torch.nextafter(below, torch.zeros(1, device=dev))
+            if normalise:
+                below.div_(total)
+            if not bool(below.cpu()[0] < kth):
+                return None
     masks, start = {}, 0
     for name in names:
         size = kept.pos[name].numel()
