@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ class _Kept:
 
 def _light(model, batch, weights: dict, n: int, k: int, loss_fn) -> dict[str, torch.Tensor] | None:
     kept = _Kept(n, k)
-    freed = [0]
+    freed, lock = [0], threading.Lock()
 
     def hook(name, w):
         def run(p):
@@ -194,12 +195,13 @@ def _light(model, batch, weights: dict, n: int, k: int, loss_fn) -> dict[str, to
             else:
                 s = g.mul(w.detach()).abs_()
             del g
-            kept.add(name, s)
-            freed[0] += s.numel()
-            del s
-            if freed[0] >= n // 64:  # a few dozen times a pass, whatever the number of tensors
-                freed[0] = 0
-                _release_freed_heap()
+            with lock:  # (autograd runs each accelerator's part of the backward on its own thread)
+                kept.add(name, s)
+                freed[0] += s.numel()
+                del s
+                if freed[0] >= n // 64:  # a few dozen times a pass, whatever the number of tensors
+                    freed[0] = 0
+                    _release_freed_heap()
         return run
 
     saved = {name: w.grad for name, w in weights.items()}
