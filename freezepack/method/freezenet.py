@@ -32,11 +32,12 @@ from .saliency import (
     freezing_rates,
     global_mask,
     grasp_scores,
+    one_per_layer_fix,
     prunable_weights,
     random_scores,
-    snip_scores,
     tensor_groups,
 )
+from .snipmask import snip_mask
 
 METHODS = ("snip", "grasp", "random")
 
@@ -352,16 +353,21 @@ def make_freezenet(model: nn.Module, batch, q: float, seed: int, method: str = "
     total = 3 + len(prunable_weights(target, select))
     step = (lambda done: None) if progress is None else (lambda done: progress(done, total))
     step(1)
-    if method == "snip":
-        scores = snip_scores(model, batch, loss_fn=loss_fn, select=select)
-    elif method == "grasp":
-        scores = grasp_scores(model, batch, loss_fn=loss_fn, select=select)
+    if method == "snip":  # scored and thresholded in one backward pass, no score per weight held
+        masks = snip_mask(model, batch, q, seed, one_per_layer=False, loss_fn=loss_fn, select=select)
+        masks = {_strip(n, model, target): m for n, m in masks.items()}
+        step(2)
+        if one_per_layer:
+            one_per_layer_fix(masks, seed)
     else:
-        scores = random_scores(target, seed, select=select, stored=False)  # regenerated per pass, never held
-    scores = {_strip(n, model, target): s for n, s in scores.items()}
-    step(2)
-    masks = global_mask(scores, q, seed, one_per_layer=one_per_layer)
-    del scores
+        if method == "grasp":
+            scores = grasp_scores(model, batch, loss_fn=loss_fn, select=select)
+        else:
+            scores = random_scores(target, seed, select=select, stored=False)  # regenerated per pass, never held
+        scores = {_strip(n, model, target): s for n, s in scores.items()}
+        step(2)
+        masks = global_mask(scores, q, seed, one_per_layer=one_per_layer)
+        del scores
     step(3)
     freeze(target, masks, seed, reinit or init, reinit_params if reinit else init_params,
            frozen_init="zeros" if prune else None, progress=lambda done, _: step(3 + done),

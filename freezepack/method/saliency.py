@@ -186,6 +186,12 @@ def snip_scores(model: nn.Module, inputs, targets=None, *, loss_fn: LossFn | Non
     for i, (n, w) in enumerate(weights.items()):  # each gradient becomes its score in place: no second copy
         g, grads[i] = grads[i], None
         scores[n] = g.mul_(w.detach()).abs_() if g is not None else torch.zeros_like(w)
+    return normalise(scores)
+
+
+def normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In place, SNIP's normalisation: every score divided by the sum of all (float32 sum per tensor, added up in
+    order as Python floats); left as it is when that sum is zero or not finite. (:mod:`.snipmask` repeats it.)"""
     total = sum(float(s.sum()) for s in scores.values())
     if total > 0 and math.isfinite(total):
         for s in scores.values():
@@ -260,11 +266,17 @@ def global_mask(scores: dict[str, torch.Tensor], q: float, seed: int = 0,
     k = weights_to_train(sum(scores[n].numel() for n in names), q)
     # radix selection (freezepack.method.topk): the same k entries a stable descending sort keeps, in O(n)
     masks = dict(zip(names, top_k_masks([scores[n] for n in names], k)))
+    if one_per_layer:
+        one_per_layer_fix(masks, seed)
+    return masks
+
+
+def one_per_layer_fix(masks: dict[str, torch.Tensor], seed: int) -> None:
+    """In place: a CPU mask with no trainable entry gets one, chosen by the generator from ``seed`` and its name."""
     for name, m in masks.items():
         flat = m.view(-1)
-        if one_per_layer and flat.numel() and not flat.numpy().any():  # (numpy's any stops at the first True)
+        if flat.numel() and not flat.numpy().any():  # (numpy's any stops at the first True)
             flat[_one_per_layer_index(seed, name, flat.numel())] = True
-    return masks
 
 
 def freezing_rates(masks: dict[str, torch.Tensor], total_params: int) -> tuple[float, float]:
