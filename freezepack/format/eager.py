@@ -1,16 +1,23 @@
 """The torch generator path: fill a float32 tensor with torch kernels only (spec/RNG.md). A machine without the
 compiled kernel (freezepack/format/native.py) runs it on the CPU, and every GPU runs it.
 
-Elements are made in batches of whole Philox blocks. A batch's words, conversions and temporaries live in one
-preallocated workspace (about 24 bytes per element) that every kernel writes into with ``out=`` or in place: on a CPU
-a batch of 32768 elements keeps the workspace in L2 and each kernel under torch's intra-op grain, so the ~110
-kernels of a batch run without allocating or waking torch's own threads. Batches are independent (counter-based
-generator), so on a CPU ``threads`` Python threads take batches from a shared queue, each with its own workspace;
-torch releases the GIL inside its kernels. Every element is a pure function of (seed, stream, index) computed by
-elementwise kernels, so neither the batch size nor the thread count can change a bit.
+Elements are made in batches of whole Philox blocks (rng.PhiloxTorch: about 60 kernels a batch, then about 12 for
+the conversion). A batch's words, conversions and temporaries live in one preallocated workspace (24 bytes per
+element) that every kernel writes with ``out=`` or in place, through views made once: a kernel's dispatch costs
+about a microsecond whatever its size, so nothing per batch allocates or slices more than it must.
+
+Threads (CPU). Batches are independent (counter-based generator), so with ``threads`` > 1 that many Python threads
+take batches from one queue, each with its own workspace and torch's intra-op threads set to one for itself (torch
+releases the GIL inside kernels). Their batches are large (131072 elements), so the GIL changes hands rarely. In
+one thread, batches stay small (32768 or 65536 elements: in L2, and no kernel bigger than torch's intra-op grain,
+so torch never wakes its own threads): on a loaded machine a parallel region waits for a descheduled thread at
+every kernel, which measured 50x slower, and larger kernels split by torch gained at most 1.3x when it was idle.
+Every element is a pure function of (seed, stream, index) computed by elementwise kernels: neither the batch size
+nor the thread count can change a bit.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,9 +26,12 @@ import torch
 
 from . import rng
 
-# Blocks (4 elements) per batch. CPU: 8192 blocks = 32768 elements, torch's grain (at::internal::GRAIN_SIZE): no
-# kernel is split over torch's threads, so batches on our threads never nest parallel regions.
+# Blocks (4 elements) per batch on a CPU: serial batches keep every kernel at or under torch's grain of 32768
+# elements (at::internal::GRAIN_SIZE; the conversions run on 4 elements a block, Philox on 2), threaded ones are
+# larger and set torch's threads to one in their thread.
 CPU_BATCH_BLOCKS = 1 << 13
+CPU_BATCH_BLOCKS_ONE_TORCH_THREAD = 1 << 14
+CPU_BATCH_BLOCKS_THREADED = 1 << 15
 # On a GPU each kernel is a launch: large batches amortise them (2M elements, ~50 MB of workspace).
 ACCELERATOR_BATCH_BLOCKS = 1 << 19
 
@@ -29,19 +39,25 @@ _U24 = 2.0**-24
 
 
 class _Workspace:
-    """Preallocated buffers for batches of up to ``nb`` blocks: the Philox lanes, six scratch rows (reused by the
-    conversions as float64/int32 scratch) and a float32 row of converted values."""
+    """Preallocated buffers for batches of up to ``nb`` blocks: the words (int32, lane-major), Philox's scratch rows
+    (reused by the conversions as float64, int64 and int32 scratch) and a float32 row of converted values, with the
+    views of each batch size made once."""
 
     def __init__(self, nb: int, device: torch.device):
-        self.lanes = torch.empty((4, nb), dtype=torch.int64, device=device)
-        self.scratch = torch.empty((6, nb), dtype=torch.int64, device=device)
+        self.nb = nb
+        self.lanes = torch.empty(4 * nb, dtype=torch.int32, device=device)
+        self.scratch = torch.empty((rng.PhiloxBuffers.ROWS, nb), dtype=torch.int64, device=device)
         self.values = torch.empty(4 * nb, dtype=torch.float32, device=device)
+        self._views: dict = {}
 
-    def batch(self, nb: int):
-        n = 4 * nb
-        flat = self.scratch.view(-1)
-        return (self.lanes[:, :nb], self.scratch[:, :nb], self.values[:n],
-                flat[:n].view(torch.float64), flat[4 * self.scratch.shape[1]:].view(torch.int32)[:n], flat[:n])
+    def views(self, nb: int):
+        if nb not in self._views:
+            n, flat = 4 * nb, self.scratch.view(-1)
+            lanes = self.lanes[:n].view(4, nb)
+            self._views[nb] = (rng.PhiloxBuffers(lanes, self.scratch), lanes.view(-1), self.values[:n],
+                               flat[:n].view(torch.float64), flat[4 * self.nb:4 * self.nb + n],
+                               flat.view(torch.int32)[:n], self.values.view(torch.bool)[:n])
+        return self._views[nb]
 
 
 def _exact_uniform_scale(b: float) -> float | None:
@@ -57,46 +73,65 @@ def fill(out: torch.Tensor, dist: str, a: float, b: float, seed: int, stream: in
     ``a + b*z`` (normal), ``a + b*u`` (uniform) or ``a*s`` (sign), each operation one float32 rounding (spec §6).
 
     ``chunk``: at most this many elements per batch (rounded down to whole blocks, at least one). ``threads``: CPU
-    threads (default torch's thread count; accelerators use one). Neither changes a bit."""
+    threads (default torch's thread count; accelerators use one). Neither changes a bit. Raises ValueError for an
+    unknown ``dist`` or an ``a``/``b`` that is not a float32 value."""
     n = out.numel()
+    if dist not in ("normal", "uniform", "sign"):
+        raise ValueError(f"dist must be normal, uniform or sign, got {dist!r}")
+    for v in (a, b):
+        if float(np.float32(v)) != float(v):
+            raise ValueError(f"{v!r} is not a float32 value")
     if n == 0:
         return out
     flat = out.view(-1)
     device = out.device
     rng.check_torch_integers(device)
     rng._torch_tables(device)  # built once, before any worker thread reads them
-    cpu = device.type == "cpu"
-    size = CPU_BATCH_BLOCKS if cpu else ACCELERATOR_BATCH_BLOCKS
-    if chunk is not None:
-        size = min(size, max(1, chunk >> 2)) if cpu else max(1, chunk >> 2)
     first, stop = start >> 2, ((start + n - 1) >> 2) + 1
+    workers = 1
+    if device.type != "cpu":
+        size = ACCELERATOR_BATCH_BLOCKS
+    else:
+        threads = torch.get_num_threads() if threads is None else max(1, int(threads))
+        workers = min(threads, -(-(stop - first) // CPU_BATCH_BLOCKS_THREADED))
+        if workers > 1 and torch.backends.openmp.is_available():
+            size = CPU_BATCH_BLOCKS_THREADED
+        else:
+            workers = 1
+            size = CPU_BATCH_BLOCKS_ONE_TORCH_THREAD if torch.get_num_threads() == 1 else CPU_BATCH_BLOCKS
+    if chunk is not None:
+        size = max(1, min(size, chunk >> 2))
     batches = list(rng.block_batches(first, stop, size))
+    workers = min(workers, len(batches))
+    f32 = functools.partial(torch.tensor, dtype=torch.float32, device=device)
+    a_t, b_t = f32(a), f32(b)  # exact: float32 values (a tensor operand is cheaper than a number per kernel)
     scale = _exact_uniform_scale(b) if dist == "uniform" else None
+    scale = None if scale is None else f32(scale)
+
+    gen = rng.PhiloxTorch(seed, stream, device)
 
     def run(ws: _Workspace, b0: int, nb: int) -> None:
-        lanes, scratch, values, f64, idx, i64 = ws.batch(nb)
-        rng.philox_torch(seed, stream, b0, lanes, scratch)
-        words, low = lanes.t(), rng.low_words(lanes, nb)  # (nb, 4): element order
+        buf, w, values, f64, idx, i32, neg = ws.views(nb)
+        gen.words(b0, buf)  # lane-major: element 4 i + r is w[r * nb + i]
         lo, hi = max(start, 4 * b0), min(start + n, 4 * (b0 + nb))
-        off, dst = lo - 4 * b0, flat[lo - start:hi - start]
         if dist == "normal":
-            z = rng.normal_into(words, low, values, f64, idx)
-            torch.mul(z[off:off + hi - lo], b, out=dst)
-            dst.add_(a)
-        elif dist == "uniform":
-            u = rng.uniform_odd_into(words, values, i64)[off:off + hi - lo]  # 2k + 1; u = that * 2**-24
-            if scale is not None:
-                torch.mul(u, scale, out=dst)
-            else:
-                torch.mul(u, _U24, out=dst).mul_(b)
-            dst.add_(a)
-        elif dist == "sign":
-            neg = torch.lt(low, 0, out=values.view(torch.bool)[:4 * nb].view(nb, 4)).view(-1)
-            dst.fill_(a).masked_fill_(neg[off:off + hi - lo], -a)  # a * s: a or -a exactly
-        else:
-            raise ValueError(f"dist must be normal, uniform or sign, got {dist!r}")
+            x, mul = rng.normal_into(w, values, f64, idx), b_t
+        elif dist == "uniform":  # 2k + 1; the uniform is that times 2**-24
+            x, mul = rng.uniform_odd_into(w, values, i32), scale
+        else:  # sign
+            x = torch.lt(w, 0, out=neg)
+        # back to element order: the stores below read the lanes transposed
+        for off, piece in rng.element_pieces(x.view(4, nb), lo - 4 * b0, hi - 4 * b0):
+            dst = flat[lo - start + off:lo - start + off + piece.numel()].view(piece.shape)
+            if dist == "sign":
+                dst.fill_(a).masked_fill_(piece, -a)  # a * s: a or -a exactly
+                continue
+            if mul is not None:
+                torch.mul(piece, mul, out=dst)
+            else:  # uniform whose b * 2**-24 is not a float32: u first, then times b
+                torch.mul(piece, _U24, out=dst).mul_(b_t)
+            dst.add_(a_t)
 
-    workers = min(len(batches), 1 if not cpu else (torch.get_num_threads() if threads is None else int(threads)))
     with torch.no_grad():
         if workers <= 1:
             ws = _Workspace(min(size, stop - first), device)
@@ -112,20 +147,24 @@ def _run_threads(run, batches, workers: int, workspace) -> None:
     one queue (a thread slowed down by other load just takes fewer). The first error is re-raised."""
     todo = iter(batches)
     lock = threading.Lock()
+    process_threads = torch.get_num_threads()  # this thread's: workers may start after another one changed it
     failed = threading.Event()
 
     def worker():
-        ws = workspace()
-        while not failed.is_set():
-            with lock:
-                item = next(todo, None)
-            if item is None:
-                return
-            try:
+        torch.set_num_threads(1)  # this thread's kernels stay on it: no OpenMP team per worker
+        try:
+            ws = workspace()
+            while not failed.is_set():
+                with lock:
+                    item = next(todo, None)
+                if item is None:
+                    return
                 run(ws, *item)
-            except BaseException:
-                failed.set()
-                raise
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            torch.set_num_threads(process_threads)  # torch's process-wide setting, for threads started later
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="freezepack-rng") as pool:
         futures = [pool.submit(worker) for _ in range(workers)]

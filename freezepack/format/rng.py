@@ -162,87 +162,118 @@ def normal_table_np() -> tuple[np.ndarray, np.ndarray]:
 _LOW = 0 if sys.byteorder == "little" else 1  # which int32 half of an int64 holds its low 32 bits
 
 
-def philox_torch(seed: int, stream: int, first_block: int, lanes: torch.Tensor, scratch: torch.Tensor) -> None:
-    """Philox4x32-10 of blocks ``[first_block, first_block + nb)`` into ``lanes`` (int64, shape ``(4, nb)``, each
-    row contiguous): row ``r`` holds word ``r`` of every block in its low 32 bits (rows 1 and 3 carry garbage above
-    them). ``scratch``: int64 ``(6, nb)`` or more rows, each contiguous. The blocks must share ``block >> 32``
-    (callers split at multiples of 2**32), so counter word 1 is one number, like the stream words 2 and 3.
+class PhiloxTorch:
+    """Philox4x32-10 words of one ``(seed, stream)`` on one device, a batch of blocks at a time, with torch kernels
+    that write into a caller's :class:`PhiloxBuffers` (nothing allocates per batch).
 
-    About 90 in-place kernels on ``nb`` elements, none allocating: round 0 and 1 have scalar halves (the counter's
-    constant words), rounds 2-9 cost two multiplies, two shifts, four xors and two masks."""
-    nb = lanes.shape[1]
-    bhi = first_block >> 32
-    if (first_block + nb - 1) >> 32 != bhi:
-        raise ValueError("a Philox batch must not cross a multiple of 2**32 blocks")
-    keys = _key_schedule(seed)
-    s0, s1 = stream & MASK32, stream >> 32
-    a, b, c, d, e, f = (scratch[r, :nb] for r in range(6))
-    lo = first_block & MASK32
-    torch.arange(lo, lo + nb, out=a)  # counter word 0: the block's low half
-    # round 0: (c0, c1, c2, c3) = (block_lo, block_hi, s0, s1); M1 * s0 is a number, M0 * block_lo a tensor
-    (k0, k1), p1 = keys[0], PHILOX_M1 * s0
-    x0, y1 = (p1 >> 32) ^ bhi ^ k0, p1 & MASK32  # new c0 and c1: numbers
-    torch.mul(a, PHILOX_M0, out=b)  # p0; b is the new c3 (raw)
-    torch.bitwise_right_shift(b, 32, out=c).bitwise_xor_(s1 ^ k1).bitwise_and_(MASK32)  # new c2
-    # round 1: c0 and c1 are numbers, so p0 is a number and the new c3 too
-    (k0, k1), q0 = keys[1], x0 * PHILOX_M0
-    torch.mul(c, PHILOX_M1, out=d)  # p1; d is the new c1 (raw)
-    torch.bitwise_right_shift(d, 32, out=a).bitwise_xor_(y1 ^ k0).bitwise_and_(MASK32)  # new c0
-    torch.bitwise_xor(b, (q0 >> 32) ^ k1, out=c).bitwise_and_(MASK32)  # new c2 (b: old c3, raw)
-    z3 = q0 & MASK32  # new c3: a number
-    # round 2: every word but c3 is a tensor
-    (k0, k1) = keys[2]
-    last = len(keys) == 3
-    p0, p1 = (lanes[3], lanes[1]) if last else (b, e)
-    torch.mul(a, PHILOX_M0, out=p0)
-    torch.mul(c, PHILOX_M1, out=p1)
-    c0, c2 = (lanes[0], lanes[2]) if last else (a, c)
-    torch.bitwise_right_shift(p1, 32, out=c0).bitwise_xor_(d).bitwise_xor_(k0).bitwise_and_(MASK32)
-    torch.bitwise_right_shift(p0, 32, out=c2).bitwise_xor_(z3 ^ k1).bitwise_and_(MASK32)
-    c1, c3, spare = p1, p0, (d, f)
-    for r in range(3, len(keys)):
-        k0, k1 = keys[r]
-        if r == len(keys) - 1:  # the last round writes straight into the lanes
-            p0, p1, n0, n2 = lanes[3], lanes[1], lanes[0], lanes[2]
-        else:
-            (p0, p1), n0, n2 = spare, c0, c2
-        torch.mul(c0, PHILOX_M0, out=p0)
-        torch.mul(c2, PHILOX_M1, out=p1)
-        torch.bitwise_right_shift(p1, 32, out=n0).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(MASK32)
-        torch.bitwise_right_shift(p0, 32, out=n2).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(MASK32)
-        spare, c1, c3, c0, c2 = (c3, c1), p1, p0, n0, n2
+    A kernel costs about a microsecond of dispatch whatever its size, so the batch is shaped for few kernels.
+    Rounds 0 and 1 have number halves: the counter's words 1-3 are the same for every block of a batch (batches
+    never cross a multiple of 2**32 blocks). From round 2 on the two multiplicands ``c0, c2`` are the two rows of
+    one ``(2, nb)`` tensor ``x``, so one kernel does each step for both: multiply by the column (M0, M1), shift,
+    xor with (c3, c1), xor with the round's key column, mask. Each round the multiplicands swap rows (``c0'``
+    comes from the ``c2`` row), so the columns alternate and the products -- next round's ``c3, c1`` -- go into a
+    three-row buffer whose row 2 repeats row 0: its rows 1-2 are the products in swapped order. Six kernels a round
+    instead of ten. Constants are tensors (a Python number costs a conversion per kernel)."""
+
+    def __init__(self, seed: int, stream: int, device):
+        self.seed, self.stream, self.device = check_seed(seed), int(stream), torch.device(device)
+        self.keys = _key_schedule(self.seed)
+        t = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
+        self.m0, self.m1, self.mask, self.n32 = t(PHILOX_M0), t(PHILOX_M1), t(MASK32), t(32)
+        # round r >= 2 has the multiplicands in order (c0, c2) when r is even, (c2, c0) when odd
+        self.mul_col = (t([[PHILOX_M0], [PHILOX_M1]]), t([[PHILOX_M1], [PHILOX_M0]]))
+        self.key_col = [t([[k1], [k0]] if r % 2 == 0 else [[k0], [k1]]) for r, (k0, k1) in enumerate(self.keys)]
+        self._early: dict = {}  # block >> 32 -> the number halves of rounds 0-1 and round 2's key column
+
+    def _early_rounds(self, bhi: int):
+        if bhi not in self._early:
+            s0, s1 = self.stream & MASK32, self.stream >> 32
+            (k0, k1), p1 = self.keys[0], PHILOX_M1 * s0  # round 0: (c0..c3) = (block_lo, bhi, s0, s1)
+            x0, y1 = (p1 >> 32) ^ bhi ^ k0, p1 & MASK32  # its c0 and c1 are numbers
+            (k0, k1), q0 = self.keys[1], x0 * PHILOX_M0  # round 1: so its p0 is a number, and its c3
+            k0_2, k1_2 = self.keys[2]
+            t = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
+            self._early[bhi] = (t(s1 ^ self.keys[0][1]), t(y1 ^ k0), t((q0 >> 32) ^ k1),
+                                t([[(q0 & MASK32) ^ k1_2], [k0_2]]))
+        return self._early[bhi]
+
+    def words(self, first_block: int, buf: PhiloxBuffers) -> torch.Tensor:
+        """Words of blocks ``[first_block, first_block + buf.nb)`` into ``buf.lanes`` (int32 ``(4, nb)``): row ``r``
+        holds word ``r`` of every block (the u32 bits; bit 31 is the sign), so element ``4 i + r`` of the batch is
+        ``lanes[r, i]``. 58 kernels on ``nb`` or ``2 nb`` contiguous elements."""
+        nb = buf.nb
+        bhi = first_block >> 32
+        if (first_block + nb - 1) >> 32 != bhi:
+            raise ValueError("a Philox batch must not cross a multiple of 2**32 blocks")
+        key_c2, key_c0, key_c2b, col2 = self._early_rounds(bhi)
+        a, b, c, d, x, mask, n32 = buf.a, buf.b, buf.c, buf.d, buf.x, self.mask, self.n32
+        lo = first_block & MASK32
+        torch.arange(lo, lo + nb, out=a)  # round 0: c0 = the block's low half
+        torch.mul(a, self.m0, out=b)  # p0: the next c3 (upper bits not cleared)
+        torch.bitwise_right_shift(b, n32, out=c).bitwise_xor_(key_c2).bitwise_and_(mask)  # next c2
+        torch.mul(c, self.m1, out=d)  # round 1: p1, the next c1
+        torch.bitwise_right_shift(d, n32, out=a).bitwise_xor_(key_c0).bitwise_and_(mask)  # next c0
+        torch.bitwise_xor(b, key_c2b, out=c).bitwise_and_(mask)  # next c2 = hi(p0, a number) ^ c3 ^ k1
+        # round 2: x = (c0, c2), c3 is a number (inside col2), c1 = d
+        p, dup, src, y = buf.products[1], buf.dup[1], buf.dup_src[1], buf.swapped[1]
+        torch.mul(x, self.mul_col[0], out=p)
+        dup.copy_(src)
+        torch.bitwise_right_shift(p, n32, out=x).bitwise_xor_(col2)
+        c.bitwise_xor_(d)
+        x.bitwise_and_(mask)
+        last = len(self.keys) - 1
+        for r in range(3, last):
+            h = r % 2  # this round's products go to the buffer the previous round did not use
+            p, dup, src = buf.products[1 - h], buf.dup[1 - h], buf.dup_src[1 - h]
+            torch.mul(x, self.mul_col[h], out=p)
+            dup.copy_(src)
+            torch.bitwise_right_shift(p, n32, out=x).bitwise_xor_(y).bitwise_xor_(self.key_col[r])
+            x.bitwise_and_(mask)
+            y = buf.swapped[1 - h]
+        # the last round (odd: x = (c2, c0)) writes (c0, c2) and the products (c1, c3) into the int32 lanes; the
+        # int32 stores keep the low 32 bits (check_torch_integers)
+        p = buf.products[1 - last % 2]
+        torch.mul(x, self.mul_col[last % 2], out=p)
+        torch.bitwise_right_shift(p, n32, out=x).bitwise_xor_(y)
+        torch.bitwise_xor(x, self.key_col[last], out=buf.lanes02)
+        buf.lanes13.copy_(p)
+        return buf.lanes
 
 
-def low_words(lanes: torch.Tensor, nb: int) -> torch.Tensor:
-    """The u32 words of ``lanes`` (int64 ``(4, >=nb)``) in element order as an int32 view ``(nb, 4)``: the low
-    halves, reinterpreted (bit 31 is the sign). No copy."""
-    return lanes.view(torch.int32)[:, _LOW:2 * nb:2].t()
+class PhiloxBuffers:
+    """The tensors and views :meth:`PhiloxTorch.words` works in for batches of ``nb`` blocks, made once (slicing a
+    tensor costs about as much as a small kernel): ``lanes`` int32 ``(4, nb)`` contiguous (the output) and
+    ``scratch`` int64 ``(ROWS, >= nb)`` with contiguous rows."""
+
+    ROWS = 8
+
+    def __init__(self, lanes: torch.Tensor, scratch: torch.Tensor):
+        self.nb = nb = lanes.shape[1]
+        self.lanes, self.lanes02, self.lanes13 = lanes, lanes[0::2], lanes[1::2]
+        self.x = scratch[0:2, :nb]
+        self.a, self.c = self.x[0], self.x[1]
+        bufs = (scratch[2:5, :nb], scratch[5:8, :nb])  # products, row 2 a copy of row 0
+        self.b, self.d = bufs[0][0], bufs[0][1]
+        self.products = [q[0:2] for q in bufs]
+        self.dup, self.dup_src = [q[2] for q in bufs], [q[0] for q in bufs]
+        self.swapped = [q[1:3] for q in bufs]
 
 
-def _scratch(n: int, device, dtype=torch.int64) -> torch.Tensor:
-    return torch.empty(n, dtype=dtype, device=device)
-
-
-def words_torch(seed: int, stream: int, start: int, count: int, device=None) -> torch.Tensor:
-    """int64 tensor of the uint32 words of elements [start, start+count) on ``device``."""
-    seed = check_seed(seed)
-    out = torch.empty(count, dtype=torch.int64, device=device)
-    if count == 0:
-        return out
-    check_torch_integers(out.device)
-    first, last = start >> 2, (start + count - 1) >> 2
-    done = 0
-    for b0, nb in block_batches(first, last + 1, 1 << 16):
-        lanes = _scratch(4 * nb, out.device).view(4, nb)
-        philox_torch(seed, stream, b0, lanes, _scratch(6 * nb, out.device).view(6, nb))
-        off = max(start - 4 * b0, 0)
-        take = min(4 * nb - off, count - done)
-        if off == 0 and take == 4 * nb:  # whole blocks: straight into out, in element order, upper bits cleared
-            torch.bitwise_and(lanes.t(), MASK32, out=out[done:done + take].view(nb, 4))
-        else:
-            out[done:done + take] = torch.bitwise_and(lanes.t(), MASK32).reshape(-1)[off:off + take]
-        done += take
-    return out
+def element_pieces(lanes: torch.Tensor, lo: int, hi: int):
+    """Elements ``[lo, hi)`` of a batch held lane-major (``lanes[r, i]`` is element ``4 i + r``), as ``(offset,
+    view)`` pairs in element order: the whole blocks as one transposed ``(k, 4)`` view, a partial block at either
+    end as a 1-D view of one column. ``offset``: the piece's first element, counted from ``lo``."""
+    first_full, stop_full = (lo + 3) >> 2, hi >> 2
+    if first_full > stop_full:  # inside one block
+        return [(0, lanes[lo & 3:(lo & 3) + hi - lo, lo >> 2])]
+    pieces = []
+    if lo & 3:
+        pieces.append((0, lanes[lo & 3:, lo >> 2]))
+    if stop_full > first_full:
+        pieces.append((4 * first_full - lo, lanes[:, first_full:stop_full].t()))
+    if hi & 3:
+        pieces.append((4 * stop_full - lo, lanes[:hi & 3, stop_full]))
+    return pieces
 
 
 def block_batches(first: int, stop: int, size: int):
@@ -253,6 +284,31 @@ def block_batches(first: int, stop: int, size: int):
         nb = min(size, stop - b, ((b >> 32) + 1 << 32) - b)
         yield b, nb
         b += nb
+
+
+def words_torch(seed: int, stream: int, start: int, count: int, device=None) -> torch.Tensor:
+    """int64 tensor of the uint32 words of elements [start, start+count) on ``device``."""
+    seed = check_seed(seed)
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    if count == 0:
+        return out
+    check_torch_integers(out.device)
+    gen = PhiloxTorch(seed, stream, out.device)
+    first, last = start >> 2, (start + count - 1) >> 2
+    size = min(last - first + 1, 1 << 16)
+    lanes = torch.empty(4 * size, dtype=torch.int32, device=out.device)
+    scratch = torch.empty((PhiloxBuffers.ROWS, size), dtype=torch.int64, device=out.device)
+    bufs: dict = {}
+    for b0, nb in block_batches(first, last + 1, size):
+        if nb not in bufs:
+            bufs[nb] = PhiloxBuffers(lanes[:4 * nb].view(4, nb), scratch)
+        w = gen.words(b0, bufs[nb])
+        lo, hi = max(start, 4 * b0), min(start + count, 4 * (b0 + nb))
+        for off, piece in element_pieces(w, lo - 4 * b0, hi - 4 * b0):
+            dst = out[lo - start + off:lo - start + off + piece.numel()]
+            dst.view(piece.shape).copy_(piece)  # int32 -> int64 sign-extends: clear the upper half
+            dst.bitwise_and_(MASK32)
+    return out
 
 
 # Normal transform on float64 bits: with m = w & 0x7FFFFFFF, d = m + 0.5 = n / 2 is exact in float64 and its
@@ -280,41 +336,51 @@ def _torch_tables(device: torch.device):
 _TABLES: dict = {}
 
 
-def normal_into(words: torch.Tensor, low: torch.Tensor, z: torch.Tensor, f64: torch.Tensor,
-                idx: torch.Tensor) -> torch.Tensor:
-    """Standard normals of ``words`` into ``z`` (float32, contiguous, ``words.numel()`` elements), spec §5.3.
+def _constants(device: torch.device) -> dict:
+    """The conversions' constants as 0-dim tensors on ``device`` (a Python number costs a conversion per kernel)."""
+    key = str(device)
+    if key not in _CONSTANTS:
+        i64 = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+        _CONSTANTS[key] = {
+            "mask31": i64(0x7FFFFFFF), "half": torch.tensor(0.5, dtype=torch.float64, device=device),
+            "fraction_shift": i64(_FRACTION_BITS), "fraction_mask": i64((1 << _FRACTION_BITS) - 1),
+            "eight": i64(8), "one": i64(1), "mask24": i64(0xFFFFFF)}
+    return _CONSTANTS[key]
 
-    ``words``: int64 of any shape and strides whose low 32 bits are the words (upper bits ignored); ``low``: the same
-    words as int32 (only their sign bit is read), same shape. ``f64``/``idx``: contiguous float64/int64 scratch of
-    ``words.numel()`` elements that ``z`` does not overlap. Nine kernels; every float64 value is exact, and the two
-    float32 roundings are separate kernels (no fused multiply-add)."""
+
+_CONSTANTS: dict = {}
+
+
+def normal_into(words: torch.Tensor, z: torch.Tensor, f64: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Standard normals of ``words`` (int32, 1-D: the u32 words' bits) into ``z`` (float32, 1-D), spec §5.3.
+    ``f64``/``idx``: contiguous float64/int64 scratch of as many elements, not overlapping ``z``. Nine kernels; every
+    float64 value is exact, and the two float32 roundings are separate kernels (no fused multiply-add)."""
     tab_a, tab_d = _torch_tables(z.device)
-    d = f64.view(words.shape)
-    torch.bitwise_and(words, 0x7FFFFFFF, out=d)  # m, converted exactly (< 2**31), in element order
-    d.add_(0.5)  # n / 2, exact
+    k = _constants(z.device)
+    torch.bitwise_and(words, k["mask31"], out=f64)  # m, converted exactly
+    f64.add_(k["half"])  # n / 2, exact
     bits = f64.view(torch.int64)
-    torch.bitwise_right_shift(bits, _FRACTION_BITS, out=idx)  # NORMAL_TABLE_BASE + 128 e + j
-    torch.bitwise_and(bits, (1 << _FRACTION_BITS) - 1, out=z)  # f * 2**45: an integer of <= 24 bits, exact
-    t = f64.view(torch.float32)[:z.numel()]  # d is dead now: its first half takes the gathered table entries
+    torch.bitwise_right_shift(bits, k["fraction_shift"], out=idx)  # NORMAL_TABLE_BASE + 128 e + j
+    torch.bitwise_and(bits, k["fraction_mask"], out=z)  # f * 2**45: an integer of <= 24 bits, exact
+    t = f64.view(torch.float32)[:z.numel()]  # f64 is dead now: its first half takes the gathered table entries
     torch.index_select(tab_d, 0, idx, out=t)
     z.mul_(t)  # f * D, one rounding
     torch.index_select(tab_a, 0, idx, out=t)
     z.add_(t)  # A + f * D, one rounding
-    zs = z.view(words.shape)
-    return torch.copysign(zs, low.view(torch.float32), out=zs).view(-1)  # the sign bit of w (exact)
+    return torch.copysign(z, words.view(torch.float32), out=z)  # the sign bit of w (exact)
 
 
 def uniform_odd_into(words: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """``2 * (w >> 9) + 1`` as float32 (exact: < 2**24) into ``out``; the uniform is that times 2**-24 (§5.1).
-    ``scratch``: contiguous int64 of ``words.numel()`` elements."""
-    s = scratch.view(words.shape)
-    torch.bitwise_right_shift(words, 8, out=s).bitwise_or_(1)  # bits 8..31 of w, lowest bit set: 2k + 1 (+ garbage)
-    return torch.bitwise_and(s, 0xFFFFFF, out=out.view(words.shape)).view(-1)
+    """``2 * (w >> 9) + 1`` (exact in float32: < 2**24) of ``words`` (int32, 1-D) into ``out``; the uniform is that
+    times 2**-24 (§5.1). ``scratch``: int32 of as many elements."""
+    k = _constants(out.device)
+    torch.bitwise_right_shift(words, k["eight"], out=scratch).bitwise_or_(k["one"])  # bits 8..31 of w, then a 1
+    return torch.bitwise_and(scratch, k["mask24"], out=out)  # 2k + 1
 
 
 def check_torch_integers(device: torch.device) -> None:
-    """The torch path relies on int64 multiplication wrapping modulo 2**64 (C++ leaves signed overflow undefined,
-    every torch backend wraps). Checked once per device, on enough elements to reach vectorised and scalar loops,
+    """The torch path relies on int64 multiplication wrapping modulo 2**64 and on int64 -> int32 stores keeping the
+    low 32 bits (C++ leaves both to the platform; every torch backend wraps). Checked once per device, on enough elements to reach vectorised and scalar loops,
     against Python's exact integers; a backend that does otherwise is refused rather than trusted with bits."""
     key = str(device)
     if key in _INTEGERS_OK:
@@ -323,10 +389,12 @@ def check_torch_integers(device: torch.device) -> None:
     t = torch.tensor(xs, dtype=torch.int64, device=device)
     for m in (PHILOX_M0, PHILOX_M1):
         p = torch.mul(t, m)
-        got = torch.stack([(p >> 32) & MASK32, p & MASK32]).cpu().tolist()
-        if got != [[x * m >> 32 for x in xs], [x * m & MASK32 for x in xs]]:
-            raise SpecError(f"torch int64 multiplication on {device} does not wrap modulo 2**64: the torch generator "
-                            "cannot run there (use the CPU)")
+        low = torch.empty(p.shape, dtype=torch.int32, device=device).copy_(p)
+        got = torch.stack([(p >> 32) & MASK32, p & MASK32, low.to(torch.int64) & MASK32]).cpu().tolist()
+        want = [x * m & MASK32 for x in xs]
+        if got != [[x * m >> 32 for x in xs], want, want]:
+            raise SpecError(f"torch int64 multiplication on {device} does not wrap modulo 2**64, or int64 -> int32 "
+                            "does not keep the low 32 bits: the torch generator cannot run there (use the CPU)")
     _INTEGERS_OK.add(key)
 
 
@@ -334,13 +402,15 @@ _INTEGERS_OK: set = set()
 
 
 def _low_of(words: torch.Tensor) -> torch.Tensor:
-    return words.contiguous().view(torch.int32)[_LOW::2]
+    """int64 words -> the same words' bits as int32 (a view of the low halves)."""
+    return words.reshape(-1).contiguous().view(torch.int32)[_LOW::2]
 
 
 def uniform_torch(words: torch.Tensor) -> torch.Tensor:
     """Uniform (0, 1) float32 of int64 words (spec §5.1)."""
-    out = torch.empty(words.numel(), dtype=torch.float32, device=words.device)
-    uniform_odd_into(words.reshape(-1), out, torch.empty(words.numel(), dtype=torch.int64, device=words.device))
+    w = _low_of(words)
+    out = torch.empty(w.numel(), dtype=torch.float32, device=w.device)
+    uniform_odd_into(w, out, torch.empty_like(w))
     return out.mul_(2.0**-24).view(words.shape)
 
 
@@ -352,9 +422,8 @@ def sign_torch(words: torch.Tensor) -> torch.Tensor:
 
 def normal_torch(words: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 of int64 words (spec §5.3)."""
-    w = words.reshape(-1)
+    w = _low_of(words)
     n, dev = w.numel(), w.device
     z = torch.empty(n, dtype=torch.float32, device=dev)
-    normal_into(w, _low_of(w), z, torch.empty(n, dtype=torch.float64, device=dev),
-                torch.empty(n, dtype=torch.int64, device=dev))
+    normal_into(w, z, torch.empty(n, dtype=torch.float64, device=dev), torch.empty(n, dtype=torch.int64, device=dev))
     return z.view(words.shape)
