@@ -380,8 +380,9 @@ def uniform_odd_into(words: torch.Tensor, out: torch.Tensor, scratch: torch.Tens
 
 def check_torch_integers(device: torch.device) -> None:
     """The torch path relies on int64 multiplication wrapping modulo 2**64 and on int64 -> int32 stores keeping the
-    low 32 bits (C++ leaves both to the platform; every torch backend wraps). Checked once per device, on enough elements to reach vectorised and scalar loops,
-    against Python's exact integers; a backend that does otherwise is refused rather than trusted with bits."""
+    low 32 bits (C++ leaves both to the platform; every torch backend wraps). Checked once per device, on enough
+    elements to reach vectorised and scalar loops, against Python's exact integers; a backend that does otherwise is
+    refused rather than trusted with bits."""
     key = str(device)
     if key in _INTEGERS_OK:
         return
