@@ -52,11 +52,13 @@ class _Workspace:
 
     def views(self, nb: int):
         if nb not in self._views:
-            n, flat = 4 * nb, self.scratch.view(-1)
+            n, cap, flat = 4 * nb, self.nb, self.scratch.view(-1)
             lanes = self.lanes[:n].view(4, nb)
+            # the conversions borrow Philox's free rows 2-7: float64 scratch in rows 2-5, int32 indices in 6-7
             self._views[nb] = (rng.PhiloxBuffers(lanes, self.scratch), lanes.view(-1), self.values[:n],
-                               flat[:n].view(torch.float64), flat[4 * self.nb:4 * self.nb + n],
-                               flat.view(torch.int32)[:n], self.values.view(torch.bool)[:n])
+                               flat[2 * cap:2 * cap + n].view(torch.float64),
+                               flat[6 * cap:6 * cap + n // 2].view(torch.int32),
+                               flat[2 * cap:2 * cap + n // 2].view(torch.int32), self.values.view(torch.bool)[:n])
         return self._views[nb]
 
 

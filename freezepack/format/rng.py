@@ -159,31 +159,44 @@ def normal_table_np() -> tuple[np.ndarray, np.ndarray]:
 # `check_torch_integers` proves the wrap-around on each device before first use.
 # ----------------------------------------------------------------------------------------------------------------
 
-_LOW = 0 if sys.byteorder == "little" else 1  # which int32 half of an int64 holds its low 32 bits
+_LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)  # int32 halves of an int64
+
+
+def _half(t: torch.Tensor, which: int) -> torch.Tensor:
+    """The low (``_LO``) or high (``_HI``) 32 bits of each int64 of ``t`` as an int32 view (no copy)."""
+    return t.view(torch.int32)[..., which::2]
 
 
 class PhiloxTorch:
     """Philox4x32-10 words of one ``(seed, stream)`` on one device, a batch of blocks at a time, with torch kernels
     that write into a caller's :class:`PhiloxBuffers` (nothing allocates per batch).
 
-    A kernel costs about a microsecond of dispatch whatever its size, so the batch is shaped for few kernels.
-    Rounds 0 and 1 have number halves: the counter's words 1-3 are the same for every block of a batch (batches
-    never cross a multiple of 2**32 blocks). From round 2 on the two multiplicands ``c0, c2`` are the two rows of
-    one ``(2, nb)`` tensor ``x``, so one kernel does each step for both: multiply by the column (M0, M1), shift,
-    xor with (c3, c1), xor with the round's key column, mask. Each round the multiplicands swap rows (``c0'``
-    comes from the ``c2`` row), so the columns alternate and the products -- next round's ``c3, c1`` -- go into a
-    three-row buffer whose row 2 repeats row 0: its rows 1-2 are the products in swapped order. Six kernels a round
-    instead of ten. Constants are tensors (a Python number costs a conversion per kernel)."""
+    A kernel costs about a microsecond of dispatch whatever its size, and a pass over memory whatever it computes,
+    so a batch is shaped for few kernels:
+
+    * ``c * M`` (both < 2**32) is one int64 multiply: it wraps modulo 2**64, so its int32 halves *are* hi and lo
+      (two's complement; :func:`check_torch_integers`). Views of the halves replace shifts and masks: the next
+      multiplicand ``hi ^ c ^ k`` is written as int32 into the low halves of an int64 whose high halves stay zero.
+    * Rounds 0 and 1 have number halves: counter words 1-3 are one number for a whole batch (batches never cross a
+      multiple of 2**32 blocks).
+    * From round 2 on, the multiplicands ``c0, c2`` are the two rows of one ``(2, nb)`` tensor, multiplied by a
+      column (M0, M1), so each step is one kernel for both. Each round they swap rows (``c0'`` comes from the
+      ``c2`` row): the columns alternate, and the products go into a three-row buffer whose row 2 repeats row 0,
+      so its rows 1-2 are them in the order the next round pairs them. The next round's key is xored into the
+      products' low halves (the high halves are unaffected).
+
+    Four kernels a round (multiply, key, repeat a row, xor of two halves), 39 a batch."""
 
     def __init__(self, seed: int, stream: int, device):
         self.seed, self.stream, self.device = check_seed(seed), int(stream), torch.device(device)
         self.keys = _key_schedule(self.seed)
         t = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
-        self.m0, self.m1, self.mask, self.n32 = t(PHILOX_M0), t(PHILOX_M1), t(MASK32), t(32)
+        self.m0, self.m1 = t(PHILOX_M0), t(PHILOX_M1)
         # round r >= 2 has the multiplicands in order (c0, c2) when r is even, (c2, c0) when odd
         self.mul_col = (t([[PHILOX_M0], [PHILOX_M1]]), t([[PHILOX_M1], [PHILOX_M0]]))
-        self.key_col = [t([[k1], [k0]] if r % 2 == 0 else [[k0], [k1]]) for r, (k0, k1) in enumerate(self.keys)]
-        self._early: dict = {}  # block >> 32 -> the number halves of rounds 0-1 and round 2's key column
+        # round r's keys, xored into round r-1's products: their rows reach round r swapped
+        self.key_col = [t([[k0], [k1]] if r % 2 == 0 else [[k1], [k0]]) for r, (k0, k1) in enumerate(self.keys)]
+        self._early: dict = {}  # block >> 32 -> the number halves of rounds 0-2
 
     def _early_rounds(self, bhi: int):
         if bhi not in self._early:
@@ -192,71 +205,77 @@ class PhiloxTorch:
             x0, y1 = (p1 >> 32) ^ bhi ^ k0, p1 & MASK32  # its c0 and c1 are numbers
             (k0, k1), q0 = self.keys[1], x0 * PHILOX_M0  # round 1: so its p0 is a number, and its c3
             k0_2, k1_2 = self.keys[2]
-            t = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
-            self._early[bhi] = (t(s1 ^ self.keys[0][1]), t(y1 ^ k0), t((q0 >> 32) ^ k1),
-                                t([[(q0 & MASK32) ^ k1_2], [k0_2]]))
+            i32 = functools.partial(torch.tensor, dtype=torch.int32, device=self.device)
+            signed = lambda v: v - (1 << 32) if v >> 31 else v  # noqa: E731 (the u32's bits as an int32)
+            self._early[bhi] = (i32(signed(s1 ^ self.keys[0][1])), i32(signed(y1 ^ k0)),
+                                i32(signed((q0 >> 32) ^ k1)), torch.tensor(k0_2, dtype=torch.int64, device=self.device),
+                                i32(signed((q0 & MASK32) ^ k1_2)))
         return self._early[bhi]
 
     def words(self, first_block: int, buf: PhiloxBuffers) -> torch.Tensor:
         """Words of blocks ``[first_block, first_block + buf.nb)`` into ``buf.lanes`` (int32 ``(4, nb)``): row ``r``
         holds word ``r`` of every block (the u32 bits; bit 31 is the sign), so element ``4 i + r`` of the batch is
-        ``lanes[r, i]``. 58 kernels on ``nb`` or ``2 nb`` contiguous elements."""
+        ``lanes[r, i]``."""
         nb = buf.nb
         bhi = first_block >> 32
         if (first_block + nb - 1) >> 32 != bhi:
             raise ValueError("a Philox batch must not cross a multiple of 2**32 blocks")
-        key_c2, key_c0, key_c2b, col2 = self._early_rounds(bhi)
-        a, b, c, d, x, mask, n32 = buf.a, buf.b, buf.c, buf.d, buf.x, self.mask, self.n32
+        key_c2, key_c0, key_c2b, key_c1, key_c3 = self._early_rounds(bhi)
         lo = first_block & MASK32
-        torch.arange(lo, lo + nb, out=a)  # round 0: c0 = the block's low half
-        torch.mul(a, self.m0, out=b)  # p0: the next c3 (upper bits not cleared)
-        torch.bitwise_right_shift(b, n32, out=c).bitwise_xor_(key_c2).bitwise_and_(mask)  # next c2
-        torch.mul(c, self.m1, out=d)  # round 1: p1, the next c1
-        torch.bitwise_right_shift(d, n32, out=a).bitwise_xor_(key_c0).bitwise_and_(mask)  # next c0
-        torch.bitwise_xor(b, key_c2b, out=c).bitwise_and_(mask)  # next c2 = hi(p0, a number) ^ c3 ^ k1
-        # round 2: x = (c0, c2), c3 is a number (inside col2), c1 = d
-        p, dup, src, y = buf.products[1], buf.dup[1], buf.dup_src[1], buf.swapped[1]
-        torch.mul(x, self.mul_col[0], out=p)
-        dup.copy_(src)
-        torch.bitwise_right_shift(p, n32, out=x).bitwise_xor_(col2)
-        c.bitwise_xor_(d)
-        x.bitwise_and_(mask)
+        torch.arange(lo, lo + nb, out=buf.a)  # round 0: c0 = the block's low half (high halves: zero)
+        torch.mul(buf.a, self.m0, out=buf.b)  # p0; its low half is the next c3
+        torch.bitwise_xor(buf.b_hi, key_c2, out=buf.c_lo)  # next c2 = hi(p0) ^ s1 ^ k1
+        torch.mul(buf.c, self.m1, out=buf.d)  # round 1: p1; its low half is the next c1
+        torch.bitwise_xor(buf.d_hi, key_c0, out=buf.a_lo)  # next c0 = hi(p1) ^ c1 ^ k0, c1 a number
+        torch.bitwise_xor(buf.b_lo, key_c2b, out=buf.c_lo)  # next c2 = hi(p0, a number) ^ c3 ^ k1
+        buf.d.bitwise_xor_(key_c1)  # round 2's k0, into c1's bits
+        # round 2: x = (c0, c2); c3 is a number, so the pairing is row by row
         last = len(self.keys) - 1
+        p = buf.products[1]
+        torch.mul(buf.x, self.mul_col[0], out=p)
+        p.bitwise_xor_(self.key_col[3])
+        buf.dup[1].copy_(buf.dup_src[1])
+        torch.bitwise_xor(buf.p_hi[1][0], key_c3, out=buf.x_lo[0])  # c2' = hi(p0) ^ c3 ^ k1
+        torch.bitwise_xor(buf.p_hi[1][1], buf.d_lo, out=buf.x_lo[1])  # c0' = hi(p1) ^ c1 ^ k0
         for r in range(3, last):
-            h = r % 2  # this round's products go to the buffer the previous round did not use
-            p, dup, src = buf.products[1 - h], buf.dup[1 - h], buf.dup_src[1 - h]
-            torch.mul(x, self.mul_col[h], out=p)
-            dup.copy_(src)
-            torch.bitwise_right_shift(p, n32, out=x).bitwise_xor_(y).bitwise_xor_(self.key_col[r])
-            x.bitwise_and_(mask)
-            y = buf.swapped[1 - h]
-        # the last round (odd: x = (c2, c0)) writes (c0, c2) and the products (c1, c3) into the int32 lanes; the
-        # int32 stores keep the low 32 bits (check_torch_integers)
+            h = r % 2  # the products go to the buffer the previous round did not use
+            p = buf.products[1 - h]
+            torch.mul(buf.x, self.mul_col[h], out=p)
+            p.bitwise_xor_(self.key_col[r + 1])
+            buf.dup[1 - h].copy_(buf.dup_src[1 - h])
+            torch.bitwise_xor(buf.p_hi[1 - h], buf.swapped_lo[h], out=buf.x_lo)
+        # the last round (odd: x = (c2, c0)) writes (c0, c2) and the products' low halves (c1, c3) into the lanes
         p = buf.products[1 - last % 2]
-        torch.mul(x, self.mul_col[last % 2], out=p)
-        torch.bitwise_right_shift(p, n32, out=x).bitwise_xor_(y)
-        torch.bitwise_xor(x, self.key_col[last], out=buf.lanes02)
-        buf.lanes13.copy_(p)
+        torch.mul(buf.x, self.mul_col[last % 2], out=p)
+        torch.bitwise_xor(buf.p_hi[1 - last % 2], buf.swapped_lo[last % 2], out=buf.lanes02)
+        buf.lanes13.copy_(_half(p, _LO))
         return buf.lanes
 
 
 class PhiloxBuffers:
     """The tensors and views :meth:`PhiloxTorch.words` works in for batches of ``nb`` blocks, made once (slicing a
     tensor costs about as much as a small kernel): ``lanes`` int32 ``(4, nb)`` contiguous (the output) and
-    ``scratch`` int64 ``(ROWS, >= nb)`` with contiguous rows."""
+    ``scratch`` int64 ``(ROWS, >= nb)`` with contiguous rows. Rows 0-1 hold the multiplicands, whose high halves
+    must stay zero: they are zeroed here, and only rows 2-7 may be borrowed between batches."""
 
     ROWS = 8
+    FREE_ROWS = slice(2, 8)  # what a caller may use between batches
 
     def __init__(self, lanes: torch.Tensor, scratch: torch.Tensor):
         self.nb = nb = lanes.shape[1]
+        scratch[0:2].zero_()
         self.lanes, self.lanes02, self.lanes13 = lanes, lanes[0::2], lanes[1::2]
         self.x = scratch[0:2, :nb]
+        self.x_lo = _half(self.x, _LO)
         self.a, self.c = self.x[0], self.x[1]
+        self.a_lo, self.c_lo = self.x_lo[0], self.x_lo[1]
         bufs = (scratch[2:5, :nb], scratch[5:8, :nb])  # products, row 2 a copy of row 0
-        self.b, self.d = bufs[0][0], bufs[0][1]
+        self.b, self.d = bufs[0][0], bufs[0][1]  # rounds 0-1 (round 2 writes bufs[1], round 3 bufs[0])
+        self.b_lo, self.b_hi, self.d_lo, self.d_hi = (_half(t, w) for t in (self.b, self.d) for w in (_LO, _HI))
         self.products = [q[0:2] for q in bufs]
+        self.p_hi = [_half(q[0:2], _HI) for q in bufs]
         self.dup, self.dup_src = [q[2] for q in bufs], [q[0] for q in bufs]
-        self.swapped = [q[1:3] for q in bufs]
+        self.swapped_lo = [_half(q[1:3], _LO) for q in bufs]
 
 
 def element_pieces(lanes: torch.Tensor, lo: int, hi: int):
@@ -379,23 +398,20 @@ def uniform_odd_into(words: torch.Tensor, out: torch.Tensor, scratch: torch.Tens
 
 
 def check_torch_integers(device: torch.device) -> None:
-    """The torch path relies on int64 multiplication wrapping modulo 2**64 and on int64 -> int32 stores keeping the
-    low 32 bits (C++ leaves both to the platform; every torch backend wraps). Checked once per device, on enough
-    elements to reach vectorised and scalar loops, against Python's exact integers; a backend that does otherwise is
-    refused rather than trusted with bits."""
+    """The torch path relies on int64 multiplication wrapping modulo 2**64 (C++ leaves signed overflow undefined;
+    every torch backend wraps). Checked once per device, on enough elements to reach vectorised and scalar loops,
+    against Python's exact integers; a backend that does otherwise is refused rather than trusted with bits."""
     key = str(device)
     if key in _INTEGERS_OK:
         return
     xs = [(i * 0x9E3779B97F4A7C15 >> 32) & MASK32 for i in range(1, 1030)] + [MASK32, 0x80000000]
     t = torch.tensor(xs, dtype=torch.int64, device=device)
     for m in (PHILOX_M0, PHILOX_M1):
-        p = torch.mul(t, m)
-        low = torch.empty(p.shape, dtype=torch.int32, device=device).copy_(p)
-        got = torch.stack([(p >> 32) & MASK32, p & MASK32, low.to(torch.int64) & MASK32]).cpu().tolist()
-        want = [x * m & MASK32 for x in xs]
-        if got != [[x * m >> 32 for x in xs], want, want]:
-            raise SpecError(f"torch int64 multiplication on {device} does not wrap modulo 2**64, or int64 -> int32 "
-                            "does not keep the low 32 bits: the torch generator cannot run there (use the CPU)")
+        p = torch.mul(t, torch.tensor(m, dtype=torch.int64, device=device))
+        got = torch.stack([_half(p, _HI), _half(p, _LO)]).to(torch.int64).bitwise_and_(MASK32).cpu().tolist()
+        if got != [[x * m >> 32 for x in xs], [x * m & MASK32 for x in xs]]:
+            raise SpecError(f"torch int64 multiplication on {device} does not wrap modulo 2**64: the torch generator "
+                            "cannot run there (use the CPU)")
     _INTEGERS_OK.add(key)
 
 
@@ -404,7 +420,7 @@ _INTEGERS_OK: set = set()
 
 def _low_of(words: torch.Tensor) -> torch.Tensor:
     """int64 words -> the same words' bits as int32 (a view of the low halves)."""
-    return words.reshape(-1).contiguous().view(torch.int32)[_LOW::2]
+    return _half(words.reshape(-1).contiguous(), _LO)
 
 
 def uniform_torch(words: torch.Tensor) -> torch.Tensor:
