@@ -64,7 +64,7 @@ class _Workspace:
 
 def _exact_uniform_scale(b: float) -> float | None:
     """b * 2**-24 when it is an exact float32 (then f32(U * that) == f32(f32(U * 2**-24) * b): the same real product,
-    rounded once), else None (b so small that b * 2**-24 would be subnormal)."""
+    rounded once), else None (b so small that b * 2**-24 would be a subnormal missing some of b's bits)."""
     scaled = np.float32(b) * np.float32(_U24)
     return float(scaled) if scaled * np.float32(2.0**24) == np.float32(b) else None
 

@@ -202,9 +202,11 @@ def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: t
         raise SpecError("chunk must be positive")
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= 2**64 - n:
         raise SpecError(f"start must be an integer with start + numel <= 2**64, got {start!r}")
+    if n == 0:
+        return out
     flat = out.view(-1)
     stream = rng.stream_id(name)
-    if n and out.device.type == "cpu" and not out.requires_grad and native.available():
+    if out.device.type == "cpu" and not out.requires_grad and native.available():
         # Compiled kernel (freezepack/format/_philox.c): same bits as the numpy reference, written straight into out.
         native.fill(flat, spec.dist, spec.a, spec.b, seed, stream, start=start)
         return out
