@@ -1,17 +1,17 @@
 """The torch generator path: fill a float32 tensor with torch kernels only (spec/RNG.md). A machine without the
 compiled kernel (freezepack/format/native.py) runs it on the CPU, and every GPU runs it.
 
-Elements are made in batches of whole Philox blocks (rng.PhiloxTorch: about 60 kernels a batch, then about 12 for
-the conversion). A batch's words, conversions and temporaries live in one preallocated workspace (24 bytes per
-element) that every kernel writes with ``out=`` or in place, through views made once: a kernel's dispatch costs
-about a microsecond whatever its size, so nothing per batch allocates or slices more than it must.
+Elements are made in batches of whole Philox blocks (rng.PhiloxTorch: 39 kernels a batch, then about a dozen for
+the conversion and the store). A batch's words, conversions and temporaries live in one preallocated workspace (24
+bytes per element) that every kernel writes with ``out=`` or in place, through views made once: a kernel's
+dispatch costs about a microsecond whatever its size, so nothing per batch allocates or slices more than it must.
 
 Threads (CPU). Batches are independent (counter-based generator), so with ``threads`` > 1 that many Python threads
 take batches from one queue, each with its own workspace and torch's intra-op threads set to one for itself (torch
 releases the GIL inside kernels). Their batches are large (131072 elements), so the GIL changes hands rarely. In
 one thread, batches stay small (32768 or 65536 elements: in L2, and no kernel bigger than torch's intra-op grain,
-so torch never wakes its own threads): on a loaded machine a parallel region waits for a descheduled thread at
-every kernel, which measured 50x slower, and larger kernels split by torch gained at most 1.3x when it was idle.
+so torch never wakes its own threads): split by torch, every kernel is a parallel region that waits for all its
+threads, and on a loaded machine that wait costs more than the kernel (tools/bench_rng.py measures the result).
 Every element is a pure function of (seed, stream, index) computed by elementwise kernels: neither the batch size
 nor the thread count can change a bit.
 """
@@ -78,6 +78,8 @@ def fill(out: torch.Tensor, dist: str, a: float, b: float, seed: int, stream: in
     threads (default torch's thread count; accelerators use one). Neither changes a bit. Raises ValueError for an
     unknown ``dist`` or an ``a``/``b`` that is not a float32 value."""
     n = out.numel()
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("out must be a contiguous float32 tensor")
     if dist not in ("normal", "uniform", "sign"):
         raise ValueError(f"dist must be normal, uniform or sign, got {dist!r}")
     for v in (a, b):
@@ -88,7 +90,7 @@ def fill(out: torch.Tensor, dist: str, a: float, b: float, seed: int, stream: in
     flat = out.view(-1)
     device = out.device
     rng.check_torch_integers(device)
-    rng._torch_tables(device)  # built once, before any worker thread reads them
+    rng._torch_tables(device), rng._constants(device)  # built once, before any worker thread reads them
     first, stop = start >> 2, ((start + n - 1) >> 2) + 1
     workers = 1
     if device.type != "cpu":

@@ -6,9 +6,11 @@ Element ``i`` of the tensor stream ``s`` under seed ``k`` is a pure function of 
 so launch geometry, chunk size, device and thread count cannot change a bit.
 
 Two implementations live here and must agree bit for bit: a plain numpy reference (``*_np``; uint64 arithmetic,
-written for clarity) and a torch implementation (``*_torch``) that runs on the tensor's device. The torch path
-keeps every integer exact in int64 (products are split so they never exceed 2**48) and uses only correctly
-rounded float32 multiply and add, issued as separate eager kernels, so nothing can be contracted into an FMA.
+written for clarity) and a torch implementation (``PhiloxTorch``, ``normal_into``, ``*_torch``) that runs on the
+tensor's device, built for few kernels (freezepack/format/eager.py drives it in batches). Its integers are exact:
+Philox products wrap modulo 2**64 in int64, which every torch backend does and ``check_torch_integers`` proves per
+device, and the normal transform's float64 values are all exact. Its float32 math is the spec's correctly rounded
+multiply and add, issued as separate eager kernels, so nothing can be contracted into an FMA.
 """
 from __future__ import annotations
 
@@ -151,12 +153,8 @@ def normal_table_np() -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------------
 # torch implementation (any device)
 #
-# Words are int64 tensors whose low 32 bits hold the u32 word. Philox keeps every value below 2**32 except the raw
-# products: c * M (both < 2**32) wraps modulo 2**64 in int64 -- two's complement, the same bits as the exact u64
-# product -- so one multiply gives both halves: lo = p & MASK32, hi = (p >> 32) & MASK32 (the shift is arithmetic,
-# the mask drops the sign copies). Lanes 1 and 3 are raw products whose upper 32 bits are not cleared: every consumer
-# reads only the low 32 bits, and Philox masks them away when it xors them into the next multiplicand.
-# `check_torch_integers` proves the wrap-around on each device before first use.
+# Words travel as int32 tensors holding the u32 words' bits (bit 31 is the sign); the public ``*_torch`` functions
+# take and give int64 tensors of the u32 values, as the numpy reference does.
 # ----------------------------------------------------------------------------------------------------------------
 
 _LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)  # int32 halves of an int64
