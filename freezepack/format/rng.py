@@ -197,6 +197,8 @@ class PhiloxTorch:
         self._early: dict = {}  # block >> 32 -> the number halves of rounds 0-2
 
     def _early_rounds(self, bhi: int):
+        """The numbers xored in rounds 0-2 for blocks ``bhi << 32 ...``: into c2 (round 0), c0 and c2 (round 1), c1
+        and c3 (round 2), as 0-dim tensors."""
         if bhi not in self._early:
             s0, s1 = self.stream & MASK32, self.stream >> 32
             (k0, k1), p1 = self.keys[0], PHILOX_M1 * s0  # round 0: (c0..c3) = (block_lo, bhi, s0, s1)
@@ -257,7 +259,6 @@ class PhiloxBuffers:
     must stay zero: they are zeroed here, and only rows 2-7 may be borrowed between batches."""
 
     ROWS = 8
-    FREE_ROWS = slice(2, 8)  # what a caller may use between batches
 
     def __init__(self, lanes: torch.Tensor, scratch: torch.Tensor):
         self.nb = nb = lanes.shape[1]
