@@ -180,10 +180,10 @@ class PhiloxTorch:
     * From round 2 on, the multiplicands ``c0, c2`` are the two rows of one ``(2, nb)`` tensor, multiplied by a
       column (M0, M1), so each step is one kernel for both. Each round they swap rows (``c0'`` comes from the
       ``c2`` row): the columns alternate, and the products go into a three-row buffer whose row 2 repeats row 0,
-      so its rows 1-2 are them in the order the next round pairs them. The next round's key is xored into the
-      products' low halves (the high halves are unaffected).
+      so its rows 1-2 are them in the order the next round pairs them. The next round's keys are xored into the
+      products' low halves (the high halves are unaffected), row 0's on its way to row 2.
 
-    Four kernels a round (multiply, key, repeat a row, xor of two halves), 39 a batch."""
+    Four kernels a round (multiply, two key xors, xor of two halves), 39 a batch."""
 
     def __init__(self, seed: int, stream: int, device):
         self.seed, self.stream, self.device = check_seed(seed), int(stream), torch.device(device)
@@ -192,8 +192,9 @@ class PhiloxTorch:
         self.m0, self.m1 = t(PHILOX_M0), t(PHILOX_M1)
         # round r >= 2 has the multiplicands in order (c0, c2) when r is even, (c2, c0) when odd
         self.mul_col = (t([[PHILOX_M0], [PHILOX_M1]]), t([[PHILOX_M1], [PHILOX_M0]]))
-        # round r's keys, xored into round r-1's products: their rows reach round r swapped
-        self.key_col = [t([[k0], [k1]] if r % 2 == 0 else [[k1], [k0]]) for r, (k0, k1) in enumerate(self.keys)]
+        # round r's keys for the rows of round r-1's products: rows 1 and 2 (the copy of row 0) are round r's (c3, c1)
+        # when r is even, (c1, c3) when odd; c1 takes k0 and c3 k1
+        self.key_rows = [(t(k0), t(k1)) if r % 2 == 0 else (t(k1), t(k0)) for r, (k0, k1) in enumerate(self.keys)]
         self._early: dict = {}  # block >> 32 -> the number halves of rounds 0-2
 
     def _early_rounds(self, bhi: int):
@@ -231,18 +232,14 @@ class PhiloxTorch:
         buf.d.bitwise_xor_(key_c1)  # round 2's k0, into c1's bits
         # round 2: x = (c0, c2); c3 is a number, so the pairing is row by row
         last = len(self.keys) - 1
-        p = buf.products[1]
-        torch.mul(buf.x, self.mul_col[0], out=p)
-        p.bitwise_xor_(self.key_col[3])
-        buf.dup[1].copy_(buf.dup_src[1])
+        torch.mul(buf.x, self.mul_col[0], out=buf.products[1])
+        self._rekey(buf, 1, 3)
         torch.bitwise_xor(buf.p_hi[1][0], key_c3, out=buf.x_lo[0])  # c2' = hi(p0) ^ c3 ^ k1
         torch.bitwise_xor(buf.p_hi[1][1], buf.d_lo, out=buf.x_lo[1])  # c0' = hi(p1) ^ c1 ^ k0
         for r in range(3, last):
             h = r % 2  # the products go to the buffer the previous round did not use
-            p = buf.products[1 - h]
-            torch.mul(buf.x, self.mul_col[h], out=p)
-            p.bitwise_xor_(self.key_col[r + 1])
-            buf.dup[1 - h].copy_(buf.dup_src[1 - h])
+            torch.mul(buf.x, self.mul_col[h], out=buf.products[1 - h])
+            self._rekey(buf, 1 - h, r + 1)
             torch.bitwise_xor(buf.p_hi[1 - h], buf.swapped_lo[h], out=buf.x_lo)
         # the last round (odd: x = (c2, c0)) writes (c0, c2) and the products' low halves (c1, c3) into the lanes
         p = buf.products[1 - last % 2]
@@ -250,6 +247,11 @@ class PhiloxTorch:
         torch.bitwise_xor(buf.p_hi[1 - last % 2], buf.swapped_lo[last % 2], out=buf.lanes02)
         buf.lanes13.copy_(_half(p, _LO))
         return buf.lanes
+
+    def _rekey(self, buf: PhiloxBuffers, i: int, r: int) -> None:
+        """Round ``r``'s keys into the low halves of product buffer ``i``, and row 0 (with its key) into row 2."""
+        buf.rows[i][1].bitwise_xor_(self.key_rows[r][1])
+        torch.bitwise_xor(buf.rows[i][0], self.key_rows[r][0], out=buf.rows[i][2])
 
 
 class PhiloxBuffers:
@@ -272,8 +274,8 @@ class PhiloxBuffers:
         self.b, self.d = bufs[0][0], bufs[0][1]  # rounds 0-1 (round 2 writes bufs[1], round 3 bufs[0])
         self.b_lo, self.b_hi, self.d_lo, self.d_hi = (_half(t, w) for t in (self.b, self.d) for w in (_LO, _HI))
         self.products = [q[0:2] for q in bufs]
+        self.rows = [(q[0], q[1], q[2]) for q in bufs]
         self.p_hi = [_half(q[0:2], _HI) for q in bufs]
-        self.dup, self.dup_src = [q[2] for q in bufs], [q[0] for q in bufs]
         self.swapped_lo = [_half(q[1:3], _LO) for q in bufs]
 
 
