@@ -188,13 +188,7 @@ class PhiloxTorch:
     def __init__(self, seed: int, stream: int, device):
         self.seed, self.stream, self.device = check_seed(seed), int(stream), torch.device(device)
         self.keys = _key_schedule(self.seed)
-        t = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
-        self.m0, self.m1 = t(PHILOX_M0), t(PHILOX_M1)
-        # round r >= 2 has the multiplicands in order (c0, c2) when r is even, (c2, c0) when odd
-        self.mul_col = (t([[PHILOX_M0], [PHILOX_M1]]), t([[PHILOX_M1], [PHILOX_M0]]))
-        # round r's keys for the rows of round r-1's products: rows 1 and 2 (the copy of row 0) are round r's (c3, c1)
-        # when r is even, (c1, c3) when odd; c1 takes k0 and c3 k1
-        self.key_rows = [(t(k0), t(k1)) if r % 2 == 0 else (t(k1), t(k0)) for r, (k0, k1) in enumerate(self.keys)]
+        self.m0, self.m1, self.mul_col, self.key_rows = _philox_constants(self.seed, self.device)
         self._early: dict = {}  # block >> 32 -> the number halves of rounds 0-2
 
     def _early_rounds(self, bhi: int):
@@ -252,6 +246,18 @@ class PhiloxTorch:
         """Round ``r``'s keys into the low halves of product buffer ``i``, and row 0 (with its key) into row 2."""
         buf.rows[i][1].bitwise_xor_(self.key_rows[r][1])
         torch.bitwise_xor(buf.rows[i][0], self.key_rows[r][0], out=buf.rows[i][2])
+
+
+@functools.lru_cache(maxsize=64)
+def _philox_constants(seed: int, device: torch.device):
+    """A seed's tensors for PhiloxTorch (made once: a model's tensors share its seed)."""
+    t = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    # round r >= 2 has the multiplicands in order (c0, c2) when r is even, (c2, c0) when odd
+    mul_col = (t([[PHILOX_M0], [PHILOX_M1]]), t([[PHILOX_M1], [PHILOX_M0]]))
+    # round r's keys for the rows of round r-1's products: rows 1 and 2 (the copy of row 0) are round r's (c3, c1)
+    # when r is even, (c1, c3) when odd; c1 takes k0 and c3 k1
+    key_rows = [(t(k0), t(k1)) if r % 2 == 0 else (t(k1), t(k0)) for r, (k0, k1) in enumerate(_key_schedule(seed))]
+    return t(PHILOX_M0), t(PHILOX_M1), mul_col, key_rows
 
 
 class PhiloxBuffers:
