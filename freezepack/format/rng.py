@@ -341,8 +341,9 @@ def words_torch(seed: int, stream: int, start: int, count: int, device=None) -> 
 # exponent field is 1022 + e (e = bit_length(n) - 1), so the top bits of d, (bits >> 45), are 128 * (1022 + e) + j:
 # the table index plus a constant, which the tables absorb (NORMAL_TABLE_BASE unused leading entries). The 45 bits
 # below are f * 2**45 exactly (f has at most 24 significant bits), and f32(F) * (D * 2**-45) rounds the same real
-# product f * D as the spec's f32(f * D), so the fraction needs no scaling (D * 2**-45 is exact: no D is below
-# 2**-81). The sign bit of w is copied onto the magnitude (exact, like the spec's negation).
+# product f * D as the spec's f32(f * D), so the fraction needs no scaling (D * 2**-45 is exact while |D| >= 2**-81;
+# the table's smallest |D| is about 2**-11). The sign bit of w is copied onto the magnitude (exact, as the spec's
+# negation).
 NORMAL_TABLE_BASE = 1022 << NORMAL_K
 _FRACTION_BITS = 45
 
