@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from freezepack.format import init, native, rng
+from freezepack.format import eager, init, native, rng
 
 HAVE_CC = native._compiler() is not None
 # Many tests here make the kernel unavailable on purpose; the one warning that causes is tested on its own.
@@ -155,7 +155,7 @@ def test_generate_uses_kernel_and_equals_reference(shape, init_name, monkeypatch
     calls = []
     real_fill = native.fill
     monkeypatch.setattr(native, "fill", lambda *a, **k: (calls.append(1), real_fill(*a, **k))[1])
-    monkeypatch.setattr(rng, "words_torch", lambda *a, **k: pytest.fail("torch path used"))
+    monkeypatch.setattr(eager, "fill", lambda *a, **k: pytest.fail("torch path used"))
     for seed, name in [(0, "w"), (99, "features.0.weight"), (2**64 - 1, "ünïcode.weight")]:
         got = init.generate(spec, shape, seed, name)
         assert got.dtype == torch.float32 and tuple(got.shape) == shape

@@ -3,14 +3,18 @@
 One run measures, on each device, in the same process:
   native   freezepack.format.init.generate through the compiled kernel (CPU only; freezepack/format/_philox.c),
            with torch's thread count and with one thread
-  eager    freezepack.format.init.generate through the torch path (FREEZEPACK_NO_NATIVE=1; what CUDA uses)
-  randn    torch.randn of the same size: what a user would otherwise call (not reproducible across platforms)
+  eager    freezepack.format.init.generate through the torch path (FREEZEPACK_NO_NATIVE=1: what a machine without
+           a C compiler runs, and what CUDA runs; freezepack/format/eager.py), with torch's threads and with one
+  randn    torch.randn of the same size: what a user would otherwise call (not reproducible across platforms), with
+           torch's threads and with one (each ``*_1thread`` ratio is against ``randn_1thread``)
   fill     out.fill_(1.0): a pure memory write of the same size, the bandwidth floor (CUDA only)
-and reports the median time of each, elements/s, and ratios to torch.randn (goal on CPU: native <= 1.5x randn,
-stretch <= 1.0x). It also checks that native and eager gave the same bits.
+and reports the median time of each, elements/s, ratios to torch.randn and the goals (CPU: eager <= 3x randn at
+one thread and at torch's threads; native <= 0.3x randn at two threads or more). It also checks that native and
+eager gave the same bits.
 
     .venv/bin/python tools/bench_rng.py              # CPU, and CUDA when present
     .venv/bin/python tools/bench_rng.py --json       # machine-readable
+    OMP_NUM_THREADS=2 .venv/bin/python tools/bench_rng.py --device cpu
 """
 from __future__ import annotations
 
@@ -72,6 +76,8 @@ def bench_device(device: str, shape, repeat: int, eager_repeat: int) -> dict:
         res["cpu"] = platform.processor() or platform.machine()
     results = {}
     fast = {"randn": lambda: torch.randn(shape, device=device)}
+    if device == "cpu":
+        fast["randn_1thread"] = _one_thread(fast["randn"])
     regen = lambda: init.generate(spec, shape, 1, "features.weight", out=out)  # noqa: E731
     if device == "cpu":
         if native.available():
@@ -91,7 +97,11 @@ def bench_device(device: str, shape, repeat: int, eager_repeat: int) -> dict:
     os.environ["FREEZEPACK_NO_NATIVE"] = "1"
     try:
         if eager_repeat > 0:
-            results.update(timed({"eager": regen}, device, eager_repeat))
+            eager = {"eager": regen}
+            if device == "cpu":
+                eager["eager_1thread"] = _one_thread(regen)
+                eager["randn_1thread"] = fast["randn_1thread"]  # again, interleaved with the eager runs
+            results.update(timed(eager, device, eager_repeat))
     finally:
         if saved is None:
             del os.environ["FREEZEPACK_NO_NATIVE"]
@@ -100,16 +110,37 @@ def bench_device(device: str, shape, repeat: int, eager_repeat: int) -> dict:
     if native_out is not None and eager_repeat > 0:
         res["native_equals_eager_bitwise"] = bool(torch.equal(native_out.view(torch.int32), out.view(torch.int32)))
 
-    randn_s = results["randn"]["median_s"]
-    for r in results.values():
+    for name, r in results.items():
+        base = results["randn_1thread" if name.endswith("_1thread") else "randn"]["median_s"]
         r["elements_per_s"] = n / r["median_s"]
-        r["ratio_to_randn"] = r["median_s"] / randn_s
+        r["ratio_to_randn"] = r["median_s"] / base
+    if device == "cpu":
+        res["goals"] = _goals(results, res["torch_threads"])
     if "fill" in results and "eager" in results:  # fraction of the write bandwidth a plain fill reaches
         for key in ("eager",):
             results[key]["write_bandwidth_fraction_of_fill"] = results["fill"]["median_s"] / results[key]["median_s"]
             results[key]["write_GB_per_s"] = 4 * n / results[key]["median_s"] / 1e9
     res["results"] = results
     return res
+
+
+EAGER_GOAL = 3.0  # the torch path (no C compiler): at most this many times torch.randn, at 1 thread and at torch's
+NATIVE_GOAL = 0.3  # the compiled kernel at two threads or more
+
+
+def _goals(results: dict, threads: int) -> list:
+    """(what, measured ratio, goal, met) for each goal this run measured."""
+    goals = []
+    for name in ("eager_1thread", "eager"):
+        if name in results:
+            what = f"eager, {1 if name.endswith('_1thread') else threads} thread(s): <= {EAGER_GOAL:g}x randn"
+            ratio = results[name]["ratio_to_randn"]
+            goals.append((what, ratio, EAGER_GOAL, ratio <= EAGER_GOAL))
+    if "native" in results and threads >= 2:
+        ratio = results["native"]["ratio_to_randn"]
+        what = f"native, {threads} threads: <= {NATIVE_GOAL:g}x randn"
+        goals.append((what, ratio, NATIVE_GOAL, ratio <= NATIVE_GOAL))
+    return goals
 
 
 def main(argv=None) -> int:
@@ -140,6 +171,8 @@ def main(argv=None) -> int:
             print(f"  native == eager bitwise: {d['native_equals_eager_bitwise']}")
         if "native_unavailable" in d:
             print(f"  native kernel unavailable: {d['native_unavailable']}")
+        for what, ratio, _goal, met in d.get("goals", []):
+            print(f"  goal: {what}: {ratio:.2f}x, {'met' if met else 'NOT met'}")
         if "write_GB_per_s" in d["results"].get("eager", {}):
             e = d["results"]["eager"]
             print(f"  eager writes {e['write_GB_per_s']:.1f} GB/s = {e['write_bandwidth_fraction_of_fill']:.0%} "

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import SpecError
-from . import native, rng
+from . import eager, native, rng
 from .initializers import INITIALIZERS, NONLINEARITIES, TABLE
 
 DISTRIBUTIONS = ("normal", "uniform", "sign", "constant")
@@ -180,26 +180,14 @@ def generate_np(spec: InitSpec, shape, seed: int, name: str) -> np.ndarray:
     return out.astype(np.float32).reshape(shape)
 
 
-def _convert_into(spec: InitSpec, words: torch.Tensor, dst: torch.Tensor) -> None:
-    """dst = a + b*x (or a*s): the multiply writes straight into ``dst``, then the add runs in place. Two
-    separate eager kernels, so nothing is fused into an FMA; no extra full-size temporaries."""
-    if spec.dist == "normal":
-        torch.mul(rng.normal_torch(words), spec.b, out=dst)
-    elif spec.dist == "uniform":
-        torch.mul(rng.uniform_torch(words), spec.b, out=dst)
-    else:
-        torch.mul(rng.sign_torch(words), spec.a, out=dst)
-        return
-    dst.add_(spec.a)
-
-
 def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: torch.Tensor | None = None,
              chunk: int | None = None, start: int = 0) -> torch.Tensor:
     """Regenerate a float32 tensor straight on ``device`` (or into ``out``), ``chunk`` elements at a time.
 
-    ``chunk`` bounds the torch path's temporaries (about 140 bytes per element); the default keeps them in cache
-    on a CPU and uses fewer, larger launches on an accelerator. It never changes a bit. ``start``: the elements
-    ``[start, start + numel)`` of the tensor's stream (a piece of a bigger tensor, flattened), for streaming.
+    ``chunk`` bounds the torch path's batches (its workspace is about 24 bytes per element); the default keeps them
+    in cache on a CPU and uses fewer, larger launches on an accelerator (freezepack/format/eager.py). It never
+    changes a bit. ``start``: the elements ``[start, start + numel)`` of the tensor's stream (a piece of a bigger
+    tensor, flattened), for streaming.
     """
     shape = tuple(int(s) for s in shape)
     n = _numel(shape)
@@ -210,20 +198,17 @@ def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: t
         raise SpecError(f"out must be a contiguous float32 tensor of shape {shape}")
     if spec.dist == "constant":
         return out.fill_(spec.a)
-    if chunk is None:
-        chunk = rng.DEFAULT_CHUNK if out.device.type == "cpu" else rng.DEFAULT_CHUNK_ACCELERATOR
-    if chunk <= 0:
+    if chunk is not None and chunk <= 0:
         raise SpecError("chunk must be positive")
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= 2**64 - n:
         raise SpecError(f"start must be an integer with start + numel <= 2**64, got {start!r}")
+    if n == 0:
+        return out
     flat = out.view(-1)
     stream = rng.stream_id(name)
-    if n and out.device.type == "cpu" and not out.requires_grad and native.available():
+    if out.device.type == "cpu" and not out.requires_grad and native.available():
         # Compiled kernel (freezepack/format/_philox.c): same bits as the numpy reference, written straight into out.
         native.fill(flat, spec.dist, spec.a, spec.b, seed, stream, start=start)
         return out
-    for first in range(0, n, chunk):
-        count = min(chunk, n - first)
-        words = rng.words_torch(seed, stream, start + first, count, device=out.device)
-        _convert_into(spec, words, flat[first:first + count])
+    eager.fill(flat, spec.dist, spec.a, spec.b, seed, stream, start=start, chunk=chunk)
     return out
