@@ -109,8 +109,8 @@ def fill(out: torch.Tensor, dist: str, a: float, b: float, seed: int, stream: in
     workers = min(workers, len(batches))
     f32 = functools.partial(torch.tensor, dtype=torch.float32, device=device)
     a_t, b_t = f32(a), f32(b)  # exact: float32 values (a tensor operand is cheaper than a number per kernel)
-    scale = _exact_uniform_scale(b) if dist == "uniform" else None
-    scale = None if scale is None else f32(scale)
+    exact = _exact_uniform_scale(b) if dist == "uniform" else None
+    scale = None if exact is None else f32(exact)
 
     gen = rng.PhiloxTorch(seed, stream, device)
 
@@ -118,6 +118,7 @@ def fill(out: torch.Tensor, dist: str, a: float, b: float, seed: int, stream: in
         buf, w, values, f64, idx, i32, neg = ws.views(nb)
         gen.words(b0, buf)  # lane-major: element 4 i + r is w[r * nb + i]
         lo, hi = max(start, 4 * b0), min(start + n, 4 * (b0 + nb))
+        mul: torch.Tensor | None = None
         if dist == "normal":
             x, mul = rng.normal_into(w, values, f64, idx), b_t
         elif dist == "uniform":  # 2k + 1; the uniform is that times 2**-24
