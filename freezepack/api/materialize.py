@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -36,6 +37,9 @@ def check_device(device) -> torch.device | None:
     return dev
 
 
+_timings_lock = threading.Lock()  # loads time phases on several threads at once: no lost updates
+
+
 @contextmanager
 def _timed(timings: dict | None, key: str):
     if timings is None:
@@ -43,10 +47,18 @@ def _timed(timings: dict | None, key: str):
         return
     t0 = time.perf_counter()
     yield
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    add_time(timings, key, time.perf_counter() - t0)
 
 
-def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None, out: torch.Tensor | None = None):
+def add_time(timings: dict | None, key: str, seconds: float) -> None:
+    """``timings[key] += seconds``, safe from any thread (a phase's seconds are summed over the threads)."""
+    if timings is not None:
+        with _timings_lock:
+            timings[key] = timings.get(key, 0.0) + seconds
+
+
+def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None, out: torch.Tensor | None = None,
+                 threads: int | None = None):
     """``(idx, values, G)`` of a frozen entry: the trainable positions (None when nothing is trainable), their
     stored values, and the generator's float32 output ``G`` when decoding needed it (a v2 ``ans-ctx`` mask is
     conditioned on |G|; ``G`` lands in ``out`` when given), else None."""
@@ -62,7 +74,8 @@ def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None,
             return torch.arange(e.numel), vals, None
         if e.coder == "ans-ctx":
             with _timed(timings, "generate"):
-                generated = generate(e.init, e.shape, r.header.seed, e.stream_key, device=device, out=out)
+                generated = generate(e.init, e.shape, r.header.seed, e.stream_key, device=device, out=out,
+                                     threads=threads)
             keys = entropy.context_keys(generated.detach().cpu().numpy())
         idx = torch.from_numpy(r.mask_indices(e, mask_words, keys))
     return idx, vals, generated
@@ -89,8 +102,9 @@ def streamed_digest(r: Reader, e: FrozenEntry, device) -> str:
 
 
 def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest."""
+                out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest.
+    ``threads``: the generator's CPU threads (default torch's); the result never depends on it."""
     path = r.path
     e = r.header.target(entry)  # a tied tensor: its target's values (load() returns one object for both names)
     if device is not None and device.type == "meta" and out is None:  # shapes and dtypes only: nothing is read
@@ -110,10 +124,11 @@ def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | No
             return t.to(device) if device is not None else t
     dtype = TORCH_DTYPES[e.dtype]
     f32_out = out if out is not None and dtype == torch.float32 else None
-    idx, vals, generated = frozen_parts(r, e, device if f32_out is None else None, timings, out=f32_out)
+    idx, vals, generated = frozen_parts(r, e, device if f32_out is None else None, timings, out=f32_out,
+                                        threads=threads)
     with _timed(timings, "generate"):
         t = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
-                        device=device, out=f32_out, generated=generated)
+                        device=device, out=f32_out, generated=generated, threads=threads)
     if out is not None and t is not out:
         t = out.copy_(t)
     if check:

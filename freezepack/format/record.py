@@ -21,7 +21,8 @@ from .rng import SPEC_VERSION
 
 def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtype, frozen_scale: float,
                 index: torch.Tensor | None, values: torch.Tensor | None, *, device=None,
-                out: torch.Tensor | None = None, generated: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, generated: torch.Tensor | None = None,
+                threads: int | None = None) -> torch.Tensor:
     """A frozen tensor's dense value (FORMAT.md §5.3): regenerate, round to ``dtype``, scale, scatter the values.
 
     ``G`` = generator float32 output for (seed, stream); ``dense = round_dtype(G)``; if ``frozen_scale != 1``:
@@ -29,6 +30,7 @@ def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtyp
     such numbers is exact in float32, so computing it there and rounding once is the same); then
     ``dense[index] = values``. ``out`` (float32 only) receives the result in place. ``generated``: ``G`` when
     the caller already regenerated it (a v2 ``ans-ctx`` mask is decoded from it); it is then overwritten.
+    ``threads``: the generator's CPU threads (default torch's); the result never depends on it.
     """
     numel = 1
     for s in shape:
@@ -39,7 +41,7 @@ def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtyp
     else:
         t = generated if generated is not None else generate(
             init, shape, seed, stream, device=device if out is None else None,
-            out=out if dtype == torch.float32 else None)
+            out=out if dtype == torch.float32 else None, threads=threads)
         if dtype != torch.float32:
             t = t.to(dtype)
         if frozen_scale != 1.0:
