@@ -1,14 +1,12 @@
 """load, load_into, load_freezenet, safe_open: a .fpk back into tensors, a module, or a trainable FreezeNet."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
 from ..errors import FormatError, UsageError
 from ..format.base import Reader
-from ..format.dense import digest
 from ..format.dtypes import TORCH_DTYPES
 from ..format.init import generate
 from ..format.memory import check_memory, dense_bytes, work_bytes
@@ -16,10 +14,19 @@ from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limit
 from ..format.reader import open_file
 from ..format.record import reconstruct
 from .matching import fit, tied_to_loaded
-from .materialize import Device, PathLike, Progress, add_time, check_device, check_digest, frozen_parts, materialize
+from .materialize import (
+    Device,
+    PathLike,
+    Progress,
+    check_device,
+    check_digest,
+    frozen_parts,
+    materialize,
+    materialize_checked,
+)
 from .parallel import load_threads, run_ordered
 
-GENERATOR_THREADS = 2  # the compiled generator's threads inside each task: the tasks already fill the cores
+GENERATOR_THREADS = 1  # the compiled generator's threads inside each task: the tasks already fill the cores
 
 
 def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
@@ -45,13 +52,9 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
         gen_threads = GENERATOR_THREADS if nthreads > 1 else 1
 
         def task(e: Entry) -> torch.Tensor:
-            t = materialize(r, e, device, False, timings, threads=gen_threads)
-            if verify and isinstance(e, FrozenEntry) and t.device.type != "meta":  # whole: checked when read
-                t0 = time.perf_counter()
-                got = digest(t)
-                add_time(timings, "digest", time.perf_counter() - t0)
-                check_digest(r, e, t, got)
-            return t
+            if verify:
+                return materialize_checked(r, e, device, timings, threads=gen_threads)
+            return materialize(r, e, device, False, timings, threads=gen_threads)
 
         def done(k: int) -> None:
             if progress is not None:
@@ -159,9 +162,10 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
                     # tensor is checked at F16, then widened by copy_)
                     if isinstance(e, FrozenEntry) and e.dtype == "F32" and dst.dtype == torch.float32 and \
                             dst.is_contiguous():
-                        t = materialize(r, e, dst.device, False, out=dst.data, threads=gen_threads)
                         if verify:
-                            check_digest(r, e, t, digest(t))
+                            materialize_checked(r, e, dst.device, out=dst.data, threads=gen_threads)
+                        else:
+                            materialize(r, e, dst.device, False, out=dst.data, threads=gen_threads)
                     else:
                         dst.data.copy_(materialize(r, e, dst.device, verify, threads=gen_threads))
 

@@ -42,19 +42,14 @@ _timings_lock = threading.Lock()  # loads time phases on several threads at once
 
 @contextmanager
 def _timed(timings: dict | None, key: str):
+    """Adds the block's seconds to ``timings[key]``, from any thread (a phase's seconds are summed over threads)."""
     if timings is None:
         yield
         return
     t0 = time.perf_counter()
     yield
-    add_time(timings, key, time.perf_counter() - t0)
-
-
-def add_time(timings: dict | None, key: str, seconds: float) -> None:
-    """``timings[key] += seconds``, safe from any thread (a phase's seconds are summed over the threads)."""
-    if timings is not None:
-        with _timings_lock:
-            timings[key] = timings.get(key, 0.0) + seconds
+    with _timings_lock:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None, out: torch.Tensor | None = None,
@@ -134,4 +129,31 @@ def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | No
     if check:
         with _timed(timings, "digest"):
             check_digest(r, e, t)
+    return t
+
+
+def materialize_checked(r: Reader, entry: Entry, device, timings: dict | None = None, out: torch.Tensor | None = None,
+                        threads: int | None = None) -> torch.Tensor:
+    """:func:`materialize` with ``check``, for a load that runs one tensor per core: a frozen tensor made on the
+    CPU whose mask does not need the generator's output (every coder but ``ans-ctx``) is regenerated and hashed
+    chunk by chunk on this thread while each chunk is in cache (:func:`record.reconstruct_hashed`); any other as
+    :func:`materialize` (``threads`` for its generator), then hashed."""
+    e = r.header.target(entry)
+    dtype = TORCH_DTYPES[e.dtype]
+    target = out.device if out is not None else device or torch.device("cpu")
+    if not isinstance(e, FrozenEntry) or target.type != "cpu" or e.coder == "ans-ctx" or (
+            out is not None and (out.dtype != dtype or not out.is_contiguous())):
+        t = materialize(r, entry, device, False, timings, out=out, threads=threads)
+        if isinstance(e, FrozenEntry) and t.device.type != "meta":  # whole: bytes checked when read
+            with _timed(timings, "digest"):
+                got = digest(t)
+            check_digest(r, e, t, got)
+        return t
+    check_memory(work_bytes(e) + (dense_bytes(e) if out is None else 0), "reconstructing this tensor", r.limits,
+                 target, r.path, e.name)
+    idx, vals, _ = frozen_parts(r, e, None, timings)
+    with _timed(timings, "generate+digest"):
+        t, got = record.reconstruct_hashed(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx,
+                                           vals, out=out)
+    check_digest(r, e, t, got)
     return t

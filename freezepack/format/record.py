@@ -97,6 +97,47 @@ def reconstruct_digest(init: InitSpec, shape, seed: int, stream: str, dtype: tor
     return h.hexdigest()
 
 
+CACHE_CHUNK = 1 << 18  # elements made and hashed at a time by reconstruct_hashed: 1 MB of float32 stays in L2
+
+
+def reconstruct_hashed(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtype, frozen_scale: float,
+                       index: torch.Tensor | None, values: torch.Tensor | None, *,
+                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """:func:`reconstruct` on the CPU, on the calling thread alone, and the SHA-256 of its bytes, in one pass: each
+    :data:`CACHE_CHUNK` elements are regenerated, rounded, scaled, given their stored values and hashed while they
+    are still in the core's cache (hashing them there is about a third faster than a second pass over memory).
+    For loads that run one such task per core. ``out``: a contiguous CPU tensor of ``dtype`` to fill (else a new
+    one); ``index``: ascending positions of ``values``."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    t = torch.empty(tuple(shape), dtype=dtype) if out is None else out
+    flat = t.view(-1)
+    k = 0 if index is None else int(index.numel())
+    vals = None if values is None else values.reshape(-1).to(dtype)
+    pos = index.numpy() if index is not None and k else None
+    wide = None if dtype == torch.float32 else torch.empty(min(CACHE_CHUNK, n), dtype=torch.float32)
+    h = hashlib.sha256()
+    for s in range(0, n, CACHE_CHUNK):
+        c = min(CACHE_CHUNK, n - s)
+        piece = flat[s:s + c]
+        if k == n:  # nothing frozen: the values are the tensor
+            assert vals is not None
+            piece.copy_(vals[s:s + c])
+        else:
+            g = generate(init, (c,), seed, stream, out=piece if wide is None else wide[:c], start=s, threads=1)
+            if wide is not None:
+                piece.copy_(g)  # round to nearest even, as reconstruct's .to(dtype)
+            if frozen_scale != 1.0:
+                piece.mul_(frozen_scale)
+            if pos is not None and index is not None and vals is not None:
+                lo, hi = (int(v) for v in np.searchsorted(pos, [s, s + c]))
+                if hi > lo:
+                    piece.index_copy_(0, index[lo:hi] - s, vals[lo:hi])
+        h.update(piece.view(torch.uint8).numpy().data)
+    return t, h.hexdigest()
+
+
 @dataclass
 class FrozenTensor:
     """One partly frozen tensor. ``values`` = dense[mask] in row-major (C) order, 1-D, in the tensor's dtype
