@@ -56,7 +56,10 @@ def _same(a: dict, b: dict):
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_load_is_bit_identical_for_1_2_and_4_threads(saved, verify):
+@pytest.mark.parametrize("no_native", [False, True])
+def test_load_is_bit_identical_for_1_2_and_4_threads(saved, verify, no_native, monkeypatch):
+    if no_native:  # the torch generator and constriction's decoder on the worker threads
+        monkeypatch.setenv("FREEZEPACK_NO_NATIVE", "1")
     runs = [freezepack.load(saved, verify=verify, threads=n) for n in THREADS]
     truth = _record().state_dict()
     for sd in runs:
