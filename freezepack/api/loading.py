@@ -1,6 +1,7 @@
 """load, load_into, load_freezenet, safe_open: a .fpk back into tensors, a module, or a trainable FreezeNet."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
             if progress is not None:
                 progress(own[k] + 1, len(entries))
 
-        tensors = run_ordered([(dense_bytes(entries[i]), lambda e=entries[i]: task(e)) for i in own], nthreads, done)
+        tensors = run_ordered([(dense_bytes(entries[i]), partial(task, entries[i])) for i in own], nthreads, done)
         made = dict(zip(own, tensors))
         out: dict[str, torch.Tensor] = {}
         for i, e in enumerate(entries):  # a tied name is the same tensor object, as in torch's state_dict
@@ -177,8 +178,8 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
             if progress is not None:
                 progress(reached[0], total)
 
-        run_ordered([(sum(dense_bytes(e) for _, e, _ in items), lambda items=items: fill(items)) for items in jobs],
-                    nthreads, done)
+        costs = [sum(dense_bytes(e) for _, e, _ in items) for items in jobs]
+        run_ordered([(c, partial(fill, items)) for c, items in zip(costs, jobs)], nthreads, done)
         with torch.no_grad():
             for src, dst in copies:
                 dst.data.copy_(src.data)
