@@ -1,5 +1,6 @@
 """Parallel loading: the same tensors (bits, dtypes, ties) and the same errors for any thread count, and readers that
 many threads can decode from at once."""
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -245,3 +246,21 @@ def test_reconstruct_hashed_is_reconstruct_and_its_digest(monkeypatch, chunk):
                 assert record.reconstruct_hashed(spec, shape, 9, "w", dtype, scale, index if k else None,
                                                  values if k else None, out=out)[0] is out
                 assert torch.equal(out, got)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_prefault_maps_a_new_tensor_and_keeps_written_bytes():
+    from freezepack.format.memory import prefault
+
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    t = torch.empty(16 << 20)  # 64 MiB: its own fresh mapping, nothing resident yet
+    before = resident()
+    if not prefault(t):
+        pytest.skip("no MADV_POPULATE_WRITE here (not Linux >= 5.14)")
+    assert resident() - before >= 60 << 20  # mapped now, not on first write
+    t.fill_(1.5)
+    assert prefault(t) and torch.equal(t, torch.full((16 << 20,), 1.5))  # written pages keep their bytes
+    assert not prefault(torch.empty(1000))  # too small to be worth a system call

@@ -15,7 +15,7 @@ from ..format.base import Reader
 from ..format.dense import digest
 from ..format.dtypes import TORCH_DTYPES
 from ..format.init import generate
-from ..format.memory import check_memory, dense_bytes, work_bytes
+from ..format.memory import check_memory, dense_bytes, prefault, work_bytes
 from ..format.model import Entry, FrozenEntry, WholeEntry, digest_ok
 from ..format.record import reconstruct
 
@@ -118,6 +118,9 @@ def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | No
                 return out.copy_(t)
             return t.to(device) if device is not None else t
     dtype = TORCH_DTYPES[e.dtype]
+    if out is None and dtype == torch.float32 and (device is None or device.type == "cpu"):
+        out = torch.empty(e.shape, dtype=dtype)  # its pages mapped in one call, not faulted in one by one
+        prefault(out)
     f32_out = out if out is not None and dtype == torch.float32 else None
     idx, vals, generated = frozen_parts(r, e, device if f32_out is None else None, timings, out=f32_out,
                                         threads=threads)

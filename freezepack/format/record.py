@@ -16,6 +16,7 @@ import torch
 
 from .dtypes import FROZEN_TORCH_DTYPES  # noqa: F401  (the frozen dtypes; the method imports them from here)
 from .init import InitSpec, generate
+from .memory import prefault
 from .rng import SPEC_VERSION
 
 
@@ -112,6 +113,8 @@ def reconstruct_hashed(init: InitSpec, shape, seed: int, stream: str, dtype: tor
     for s in shape:
         n *= int(s)
     t = torch.empty(tuple(shape), dtype=dtype) if out is None else out
+    if out is None:
+        prefault(t)
     flat = t.view(-1)
     k = 0 if index is None else int(index.numel())
     vals = None if values is None else values.reshape(-1).to(dtype)
