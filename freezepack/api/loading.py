@@ -10,7 +10,7 @@ from ..errors import FormatError, UsageError
 from ..format.base import Reader
 from ..format.dtypes import TORCH_DTYPES
 from ..format.init import generate
-from ..format.memory import check_memory, dense_bytes, work_bytes
+from ..format.memory import check_memory, dense_bytes, prefault, work_bytes
 from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limits, WholeEntry
 from ..format.reader import open_file
 from ..format.record import reconstruct
@@ -136,6 +136,7 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
         match, missing, unexpected = fit(targets, entries, prefix_map, r.path, strict)
         _check_shapes(r, targets, match)
         groups: dict = {}  # storage -> [(file index, entry, destination)], in file order
+        fresh = set()  # storages just allocated for meta tensors: their pages are mapped by the task that fills them
         copies = []  # tied in the file, separate buffers in the module: copied once the source is filled
         with torch.no_grad():
             for i, e in enumerate(entries):
@@ -154,9 +155,12 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
                     continue
                 if dst.is_meta:
                     dst = _materialize_meta(module, targets, match[e.name], meta_device)
+                    fresh.add(_storage_key(dst))
                 groups.setdefault(_storage_key(dst), []).append((i, e, dst))
 
         def fill(items) -> None:
+            if _storage_key(items[0][2]) in fresh:
+                prefault(items[0][2])
             with torch.no_grad():  # (grad mode is per thread)
                 for _, e, dst in items:
                     # regenerated straight into the module's storage when no rounding lies between (an F16 file
