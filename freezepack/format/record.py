@@ -51,9 +51,19 @@ def reconstruct(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtyp
         vals = values.to(device=t.device, dtype=dtype).reshape(-1)
         if k == numel:
             t.view(-1).copy_(vals)
+        elif t.device.type == "cpu" and t.is_contiguous():
+            _scatter_cpu(t.view(-1), index, vals)
         else:
             t.view(-1).index_copy_(0, index.to(t.device), vals)
     return t
+
+
+def _scatter_cpu(flat: torch.Tensor, index: torch.Tensor, vals: torch.Tensor) -> None:
+    """``flat[index] = vals`` on one thread (numpy, on the bits: bfloat16 has no numpy type). Loads run one tensor
+    per core; torch's index_copy_ would start its own thread team inside each, whose idle spinning costs more CPU
+    than the scatter itself."""
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    flat.view(bits).numpy()[index.cpu().numpy()] = vals.contiguous().view(bits).numpy()
 
 
 STREAM_CHUNK = 1 << 22  # elements regenerated at a time when a reconstruction is only hashed (verify, save's proof)
