@@ -146,7 +146,7 @@ def reconstruct_hashed(init: InitSpec, shape, seed: int, stream: str, dtype: tor
             if pos is not None and index is not None and vals is not None:
                 lo, hi = (int(v) for v in np.searchsorted(pos, [s, s + c]))
                 if hi > lo:
-                    piece.index_copy_(0, index[lo:hi] - s, vals[lo:hi])
+                    _scatter_cpu(piece, index[lo:hi] - s, vals[lo:hi])
         h.update(piece.view(torch.uint8).numpy().data)
     return t, h.hexdigest()
 
