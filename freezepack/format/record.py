@@ -116,7 +116,7 @@ def reconstruct_hashed(init: InitSpec, shape, seed: int, stream: str, dtype: tor
                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """:func:`reconstruct` on the CPU, on the calling thread alone, and the SHA-256 of its bytes, in one pass: each
     :data:`CACHE_CHUNK` elements are regenerated, rounded, scaled, given their stored values and hashed while they
-    are still in the core's cache (hashing them there is about a third faster than a second pass over memory).
+    are still in the core's cache (hashing them there is about a quarter faster than a second pass over memory).
     For loads that run one such task per core. ``out``: a contiguous CPU tensor of ``dtype`` to fill (else a new
     one); ``index``: ascending positions of ``values``."""
     n = 1
