@@ -1,69 +1,73 @@
 """load, load_into, load_freezenet, safe_open: a .fpk back into tensors, a module, or a trainable FreezeNet."""
 from __future__ import annotations
 
-import time
+from functools import partial
 from typing import Any
 
 import torch
 
-from ..errors import FormatError, IntegrityError, UsageError
+from ..errors import FormatError, UsageError
 from ..format.base import Reader
-from ..format.dense import digest
 from ..format.dtypes import TORCH_DTYPES
 from ..format.init import generate
-from ..format.memory import check_memory, dense_bytes, work_bytes
-from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limits, WholeEntry, digest_ok
+from ..format.memory import check_memory, dense_bytes, prefault, work_bytes
+from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limits, WholeEntry
 from ..format.reader import open_file
 from ..format.record import reconstruct
 from .matching import fit, tied_to_loaded
-from .materialize import Device, PathLike, Progress, check_device, check_digest, frozen_parts, materialize
+from .materialize import (
+    Device,
+    PathLike,
+    Progress,
+    check_device,
+    check_digest,
+    frozen_parts,
+    materialize,
+    materialize_checked,
+)
+from .parallel import load_threads, run_ordered
+
+GENERATOR_THREADS = 1  # the compiled generator's threads inside each task: the tasks already fill the cores
 
 
 def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
-         timings: dict[str, float] | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+         timings: dict[str, float] | None = None, progress: Progress | None = None,
+         threads: int | None = None) -> dict[str, torch.Tensor]:
     """Dense state_dict of a .fpk file; frozen parts are regenerated straight on ``device``.
 
     Stored bytes are always checked against their digests. With ``verify`` (default) every reconstructed tensor is
-    checked too (a device->host copy per tensor on GPUs). ``timings``: pass a dict to get seconds per phase.
-    ``progress(done, total)`` is called after each tensor.
+    checked too (a device->host copy per tensor on GPUs). ``threads``: how many CPU threads read, decode,
+    regenerate and hash the tensors, each tensor one task, biggest first (default ``torch.get_num_threads()``);
+    the result is bit-identical for any count, and a failing tensor raises the same error. ``timings``: pass a
+    dict to get seconds per phase (summed over the threads). ``progress(done, total)`` is called as tensors
+    finish, in file order.
     """
     device = check_device(device)
+    nthreads = load_threads(threads)
     with open_file(path, limits) as r:
         entries = r.header.entries
-        check_memory(sum(map(dense_bytes, entries)) + max(map(work_bytes, entries), default=0),
-                     f"loading all {len(entries)} tensors", limits, device, r.path)
-        total = len(entries)
-        if not verify:
-            out: dict[str, torch.Tensor] = {}
-            for i, e in enumerate(entries):  # a tied name is the same tensor object, as in torch's state_dict
-                out[e.name] = out[e.of] if isinstance(e, AliasEntry) else materialize(r, e, device, False, timings)
-                if progress is not None:
-                    progress(i + 1, total)
-            return out
-        # Hash tensor i on a worker thread while tensor i+1 is regenerated (hashlib releases the GIL).
-        from concurrent.futures import ThreadPoolExecutor
+        works = sorted(map(work_bytes, entries), reverse=True)[:nthreads]  # up to nthreads tensors in flight
+        check_memory(sum(map(dense_bytes, entries)) + sum(works), f"loading all {len(entries)} tensors", limits,
+                     device, r.path)
+        own = [i for i, e in enumerate(entries) if not isinstance(e, AliasEntry)]
+        gen_threads = GENERATOR_THREADS if nthreads > 1 else 1
 
-        out, pending = {}, []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for i, e in enumerate(entries):
-                if progress is not None and i:
-                    progress(i, total)
-                if isinstance(e, AliasEntry):
-                    out[e.name] = out[e.of]
-                    continue
-                out[e.name] = t = materialize(r, e, device, False, timings)
-                if isinstance(e, FrozenEntry) and t.device.type != "meta":  # whole: bytes checked when read
-                    pending.append((e, pool.submit(digest, t)))
-            t0 = time.perf_counter()
-            for e, fut in pending:
-                if not digest_ok(e.sha256, fut.result()):
-                    raise IntegrityError("regenerated tensor does not match its digest: not bit-exact on this "
-                                         f"device ({out[e.name].device}) or the file was written from a different "
-                                         "generator", path=r.path, tensor=e.name)
-            if timings is not None:
-                timings["digest_wait"] = timings.get("digest_wait", 0.0) + time.perf_counter() - t0
-            if progress is not None and total:
-                progress(total, total)
+        def task(e: Entry) -> torch.Tensor:
+            if verify:
+                return materialize_checked(r, e, device, timings, threads=gen_threads)
+            return materialize(r, e, device, False, timings, threads=gen_threads)
+
+        def done(k: int) -> None:
+            if progress is not None:
+                progress(own[k] + 1, len(entries))
+
+        tensors = run_ordered([(dense_bytes(entries[i]), partial(task, entries[i])) for i in own], nthreads, done)
+        made = dict(zip(own, tensors))
+        out: dict[str, torch.Tensor] = {}
+        for i, e in enumerate(entries):  # a tied name is the same tensor object, as in torch's state_dict
+            out[e.name] = out[e.of] if isinstance(e, AliasEntry) else made[i]
+        if progress is not None and entries and (not own or own[-1] != len(entries) - 1):
+            progress(len(entries), len(entries))
         return out
 
 
@@ -97,9 +101,15 @@ def _materialize_meta(module: torch.nn.Module, targets: dict, name: str, device)
     return new
 
 
+def _storage_key(t: torch.Tensor):
+    """Tensors that share memory share a key: what writes them must not run at the same time."""
+    return t.device, t.untyped_storage().data_ptr()
+
+
 def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, verify: bool = True,
               limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None, device: Device = None,
-              progress: Progress | None = None) -> torch.nn.modules.module._IncompatibleKeys:
+              progress: Progress | None = None,
+              threads: int | None = None) -> torch.nn.modules.module._IncompatibleKeys:
     """Fill ``module``'s parameters and buffers from a .fpk in place, regenerating into their own storage.
 
     Names match exactly, or with the wrapper prefixes ``module.`` / ``_orig_mod.`` stripped on either side, so
@@ -110,23 +120,26 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
 
     A module built on the meta device (``with torch.device("meta"): model = Net()``, no initialisation at all)
     gets each of its meta tensors allocated on ``device`` (default CPU) and regenerated there once, straight into
-    its final storage: a GPU target never sees a dense CPU copy. ``progress(done, total)`` is called per tensor.
+    its final storage: a GPU target never sees a dense CPU copy. ``threads`` as in :func:`load` (tensors that
+    share memory are written one after another, in file order). ``progress(done, total)`` is called as tensors
+    finish.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     targets = module.state_dict(keep_vars=True)
     meta_device = check_device(device) or torch.device("cpu")
     if meta_device.type == "meta":
         raise UsageError("load_into(device=...) is where meta tensors are materialised; it cannot be 'meta'")
-    with open_file(path, limits) as r, ThreadPoolExecutor(max_workers=1) as pool:
+    nthreads = load_threads(threads)
+    gen_threads = GENERATOR_THREADS if nthreads > 1 else 1
+    with open_file(path, limits) as r:
         entries = r.header.entries
+        total = len(entries)
         match, missing, unexpected = fit(targets, entries, prefix_map, r.path, strict)
         _check_shapes(r, targets, match)
-        pending = []  # digests computed on a worker thread while the next tensor is regenerated
+        groups: dict = {}  # storage -> [(file index, entry, destination)], in file order
+        fresh = set()  # storages just allocated for meta tensors: their pages are mapped by the task that fills them
+        copies = []  # tied in the file, separate buffers in the module: copied once the source is filled
         with torch.no_grad():
             for i, e in enumerate(entries):
-                if progress is not None and i:
-                    progress(i, len(entries))
                 if e.name not in match:
                     continue
                 dst = targets[match[e.name]]
@@ -138,21 +151,44 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
                     elif src is not None and src is not dst:
                         if dst.is_meta:
                             dst = _materialize_meta(module, targets, match[e.name], src.device)
-                        dst.data.copy_(src.data)
+                        copies.append((src, dst))
                     continue
                 if dst.is_meta:
                     dst = _materialize_meta(module, targets, match[e.name], meta_device)
-                direct = isinstance(e, FrozenEntry) and dst.dtype == torch.float32 and dst.is_contiguous()
-                if direct:
-                    t = materialize(r, e, dst.device, False, out=dst.data)
-                    if verify:
-                        pending.append((e, t, pool.submit(digest, t)))
-                else:
-                    dst.data.copy_(materialize(r, e, dst.device, verify))
-            for e, t, fut in pending:
-                check_digest(r, e, t, fut.result())
+                    fresh.add(_storage_key(dst))
+                groups.setdefault(_storage_key(dst), []).append((i, e, dst))
+
+        def fill(items) -> None:
+            if _storage_key(items[0][2]) in fresh:
+                prefault(items[0][2])
+            with torch.no_grad():  # (grad mode is per thread)
+                for _, e, dst in items:
+                    # regenerated straight into the module's storage when no rounding lies between (an F16 file
+                    # tensor is checked at F16, then widened by copy_)
+                    if isinstance(e, FrozenEntry) and e.dtype == "F32" and dst.dtype == torch.float32 and \
+                            dst.is_contiguous():
+                        if verify:
+                            materialize_checked(r, e, dst.device, out=dst.data, threads=gen_threads)
+                        else:
+                            materialize(r, e, dst.device, False, out=dst.data, threads=gen_threads)
+                    else:
+                        dst.data.copy_(materialize(r, e, dst.device, verify, threads=gen_threads))
+
+        jobs = list(groups.values())
+        reached = [0]
+
+        def done(g: int) -> None:
+            reached[0] = max(reached[0], jobs[g][-1][0] + 1)
             if progress is not None:
-                progress(len(entries), len(entries))
+                progress(reached[0], total)
+
+        costs = [sum(dense_bytes(e) for _, e, _ in items) for items in jobs]
+        run_ordered([(c, partial(fill, items)) for c, items in zip(costs, jobs)], nthreads, done)
+        with torch.no_grad():
+            for src, dst in copies:
+                dst.data.copy_(src.data)
+        if progress is not None and reached[0] != total:
+            progress(total, total)
     return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from ..format.base import Reader
 from ..format.dense import digest
 from ..format.dtypes import TORCH_DTYPES
 from ..format.init import generate
-from ..format.memory import check_memory, dense_bytes, work_bytes
+from ..format.memory import check_memory, dense_bytes, prefault, work_bytes
 from ..format.model import Entry, FrozenEntry, WholeEntry, digest_ok
 from ..format.record import reconstruct
 
@@ -36,17 +37,23 @@ def check_device(device) -> torch.device | None:
     return dev
 
 
+_timings_lock = threading.Lock()  # loads time phases on several threads at once: no lost updates
+
+
 @contextmanager
 def _timed(timings: dict | None, key: str):
+    """Adds the block's seconds to ``timings[key]``, from any thread (a phase's seconds are summed over threads)."""
     if timings is None:
         yield
         return
     t0 = time.perf_counter()
     yield
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    with _timings_lock:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None, out: torch.Tensor | None = None):
+def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None, out: torch.Tensor | None = None,
+                 threads: int | None = None):
     """``(idx, values, G)`` of a frozen entry: the trainable positions (None when nothing is trainable), their
     stored values, and the generator's float32 output ``G`` when decoding needed it (a v2 ``ans-ctx`` mask is
     conditioned on |G|; ``G`` lands in ``out`` when given), else None."""
@@ -62,7 +69,8 @@ def frozen_parts(r: Reader, e: FrozenEntry, device, timings: dict | None = None,
             return torch.arange(e.numel), vals, None
         if e.coder == "ans-ctx":
             with _timed(timings, "generate"):
-                generated = generate(e.init, e.shape, r.header.seed, e.stream_key, device=device, out=out)
+                generated = generate(e.init, e.shape, r.header.seed, e.stream_key, device=device, out=out,
+                                     threads=threads)
             keys = entropy.context_keys(generated.detach().cpu().numpy())
         idx = torch.from_numpy(r.mask_indices(e, mask_words, keys))
     return idx, vals, generated
@@ -89,8 +97,9 @@ def streamed_digest(r: Reader, e: FrozenEntry, device) -> str:
 
 
 def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest."""
+                out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """One dense tensor from an open file; with ``check``, its bytes are compared with the stored digest.
+    ``threads``: the generator's CPU threads (default torch's); the result never depends on it."""
     path = r.path
     e = r.header.target(entry)  # a tied tensor: its target's values (load() returns one object for both names)
     if device is not None and device.type == "meta" and out is None:  # shapes and dtypes only: nothing is read
@@ -109,14 +118,45 @@ def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | No
                 return out.copy_(t)
             return t.to(device) if device is not None else t
     dtype = TORCH_DTYPES[e.dtype]
+    if out is None and dtype == torch.float32 and (device is None or device.type == "cpu"):
+        out = torch.empty(e.shape, dtype=dtype)  # its pages mapped in one call, not faulted in one by one
+        prefault(out)
     f32_out = out if out is not None and dtype == torch.float32 else None
-    idx, vals, generated = frozen_parts(r, e, device if f32_out is None else None, timings, out=f32_out)
+    idx, vals, generated = frozen_parts(r, e, device if f32_out is None else None, timings, out=f32_out,
+                                        threads=threads)
     with _timed(timings, "generate"):
         t = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
-                        device=device, out=f32_out, generated=generated)
+                        device=device, out=f32_out, generated=generated, threads=threads)
     if out is not None and t is not out:
         t = out.copy_(t)
     if check:
         with _timed(timings, "digest"):
             check_digest(r, e, t)
+    return t
+
+
+def materialize_checked(r: Reader, entry: Entry, device, timings: dict | None = None, out: torch.Tensor | None = None,
+                        threads: int | None = None) -> torch.Tensor:
+    """:func:`materialize` with ``check``, for a load that runs one tensor per core: a frozen tensor made on the
+    CPU whose mask does not need the generator's output (every coder but ``ans-ctx``) is regenerated and hashed
+    chunk by chunk on this thread while each chunk is in cache (:func:`record.reconstruct_hashed`); any other as
+    :func:`materialize` (``threads`` for its generator), then hashed."""
+    e = r.header.target(entry)
+    dtype = TORCH_DTYPES[e.dtype]
+    target = out.device if out is not None else device or torch.device("cpu")
+    if not isinstance(e, FrozenEntry) or target.type != "cpu" or e.coder == "ans-ctx" or (
+            out is not None and (out.dtype != dtype or not out.is_contiguous())):
+        t = materialize(r, entry, device, False, timings, out=out, threads=threads)
+        if isinstance(e, FrozenEntry) and t.device.type != "meta":  # whole: bytes checked when read
+            with _timed(timings, "digest"):
+                got = digest(t)
+            check_digest(r, e, t, got)
+        return t
+    check_memory(work_bytes(e) + (dense_bytes(e) if out is None else 0), "reconstructing this tensor", r.limits,
+                 target, r.path, e.name)
+    idx, vals, _ = frozen_parts(r, e, None, timings)
+    with _timed(timings, "generate+digest"):
+        t, got = record.reconstruct_hashed(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx,
+                                           vals, out=out)
+    check_digest(r, e, t, got)
     return t

@@ -152,7 +152,7 @@ static inline void convert(const uint32_t *restrict w, float *restrict out, int 
  *   j = the 7 bits below n's leading one;  frac = the e - 7 bits below those (0 when e < 7);
  *   f = float(frac) * 2^-(e-7)  -- normal_word's (rem >> sh) * 2^-(e-sh) is the same exact value.
  * ------------------------------------------------------------------------------------------------------------- */
-static int simd = -1;  /* -1: not decided yet; 0: scalar; 1: AVX2 */
+static int simd = -1;  /* -1: not decided yet; 0: scalar; 1: AVX2; 2: AVX-512F (Philox, normal conversion) */
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -244,13 +244,107 @@ __attribute__((target("avx2"))) static void convert_avx2(const uint32_t *restric
     }
     if (i < count) convert(w + i, out + i, count - i, dist, a, b, use_scale, scale, A, D);
 }
+
+/* AVX-512F Philox: the AVX2 rounds on 16 lanes (all BATCH blocks at once); words back to element order by a 4x4
+ * transpose in each 128-bit lane, then one of the 128-bit lanes across the four registers. The conversion stays
+ * AVX2 (its table gathers, not the lane count, bound it). */
+#define FP_AVX512 1
+
+__attribute__((target("avx512f"))) static inline void mulhilo16(__m512i a, __m512i m, __m512i *hi, __m512i *lo) {
+    __m512i even = _mm512_mul_epu32(a, m);                          /* lanes 0,2,..,14: 64-bit products */
+    __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);    /* lanes 1,3,..,15 */
+    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+__attribute__((target("avx512f"))) static void philox_batch_avx512(const fp_key *k, uint64_t block,
+                                                                   uint32_t *restrict w) {
+    const __m512i m0 = _mm512_set1_epi32((int)PHILOX_M0), m1 = _mm512_set1_epi32((int)PHILOX_M1);
+    __m512i c0, c1;
+    if ((uint32_t)block <= 0xFFFFFFFFu - (BATCH - 1)) {  /* no carry into the high word within the batch */
+        c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)block),
+                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        c1 = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
+    } else {
+        uint32_t lo32[BATCH], hi32[BATCH];
+        for (int i = 0; i < BATCH; i++) {
+            uint64_t b = block + (uint64_t)i;
+            lo32[i] = (uint32_t)b;
+            hi32[i] = (uint32_t)(b >> 32);
+        }
+        c0 = _mm512_loadu_si512((const void *)lo32);
+        c1 = _mm512_loadu_si512((const void *)hi32);
+    }
+    __m512i c2 = _mm512_set1_epi32((int)k->s0), c3 = _mm512_set1_epi32((int)k->s1);
+    for (int r = 0; r < 10; r++) {
+        __m512i hi0, lo0, hi1, lo1;
+        mulhilo16(c0, m0, &hi0, &lo0);
+        mulhilo16(c2, m1, &hi1, &lo1);
+        __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32((int)k->k0[r]));
+        __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32((int)k->k1[r]));
+        c1 = lo1;
+        c3 = lo0;
+        c0 = n0;
+        c2 = n2;
+    }
+    __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+    __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+    __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);  /* 128-bit lane j: block 4j, 4j+1 */
+    __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);  /* 4j+2, 4j+3 */
+    __m512i a = _mm512_shuffle_i32x4(u0, u1, 0x44), b = _mm512_shuffle_i32x4(u2, u3, 0x44);
+    __m512i c = _mm512_shuffle_i32x4(u0, u1, 0xEE), d = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+    _mm512_storeu_si512((void *)(w + 0), _mm512_shuffle_i32x4(a, b, 0x88));   /* blocks 0-3 */
+    _mm512_storeu_si512((void *)(w + 16), _mm512_shuffle_i32x4(a, b, 0xDD));  /* blocks 4-7 */
+    _mm512_storeu_si512((void *)(w + 32), _mm512_shuffle_i32x4(c, d, 0x88));  /* blocks 8-11 */
+    _mm512_storeu_si512((void *)(w + 48), _mm512_shuffle_i32x4(c, d, 0xDD));  /* blocks 12-15 */
+}
+
+/* The normal conversion on 16 lanes, step by step convert_avx2's (the comparison gives a mask, turned back into
+ * the 0 / -1 vector the AVX2 form adds); uniform and sign stay on convert_avx2. */
+__attribute__((target("avx512f,avx2"))) static void convert_avx512(const uint32_t *restrict w, float *restrict out,
+                                                                   int count, int dist, float a, float b,
+                                                                   int use_scale, float scale,
+                                                                   const float *restrict A, const float *restrict D) {
+    if (dist != DIST_NORMAL) {
+        convert_avx2(w, out, count, dist, a, b, use_scale, scale, A, D);
+        return;
+    }
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vs = _mm512_set1_ps(scale);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), one = _mm512_set1_epi32(1);
+    const __m512i seven = _mm512_set1_epi32(NORMAL_K), zero = _mm512_setzero_si512();
+    const __m512i minus_one = _mm512_set1_epi32(-1);
+    int i = 0;
+    for (; i + 16 <= count; i += 16) {
+        __m512i x = _mm512_loadu_si512((const void *)(w + i));
+        __m512i n = _mm512_or_si512(_mm512_slli_epi32(x, 1), one);
+        __m512i m = _mm512_srli_epi32(n, 1);
+        __m512i t = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(m)), 23),
+                                     _mm512_set1_epi32(127));
+        __m512i up = _mm512_mask_blend_epi32(_mm512_cmpeq_epi32_mask(_mm512_srlv_epi32(m, t), zero), zero, minus_one);
+        __m512i e = _mm512_max_epi32(_mm512_add_epi32(_mm512_add_epi32(t, one), up), zero);
+        __m512i down = _mm512_max_epi32(_mm512_sub_epi32(e, seven), zero);
+        __m512i left = _mm512_max_epi32(_mm512_sub_epi32(seven, e), zero);
+        __m512i j = _mm512_and_si512(_mm512_sllv_epi32(_mm512_srlv_epi32(n, down), left), _mm512_set1_epi32(127));
+        __m512i frac = _mm512_and_si512(n, _mm512_sub_epi32(_mm512_sllv_epi32(one, down), one));
+        __m512 pw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(127), down), 23));
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(frac), pw);
+        __m512i idx = _mm512_add_epi32(_mm512_slli_epi32(e, NORMAL_K), j);
+        __m512 p = _mm512_mul_ps(f, _mm512_i32gather_ps(idx, D, 4));
+        __m512 mag = _mm512_add_ps(_mm512_i32gather_ps(idx, A, 4), p);
+        __m512 z = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(mag), _mm512_and_si512(x, sign)));
+        __m512 y = _mm512_add_ps(va, _mm512_mul_ps(vb, z));
+        if (use_scale) y = _mm512_mul_ps(y, vs);
+        _mm512_storeu_ps(out + i, y);
+    }
+    if (i < count) convert_avx2(w + i, out + i, count - i, dist, a, b, use_scale, scale, A, D);
+}
 #endif
 
 static void choose_simd(void) {
     if (simd >= 0) return;
 #ifdef FP_AVX2
     __builtin_cpu_init();
-    simd = __builtin_cpu_supports("avx2") ? 1 : 0;
+    simd = __builtin_cpu_supports("avx2") ? (__builtin_cpu_supports("avx512f") ? 2 : 1) : 0;
 #else
     simd = 0;
 #endif
@@ -258,6 +352,7 @@ static void choose_simd(void) {
 
 static inline void batch_words(const fp_key *k, uint64_t block, uint32_t *w) {
 #ifdef FP_AVX2
+    if (simd == 2) { philox_batch_avx512(k, block, w); return; }
     if (simd == 1) { philox_batch_avx2(k, block, w); return; }
 #endif
     philox_batch(k, block, w);
@@ -266,6 +361,7 @@ static inline void batch_words(const fp_key *k, uint64_t block, uint32_t *w) {
 static inline void convert_any(const uint32_t *w, float *out, int count, int dist, float a, float b, int use_scale,
                                float scale, const float *A, const float *D) {
 #ifdef FP_AVX2
+    if (simd == 2) { convert_avx512(w, out, count, dist, a, b, use_scale, scale, A, D); return; }
     if (simd == 1) { convert_avx2(w, out, count, dist, a, b, use_scale, scale, A, D); return; }
 #endif
     convert(w, out, count, dist, a, b, use_scale, scale, A, D);
@@ -397,13 +493,14 @@ int fp_convert(const uint32_t *w, float *out, uint64_t count, int dist, float a,
     return 0;
 }
 
-/* The vector path in use (1: AVX2, 0: scalar); with on = 0 or 1, switch to it first (tests compare the two; 1 only
- * where the CPU has AVX2). Not for use while a fill runs on another thread. */
+/* The vector path in use (2: AVX-512F, 1: AVX2, 0: scalar); with on = 0, 1 or 2, switch to it first (tests compare
+ * them; each only where the CPU has it). Not for use while a fill runs on another thread. */
 int fp_simd(int on) {
     choose_simd();
 #ifdef FP_AVX2
     if (on == 0) simd = 0;
     if (on == 1) simd = __builtin_cpu_supports("avx2") ? 1 : 0;
+    if (on == 2) simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") ? 2 : 0;
 #else
     (void)on;
 #endif

@@ -181,13 +181,14 @@ def generate_np(spec: InitSpec, shape, seed: int, name: str) -> np.ndarray:
 
 
 def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: torch.Tensor | None = None,
-             chunk: int | None = None, start: int = 0) -> torch.Tensor:
+             chunk: int | None = None, start: int = 0, threads: int | None = None) -> torch.Tensor:
     """Regenerate a float32 tensor straight on ``device`` (or into ``out``), ``chunk`` elements at a time.
 
     ``chunk`` bounds the torch path's batches (its workspace is about 24 bytes per element); the default keeps them
     in cache on a CPU and uses fewer, larger launches on an accelerator (freezepack/format/eager.py). It never
     changes a bit. ``start``: the elements ``[start, start + numel)`` of the tensor's stream (a piece of a bigger
     tensor, flattened), for streaming.
+    ``threads``: CPU threads of the generator (default torch's CPU threads); never changes a bit either.
     """
     shape = tuple(int(s) for s in shape)
     n = _numel(shape)
@@ -208,7 +209,7 @@ def generate(spec: InitSpec, shape, seed: int, name: str, *, device=None, out: t
     stream = rng.stream_id(name)
     if out.device.type == "cpu" and not out.requires_grad and native.available():
         # Compiled kernel (freezepack/format/_philox.c): same bits as the numpy reference, written straight into out.
-        native.fill(flat, spec.dist, spec.a, spec.b, seed, stream, start=start)
+        native.fill(flat, spec.dist, spec.a, spec.b, seed, stream, start=start, threads=threads)
         return out
-    eager.fill(flat, spec.dist, spec.a, spec.b, seed, stream, start=start, chunk=chunk)
+    eager.fill(flat, spec.dist, spec.a, spec.b, seed, stream, start=start, chunk=chunk, threads=threads)
     return out

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 from ..atomic import atomic_write
 from ..errors import FormatError
 
-__all__ = ["atomic_write", "check_regular_file", "open_regular", "read_exact"]
+__all__ = ["atomic_write", "check_regular_file", "open_regular", "read_at", "read_exact"]
 
 
 def check_regular_file(path) -> int:
@@ -60,3 +61,23 @@ def read_exact(f, n: int, path) -> bytes:
     if len(raw) != n:
         raise FormatError("file shrank while being read", path=path)
     return raw
+
+
+_seek_lock = threading.Lock()  # where there is no positional read, seek + read must not interleave across threads
+
+
+def read_at(f, buf: bytearray, offset: int) -> int:
+    """Read into ``buf`` from byte ``offset`` of the open file ``f``; returns the bytes read (fewer only at the end
+    of the file). Positional (``os.preadv``), so threads decoding tensors from one open file at once never race
+    over a shared file position; where the OS has no positional read, a lock makes seek + read one step."""
+    if not hasattr(os, "preadv"):
+        with _seek_lock:
+            f.seek(offset)
+            return f.readinto(buf)
+    view, got, fd = memoryview(buf), 0, f.fileno()
+    while got < len(buf):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got

@@ -6,10 +6,18 @@ dense bytes and its decoder's working arrays are estimated from the header and c
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
+from typing import TYPE_CHECKING, Any
+
 from ..errors import FormatError
 from .model import DEFAULT_LIMITS, Entry, FrozenEntry, Limits, dense_bytes
 
-__all__ = ["available_bytes", "check_memory", "dense_bytes", "human_bytes", "work_bytes"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["available_bytes", "check_memory", "dense_bytes", "human_bytes", "prefault", "work_bytes"]
 
 
 def available_bytes(device=None) -> int | None:
@@ -97,3 +105,34 @@ def human_bytes(nbytes: int) -> str:
             return f"{nbytes} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault the range in now, writable
+_PREFAULT_MIN = 1 << 20     # below this the call costs about what it saves
+_madvise: Any = None        # libc's madvise once looked up; False where there is none
+
+
+def prefault(t: torch.Tensor) -> bool:
+    """Map the pages of a new CPU tensor about to be written whole in one system call (Linux's
+    ``MADV_POPULATE_WRITE``) instead of one page fault per 4 KiB as they are first written: the same zeroed pages,
+    for about a quarter less kernel time (a load regenerating 475 MB spends ~0.15 CPU-seconds in page faults).
+    Nothing else changes (pages already mapped keep their bytes); a no-op off Linux, on older kernels and for small
+    tensors. True when the pages were mapped."""
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+                _madvise = fn
+            except (OSError, AttributeError, TypeError):
+                pass
+    if not _madvise or t.device.type != "cpu":
+        return False
+    page = mmap.PAGESIZE
+    start = (t.data_ptr() + page - 1) & ~(page - 1)  # whole pages inside the tensor only
+    end = (t.data_ptr() + t.numel() * t.element_size()) & ~(page - 1)
+    # refused (EINVAL on old kernels): the pages fault in as before
+    return end - start >= _PREFAULT_MIN and _madvise(start, end - start, _MADV_POPULATE_WRITE) == 0

@@ -20,6 +20,7 @@ from ..base import Reader
 from ..dtypes import DTYPE_SIZES, F32_MAX
 from ..framing import ALIGNMENT
 from ..init import InitSpec
+from ..io import read_at
 from ..model import (
     DEFAULT_LIMITS,
     MASK_SUFFIX,
@@ -355,8 +356,7 @@ class V1Reader(Reader):
     def _read_part(self, key: str, tensor: str | None) -> bytearray:
         s = self.stored[key]
         buf = bytearray(s.nbytes)
-        self._f.seek(self.data_start + s.start)
-        if self._f.readinto(buf) != s.nbytes:  # type: ignore[attr-defined]  # (a binary file: it has readinto)
+        if read_at(self._f, buf, self.data_start + s.start) != s.nbytes:  # positional: safe from several threads
             raise FormatError(f"stored tensor {key!r} is truncated", path=self.path, tensor=tensor)
         if hashlib.sha256(buf).hexdigest() != s.sha256:
             raise IntegrityError(f"stored tensor {key!r} is corrupted (SHA-256 mismatch)", path=self.path,
