@@ -252,15 +252,23 @@ def test_reconstruct_hashed_is_reconstruct_and_its_digest(monkeypatch, chunk):
 def test_prefault_maps_a_new_tensor_and_keeps_written_bytes():
     from freezepack.format.memory import prefault
 
-    def resident():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+    def resident_pages(t):  # mincore over the tensor's own pages (not the process RSS, which other threads move)
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = 4096
+        start = (t.data_ptr() + page - 1) // page * page  # the whole pages inside the tensor, as prefault maps
+        n = ((t.data_ptr() + t.numel() * t.element_size()) // page * page - start) // page
+        vec = (ctypes.c_ubyte * n)()
+        if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * page), vec) != 0:
+            pytest.skip(f"mincore failed: errno {ctypes.get_errno()}")
+        return sum(v & 1 for v in vec), n
 
     t = torch.empty(16 << 20)  # 64 MiB: its own fresh mapping, nothing resident yet
-    before = resident()
     if not prefault(t):
         pytest.skip("no MADV_POPULATE_WRITE here (not Linux >= 5.14)")
-    assert resident() - before >= 60 << 20  # mapped now, not on first write
+    got, pages = resident_pages(t)
+    assert got == pages  # every page mapped now, not on first write
     t.fill_(1.5)
     assert prefault(t) and torch.equal(t, torch.full((16 << 20,), 1.5))  # written pages keep their bytes
     assert not prefault(torch.empty(1000))  # too small to be worth a system call
