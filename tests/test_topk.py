@@ -34,11 +34,13 @@ def _paths():
     return [False] + ([lib] if lib is not None else [])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("collect", [topk.COLLECT_MAX, 0], ids=["two-pass", "three-pass"])
 @pytest.mark.parametrize("path", range(2), ids=["numpy", "compiled"])
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16, torch.bfloat16, torch.float32),
                                     (torch.float32, torch.float64), (torch.float64,), (torch.int64, torch.float32)])
-def test_selection_equals_stable_sort_with_ties_and_specials(monkeypatch, dtypes, path, collect):
+def test_selection_equals_stable_sort_with_ties_and_specials(monkeypatch, dtypes, path, collect, threads):
+    """... for 1, 2 and 4 threads: the chunks' passes run in parallel, the masks must not depend on it."""
     if path >= len(_paths()):
         pytest.skip(f"compiled kernels unavailable: {ans.unavailable_reason()}")
     lib = _paths()[path]
@@ -49,7 +51,7 @@ def test_selection_equals_stable_sort_with_ties_and_specials(monkeypatch, dtypes
     scores = [_special(math.prod(sh), gen, dtypes[i % len(dtypes)]).view(sh) for i, sh in enumerate(shapes)]
     total = sum(s.numel() for s in scores)
     for k in sorted({0, 1, 2, 7, total // 3, total // 2, total - 1, total}):
-        got = topk.top_k_masks(scores, k, lib=lib)
+        got = topk.top_k_masks(scores, k, lib=lib, threads=threads)
         want = sorted_top_k(scores, k)
         assert all(torch.equal(g, w) for g, w in zip(got, want)), k
         assert sum(int(g.sum()) for g in got) == k
@@ -82,3 +84,19 @@ def test_generated_random_scores_give_the_stored_scores_mask(monkeypatch):
     generated = global_mask(random_scores(model, 9, stored=False), 0.9, seed=9)
     assert stored.keys() == generated.keys()
     assert all(torch.equal(stored[n], generated[n]) for n in stored)
+
+
+@pytest.mark.parametrize("collect", [topk.COLLECT_MAX, 0], ids=["two-pass", "three-pass"])
+def test_generated_scores_mask_is_the_same_for_any_thread_count(monkeypatch, collect):
+    """Generated scores are made inside each parallel task (one generator thread there): 1, 2, 4 threads give the
+    definition's mask, which the stored scores give too."""
+    monkeypatch.setattr(topk, "CHUNK", 64)  # dozens of chunks, so the pool really interleaves them
+    monkeypatch.setattr(topk, "COLLECT_MAX", collect)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 51), torch.nn.Linear(51, 13), torch.nn.Linear(13, 3))
+    stored = random_scores(model, 4)
+    generated = random_scores(model, 4, stored=False)
+    k = weights_to_train(sum(s.numel() for s in stored.values()), 0.8)
+    want = sorted_top_k(list(stored.values()), k)
+    for threads in (1, 2, 4):
+        got = topk.top_k_masks(list(generated.values()), k, threads=threads)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), threads

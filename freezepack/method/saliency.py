@@ -235,8 +235,8 @@ def random_scores(model: nn.Module, seed: int, *, select=None, stored: bool = Tr
         if stored:
             out[name] = generate(u, w.shape, seed, stream, device="cpu")
         else:
-            out[name] = Generated(w.shape, lambda start, count, stream=stream: generate(u, (count,), seed, stream,
-                                                                                       start=start))
+            out[name] = Generated(w.shape, lambda start, count, threads=None, stream=stream: generate(
+                u, (count,), seed, stream, start=start, threads=threads))
     return out
 
 

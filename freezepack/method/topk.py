@@ -15,6 +15,8 @@ position) equal to it. Work happens in chunks, so the only full-size memory is t
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -51,35 +53,58 @@ class Generated:
     dtype = torch.float32
 
     def __init__(self, shape, make):
-        self.shape, self.make = torch.Size(shape), make
+        self.shape, self.make = torch.Size(shape), make  # make(start, count, threads)
 
     def numel(self) -> int:
         return self.shape.numel()
 
 
-def _pieces(s):
-    """(offset, flat CPU piece) of one score tensor (or :class:`Generated` scores), CHUNK elements at a time."""
-    if isinstance(s, Generated):
+def _spans(scores: list):
+    """(tensor index, offset, count) of every chunk of every score tensor, in order."""
+    for i, s in enumerate(scores):
         for start in range(0, s.numel(), CHUNK):
-            yield start, s.make(start, min(CHUNK, s.numel() - start))
-        return
-    flat = s.detach().reshape(-1)
-    for start in range(0, flat.numel(), CHUNK):
-        yield start, flat[start:start + CHUNK].cpu()
+            yield i, start, min(CHUNK, s.numel() - start)
+
+
+def _piece(s, start: int, count: int, threads: int | None = None) -> torch.Tensor:
+    """The flat CPU scores ``[start, start + count)`` of one score tensor (or :class:`Generated` scores)."""
+    if isinstance(s, Generated):
+        return s.make(start, count, threads)
+    return s.detach().reshape(-1)[start:start + count].cpu()
 
 
 def _chunks(scores: list, wide: bool):
     """(tensor index, offset, keys) over every score, in order."""
-    for i, s in enumerate(scores):
-        for start, part in _pieces(s):
-            yield i, start, _keys(part, wide)
+    for i, start, count in _spans(scores):
+        yield i, start, _keys(_piece(scores[i], start, count), wide)
 
 
 def _f32_chunks(scores: list):
     """(tensor index, offset, contiguous float32 CPU chunk) over every score, in order (for the compiled kernels)."""
-    for i, s in enumerate(scores):
-        for start, part in _pieces(s):
-            yield i, start, part.to(torch.float32).contiguous()
+    for i, start, count in _spans(scores):
+        yield i, start, _piece(scores[i], start, count).to(torch.float32).contiguous()
+
+
+def _each_chunk(scores: list, work, threads: int | None) -> list:
+    """``work(i, start, x)`` for every float32 chunk ``x`` of the scores, on ``threads`` threads (default torch's
+    CPU threads), results in chunk order. Each chunk is made (generated, for :class:`Generated` scores) and
+    consumed on one thread, one generator thread per task; the compiled kernels release the GIL, so the passes
+    use every core, and what each task writes (its own histogram, its own slice of a mask) does not depend on
+    which thread ran it."""
+    threads = max(1, torch.get_num_threads() if threads is None else threads)
+    spans = list(_spans(scores))
+
+    def task(span):
+        i, start, count = span
+        x = _piece(scores[i], start, count, 1 if threads > 1 else None).to(torch.float32).contiguous()
+        return work(i, start, x)
+
+    if threads == 1 or len(spans) <= 1:
+        return [task(sp) for sp in spans]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(spans)), thread_name_prefix="freezepack-topk") as pool:
+        return list(pool.map(task, spans))
 
 
 def _kernels(scores: list[torch.Tensor]):
@@ -91,7 +116,7 @@ def _kernels(scores: list[torch.Tensor]):
     return ans.compiled()
 
 
-def threshold(scores: list[torch.Tensor], k: int, *, lib=None) -> tuple[int, int, bool]:
+def threshold(scores: list[torch.Tensor], k: int, *, lib=None, threads: int | None = None) -> tuple[int, int, bool]:
     """(T, r, wide): the key of the k-th largest score (1 <= k <= total) and how many of the scores equal to it
     are kept (the first r by position). ``lib``: the compiled kernels (False: the numpy twin)."""
     wide = _wide(scores)
@@ -99,20 +124,29 @@ def threshold(scores: list[torch.Tensor], k: int, *, lib=None) -> tuple[int, int
     bits, dt = (64, np.uint64) if wide else (32, np.uint32)
     prefix, need = 0, k
     for level in range(bits // _DIGIT):
-        hist = _histogram(scores, wide, lib, bits - _DIGIT * (level + 1), prefix, level)
+        hist = _histogram(scores, wide, lib, bits - _DIGIT * (level + 1), prefix, level, threads)
         b, need = _bucket(hist, need)
         prefix = (prefix << _DIGIT) | b
     return prefix, need, wide
 
 
-def _histogram(scores: list, wide: bool, lib, shift: int, prefix: int, level: int) -> np.ndarray:
+def _histogram(scores: list, wide: bool, lib, shift: int, prefix: int, level: int,
+               threads: int | None = None) -> np.ndarray:
     """Counts of the 16 key bits at ``shift`` over the scores whose higher bits equal ``prefix``."""
     dt = np.uint64 if wide else np.uint32
     hist = np.zeros(1 << _DIGIT, np.int64)
     if lib is not None:
-        for _, _, x in _f32_chunks(scores):
-            lib.fp_score_hist(x.data_ptr(), x.numel(), shift, prefix, hist.ctypes.data)
-        return hist
+        own = threading.local()
+        per_thread: list[np.ndarray] = []
+
+        def count(_i, _start, x):  # one histogram per thread, summed: integer counts, the same sum in any order
+            if not hasattr(own, "hist"):
+                own.hist = np.zeros(1 << _DIGIT, np.int64)
+                per_thread.append(own.hist)  # (list.append is atomic)
+            lib.fp_score_hist(x.data_ptr(), x.numel(), shift, prefix, own.hist.ctypes.data)
+
+        _each_chunk(scores, count, threads)
+        return sum(per_thread, hist)
     for _, _, u in _chunks(scores, wide):
         if level:
             u = u[(u >> dt(shift + _DIGIT)) == dt(prefix)]
@@ -133,37 +167,37 @@ def _bucket(hist: np.ndarray, need: int) -> tuple[int, int]:
 COLLECT_MAX = 1 << 22
 
 
-def _two_pass(scores: list, k: int, lib, masks: list[torch.Tensor]) -> bool:
+def _two_pass(scores: list, k: int, lib, masks: list[torch.Tensor], threads: int | None = None) -> bool:
     """32-bit keys: one histogram pass finds the threshold's top-16-bit bucket b, one more writes every mask
     (above b: kept) while listing the scores in b, which are then ranked by key, ties by position. False (nothing
     written) when b holds too many scores to list."""
-    hist = _histogram(scores, False, lib, _DIGIT, 0, 0)
+    hist = _histogram(scores, False, lib, _DIGIT, 0, 0, threads)
     b, need = _bucket(hist, k)
     cap = int(hist[b])
     if cap > COLLECT_MAX:
         return False
-    pos, keys, got = np.empty(cap, np.int64), np.empty(cap, np.uint32), 0
     bases = np.cumsum([0] + [s.numel() for s in scores])
-    for i, start, x in _f32_chunks(scores):
+
+    def split(i, start, x):  # this chunk's mask slice; its scores in bucket b as (global position, key)
         m = masks[i].view(-1)[start:start + x.numel()]
         if lib is not None:
-            c = int(lib.fp_score_split(x.data_ptr(), x.numel(), b, m.data_ptr(), pos[got:].ctypes.data,
-                                       keys[got:].ctypes.data, cap - got))
-            if got + c > cap:
+            room = min(cap, x.numel())
+            pos, keys = np.empty(room, np.int64), np.empty(room, np.uint32)
+            c = int(lib.fp_score_split(x.data_ptr(), x.numel(), b, m.data_ptr(), pos.ctypes.data,
+                                       keys.ctypes.data, room))
+            if c > room:
                 raise RuntimeError("scores changed between passes")
-            pos[got:got + c] += bases[i] + start
-        else:
-            u = _keys(x, False)
-            top = u >> np.uint32(_DIGIT)
-            np.greater(top, np.uint32(b), out=m.numpy())
-            sel = np.flatnonzero(top == np.uint32(b))
-            c = sel.size
-            if got + c > cap:
-                raise RuntimeError("scores changed between passes")
-            pos[got:got + c] = sel + (bases[i] + start)
-            keys[got:got + c] = u[sel]
-        got += c
-    if got != cap:
+            return pos[:c] + (bases[i] + start), keys[:c].copy()
+        u = _keys(x, False)
+        top = u >> np.uint32(_DIGIT)
+        np.greater(top, np.uint32(b), out=m.numpy())
+        sel = np.flatnonzero(top == np.uint32(b))
+        return sel + (bases[i] + start), u[sel]
+
+    listed = _each_chunk(scores, split, threads if lib is not None else 1)  # (numpy's twin: one thread)
+    pos = np.concatenate([p for p, _ in listed]) if listed else np.empty(0, np.int64)
+    keys = np.concatenate([q for _, q in listed]) if listed else np.empty(0, np.uint32)
+    if pos.size != cap:
         raise RuntimeError("scores changed between passes")
     chosen = pos[np.argsort(-keys.astype(np.int64), kind="stable")[:need]]  # listed in position order: ties by it
     owner = np.searchsorted(bases, chosen, side="right") - 1
@@ -172,10 +206,11 @@ def _two_pass(scores: list, k: int, lib, masks: list[torch.Tensor]) -> bool:
     return True
 
 
-def top_k_masks(scores: list[torch.Tensor], k: int, *, lib=None) -> list[torch.Tensor]:
+def top_k_masks(scores: list[torch.Tensor], k: int, *, lib=None, threads: int | None = None) -> list[torch.Tensor]:
     """Boolean CPU masks, one per score tensor (same shapes): True for the k highest scores over all tensors,
     ties by position; exactly what a stable descending sort of the concatenated scores keeps. ``lib``: the
-    compiled kernels (default: when built; False: the numpy twin)."""
+    compiled kernels (default: when built; False: the numpy twin). ``threads``: CPU threads of the passes (default
+    torch's); the masks are the same for any number."""
     total = sum(s.numel() for s in scores)
     if not 0 <= k <= total:
         raise ValueError(f"k={k} outside [0, {total}]")
@@ -183,9 +218,9 @@ def top_k_masks(scores: list[torch.Tensor], k: int, *, lib=None) -> list[torch.T
         return [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
     masks = [torch.empty(s.shape, dtype=torch.bool) for s in scores]  # every entry is written below
     lib = None if lib is False or _wide(scores) else lib or _kernels(scores)
-    if not _wide(scores) and _two_pass(scores, k, lib, masks):
+    if not _wide(scores) and _two_pass(scores, k, lib, masks, threads):
         return masks
-    t, left, wide = threshold(scores, k, lib=lib if lib is not None else False)
+    t, left, wide = threshold(scores, k, lib=lib if lib is not None else False, threads=threads)
     if lib is not None:
         for i, start, x in _f32_chunks(scores):
             m = masks[i].view(-1)[start:start + x.numel()]
