@@ -272,3 +272,29 @@ def test_prefault_maps_a_new_tensor_and_keeps_written_bytes():
     t.fill_(1.5)
     assert prefault(t) and torch.equal(t, torch.full((16 << 20,), 1.5))  # written pages keep their bytes
     assert not prefault(torch.empty(1000))  # too small to be worth a system call
+
+
+def test_generator_threads_share_out_the_spare_threads():
+    assert loading.generator_threads(2, 150) == 1 and loading.generator_threads(4, 1) == 4
+    assert loading.generator_threads(4, 2) == 2 and loading.generator_threads(1, 1) == 1
+    assert loading.generator_threads(3, 0) == 3
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_one_tensor_file_loads_the_same_for_any_thread_count(tmp_path, verify):
+    """Fewer tensors than threads: the spare threads go to the generator inside the task; same bits."""
+    g = torch.Generator().manual_seed(8)
+    rec = record.FreezeRecord(seed=21)
+    m = random_mask((700, 300), 0.99, g)
+    rec.frozen["only.weight"] = FrozenTensor(init.make_init("xavier_normal", (700, 300)), m,
+                                             torch.randn(int(m.sum()), generator=g))
+    p = tmp_path / "one.fpk"
+    freezepack.save(p, rec)
+    want = rec.state_dict()["only.weight"]
+    for threads in THREADS:
+        got = freezepack.load(p, verify=verify, threads=threads)["only.weight"]
+        assert torch.equal(got, want), threads
+        model = torch.nn.Module()
+        model.only = torch.nn.Linear(300, 700, bias=False)
+        freezepack.load_into(model, p, prefix_map={"only.": "only."}, verify=verify, threads=threads)
+        assert torch.equal(model.only.weight, want), threads

@@ -27,7 +27,11 @@ from .materialize import (
 )
 from .parallel import load_threads, run_ordered
 
-GENERATOR_THREADS = 1  # the compiled generator's threads inside each task: the tasks already fill the cores
+
+def generator_threads(threads: int, tasks: int) -> int:
+    """The generator's CPU threads inside each load task: one while the tasks alone fill the threads (a model of
+    many tensors), the spare threads shared out when there are fewer tasks than threads (one huge tensor)."""
+    return max(1, threads // max(1, tasks))
 
 
 def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
@@ -50,7 +54,7 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
         check_memory(sum(map(dense_bytes, entries)) + sum(works), f"loading all {len(entries)} tensors", limits,
                      device, r.path)
         own = [i for i, e in enumerate(entries) if not isinstance(e, AliasEntry)]
-        gen_threads = GENERATOR_THREADS if nthreads > 1 else 1
+        gen_threads = generator_threads(nthreads, len(own))
 
         def task(e: Entry) -> torch.Tensor:
             if verify:
@@ -129,7 +133,6 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
     if meta_device.type == "meta":
         raise UsageError("load_into(device=...) is where meta tensors are materialised; it cannot be 'meta'")
     nthreads = load_threads(threads)
-    gen_threads = GENERATOR_THREADS if nthreads > 1 else 1
     with open_file(path, limits) as r:
         entries = r.header.entries
         total = len(entries)
@@ -175,6 +178,7 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
                         dst.data.copy_(materialize(r, e, dst.device, verify, threads=gen_threads))
 
         jobs = list(groups.values())
+        gen_threads = generator_threads(nthreads, len(jobs))
         reached = [0]
 
         def done(g: int) -> None:
