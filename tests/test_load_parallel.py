@@ -275,9 +275,9 @@ def test_prefault_maps_a_new_tensor_and_keeps_written_bytes():
 
 
 def test_generator_threads_share_out_the_spare_threads():
-    assert loading.generator_threads(2, 150) == 1 and loading.generator_threads(4, 1) == 4
-    assert loading.generator_threads(4, 2) == 2 and loading.generator_threads(1, 1) == 1
-    assert loading.generator_threads(3, 0) == 3
+    assert parallel.generator_threads(2, 150) == 1 and parallel.generator_threads(4, 1) == 4
+    assert parallel.generator_threads(4, 2) == 2 and parallel.generator_threads(1, 1) == 1
+    assert parallel.generator_threads(3, 0) == 3
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -298,3 +298,23 @@ def test_a_one_tensor_file_loads_the_same_for_any_thread_count(tmp_path, verify)
         model.only = torch.nn.Linear(300, 700, bias=False)
         freezepack.load_into(model, p, prefix_map={"only.": "only."}, verify=verify, threads=threads)
         assert torch.equal(model.only.weight, want), threads
+
+
+def test_verify_report_is_the_same_for_any_thread_count(saved, monkeypatch):
+    """verify checks tensors in parallel: the same report (order, verdicts, reasons) for 1, 2 and 4 threads, the
+    bad tensors named wherever they are, and progress in file order up to the total."""
+    with open_file(saved) as r:
+        total = len(r.header.entries)
+    assert freezepack.verify(saved, threads=2)["ok"]
+    corrupt = {"conv.weight", "fc2.weight", "ctx.weight"}  # float32, scale 1: a flipped bit survives to the bytes
+    _corrupt(monkeypatch, corrupt)
+    reports = []
+    for threads in THREADS:
+        seen: list[tuple[int, int]] = []
+        rep = freezepack.verify(saved, threads=threads, progress=lambda d, t, seen=seen: seen.append((d, t)))
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1] == (total, total)
+        reports.append(rep)
+    assert reports[0] == reports[1] == reports[2]
+    bad = {t["name"] for t in reports[0]["tensors"] if not t["ok"]}
+    assert bad == corrupt
+    assert not reports[0]["ok"] and reports[0]["failed"] == len(bad)

@@ -25,13 +25,7 @@ from .materialize import (
     materialize,
     materialize_checked,
 )
-from .parallel import load_threads, run_ordered
-
-
-def generator_threads(threads: int, tasks: int) -> int:
-    """The generator's CPU threads inside each load task: one while the tasks alone fill the threads (a model of
-    many tensors), the spare threads shared out when there are fewer tasks than threads (one huge tensor)."""
-    return max(1, threads // max(1, tasks))
+from .parallel import generator_threads, load_threads, run_ordered
 
 
 def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,

@@ -84,7 +84,7 @@ def check_digest(r: Reader, e: FrozenEntry, t: torch.Tensor, got: str | None = N
                              tensor=e.name)
 
 
-def streamed_digest(r: Reader, e: FrozenEntry, device) -> str:
+def streamed_digest(r: Reader, e: FrozenEntry, device, threads: int | None = None) -> str:
     """SHA-256 of a frozen entry's reconstruction, streamed (:func:`record.reconstruct_digest`): never the whole
     tensor in memory. Not for ``ans-ctx`` masks (decoded from all of G)."""
     # An explicit max_dense_bytes bounds what a tensor may expand to (a hostile header's work), streamed or not;
@@ -93,7 +93,7 @@ def streamed_digest(r: Reader, e: FrozenEntry, device) -> str:
     check_memory(work_bytes(e) + held, "reconstructing this tensor", r.limits, device, r.path, e.name)
     idx, vals, _ = frozen_parts(r, e, device)
     return record.reconstruct_digest(e.init, e.shape, r.header.seed, e.stream_key, TORCH_DTYPES[e.dtype],
-                                     e.frozen_scale, idx, vals, device=device)
+                                     e.frozen_scale, idx, vals, device=device, threads=threads)
 
 
 def materialize(r: Reader, entry: Entry, device, check: bool, timings: dict | None = None,

@@ -28,6 +28,12 @@ def load_threads(threads: int | None) -> int:
     return threads
 
 
+def generator_threads(threads: int, tasks: int) -> int:
+    """The generator's CPU threads inside each load task: one while the tasks alone fill the threads (a model of
+    many tensors), the spare threads shared out when there are fewer tasks than threads (one huge tensor)."""
+    return max(1, threads // max(1, tasks))
+
+
 def run_ordered(tasks: Sequence[tuple[int, Callable[[], T]]], threads: int,
                 done: Callable[[int], None] | None = None) -> list[T]:
     """Run ``tasks`` (``(cost, fn)`` pairs) on ``threads`` threads, costliest first (ties in the given order), and

@@ -70,10 +70,12 @@ STREAM_CHUNK = 1 << 22  # elements regenerated at a time when a reconstruction i
 
 
 def reconstruct_digest(init: InitSpec, shape, seed: int, stream: str, dtype: torch.dtype, frozen_scale: float,
-                       index: torch.Tensor | None, values: torch.Tensor | None, *, device=None) -> str:
+                       index: torch.Tensor | None, values: torch.Tensor | None, *, device=None,
+                       threads: int | None = None) -> str:
     """SHA-256 of :func:`reconstruct`'s bytes, made :data:`STREAM_CHUNK` elements at a time (§5.3 is elementwise:
     generate, round, scale, then the stored values at their positions), never the whole tensor in memory.
-    ``index``: ascending positions of ``values``. Chunk i is hashed on a worker thread while chunk i + 1 is made."""
+    ``index``: ascending positions of ``values``. Chunk i is hashed on a worker thread while chunk i + 1 is made
+    (by ``threads`` generator threads, default torch's)."""
     n = 1
     for s in shape:
         n *= int(s)
@@ -90,7 +92,7 @@ def reconstruct_digest(init: InitSpec, shape, seed: int, stream: str, dtype: tor
                 assert values is not None
                 t = values.reshape(-1)[s:s + c].to(device=bufs[0].device, dtype=dtype)
             else:
-                t = generate(init, (c,), seed, stream, out=bufs[i % 2][:c], start=s)
+                t = generate(init, (c,), seed, stream, out=bufs[i % 2][:c], start=s, threads=threads)
                 t = t if dtype == torch.float32 else t.to(dtype)
                 if frozen_scale != 1.0:
                     t.mul_(frozen_scale)
