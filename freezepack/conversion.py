@@ -11,6 +11,7 @@ proven to reproduce the input bit for bit *before* it replaces anything at the d
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 
 from .api import DEFAULT_VERSION, VALUES_KEY, encode_record, load, tensor_bytes
 from .api import open as fpk_open
+from .api.parallel import load_threads, run_ordered
 from .checkpoint import SHARED_KEY, find_state_dict, find_ties, shared_from_metadata
 from .errors import FormatError, FreezepackError, IntegrityError, UsageError
 from .format.dtypes import TORCH_DTYPES
@@ -134,12 +136,25 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.view(_BITS[a.dtype]) == b.view(_BITS[b.dtype])
 
 
-def _likely_scale(t: torch.Tensor, regen: torch.Tensor) -> float | None:
-    """FreezeNet-WD shrinks every frozen entry by one f32 factor: the most common ratio dense / initial is it."""
-    nz = regen != 0
+_SCALE_SAMPLE = 1 << 16  # entries whose ratios vote for the factor (a strided sample: no sort of the whole tensor)
+
+
+def _likely_scale(t: torch.Tensor, regen: torch.Tensor, matched: int) -> float | None:
+    """FreezeNet-WD shrinks every frozen entry by one f32 factor: the most common ratio dense / initial is it.
+
+    ``matched``: entries already equal at factor 1. When they are half the tensor or more, no other factor can
+    explain more (an entry equals ``regen * s`` for two factors only where ``regen`` is 0), so none is sought.
+    The vote runs on an evenly strided sample; whatever factor wins is then checked on every entry by the caller,
+    so a poor sample costs file bytes, never exactness."""
+    n = t.numel()
+    if 2 * matched >= n:
+        return None
+    step = max(1, n // _SCALE_SAMPLE)
+    ts, rs = t.reshape(-1)[::step], regen.reshape(-1)[::step]
+    nz = rs != 0
     if not bool(nz.any()):
         return None
-    ratio = (t[nz] / regen[nz])
+    ratio = ts[nz] / rs[nz]
     ratio = ratio[torch.isfinite(ratio)]
     if ratio.numel() == 0:
         return None
@@ -148,11 +163,35 @@ def _likely_scale(t: torch.Tensor, regen: torch.Tensor) -> float | None:
     return s if s not in (0.0, 1.0) and int(counts.max()) * 2 > ratio.numel() // 10 else None
 
 
+def _whole_bytes_floor(t: torch.Tensor) -> float:
+    """A lower bound of the bytes any writer stores ``t`` in as a whole tensor, from one cheap histogram.
+
+    Every whole coding (v1 raw; v2 planes, cast, codebook) stores at least the order-0 entropy of the values:
+    per-plane static models add up to at least the joint entropy, a codebook's indices carry it, raw bytes exceed
+    it. The values' entropy is at least that of any function of them, here their top byte (sign and exponent).
+    rANS with a static model emits at least the empirical entropy less under 0.006 bits a symbol (state >= 2^32,
+    frequencies < 2^24: each step loses at most -log2(1 - 2^-8)) and a final state; the margins cover both."""
+    n, elem = t.numel(), t.element_size()
+    if n == 0:
+        return 0.0
+    raw = np.frombuffer(tensor_bytes(t), np.uint8)
+    counts = np.zeros(256, np.int64)
+    step = 1 << 22
+    for lo in range(0, n, step):  # chunks: bincount copies its input to intp
+        counts += np.bincount(raw[lo * elem + elem - 1:min(n, lo + step) * elem:elem], minlength=256)
+    p = counts[counts > 0] / n
+    bits = float(-(p * np.log2(p)).sum())
+    return n * (0.99 * bits - 0.006) / 8 - 512
+
+
 def _cheaper_frozen(name: str, ft: FrozenTensor, t: torch.Tensor, seed: int, version: int | None) -> bool:
     """Is ``ft`` (frozen) smaller in a file than ``t`` (whole)? Both forms are encoded for real by the version's
-    writer (one-tensor files: the fixed overhead cancels out), so no version's cost model is restated here."""
+    writer (one-tensor files: the fixed overhead cancels out), so no version's cost model is restated here; the
+    whole form only when the frozen one is not already below :func:`_whole_bytes_floor` (same answer, cheaper)."""
     version = DEFAULT_VERSION if version is None else version
     as_frozen = sum(map(len, encode_record(FreezeRecord(seed=seed, frozen={name: ft}), version=version)))
+    if as_frozen < _whole_bytes_floor(t):
+        return True
     as_whole = sum(map(len, encode_record(FreezeRecord(seed=seed, whole={name: t}), version=version)))
     return as_frozen < as_whole
 
@@ -181,7 +220,7 @@ def _stream_names(sd: dict[str, torch.Tensor], ties: dict[str, str], seed: int, 
 
 def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_normal", inits=None,
                    progress=None, version: int | None = None,
-                   ties: dict[str, str] | None = None) -> tuple[FreezeRecord, list[dict]]:
+                   ties: dict[str, str] | None = None, threads: int | None = None) -> tuple[FreezeRecord, list[dict]]:
     """Find, per float tensor, the entries that equal the regenerated initial values (frozen; also when all of
     them were scaled by one factor, as FreezeNet-WD's weight decay does) or zero (pruned). In a float16 or
     bfloat16 tensor the initial values are the generator's float32 values rounded to it (spec/FORMAT.md), as a
@@ -191,6 +230,7 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
     explanation that leaves the fewest trained values, or whole. ``init``: initializer name used for every
     tensor; ``inits``: per-name override (a name, (name, params) or an InitSpec; ``None`` = store whole). A name
     in ``inits`` that is not in ``state_dict`` is a UsageError (a typo would otherwise silently do nothing).
+    ``threads``: tensors converted at once (default torch's CPU threads); the record is the same for any count.
     """
     seed = check_seed(seed)
     unknown = sorted(set(inits or {}) - set(state_dict))
@@ -199,12 +239,12 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
         raise UsageError(f"--init-for names tensors the checkpoint does not have: {', '.join(unknown)} "
                          f"(it has: {known})")
     rec = FreezeRecord(seed=seed, aliases=_stream_names(state_dict, ties or {}, seed, init, inits))
-    report = []
-    for i, (name, t) in enumerate(state_dict.items()):
+
+    def one(name: str, t: torch.Tensor) -> tuple[dict, FrozenTensor | None, torch.Tensor | None]:
+        """(report row, the frozen form or None, the whole tensor or None) of one tensor."""
         if name in rec.aliases:  # one tensor under two names: stored (and coded) once
-            report.append({"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "alias",
-                           "of": rec.aliases[name], "trainable": 0, "matched": None})
-            continue
+            return ({"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "alias",
+                     "of": rec.aliases[name], "trainable": 0, "matched": None}, None, None)
         t = t.detach().cpu().contiguous()
         # "matched": entries equal to the regenerated initializer; None: no initializer was tried
         row: dict[str, Any] = {"name": name, "shape": list(t.shape), "numel": t.numel(), "stored_as": "whole",
@@ -217,13 +257,10 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
                 candidates.append(("frozen", spec))
             candidates.append(("pruned", make_init("zeros", tuple(t.shape))))
             for label, spec in candidates:
-                regen = generate(spec, tuple(t.shape), seed, name).to(t.dtype)  # rounded as a reader rounds
-                scales: list[float | None] = [1.0]
-                if label == "frozen" and t.dtype == torch.float32:  # (FreezeNet-WD trains float32 models)
-                    scales.append(_likely_scale(t, regen))
-                for scale in scales:
-                    if scale is None:
-                        continue
+                # rounded as a reader rounds; one generator thread: the tensors are converted in parallel
+                regen = generate(spec, tuple(t.shape), seed, name, threads=1 if nthreads > 1 else None).to(t.dtype)
+                scale: float | None = 1.0
+                while scale is not None:
                     cand = regen if scale == 1.0 else regen * scale  # one f32 multiply, as the loader does
                     same = _same_bits(t, cand)
                     k = int(t.numel() - same.sum())
@@ -231,19 +268,32 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
                         best = (label, spec, k, ~same, scale)
                     if label == "frozen":
                         row["matched"] = max(row["matched"] or 0, t.numel() - k)
+                    # then the one other factor worth a try (FreezeNet-WD trains float32 models)
+                    scale = _likely_scale(t, regen, t.numel() - k) if (
+                        scale == 1.0 and label == "frozen" and t.dtype == torch.float32) else None
         if best is not None and best[2] < t.numel():
             label, spec, k, mask, scale = best
             ft = FrozenTensor(spec, mask, t[mask].clone(), scale)
             if _cheaper_frozen(name, ft, t, seed, version):
-                rec.frozen[name] = ft
                 row.update(stored_as=label, trainable=k, init=spec.name, q=1 - k / t.numel())
                 if scale != 1.0:
                     row["frozen_scale"] = scale
-        if name not in rec.frozen:
-            rec.whole[name] = t
+                return row, ft, None
+        return row, None, t
+
+    # One task per tensor on every core (generating, comparing and trial-encoding release the GIL); results and
+    # the first error in file order, so the record never depends on the thread count.
+    nthreads = load_threads(threads)
+    names = list(state_dict)
+    done = None if progress is None else (lambda i: progress(i + 1, len(names)))
+    results = run_ordered([(state_dict[n].numel(), partial(one, n, state_dict[n])) for n in names], nthreads, done)
+    report = []
+    for name, (row, ft, whole) in zip(names, results):
+        if ft is not None:
+            rec.frozen[name] = ft
+        elif whole is not None:
+            rec.whole[name] = whole
         report.append(row)
-        if progress is not None:
-            progress(i + 1, len(state_dict))
     return rec, report
 
 
@@ -272,7 +322,8 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, metadata=None,
                        progress=None, *, make_parents: bool = False, version: int | None = None,
-                       values: str | None = None, key: str | None = None, lossy_whole: bool = False) -> dict:
+                       values: str | None = None, key: str | None = None, lossy_whole: bool = False,
+                       threads: int | None = None) -> dict:
     """Dense checkpoint (``.safetensors``, ``.pt``/``.pth``, ``.fpk``) + seed + initializer(s) -> an exact .fpk.
 
     The source's own metadata is kept (``metadata`` entries override it). The file is written to a temporary
@@ -299,7 +350,7 @@ def convert_checkpoint(src, dst, seed: int, init="xavier_normal", inits=None, me
     # progress: every tensor converted, then coded, then proven (total = 3x the tensors)
     steps = len(sd)
     phase = (lambda k: None) if progress is None else (lambda k: lambda done, _: progress(k * steps + done, 3 * steps))
-    rec, rows = convert_record(sd, seed, init, inits, phase(0), version, ties)
+    rec, rows = convert_record(sd, seed, init, inits, phase(0), version, ties, threads)
     expected = dict(sd)
     if coding is not None:  # quantize once; the file must reproduce the checkpoint with these values
         _quantize_record(rec, rows, sd, expected, coding, lossy_whole)
@@ -390,10 +441,12 @@ def _values_hint(rows: list[dict], coding) -> list[str]:
 
 def convert(src, dst, seed: int, init: str = "xavier_normal", inits: dict[str, str] | None = None,
             metadata: dict[str, str] | None = None, progress=None, *, version: int | None = None,
-            values: str | None = None, key: str | None = None, lossy_whole: bool = False) -> dict:
+            values: str | None = None, key: str | None = None, lossy_whole: bool = False,
+            threads: int | None = None) -> dict:
     """Dense checkpoint + seed + initializer(s) -> the smallest exact .fpk, proven before it is published.
 
-    ``freezepack.convert``; see :func:`convert_checkpoint` for the report it returns.
+    ``freezepack.convert``; see :func:`convert_checkpoint` for the report it returns. ``threads``: tensors
+    converted at once (default torch's CPU threads); the file is byte-identical for any count.
     """
     return convert_checkpoint(src, dst, seed, init, inits, metadata, progress, version=version, values=values,
-                              key=key, lossy_whole=lossy_whole)
+                              key=key, lossy_whole=lossy_whole, threads=threads)

@@ -197,6 +197,20 @@ def test_convert_finds_freezenet_wd_scale(tmp_path):
     _assert_bitwise_equal(freezepack.load(tmp_path / "wd.fpk"), sd)
 
 
+def test_convert_finds_the_wd_scale_of_a_tensor_larger_than_the_vote_sample(tmp_path, monkeypatch):
+    """The factor is voted on a strided sample (no sort of the whole tensor), then checked on every entry."""
+    from freezepack import conversion
+
+    monkeypatch.setattr(conversion, "_SCALE_SAMPLE", 1000)  # 200x300: every 60th entry votes
+    rec = record_for({"big.weight": (200, 300)}, 0.9, seed=4, frozen_scale=0.8125)
+    sd = rec.state_dict()
+    save_file(sd, str(tmp_path / "wd.safetensors"))
+    report = freezepack.convert(tmp_path / "wd.safetensors", tmp_path / "wd.fpk", seed=4)
+    row = report["tensors"][0]
+    assert row["frozen_scale"] == 0.8125 and row["trainable"] == int(rec.frozen["big.weight"].mask.sum())
+    _assert_bitwise_equal(freezepack.load(tmp_path / "wd.fpk"), sd)
+
+
 def test_convert_refuses_pickles_and_junk(tmp_path):
     class Evil:
         def __reduce__(self):
