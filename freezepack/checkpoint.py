@@ -14,6 +14,7 @@ import json
 import torch
 
 from .errors import FormatError
+from .format.dense import tensor_bytes
 
 SHARED_KEY = "freezepack.shared"  # safetensors metadata: JSON {tied name: the name it is stored under}
 
@@ -82,8 +83,7 @@ def find_ties(sd: dict[str, torch.Tensor], *, by_bytes: bool) -> dict[str, str]:
         for name, t in sd.items():
             if name in aliases or t.dim() < 2 or t.numel() < 2 or _constant(t):
                 continue
-            data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            same = (t.dtype, tuple(t.shape), hashlib.sha256(data).digest())
+            same = (t.dtype, tuple(t.shape), hashlib.sha256(tensor_bytes(t.cpu())).digest())  # hashed in place
             if same in seen:
                 aliases[name] = seen[same]
             else:
