@@ -11,6 +11,7 @@ step inherits another's memory. Inside a process each step starts with a reset o
   load verified   freezepack.load(verify=True)             vs  read the file + safetensors.torch.load
   load unverified freezepack.load(verify=False)            vs  the same
   load_into meta  load_into a model built on the meta device (no dense init at all), onto CPU
+  convert         freezepack.convert of the model's dense safetensors  vs  read + load + save_file it again
 and for each: seconds, the ratio, peak RSS above the step's start (x the dense float32 size), and with two or more
 sizes, the growth of each step's seconds per parameter from the smallest to the largest (1.0 = linear).
 
@@ -177,6 +178,13 @@ def worker(kind: str, size: str, workdir: str) -> dict:
             with Step(res, "load_unverified"):
                 sd = freezepack.load(fpk, verify=False)
             del sd
+        with Step(res, "baseline_convert"):  # a dense format conversion: read, load, write again
+            with open(st, "rb") as f:
+                sd = st_load(f.read())
+            save_file(sd, os.path.join(workdir, "resaved.safetensors"))
+        del sd
+        with Step(res, "convert"):  # the dense FreezeNet back to a .fpk: match, code, prove
+            freezepack.convert(st, os.path.join(workdir, "converted.fpk"), seed=1)
         with torch.device("meta"):  # torch's first meta init (normal_) imports sympy & co (~2 s): not ours to time
             torch.nn.Embedding(2, 2)
         try:
@@ -201,6 +209,7 @@ ROWS = [  # (label, freezepack step, baseline step, goal ratio)
     ("load, verified", "load_verified", "baseline_load", 1.0),
     ("load, unverified", "load_unverified", "baseline_load", 0.5),
     ("load_into (meta model)", "load_into_meta", "baseline_load", None),
+    ("convert (dense -> .fpk)", "convert", "baseline_convert", None),
 ]
 
 
