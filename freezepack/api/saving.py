@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from ..format.strictjson import valid_text
 from ..format.writer import DEFAULT_VERSION, encode_file
 from .checking import VALUES_KEY, verify
 from .materialize import PathLike, Progress
+from .parallel import load_threads, run_ordered
 
 # ---------------------------------------------------------------------------------------------------------------
 # save
@@ -177,8 +179,9 @@ def _whole_entry(name: str, t: torch.Tensor, blobs: Parts) -> WholeEntry:
 
 def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata=None,
                   truth: dict[str, torch.Tensor] | None = None, version: int | None = None,
-                  values: str | None = None, progress: Progress | None = None) -> list:
-    """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes).
+                  values: str | None = None, progress: Progress | None = None, threads: int | None = None) -> list:
+    """The byte chunks of the .fpk file for ``record`` (deterministic: same record -> same bytes, for any
+    ``threads``: tensors coded at once, default torch's CPU threads).
 
     ``truth``: the dense tensors the file must reproduce (a module's weights as its forward pass uses them).
     Their digests go into the header, so a reader's check compares its reconstruction with *them*, not with a
@@ -218,22 +221,39 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
     both = set(record.frozen) & set(record.whole)
     if both:
         raise UsageError(f"tensors both frozen and whole: {', '.join(sorted(both))}")
-    blobs: Parts = {}
-    entries: list[Entry] = []
-    for i, name in enumerate(order):
-        if progress is not None and i:
-            progress(i, len(order))
+    stored: set[str] = set()
+    for name in order:  # names and aliases first, in order: the errors a sequential writer would raise first
         if not isinstance(name, str) or not name or name == "__metadata__" or not valid_text(name):
             raise UsageError(f"invalid tensor name {name!r} (empty, reserved, or not valid Unicode text)")
+        if name in record.aliases and record.aliases[name] not in stored:
+            raise UsageError(f"alias of {record.aliases[name]!r}, which is not an earlier tensor", tensor=name)
+        stored.add(name)
+
+    def one(name: str) -> tuple[Entry, Parts]:
+        """One tensor's entry and stored parts (its own dict: tasks run on several threads)."""
+        own: Parts = {}
+        if name in record.frozen:
+            return _frozen_entry(name, record.frozen[name], seed, own, truth.get(name), coding), own
+        return _whole_entry(name, record.whole[name], own), own
+
+    def size(name: str) -> int:  # (bad input is refused by the task itself, in order)
+        t = getattr(record.frozen[name], "mask", None) if name in record.frozen else record.whole[name]
+        return t.numel() if isinstance(t, torch.Tensor) else 0
+
+    # One task per tensor on every core (digests, mask coding and quantizing release the GIL or are numpy);
+    # entries, parts and the first error in file order, so the bytes never depend on the thread count.
+    tasks = [name for name in order if name not in record.aliases]
+    done = None if progress is None else (lambda i: progress(i + 1, len(order)) if i + 1 < len(tasks) else None)
+    made = dict(zip(tasks, run_ordered([(size(n), partial(one, n)) for n in tasks], load_threads(threads), done)))
+    blobs: Parts = {}
+    entries: list[Entry] = []
+    for name in order:
         if name in record.aliases:
-            target = record.aliases[name]
-            if not any(e.name == target for e in entries):
-                raise UsageError(f"alias of {target!r}, which is not an earlier tensor", tensor=name)
-            entries.append(AliasEntry(name, target))
-        elif name in record.frozen:
-            entries.append(_frozen_entry(name, record.frozen[name], seed, blobs, truth.get(name), coding))
+            entries.append(AliasEntry(name, record.aliases[name]))
         else:
-            entries.append(_whole_entry(name, record.whole[name], blobs))
+            entry, own = made[name]
+            entries.append(entry)
+            blobs.update(own)
     keys = [e.data_key for e in entries if isinstance(e, WholeEntry)] + \
         [k for e in entries if isinstance(e, FrozenEntry) for k in (e.mask_key, e.values_key) if k]
     if len(set(keys)) != len(keys):
@@ -248,11 +268,11 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
     return chunks
 
 
-def _prove(tmp_path: str, target, progress: Progress | None = None) -> None:
+def _prove(tmp_path: str, target, progress: Progress | None = None, threads: int | None = None) -> None:
     """Read the written temp file back as any reader will, before it is published: every tensor must decode,
     and every reconstruction must match the digest of what the model holds in memory. Frozen tensors are
     regenerated and hashed in chunks (:func:`verify`): the proof never holds a whole regenerated tensor."""
-    report = verify(tmp_path, progress=progress)
+    report = verify(tmp_path, progress=progress, threads=threads)
     bad = [t for t in report["tensors"] if not t["ok"]]
     if bad:
         first = bad[0]
@@ -301,7 +321,7 @@ def _lossy_dense(model: torch.nn.Module, record: FreezeRecord, truth: dict, valu
 
 def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
          metadata: dict[str, str] | None = None, *, version: int | None = None, values: str | None = None,
-         progress: Progress | None = None, allow_nonfinite: bool = False) -> None:
+         progress: Progress | None = None, allow_nonfinite: bool = False, threads: int | None = None) -> None:
     """Write a FreezeNet to ``path`` (.fpk) atomically, proven before it is published.
 
     ``record_or_module``: an ``nn.Module`` frozen by freezepack (wrappers such as DataParallel/DDP/``torch.compile``
@@ -315,6 +335,7 @@ def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
     model's (one with no frozen tensor) trained values are the weights a FreezeNet would freeze: those are coded.
     NaN or infinite trained values are refused (a :class:`MethodError`) unless ``allow_nonfinite``.
     ``progress(done, total)``: called as each tensor is coded, then as each is proven (total = twice the tensors).
+    ``threads``: tensors coded and proven at once (default torch's CPU threads); the bytes are the same for any.
     """
     record, order, truth = _record_of(record_or_module)
     if not allow_nonfinite:
@@ -324,5 +345,5 @@ def save(path: PathLike, record_or_module: FreezeRecord | torch.nn.Module,
     steps = len(order)
     coded = None if progress is None else lambda done, total: progress(done, 2 * steps)
     proven = None if progress is None else lambda done, total: progress(steps + done, 2 * steps)
-    chunks = encode_record(record, order, metadata, truth, version, values, progress=coded)
-    atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path), proven))
+    chunks = encode_record(record, order, metadata, truth, version, values, progress=coded, threads=threads)
+    atomic_write(path, chunks, validate=lambda tmp: _prove(tmp, os.fspath(path), proven, threads))
