@@ -262,7 +262,7 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
                          f"tensor's '{VALUES_SUFFIX}'/'{MASK_SUFFIX}' part)")
     header = Header(seed=seed, entries=tuple(entries), metadata=metadata, producer=f"freezepack {__version__}",
                     version=version)
-    chunks = encode_file(header, blobs, version)
+    chunks = encode_file(header, blobs, version, threads)
     if progress is not None:
         progress(len(order), len(order))
     return chunks

@@ -9,10 +9,13 @@ from .v2 import writer as v2_writer
 DEFAULT_VERSION = 2  # the format save() writes (spec/FORMAT.md §12; 1: §1-11)
 
 
-def encode_file(h: Header, parts: Parts, version: int | None = None) -> list[bytes]:
-    """Byte chunks of the file (deterministic: same header and parts -> same bytes); ``version`` default
-    :data:`DEFAULT_VERSION`. ``parts``: see :data:`freezepack.format.model.Parts`."""
+def encode_file(h: Header, parts: Parts, version: int | None = None, threads: int | None = None) -> list[bytes]:
+    """Byte chunks of the file (deterministic: same header and parts -> same bytes, for any ``threads``: the v2
+    writer codes tensors at once); ``version`` default :data:`DEFAULT_VERSION`. ``parts``: see
+    :data:`freezepack.format.model.Parts`."""
     version = DEFAULT_VERSION if version is None else version
     if version not in VERSIONS:
         raise UsageError(f"format version must be 1 or 2, got {version!r}")
-    return (v1_writer if version == 1 else v2_writer).encode_file(h, parts)
+    if version == 1:
+        return v1_writer.encode_file(h, parts)
+    return v2_writer.encode_file(h, parts, threads)

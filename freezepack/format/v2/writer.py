@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 from ...errors import SpecError
 from .. import entropy, maskcode
 from ..dtypes import DTYPE_SIZES, DTYPES
 from ..init import DISTRIBUTIONS, generate
 from ..initializers import INITIALIZERS
-from ..model import MASK_SUFFIX, VALUES_SUFFIX, AliasEntry, FrozenEntry, Header, Parts, WholeEntry
+from ..model import MASK_SUFFIX, VALUES_SUFFIX, AliasEntry, Entry, FrozenEntry, Header, Parts, WholeEntry
 from ..strictjson import canonical_json
 from .wire import (
     DEFAULT_PARAMS,
@@ -226,7 +228,32 @@ def _best_mask(e: FrozenEntry, mask: np.ndarray, seed: int, only: str | None = N
     return best
 
 
-def encode_body(h: Header, blobs: Parts) -> bytes:
+def _code_parts(h: Header, blobs: Parts, threads: int | None) -> list:
+    """Per entry, the coded blocks the body needs: ``(value block,)`` of a whole tensor, ``(mask block, values
+    block or None)`` of a frozen one, None of an alias. Tensors are coded at once on ``threads`` threads (default
+    torch's CPU threads; the compiled coders, numpy and hashing release the GIL); results in entry order, the
+    first error in entry order, so the bytes never depend on the thread count."""
+    def code(e: Entry):
+        if isinstance(e, AliasEntry):
+            return None
+        if isinstance(e, WholeEntry):
+            return (_value_block(blobs[e.data_key][2], e.dtype),)
+        words = np.frombuffer(blobs[e.mask_key][2], dtype="<u4") if e.mask_key else np.zeros(0, np.uint32)
+        mask = maskcode.decode(e.coder, e.numel, e.trainable, dict(e.coder_params), words)
+        values = None
+        if e.trainable:
+            blob = blobs[e.name + VALUES_SUFFIX]  # (dtype, shape, bytes[, {"step": ...}]): a lossy quantizer's hint
+            values = _value_block(blob[2], e.dtype, blob[3].get("step") if len(blob) > 3 else None)
+        return _best_mask(e, mask, h.seed), values
+
+    threads = max(1, torch.get_num_threads() if threads is None else threads)
+    if threads == 1 or len(h.entries) <= 1:
+        return [code(e) for e in h.entries]
+    with ThreadPoolExecutor(max_workers=min(threads, len(h.entries)), thread_name_prefix="freezepack-v2") as pool:
+        return list(pool.map(code, h.entries))  # (map re-raises the first failure in entry order)
+
+
+def encode_body(h: Header, blobs: Parts, threads: int | None = None) -> bytes:
     """The body (digest || header || payloads) of a v2 file for the same inputs as ``v1.writer.encode_file``.
 
     ``blobs`` holds the parts as v1 stores them (whole data, v1-coded masks, values); the v2 writer re-codes each mask
@@ -245,6 +272,7 @@ def encode_body(h: Header, blobs: Parts) -> bytes:
         o.str(k)
         o.str(v)
     o.var(len(h.entries))
+    coded = _code_parts(h, blobs, threads)
     payloads = []
     index: dict[str, int] = {}
     prev = b""
@@ -261,7 +289,7 @@ def encode_body(h: Header, blobs: Parts) -> bytes:
             o.u8(KINDS.index("whole"))
             o.u8(DTYPES.index(e.dtype))
             shape_out(o, e.shape)
-            head, payload, _ = _value_block(blobs[e.data_key][2], e.dtype)
+            head, payload, _ = coded[i][0]
             o.b += head
             payloads.append((e.data_key, payload))
             continue
@@ -281,15 +309,12 @@ def encode_body(h: Header, blobs: Parts) -> bytes:
         if e.frozen_scale != 1.0:
             o.f32(e.frozen_scale)
         o.var(e.trainable)
-        words = np.frombuffer(blobs[e.mask_key][2], dtype="<u4") if e.mask_key else np.zeros(0, np.uint32)
-        mask = maskcode.decode(e.coder, e.numel, e.trainable, dict(e.coder_params), words)
-        head, payload, _, _ = _best_mask(e, mask, h.seed)
+        (head, payload, _, _), values = coded[i]
         o.b += head
         if payload:
             payloads.append((e.name + MASK_SUFFIX, payload))
         if e.trainable:
-            blob = blobs[e.name + VALUES_SUFFIX]  # (dtype, shape, bytes[, {"step": ...}]): a lossy quantizer's hint
-            head, payload, _ = _value_block(blob[2], e.dtype, blob[3].get("step") if len(blob) > 3 else None)
+            head, payload, _ = values
             o.b += head
             payloads.append((e.name + VALUES_SUFFIX, payload))
         o.b += bytes.fromhex(e.sha256)[:DIGEST_BYTES]
@@ -297,7 +322,7 @@ def encode_body(h: Header, blobs: Parts) -> bytes:
     return hashlib.sha256(rest).digest() + rest
 
 
-def encode_file(h: Header, blobs: Parts) -> list[bytes]:
-    """Byte chunks of a v2 file (the same inputs as ``v1.writer.encode_file``)."""
-    body = encode_body(h, blobs)
+def encode_file(h: Header, blobs: Parts, threads: int | None = None) -> list[bytes]:
+    """Byte chunks of a v2 file (the same inputs as ``v1.writer.encode_file``; ``threads``: see encode_body)."""
+    body = encode_body(h, blobs, threads)
     return [outer_header(len(body)), body]
