@@ -318,3 +318,63 @@ def test_verify_report_is_the_same_for_any_thread_count(saved, monkeypatch):
     bad = {t["name"] for t in reports[0]["tensors"] if not t["ok"]}
     assert bad == corrupt
     assert not reports[0]["ok"] and reports[0]["failed"] == len(bad)
+
+
+class _LM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(300, 48)
+        self.fc = torch.nn.Linear(48, 96)
+        self.proj = torch.nn.Linear(96, 48)
+        self.head = torch.nn.Linear(48, 300, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, x):
+        return self.head(self.proj(torch.relu(self.fc(self.emb(x)))))
+
+
+def _freezenet_file(tmp_path):
+    from freezepack.method.freezenet import make_freezenet
+
+    torch.manual_seed(1)
+    model = make_freezenet(_LM(), None, q=0.9, seed=4, method="random")
+    wd = model.fc.parametrizations.weight[0]
+    wd.set_frozen_scale(0.75)  # FreezeNet-WD state travels too (as FreezeNet-WD leaves it after training)
+    wd.decay_state.copy_(torch.tensor([0.75, 0.0], dtype=torch.float64))
+    path = tmp_path / "lm.fpk"
+    freezepack.save(path, model)
+    return model, path
+
+
+def _states(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_load_freezenet_is_the_same_model_for_any_thread_count(tmp_path):
+    model, path = _freezenet_file(tmp_path)
+    want = _states(model)
+    x = torch.randint(0, 300, (4, 7))
+    for threads in THREADS:
+        back = freezepack.load_freezenet(_LM(), path, threads=threads)
+        got = _states(back)
+        assert got.keys() == want.keys(), threads
+        assert all(torch.equal(got[k], want[k]) for k in want), threads
+        # tied again: one trained-values Parameter behind both names
+        assert back.head.parametrizations.weight.original is back.emb.parametrizations.weight.original
+        assert torch.equal(back(x), model(x))
+        again = tmp_path / f"again{threads}.fpk"
+        freezepack.save(again, back)
+        assert again.read_bytes() == path.read_bytes()  # saving the result unchanged gives the same file
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_load_freezenet_names_the_first_bad_tensor_for_any_thread_count(tmp_path, monkeypatch, threads):
+    _, path = _freezenet_file(tmp_path)
+    with open_file(path) as r:
+        frozen = [e.name for e in r.header.entries if isinstance(e, FrozenEntry)]
+    _corrupt(monkeypatch, {frozen[-1], frozen[1]})
+    monkeypatch.setattr(loading, "generate", materialize_module.generate)
+    with pytest.raises(freezepack.IntegrityError, match="does not match its digest") as err:
+        freezepack.load_freezenet(_LM(), path, threads=threads)
+    assert err.value.tensor == frozen[1]
+    freezepack.load_freezenet(_LM(), path, threads=threads, verify=False)  # unverified: nothing is checked

@@ -10,10 +10,9 @@ from ..errors import FormatError, UsageError
 from ..format.base import Reader
 from ..format.dtypes import TORCH_DTYPES
 from ..format.init import generate
-from ..format.memory import check_memory, dense_bytes, prefault, work_bytes
+from ..format.memory import check_memory, dense_bytes, prefault, release_freed_heap, work_bytes
 from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limits, WholeEntry
 from ..format.reader import open_file
-from ..format.record import reconstruct
 from .matching import fit, tied_to_loaded
 from .materialize import (
     Device,
@@ -191,12 +190,15 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
 
 
 def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = None, verify: bool = True,
-                   limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None) -> torch.nn.Module:
+                   limits: Limits = DEFAULT_LIMITS, prefix_map: dict[str, str] | None = None,
+                   threads: int | None = None) -> torch.nn.Module:
     """Make a plain ``module`` the FreezeNet stored in ``path``, ready to train on (resume training).
 
     Every frozen tensor becomes a FrozenParametrization again (mask, seed, initializer, generator stream and
     FreezeNet-WD scale restored; its trained values are the only Parameter), whole tensors are copied in, tied
     tensors are tied. Saving the result unchanged gives the same file. Names are matched as in :func:`load_into`.
+    ``threads``: frozen tensors regenerated and checked at once (default torch's CPU threads; the same result and
+    error for any count). Each is checked chunk by chunk from its frozen buffer: no dense copy is made to check it.
     """
     from torch.nn.utils import parametrize
 
@@ -208,6 +210,40 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
         match, _, _ = fit(targets, entries, prefix_map, r.path, strict=True)
         tied_missing = tied_to_loaded(targets, match)  # tied in the module, stored once in the file
         _check_shapes(r, targets, match)  # every name, aliases too, before the module is touched
+        nthreads = load_threads(threads)
+        frozen_entries = [e for e in entries if isinstance(e, FrozenEntry)]
+        gen = generator_threads(nthreads, len(frozen_entries))
+
+        def prepare(e: FrozenEntry) -> tuple[FrozenParametrization, torch.Tensor]:
+            """The tensor's parametrization (one regeneration and one mask decode) and its stored values,
+            checked against the digest chunk by chunk (:meth:`FrozenParametrization.dense_digest`)."""
+            dst = targets[match[e.name]]
+            dev = dst.device if device is None else check_device(device)
+            # the module's own float32 storage becomes the frozen buffer when nothing else holds it: no second copy
+            # of the model while its initial weights are replaced (the module takes the dense tensor afterwards)
+            reuse = dst.data if (e.dtype == "F32" and dst.dtype == torch.float32 and dst.is_contiguous()
+                                 and dst.device == dev and dev.type != "meta" and isinstance(dst, torch.nn.Parameter)
+                                 and sum(t is dst for t in targets.values()) == 1) else None
+            idx, vals, g = frozen_parts(r, e, dev, out=reuse, threads=gen)
+            if g is None:
+                g = generate(e.init, e.shape, r.header.seed, e.stream_key, device=dev, out=reuse, threads=gen)
+            frozen = g.to(TORCH_DTYPES[e.dtype])  # (the generator's float32 output itself for F32)
+            mask = torch.zeros(e.numel, dtype=torch.bool)
+            if idx is not None:
+                mask[idx] = True
+            p = FrozenParametrization(frozen, mask.view(e.shape), e.init, r.header.seed, e.stream_key)
+            if e.frozen_scale != 1.0:
+                p.set_frozen_scale(e.frozen_scale)
+                p.decay_state.copy_(torch.tensor([e.frozen_scale, 0.0], dtype=torch.float64))
+            values = torch.zeros(0, dtype=frozen.dtype) if vals is None else vals.to(frozen.dtype)
+            if verify and frozen.device.type != "meta":
+                check_digest(r, e, frozen, p.dense_digest(values.to(frozen.device)))
+            return p, values
+
+        prepared = dict(zip((e.name for e in frozen_entries),
+                            run_ordered([(e.numel, partial(prepare, e)) for e in frozen_entries], nthreads)))
+        release_freed_heap()  # the decoders' scratch: not to be counted again while the weights are swapped
+        freed, every = 0, max(1, sum(e.numel for e in frozen_entries) // 16)
         params: dict[str, FrozenParametrization] = {}
         for e in entries:
             name = match[e.name]
@@ -236,24 +272,9 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
             if not isinstance(dst, torch.nn.Parameter):
                 raise FormatError("a frozen tensor in the file is a buffer in the module, not a parameter",
                                   path=r.path, tensor=e.name)
-            # one regeneration and one mask decode give both the frozen buffer (unscaled) and the dense tensor
-            idx, vals, g = frozen_parts(r, e, dev)
-            if g is None:
-                g = generate(e.init, e.shape, r.header.seed, e.stream_key, device=dev)
-            dtype = TORCH_DTYPES[e.dtype]
-            frozen = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, 1.0, None, None, device=dev,
-                                 generated=g.clone())
-            dense = reconstruct(e.init, e.shape, r.header.seed, e.stream_key, dtype, e.frozen_scale, idx, vals,
-                                device=dev, generated=g)
-            if verify:
-                check_digest(r, e, dense)
-            mask = torch.zeros(e.numel, dtype=torch.bool)
-            if idx is not None:
-                mask[idx] = True
-            p = FrozenParametrization(frozen, mask.view(e.shape), e.init, r.header.seed, e.stream_key)
-            if e.frozen_scale != 1.0:
-                p.set_frozen_scale(e.frozen_scale)
-                p.decay_state.copy_(torch.tensor([e.frozen_scale, 0.0], dtype=torch.float64))
+            p, values = prepared.pop(e.name)
+            with torch.no_grad():  # one dense tensor at a time: right_inverse takes the trained values from it
+                dense = p(values.to(p.frozen.device))
             holders = [n for n, t in targets.items() if t is dst and n != name]
             for other in holders:  # torch set_()s the registered Parameter in place: untie the others first
                 omod, _, oattr = other.rpartition(".")
@@ -262,6 +283,11 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
                 dst.data = dense  # right_inverse takes the trained values from here
             parametrize.register_parametrization(owner, attr, p, unsafe=True)
             params[name] = p
+            del dense
+            freed += e.numel
+            if freed >= every:  # the dense tensors just swapped in and out: hand their blocks back now and then
+                freed = 0
+                release_freed_heap()
         for name, src in tied_missing.items():  # tie them again, to the parametrization of the name the file has
             if src in params:
                 mod, _, attr = name.rpartition(".")

@@ -136,3 +136,21 @@ def prefault(t: torch.Tensor) -> bool:
     end = (t.data_ptr() + t.numel() * t.element_size()) & ~(page - 1)
     # refused (EINVAL on old kernels): the pages fault in as before
     return end - start >= _PREFAULT_MIN and _madvise(start, end - start, _MADV_POPULATE_WRITE) == 0
+
+
+_malloc_trim: list = []  # glibc's malloc_trim once looked up; [None] where there is none
+
+
+def release_freed_heap() -> None:
+    """Hand the heap memory freed so far back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed blocks below its mmap threshold (which grows up to 32 MB: a layer's gradient, activation or
+    weight) inside the process. A pass that frees one tensor-sized block as it allocates the next (SNIP's backward,
+    load_freezenet swapping a module's weights) would otherwise count those blocks again in its peak."""
+    if not _malloc_trim:
+        try:
+            _malloc_trim.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):  # not glibc
+            _malloc_trim.append(None)
+    if _malloc_trim[0] is not None:
+        _malloc_trim[0](0)

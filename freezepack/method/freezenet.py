@@ -97,9 +97,14 @@ class FrozenParametrization(nn.Module):
         scale = self.frozen_scale.to(self.frozen.dtype)
         pos = self.index.cpu().numpy()
         h = hashlib.sha256()
-        for s in range(0, flat.numel(), chunk):
+        buf = torch.empty(min(chunk, flat.numel()), dtype=flat.dtype, device=flat.device)  # one buffer, reused:
+        for s in range(0, flat.numel(), chunk):  # no allocation per chunk for the heap to keep afterwards
             e = min(s + chunk, flat.numel())
-            w = flat[s:e].clone() if self._unit_scale else flat[s:e] * scale
+            w = buf[:e - s]
+            if self._unit_scale:
+                w.copy_(flat[s:e])
+            else:
+                torch.mul(flat[s:e], scale, out=w)
             lo, hi = (int(v) for v in np.searchsorted(pos, [s, e]))
             if hi > lo:
                 w.index_put_((self.index[lo:hi] - s,), vals[lo:hi])

@@ -17,7 +17,6 @@ small, non-float32 weights, DistributedDataParallel, whose backward all-reduces)
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import threading
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..errors import MethodError
 from ..format import ans
+from ..format.memory import release_freed_heap
 from .saliency import (
     LossFn,
     _loss,
@@ -87,24 +87,6 @@ def _sole_owner(t: torch.Tensor) -> bool:
     if count is None:
         return False
     return count(t.untyped_storage()._cdata) <= 2  # t itself and the storage object just made to ask
-
-
-_LIBC: list = []
-
-
-def _release_freed_heap() -> None:
-    """Hand the heap freed so far (this layer's gradient, the activations backward has consumed) back to the OS.
-
-    glibc keeps freed blocks below its mmap threshold (up to 32 MB: a layer's gradient or activation) in the
-    process; without this, the memory backward has already released still counts against the peak when the
-    largest gradients (a tied embedding's two halves, summed by autograd) arrive at the end of the pass."""
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
 
 
 def _on_host(t: torch.Tensor) -> bool:
@@ -201,7 +183,7 @@ def _light(model, batch, weights: dict, n: int, k: int, loss_fn) -> dict[str, to
                 del s
                 if freed[0] >= n // 64:  # a few dozen times a pass, whatever the number of tensors
                     freed[0] = 0
-                    _release_freed_heap()
+                    release_freed_heap()
         return run
 
     saved = {name: w.grad for name, w in weights.items()}
