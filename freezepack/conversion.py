@@ -19,7 +19,6 @@ import torch
 
 from .api import DEFAULT_VERSION, VALUES_KEY, encode_record, load, tensor_bytes
 from .api import open as fpk_open
-from .api.parallel import load_threads, run_ordered
 from .checkpoint import SHARED_KEY, find_state_dict, find_ties, shared_from_metadata
 from .errors import FormatError, FreezepackError, IntegrityError, UsageError
 from .format.dtypes import TORCH_DTYPES
@@ -30,6 +29,7 @@ from .format.io import atomic_write, check_regular_file
 from .format.record import FreezeRecord, FrozenTensor
 from .format.rng import check_seed
 from .format.strictjson import valid_text
+from .parallel import run_ordered, thread_count
 
 # Below this share of float32 elements explained by the initializer, a conversion almost surely used the wrong
 # seed or initializer: the file is still exact, but the user should hear why it is not small.
@@ -283,7 +283,7 @@ def convert_record(state_dict: dict[str, torch.Tensor], seed: int, init="xavier_
 
     # One task per tensor on every core (generating, comparing and trial-encoding release the GIL); results and
     # the first error in file order, so the record never depends on the thread count.
-    nthreads = load_threads(threads)
+    nthreads = thread_count(threads)
     names = list(state_dict)
     done = None if progress is None else (lambda i: progress(i + 1, len(names)))
     results = run_ordered([(state_dict[n].numel(), partial(one, n, state_dict[n])) for n in names], nthreads, done)

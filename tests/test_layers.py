@@ -7,7 +7,7 @@ import os
 
 PKG = os.path.join(os.path.dirname(__file__), "..", "freezepack")
 # rank of each layer (README's table, top = highest); a module may import only from its own rank or lower
-RANKS = {"errors": 0, "atomic": 0, "_version": 0, "format": 1, "method": 2, "api": 3, "conversion": 3,
+RANKS = {"errors": 0, "atomic": 0, "parallel": 0, "_version": 0, "format": 1, "method": 2, "api": 3, "conversion": 3,
          "checkpoint": 3, "hf": 3,
          "experiments": 4, "fleet": 5, "cli": 6}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import freezepack
-from freezepack.api import loading, parallel
+from freezepack import parallel
+from freezepack.api import loading
 from freezepack.api import materialize as materialize_module
 from freezepack.format import init, record
 from freezepack.format.model import AliasEntry, FrozenEntry, WholeEntry

@@ -11,8 +11,8 @@ from ..format import maskcode
 from ..format.dtypes import DTYPE_SIZES
 from ..format.model import DEFAULT_LIMITS, AliasEntry, FrozenEntry, Limits
 from ..format.reader import open_file
+from ..parallel import generator_threads, run_ordered, thread_count
 from .materialize import Device, PathLike, Progress, check_device, check_digest, materialize, streamed_digest
-from .parallel import generator_threads, load_threads, run_ordered
 
 VALUES_KEY = "freezepack.values"  # metadata: the lossy values coding a file was written with (absent: lossless)
 
@@ -33,7 +33,7 @@ def verify(path: PathLike, device: Device = None, *, limits: Limits = DEFAULT_LI
     device = check_device(device)
     if device is not None and device.type == "meta":
         raise UsageError("cannot verify on the meta device: it holds no values (use device='cpu' or a GPU)")
-    nthreads = load_threads(threads)
+    nthreads = thread_count(threads)
     with open_file(path, limits) as r:
         entries = r.header.entries
         gen = generator_threads(nthreads, sum(not isinstance(e, AliasEntry) for e in entries))

@@ -13,6 +13,7 @@ from ..format.init import generate
 from ..format.memory import check_memory, dense_bytes, prefault, release_freed_heap, work_bytes
 from ..format.model import DEFAULT_LIMITS, AliasEntry, Entry, FrozenEntry, Limits, WholeEntry
 from ..format.reader import open_file
+from ..parallel import generator_threads, run_ordered, thread_count
 from .matching import fit, tied_to_loaded
 from .materialize import (
     Device,
@@ -24,7 +25,6 @@ from .materialize import (
     materialize,
     materialize_checked,
 )
-from .parallel import generator_threads, load_threads, run_ordered
 
 
 def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS,
@@ -40,7 +40,7 @@ def load(path: PathLike, device: Device = None, *, verify: bool = True, limits: 
     finish, in file order.
     """
     device = check_device(device)
-    nthreads = load_threads(threads)
+    nthreads = thread_count(threads)
     with open_file(path, limits) as r:
         entries = r.header.entries
         works = sorted(map(work_bytes, entries), reverse=True)[:nthreads]  # up to nthreads tensors in flight
@@ -125,7 +125,7 @@ def load_into(module: torch.nn.Module, path: PathLike, *, strict: bool = True, v
     meta_device = check_device(device) or torch.device("cpu")
     if meta_device.type == "meta":
         raise UsageError("load_into(device=...) is where meta tensors are materialised; it cannot be 'meta'")
-    nthreads = load_threads(threads)
+    nthreads = thread_count(threads)
     with open_file(path, limits) as r:
         entries = r.header.entries
         total = len(entries)
@@ -210,7 +210,7 @@ def load_freezenet(module: torch.nn.Module, path: PathLike, *, device: Device = 
         match, _, _ = fit(targets, entries, prefix_map, r.path, strict=True)
         tied_missing = tied_to_loaded(targets, match)  # tied in the module, stored once in the file
         _check_shapes(r, targets, match)  # every name, aliases too, before the module is touched
-        nthreads = load_threads(threads)
+        nthreads = thread_count(threads)
         frozen_entries = [e for e in entries if isinstance(e, FrozenEntry)]
         gen = generator_threads(nthreads, len(frozen_entries))
 

@@ -34,9 +34,9 @@ from ..format.record import FreezeRecord, FrozenTensor
 from ..format.rng import SPEC_VERSION, check_seed
 from ..format.strictjson import valid_text
 from ..format.writer import DEFAULT_VERSION, encode_file
+from ..parallel import run_ordered, thread_count
 from .checking import VALUES_KEY, verify
 from .materialize import PathLike, Progress
-from .parallel import load_threads, run_ordered
 
 # ---------------------------------------------------------------------------------------------------------------
 # save
@@ -243,8 +243,12 @@ def encode_record(record: FreezeRecord, order: list[str] | None = None, metadata
     # One task per tensor on every core (digests, mask coding and quantizing release the GIL or are numpy);
     # entries, parts and the first error in file order, so the bytes never depend on the thread count.
     tasks = [name for name in order if name not in record.aliases]
-    done = None if progress is None else (lambda i: progress(i + 1, len(order)) if i + 1 < len(tasks) else None)
-    made = dict(zip(tasks, run_ordered([(size(n), partial(one, n)) for n in tasks], load_threads(threads), done)))
+
+    def done(i: int) -> None:  # (the last step, len(order), is reported once the file's bytes are made)
+        if progress is not None and i + 1 < len(tasks):
+            progress(i + 1, len(order))
+
+    made = dict(zip(tasks, run_ordered([(size(n), partial(one, n)) for n in tasks], thread_count(threads), done)))
     blobs: Parts = {}
     entries: list[Entry] = []
     for name in order:

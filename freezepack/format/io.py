@@ -23,6 +23,10 @@ def check_regular_file(path) -> int:
         raise FormatError("no such file", path=path) from None
     except OSError as e:
         raise FormatError(f"cannot read: {e.strerror}", path=path) from None
+    return _regular_size(st, path)
+
+
+def _regular_size(st: os.stat_result, path) -> int:
     if not stat.S_ISREG(st.st_mode):
         raise FormatError("not a regular file (a directory)" if stat.S_ISDIR(st.st_mode) else "not a regular file",
                           path=path)
@@ -43,13 +47,10 @@ def open_regular(path):
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror}", path=path) from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError("not a regular file (a directory)" if stat.S_ISDIR(st.st_mode) else "not a regular file",
-                              path=path)
+        size = _regular_size(os.fstat(fd), path)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb"), st.st_size
+        return os.fdopen(fd, "rb"), size
     except BaseException:
         os.close(fd)
         raise

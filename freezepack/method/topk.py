@@ -16,9 +16,12 @@ position) equal to it. Work happens in chunks, so the only full-size memory is t
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 import numpy as np
 import torch
+
+from ..parallel import run_ordered, thread_count
 
 CHUNK = 1 << 22  # elements per pass step: bounded temporaries (~50 MB) whatever the model size
 _DIGIT = 16
@@ -91,20 +94,13 @@ def _each_chunk(scores: list, work, threads: int | None) -> list:
     consumed on one thread, one generator thread per task; the compiled kernels release the GIL, so the passes
     use every core, and what each task writes (its own histogram, its own slice of a mask) does not depend on
     which thread ran it."""
-    threads = max(1, torch.get_num_threads() if threads is None else threads)
-    spans = list(_spans(scores))
+    threads = thread_count(threads)
 
-    def task(span):
-        i, start, count = span
+    def task(i: int, start: int, count: int):
         x = _piece(scores[i], start, count, 1 if threads > 1 else None).to(torch.float32).contiguous()
         return work(i, start, x)
 
-    if threads == 1 or len(spans) <= 1:
-        return [task(sp) for sp in spans]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(threads, len(spans)), thread_name_prefix="freezepack-topk") as pool:
-        return list(pool.map(task, spans))
+    return run_ordered([(0, partial(task, *span)) for span in _spans(scores)], threads)  # equal costs: in order
 
 
 def _kernels(scores: list[torch.Tensor]):

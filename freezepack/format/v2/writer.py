@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
-import torch
 
 from ...errors import SpecError
+from ...parallel import run_ordered, thread_count
 from .. import entropy, maskcode
 from ..dtypes import DTYPE_SIZES, DTYPES
 from ..init import DISTRIBUTIONS, generate
@@ -246,11 +246,8 @@ def _code_parts(h: Header, blobs: Parts, threads: int | None) -> list:
             values = _value_block(blob[2], e.dtype, blob[3].get("step") if len(blob) > 3 else None)
         return _best_mask(e, mask, h.seed), values
 
-    threads = max(1, torch.get_num_threads() if threads is None else threads)
-    if threads == 1 or len(h.entries) <= 1:
-        return [code(e) for e in h.entries]
-    with ThreadPoolExecutor(max_workers=min(threads, len(h.entries)), thread_name_prefix="freezepack-v2") as pool:
-        return list(pool.map(code, h.entries))  # (map re-raises the first failure in entry order)
+    return run_ordered([(0 if isinstance(e, AliasEntry) else e.numel, partial(code, e)) for e in h.entries],
+                       thread_count(threads))
 
 
 def encode_body(h: Header, blobs: Parts, threads: int | None = None) -> bytes:

@@ -1,4 +1,4 @@
-"""Loads on every core: one task per tensor (read, decode, regenerate, hash) on a pool of threads.
+"""Work on every core: ordered tasks on a pool of threads (load, save, verify, convert, mask choice, the v2 writer).
 
 The heavy parts release the GIL (the compiled generator and ANS decoder through ctypes, hashlib on big buffers,
 numpy and torch kernels), so plain threads scale across cores. Tasks start costliest first, so the biggest
@@ -14,13 +14,13 @@ from typing import TypeVar
 
 import torch
 
-from ..errors import UsageError
+from .errors import UsageError
 
 T = TypeVar("T")
 
 
-def load_threads(threads: int | None) -> int:
-    """The threads a load uses: ``threads``, else torch's CPU threads (``torch.set_num_threads``)."""
+def thread_count(threads: int | None) -> int:
+    """The threads a parallel path uses: ``threads``, else torch's CPU threads (``torch.set_num_threads``)."""
     if threads is None:
         return max(1, torch.get_num_threads())
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -48,7 +48,7 @@ def run_ordered(tasks: Sequence[tuple[int, Callable[[], T]]], threads: int,
                 done(i)
         return results
     futures: list[Future] = [Future()] * len(tasks)
-    pool = ThreadPoolExecutor(max_workers=min(threads, len(tasks)), thread_name_prefix="freezepack-load")
+    pool = ThreadPoolExecutor(max_workers=min(threads, len(tasks)), thread_name_prefix="freezepack")
     try:
         for i in sorted(range(len(tasks)), key=lambda i: -tasks[i][0]):  # sorted() is stable
             futures[i] = pool.submit(tasks[i][1])
